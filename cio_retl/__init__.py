@@ -1,0 +1,3 @@
+"""cio-retl: keep Customer.io equal to your warehouse."""
+
+__version__ = "0.1.0"

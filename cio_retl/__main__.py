@@ -1,0 +1,5 @@
+import sys
+
+from cio_retl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""``cio-retl``: sync, plan, status, emulator, demo.
+
+Exit status (DESIGN.md): 0 all operations acknowledged; 1 some rows rejected (recorded, the
+rest synced) or left pending for the next run; 2 configuration or model error (nothing
+sent); 3 stopped by a guardrail or another run's lock (nothing sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import orjson
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cio_retl.config import Settings
+from cio_retl.errors import CioRetlError
+from cio_retl.state import StateStore
+from cio_retl.sync import RunReport, SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
+
+# Piped output keeps full-width tables instead of rich's 80-column fallback.
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except CioRetlError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: unacknowledged rows are resent by the next run")
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cio-retl", description="Keep Customer.io equal to your warehouse."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sync = commands.add_parser("sync", help="send what changed (all models by default)")
+    sync.add_argument("models", nargs="*", metavar="MODEL")
+    sync.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
+    sync.add_argument("--full-resync", action="store_true", help="send every row in full")
+    sync.set_defaults(handler=_sync)
+
+    plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
+    plan.add_argument("models", nargs="*", metavar="MODEL")
+    plan.add_argument("--samples", type=int, default=3, help="sample items per model")
+    plan.set_defaults(handler=_plan)
+
+    status = commands.add_parser("status", help="last runs, pending and rejected rows")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(handler=_status)
+
+    emulator = commands.add_parser("emulator", help="serve the local Track API emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8765)
+    emulator.set_defaults(handler=_emulator)
+
+    demo = commands.add_parser("demo", help="embedded warehouse + emulator + two syncs")
+    demo.add_argument("--dir", help="where to keep the demo warehouse (default: a temp dir)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed:,.0f} items"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        yield progress
+
+
+def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> RunReport:
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(model: str, n: int) -> None:
+            if model not in tasks:
+                tasks[model] = progress.add_task(model, total=None)
+            progress.advance(tasks[model], n)
+
+        return run_sync(settings, models or None, options, progress=advance)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    options = SyncOptions(dry_run=args.dry_run, full_resync=args.full_resync)
+    report = _run(Settings.from_env(), args.models, options)
+    print_report(report)
+    return report.exit_code
+
+
+def _plan(args: argparse.Namespace) -> int:
+    report = _run(Settings.from_env(), args.models, SyncOptions(dry_run=True, sample_size=args.samples))
+    print_report(report)
+    for model in report.models:
+        for sample in model.samples:
+            out.print(f"[dim]{model.model}:[/]", highlight=False)
+            out.print_json(orjson.dumps(sample).decode())
+    return report.exit_code
+
+
+def print_report(report: RunReport, console: Console = out) -> None:
+    title = f"run {report.run_id}" + (" (dry run: nothing sent)" if report.dry_run else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("model", "kind", "rows", "created", "updated", "deleted", "unchanged",
+                   "rejected", "requests", "status"):
+        table.add_column(column, justify="left" if column in ("model", "kind", "status") else "right")
+    for m in report.models:
+        table.add_row(
+            m.model, m.kind, f"{m.rows:,}", f"{m.created:,}", f"{m.updated:,}", f"{m.deleted:,}",
+            f"{m.unchanged:,}", f"{m.rejected:,}", f"{m.requests:,}", m.status,
+        )
+    console.print(table)
+    for m in report.models:
+        for key, reason in m.rejections:
+            console.print(f"[yellow]rejected[/] {m.model} key={key!r}: {reason}", highlight=False)
+        if m.rejected > len(m.rejections):
+            console.print(f"[yellow]... and {m.rejected - len(m.rejections)} more in {m.model}[/]")
+    if report.error:
+        err.print(f"[bold red]run stopped:[/] {report.error}", highlight=False)
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    engine = create_engine(settings.state_url)
+    try:
+        state = StateStore(engine)
+        state.ensure_schema()
+        runs = Table(title="last runs", title_justify="left")
+        for column in ("started (UTC)", "run", "model", "status", "planned", "created", "updated",
+                       "deleted", "rejected", "pending", "seconds"):
+            runs.add_column(column)
+        for run in state.last_runs(args.limit):
+            acked = run["created"] + run["updated"] + run["deleted"]
+            pending = 0 if run["dry_run"] else max(run["planned"] - acked - run["rejected"], 0)
+            seconds = (
+                f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}"
+                if run["finished_at"] else "-"
+            )
+            runs.add_row(
+                f"{run['started_at']:%Y-%m-%d %H:%M:%S}", run["run_id"], run["model"],
+                run["status"] + (" (dry run)" if run["dry_run"] else ""),
+                str(run["planned"]), str(run["created"]), str(run["updated"]),
+                str(run["deleted"]), str(run["rejected"]), str(pending), seconds,
+            )
+        out.print(runs)
+        rejected = state.rejections(limit=args.limit)
+        counts = state.rejection_counts()
+        out.print(f"rejected rows waiting for a fix: {sum(counts.values()):,} "
+                  + (f"({', '.join(f'{m}: {n:,}' for m, n in sorted(counts.items()))})" if counts else ""))
+        for row in rejected:
+            out.print(f"  {row['model']} key={row['key']!r}: {row['reason']}"
+                      + (f" [{row['field']}]" if row["field"] else ""), highlight=False)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from cio_retl.emulator import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cio_retl.demo_run import run_demo
+
+    return run_demo(args.dir, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The Track API over httpx: Basic auth, retries, the rate limit, and 207 errors mapped to items.
+
+What the client promises its caller: for every item of a batch, either an acknowledgment or
+a :class:`Rejection`, or an exception that leaves all unacknowledged items for the next run.
+429, 5xx, timeouts and dropped connections are retried with exponential backoff and jitter,
+honouring ``Retry-After``; a 400/413 on a batch is bisected so only the bad items are rejected;
+401/403 stop the run.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from cio_retl import __version__
+from cio_retl.batching import batch_body
+from cio_retl.errors import FatalSendError, Rejection, RetriableError
+
+RATE_LIMIT_REQUESTS = 3000  # per RATE_LIMIT_WINDOW seconds, for the whole workspace
+RATE_LIMIT_WINDOW = 3.0
+RETRY_AFTER_CAP = 120.0  # never sleep longer than this on one Retry-After
+
+
+class RateLimiter:
+    """A token bucket shared by every sender of one process: 3000 requests per 3 seconds.
+
+    The bucket starts full, so a burst of up to 3000 requests goes at once, then refills at
+    1000/s; the workspace limit is never exceeded over any 3-second window.
+    """
+
+    def __init__(
+        self,
+        requests: int = RATE_LIMIT_REQUESTS,
+        window: float = RATE_LIMIT_WINDOW,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.capacity = float(requests)
+        self.rate = requests / window
+        self._tokens = float(requests)
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                wait = (1 - self._tokens) / self.rate
+            self._sleep(wait)
+
+
+@dataclass(slots=True)
+class SendResult:
+    """Outcome of one logical batch, possibly over several requests (retries, bisection)."""
+
+    acked: list[int] = field(default_factory=list)
+    rejected: dict[int, Rejection] = field(default_factory=dict)
+    requests: int = 0
+    bytes_sent: int = 0
+
+    def merge(self, other: SendResult, offset: int) -> None:
+        self.acked.extend(i + offset for i in other.acked)
+        self.rejected.update({i + offset: r for i, r in other.rejected.items()})
+        self.requests += other.requests
+        self.bytes_sent += other.bytes_sent
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), RETRY_AFTER_CAP)
+        # "Full jitter" keeps many clients from retrying in lockstep.
+        return rng.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+class TrackClient:
+    def __init__(
+        self,
+        base_url: str,
+        site_id: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url,
+            auth=httpx.BasicAuth(site_id, api_key),
+            timeout=timeout,
+            headers={"User-Agent": f"cio-retl/{__version__}", "Content-Type": "application/json"},
+        )
+        self.retry = retry or RetryPolicy()
+        self.limiter = limiter or RateLimiter()
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TrackClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_credentials(self) -> dict[str, Any]:
+        """``GET /api/v1/accounts/region``: fail fast on bad credentials before any send."""
+        response, _, _ = self._request("GET", "/api/v1/accounts/region", None)
+        self._raise_if_fatal(response)
+        if response.status_code != 200:
+            raise FatalSendError(f"credential check answered HTTP {response.status_code}")
+        data: dict[str, Any] = response.json()
+        return data
+
+    def send_batch(self, items: Sequence[bytes]) -> SendResult:
+        """Send items as one ``/api/v2/batch`` request (more on retries or bisection)."""
+        body = batch_body(items)
+        response, attempts, sent = self._request("POST", "/api/v2/batch", body)
+        result = SendResult(requests=attempts, bytes_sent=sent)
+        status = response.status_code
+        self._raise_if_fatal(response)
+        if status in (200, 201, 202, 204):
+            result.acked.extend(range(len(items)))
+        elif status == 207:
+            self._read_207(response, len(items), result)
+        elif status == 413 or 400 <= status < 500:
+            if len(items) == 1:
+                result.rejected[0] = Rejection(_error_message(response), status=status)
+            else:  # isolate the bad items: only they are rejected, the rest still go
+                middle = len(items) // 2
+                result.merge(self.send_batch(items[:middle]), 0)
+                result.merge(self.send_batch(items[middle:]), middle)
+        else:
+            raise RetriableError(f"unexpected HTTP {status} from the Track API")
+        return result
+
+    def _read_207(self, response: httpx.Response, n_items: int, result: SendResult) -> None:
+        try:
+            errors = orjson.loads(response.content).get("errors", [])
+        except (orjson.JSONDecodeError, AttributeError):
+            errors = None
+        named: dict[int, Rejection] = {}
+        for error in errors or []:
+            index = error.get("batch_index") if isinstance(error, dict) else None
+            if not isinstance(index, int) or not 0 <= index < n_items:
+                named = {}
+                break
+            message = ": ".join(str(error[k]) for k in ("reason", "message") if error.get(k))
+            named[index] = Rejection(message or "rejected", field=error.get("field"), status=207)
+        if not named:
+            # A 207 we cannot map to items: acknowledge nothing, so every row is sent again.
+            for i in range(n_items):
+                result.rejected[i] = Rejection("HTTP 207 without usable batch_index", status=207)
+            return
+        result.rejected.update(named)
+        result.acked.extend(i for i in range(n_items) if i not in named)
+
+    def _request(
+        self, method: str, path: str, body: bytes | None
+    ) -> tuple[httpx.Response, int, int]:
+        """One logical request, retried on throttling and unknown outcomes.
+
+        Returns the final response, the attempts made and the bytes sent over all of them.
+        """
+        last_problem = ""
+        for attempt in range(self.retry.max_attempts):
+            self.limiter.acquire()
+            retry_after: float | None = None
+            try:
+                response = self._http.request(method, path, content=body)
+            except httpx.TransportError as exc:  # timeouts, resets, refused: outcome unknown
+                last_problem = f"{type(exc).__name__}"
+            else:
+                if response.status_code != 429 and response.status_code < 500:
+                    return response, attempt + 1, (attempt + 1) * len(body or b"")
+                last_problem = f"HTTP {response.status_code}"
+                retry_after = _retry_after(response)
+            if attempt + 1 < self.retry.max_attempts:
+                self._sleep(self.retry.delay(attempt, retry_after, self._rng))
+        raise RetriableError(
+            f"the Track API did not accept {path} after {self.retry.max_attempts} attempts "
+            f"(last: {last_problem}); unacknowledged rows are resent on the next run"
+        )
+
+    @staticmethod
+    def _raise_if_fatal(response: httpx.Response) -> None:
+        if response.status_code in (401, 403):
+            raise FatalSendError(
+                f"Customer.io refused the credentials (HTTP {response.status_code}): check "
+                "CIO_SITE_ID, CIO_API_KEY and CIO_REGION; nothing was acknowledged"
+            )
+        if response.status_code in (404, 405):
+            raise FatalSendError(
+                f"the Track API answered HTTP {response.status_code} for {response.request.url.path}: "
+                "check CIO_TRACK_API_URL / CIO_REGION"
+            )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None  # an HTTP date: fall back to backoff rather than parse clocks
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return f"HTTP {response.status_code}"
+    if isinstance(data, dict):
+        meta = data.get("meta")
+        if isinstance(meta, dict) and meta.get("error"):
+            return f"HTTP {response.status_code}: {meta['error']}"
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            return f"HTTP {response.status_code}: {errors[0].get('message') or errors[0]}"
+    return f"HTTP {response.status_code}"

@@ -1,0 +1,68 @@
+"""The error taxonomy: what stops a run, what is retried, and what rejects one row.
+
+Exit codes follow DESIGN.md: 2 for configuration/model errors, 3 for guardrails. A rejected
+row is not an exception at all: it is a value (:class:`Rejection`) recorded and reported,
+so one bad row never stops the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CioRetlError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(CioRetlError):
+    """Settings or environment are wrong; nothing was sent."""
+
+
+class ModelError(ConfigError):
+    """A model file is invalid or its SQL fails; names the file and, where known, the line."""
+
+    def __init__(self, path: str, message: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+
+
+class GuardrailError(CioRetlError):
+    """A guardrail stopped the run before anything was sent."""
+
+    exit_code = 3
+
+
+class LockedError(GuardrailError):
+    """Another run holds the model's lock; like a guardrail, it stops before sending."""
+
+
+class FatalSendError(CioRetlError):
+    """Customer.io refused the whole run (bad credentials, forbidden workspace)."""
+
+    exit_code = 2
+
+
+class RetriableError(CioRetlError):
+    """A request's outcome is unknown or throttled; the same items may be sent again."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one row was not sent or not accepted. Never holds attribute values."""
+
+    reason: str
+    field: str | None = None
+    status: int | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.field}]" if self.field else ""
+        code = f" (HTTP {self.status})" if self.status else ""
+        return f"{self.reason}{where}{code}"

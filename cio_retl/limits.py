@@ -1,0 +1,98 @@
+"""Every Track API limit, checked before anything is sent.
+
+The numbers come from ../shared/spec/customerio-track-api.md. A row that breaks one is
+rejected alone, with a reason naming the limit; Customer.io never sees an invalid item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from cio_retl.errors import Rejection
+
+MAX_BATCH_ITEMS = 1000  # [seen] RudderStack caps at 1000; the reference states only bytes
+MAX_BATCH_BYTES = 500_000  # "500 KB", taken as 500,000 bytes of the serialized body
+MAX_ITEM_BYTES = 32_768  # "32 KB" per item
+MAX_IDENTIFIER_BYTES = 150
+MAX_ATTRIBUTE_NAME_BYTES = 150
+MAX_ATTRIBUTE_VALUE_BYTES = 1000  # [open] a nested value is counted as its compact JSON text
+MAX_PERSON_ATTRIBUTES = 300  # [open] whether objects share it: we only apply it to people
+
+_BATCH_ENVELOPE = len(b'{"batch":[]}')
+
+
+def batch_body_size(item_sizes_total: int, n_items: int) -> int:
+    """Bytes of ``{"batch":[...]}`` holding items of these total bytes (commas included)."""
+    return _BATCH_ENVELOPE + item_sizes_total + max(n_items - 1, 0)
+
+
+def check_identifier(name: str, value: Any) -> Rejection | None:
+    if value is None:
+        return Rejection(f"identifier {name} is NULL", name)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return Rejection(
+            f"identifier {name} must be a string or integer, got {type(value).__name__}", name
+        )
+    text = str(value)
+    if not text.strip():
+        return Rejection(f"identifier {name} is empty", name)
+    size = len(text.encode())
+    if size > MAX_IDENTIFIER_BYTES:
+        return Rejection(
+            f"identifier {name} is {size} bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit", name
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return Rejection(f"identifier {name} contains control characters", name)
+    if name == "email" and not _looks_like_email(text):
+        return Rejection(f"identifier email {text!r} is not an email address", name)
+    return None
+
+
+def _looks_like_email(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return (
+        bool(at and local and domain) and not any(c.isspace() for c in text) and "@" not in domain
+    )
+
+
+def check_attributes(attributes: dict[str, Any], *, is_person: bool) -> Rejection | None:
+    if is_person and len(attributes) > MAX_PERSON_ATTRIBUTES:
+        return Rejection(
+            f"{len(attributes)} attributes, over the {MAX_PERSON_ATTRIBUTES}-attribute limit per person",
+            "attributes",
+        )
+    for name, value in attributes.items():
+        name_size = len(name.encode())
+        if not name or name_size > MAX_ATTRIBUTE_NAME_BYTES:
+            return Rejection(
+                f"attribute name {name[:40]!r}... is {name_size} bytes, "
+                f"limit {MAX_ATTRIBUTE_NAME_BYTES}"
+                if name
+                else "empty attribute name",
+                name[:40],
+            )
+        size = attribute_value_size(value)
+        if size > MAX_ATTRIBUTE_VALUE_BYTES:
+            return Rejection(
+                f"attribute {name!r} value is {size} bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit",
+                name,
+            )
+    return None
+
+
+def attribute_value_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict | list):
+        return len(orjson.dumps(value))
+    return 0  # numbers and booleans are far below any limit
+
+
+def check_item_size(item: bytes) -> Rejection | None:
+    if len(item) > MAX_ITEM_BYTES:
+        return Rejection(
+            f"item is {len(item)} bytes, over the {MAX_ITEM_BYTES}-byte limit per item", "item"
+        )
+    return None

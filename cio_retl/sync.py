@@ -1,0 +1,352 @@
+"""One run: models -> diff -> operations -> batches -> Track API -> acknowledged snapshot.
+
+This module only sequences the steps that live in their own modules. It guarantees the
+run-level promises of DESIGN.md: model errors stop the run before anything is sent; the
+changeset goes in phase order (objects, people, relationship adds, relationship deletes,
+deletes); a snapshot row is written only after its item was acknowledged; one run per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy.engine import Engine
+
+from cio_retl.batching import pack
+from cio_retl.client import SendResult, TrackClient
+from cio_retl.config import Settings
+from cio_retl.diff import Change, RowChange, count_rows, diff_removals, diff_upserts
+from cio_retl.errors import CioRetlError, ConfigError, Rejection, RetriableError
+from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
+from cio_retl.normalize import canonical_json
+from cio_retl.operations import Operation, Phase, encode, phases_of, redact
+from cio_retl.state import RejectionRow, SnapshotRow, StateStore
+from cio_retl.warehouse import Warehouse, create_engine
+
+Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
+
+MAX_REPORTED_REJECTIONS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOptions:
+    dry_run: bool = False
+    full_resync: bool = False
+    sample_size: int = 3
+
+
+@dataclass(slots=True)
+class ModelReport:
+    """What one model's run did (or, in a dry run, would do)."""
+
+    model: str
+    kind: str
+    mode: str
+    rows: int = 0
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    requests: int = 0
+    bytes_sent: int = 0
+    items_sent: int = 0
+    duration_s: float = 0.0
+    status: str = "running"
+    error: str | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[tuple[str | None, str]] = field(default_factory=list)
+    _changed_rows: int = 0
+
+    @property
+    def changes(self) -> int:
+        return self.created + self.updated + self.deleted
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "planned": self._changed_rows,
+            "created": self.created,
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "rejected": self.rejected,
+            "requests": self.requests,
+            "bytes_sent": self.bytes_sent,
+        }
+
+
+@dataclass(slots=True)
+class RunReport:
+    run_id: str
+    dry_run: bool
+    models: list[ModelReport]
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 all acknowledged; 1 rows rejected or left pending (the next run resends them)."""
+        if self.error or any(m.rejected or m.error for m in self.models):
+            return 1
+        return 0
+
+
+def run_sync(
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    options: SyncOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> RunReport:
+    """Plan and (unless a dry run) send one ordered changeset for the selected models.
+
+    Raises :class:`~cio_retl.errors.CioRetlError` subclasses for what stops a run before or
+    while sending (model errors, bad credentials, a held lock); rejected rows and retries that
+    ran out are reported in the returned :class:`RunReport` instead.
+    """
+    options = options or SyncOptions()
+    models = ordered_for_sync(load_models(settings.models_dir, names))
+    if not settings.state_is_warehouse:
+        raise ConfigError(
+            "CIO_RETL_STATE_URL must currently name the warehouse database itself "
+            "(a separate state store is not implemented yet)"
+        )
+    engine = create_engine(settings.warehouse_url)
+    try:
+        warehouse = Warehouse(engine)
+        state = StateStore(engine)
+        for model in models:  # every model error surfaces before anything is sent
+            warehouse.columns(model)
+        client: TrackClient | None = None
+        if not options.dry_run:
+            site_id, api_key = settings.require_credentials()
+            client = TrackClient(settings.track_api_url, site_id, api_key)
+        try:
+            if client is not None:
+                client.check_credentials()
+            state.ensure_schema()
+            return _Run(engine, warehouse, state, client, models, options, progress).execute()
+        finally:
+            if client is not None:
+                client.close()
+    finally:
+        engine.dispose()
+
+
+class _Run:
+    def __init__(
+        self,
+        engine: Engine,
+        warehouse: Warehouse,
+        state: StateStore,
+        client: TrackClient | None,
+        models: list[Model],
+        options: SyncOptions,
+        progress: Progress | None,
+    ) -> None:
+        self.engine = engine
+        self.warehouse = warehouse
+        self.state = state
+        self.client = client
+        self.models = models
+        self.options = options
+        self.progress = progress
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
+
+    def execute(self) -> RunReport:
+        locked: list[Model] = []
+        started = time.perf_counter()
+        report = RunReport(self.run_id, self.options.dry_run, list(self.reports.values()))
+        try:
+            if not self.options.dry_run:
+                for model in self.models:
+                    self.state.acquire_lock(model.name, self.run_id)
+                    locked.append(model)
+            for model in self.models:
+                self.state.start_run(
+                    self.run_id,
+                    model.name,
+                    dry_run=self.options.dry_run,
+                    full_resync=self.options.full_resync,
+                )
+            for phase in Phase:
+                for model in self.models:
+                    upsert_phase, removal_phase = phases_of(model)
+                    if phase is upsert_phase:
+                        self._sync_phase(model, removal=False)
+                    elif phase is removal_phase:
+                        self._sync_phase(model, removal=True)
+        except RetriableError as exc:
+            report.error = str(exc)
+        except CioRetlError as exc:
+            report.error = str(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            for model in self.models:
+                model_report = self.reports[model.name]
+                model_report.duration_s = elapsed
+                if report.error and model_report.status == "running":
+                    model_report.status, model_report.error = "failed", report.error
+                elif model_report.status == "running":
+                    model_report.status = "rejected" if model_report.rejected else "succeeded"
+                self._finish(model, model_report)
+            for model in locked:
+                self.state.release_lock(model.name, self.run_id)
+        return report
+
+    def _finish(self, model: Model, report: ModelReport) -> None:
+        # Never hide the run's own error behind a bookkeeping one.
+        with contextlib.suppress(Exception):
+            self.state.finish_run(
+                self.run_id, model.name, report.status, report.counts(), report.error
+            )
+
+    def _sync_phase(self, model: Model, *, removal: bool) -> None:
+        report = self.reports[model.name]
+        with self.engine.connect() as conn:
+            if removal:
+                delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
+                changes = diff_removals(conn, self.warehouse, self.state, model, delete=delete)
+            else:
+                report.rows = count_rows(conn, model)
+                changes = diff_upserts(
+                    conn, self.warehouse, self.state, model, full_resync=self.options.full_resync
+                )
+            _Sender(self, model, report).send(changes)
+        if not removal:
+            report.unchanged = max(report.rows - report._changed_rows, 0)
+
+
+class _Sender:
+    """Streams one model's changes of one phase to Customer.io and acknowledges them."""
+
+    FLUSH_EVERY = 1000
+
+    def __init__(self, run: _Run, model: Model, report: ModelReport) -> None:
+        self.run = run
+        self.model = model
+        self.report = report
+        self.dry_run = run.options.dry_run
+        self._refresh: list[tuple[str, str]] = []
+        self._forget: list[str] = []
+        self._rejections: list[RejectionRow] = []
+
+    def send(self, changes: Iterator[RowChange]) -> None:
+        for batch in pack(self._operations(changes)):
+            operations = [op for op, _ in batch]
+            if self.dry_run:
+                self._count_acked(operations)
+            else:
+                assert self.run.client is not None
+                result = self.run.client.send_batch([item for _, item in batch])
+                self._acknowledge(operations, result)
+            if self.run.progress:
+                self.run.progress(self.model.name, len(batch))
+            self._flush_if_full()
+        self._flush()
+
+    def _operations(self, changes: Iterable[RowChange]) -> Iterator[tuple[Operation, bytes]]:
+        for change in changes:
+            if change.change is Change.REFRESH:
+                assert change.key is not None and change.fingerprint is not None
+                self._refresh.append((change.key, change.fingerprint))
+                continue
+            if change.change is Change.FORGET:
+                assert change.key is not None
+                self._forget.append(change.key)
+                continue
+            self.report._changed_rows += 1
+            if change.change is Change.REJECT:
+                assert change.rejection is not None
+                self._reject(change.key, change.rejection, None)
+                continue
+            encoded = encode(self.model, change)
+            if isinstance(encoded, Rejection):
+                self._reject(change.key, encoded, None)
+                continue
+            if len(self.report.samples) < self.run.options.sample_size:
+                self.report.samples.append(orjson.loads(encoded.item))
+            yield encoded, encoded.item
+            self._flush_if_full()
+
+    def _reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
+        self.report.rejected += 1
+        if len(self.report.rejections) < MAX_REPORTED_REJECTIONS:
+            self.report.rejections.append((key, str(rejection)))
+        if key is not None:  # a NULL key cannot be stored; it is reported only
+            self._rejections.append(
+                RejectionRow(
+                    key,
+                    rejection.reason,
+                    rejection.field,
+                    rejection.status,
+                    redact(item) if item else None,
+                )
+            )
+
+    def _count_acked(self, operations: Sequence[Operation]) -> None:
+        for op in operations:
+            change = op.change.change
+            if change is Change.CREATE:
+                self.report.created += 1
+            elif change is Change.UPDATE:
+                self.report.updated += 1
+            elif change is Change.DELETE:
+                self.report.deleted += 1
+
+    def _acknowledge(self, operations: Sequence[Operation], result: SendResult) -> None:
+        """Write the snapshot of acknowledged rows and record the rejected ones, at once."""
+        self.report.requests += result.requests
+        self.report.bytes_sent += result.bytes_sent
+        self.report.items_sent += len(operations)
+        acked = [operations[i] for i in result.acked]
+        upserted = [
+            SnapshotRow(
+                key=op.key,
+                fingerprint=op.change.fingerprint or "",
+                attrs_hash=op.change.record.attrs_hash,
+                identifiers=canonical_json(op.change.record.identifiers).decode(),
+                attributes=canonical_json(op.change.record.attributes).decode(),
+            )
+            for op in acked
+            if op.change.record is not None
+        ]
+        deleted = [op.key for op in acked if op.change.change is Change.DELETE]
+        for index, rejection in result.rejected.items():
+            op = operations[index]
+            self._reject(op.key, rejection, op.item)
+        with self.run.state.engine.begin() as conn:
+            self.run.state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
+            self.run.state.delete_snapshots(conn, self.model.name, deleted)
+            self.run.state.clear_rejections(conn, self.model.name, [op.key for op in acked])
+            self._write_rejections(conn)
+        self._count_acked(acked)
+
+    def _flush_if_full(self) -> None:
+        if max(len(self._refresh), len(self._forget), len(self._rejections)) >= self.FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.dry_run:
+            self._refresh.clear()
+            self._forget.clear()
+            self._rejections.clear()
+            return
+        if not (self._refresh or self._forget or self._rejections):
+            return
+        with self.run.state.engine.begin() as conn:
+            self.run.state.update_fingerprints(conn, self.model.name, self._refresh)
+            self.run.state.delete_snapshots(conn, self.model.name, self._forget)
+            self._write_rejections(conn)
+        self._refresh.clear()
+        self._forget.clear()
+
+    def _write_rejections(self, conn: Any) -> None:
+        self.run.state.record_rejections(conn, self.model.name, self.run.run_id, self._rejections)
+        self._rejections.clear()
