@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +30,12 @@ RETRY_AFTER_CAP = 120.0  # never sleep longer than this on one Retry-After
 
 
 class RateLimiter:
-    """A token bucket shared by every sender of one process: 3000 requests per 3 seconds.
+    """At most ``requests`` per ``window`` seconds, over *every* window: 3000 per 3 s.
 
-    The bucket starts full, so a burst of up to 3000 requests goes at once, then refills at
-    1000/s; the workspace limit is never exceeded over any 3-second window.
+    A sliding log of the last ``requests`` send times: a request may go once the oldest of
+    them is a full window old. A token bucket would allow its burst plus its refill inside
+    one window (3000 + rate x 3 s), over the workspace limit. Shared by all threads of one
+    process; memory is one float per allowed request.
     """
 
     def __init__(
@@ -43,24 +46,21 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.capacity = float(requests)
-        self.rate = requests / window
-        self._tokens = float(requests)
+        self.requests = requests
+        self.window = window
+        self._sent: deque[float] = deque(maxlen=requests)
         self._clock = clock
         self._sleep = sleep
-        self._last = clock()
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
         while True:
             with self._lock:
                 now = self._clock()
-                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
+                if len(self._sent) < self.requests or now - self._sent[0] >= self.window:
+                    self._sent.append(now)
                     return
-                wait = (1 - self._tokens) / self.rate
+                wait = self._sent[0] + self.window - now
             self._sleep(wait)
 
 

@@ -192,8 +192,6 @@ def _identifier_value(id_type: str, raw: Any) -> Any:
         value = normalize_value(raw)
     except UnsupportedValue as exc:
         raise UnsupportedValue(f"identifier {id_type}: {exc}") from None
-    if id_type == "id" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if value is None:
-        return None
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if id_type == "id" else str(value)
+    return value  # str, or anything else for check_identifier to reject with its type

@@ -19,7 +19,7 @@ import orjson
 from sqlalchemy.engine import Engine
 
 from cio_retl.batching import pack
-from cio_retl.client import SendResult, TrackClient
+from cio_retl.client import RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
 from cio_retl.diff import Change, RowChange, count_rows, diff_removals, diff_upserts
 from cio_retl.errors import CioRetlError, ConfigError, Rejection, RetriableError
@@ -39,6 +39,7 @@ class SyncOptions:
     dry_run: bool = False
     full_resync: bool = False
     sample_size: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(slots=True)
@@ -124,7 +125,7 @@ def run_sync(
         client: TrackClient | None = None
         if not options.dry_run:
             site_id, api_key = settings.require_credentials()
-            client = TrackClient(settings.track_api_url, site_id, api_key)
+            client = TrackClient(settings.track_api_url, site_id, api_key, retry=options.retry)
         try:
             if client is not None:
                 client.check_credentials()

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real emulator on loopback and a real DuckDB demo warehouse per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from cio_retl.client import RetryPolicy
+from cio_retl.config import Secret, Settings
+from cio_retl.demo import create_demo_warehouse
+from cio_retl.emulator import Emulator
+from cio_retl.sync import RunReport, SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
+
+REPO = Path(__file__).resolve().parent.parent
+SITE_ID = "test-site"
+API_KEY = "test-key-5f0c2b7e"  # distinctive, so tests can assert it never leaks
+
+# Tests never wait on real backoff: tiny delays, few attempts.
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with Emulator(site_id=SITE_ID, api_key=API_KEY) as emu:
+        yield emu
+
+
+@pytest.fixture
+def warehouse_url(tmp_path: Path) -> str:
+    return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+
+
+@pytest.fixture
+def demo_engine(warehouse_url: str) -> Iterator[Engine]:
+    engine = create_engine(warehouse_url)
+    create_demo_warehouse(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(emulator: Emulator, warehouse_url: str) -> Settings:
+    return Settings(
+        warehouse_url=warehouse_url,
+        state_url=warehouse_url,
+        models_dir=REPO / "sql",
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+    )
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, settings: Settings) -> Path:
+    """An empty models folder for tests that write their own models."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    return folder
+
+
+def sync(settings: Settings, *models: str, **options: object) -> RunReport:
+    return run_sync(settings, list(models) or None, SyncOptions(retry=FAST_RETRY, **options))  # type: ignore[arg-type]
+
+
+def with_models(settings: Settings, models_dir: Path) -> Settings:
+    return replace(settings, models_dir=models_dir)

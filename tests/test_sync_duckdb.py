@@ -1,0 +1,365 @@
+"""End to end on the embedded warehouse: DuckDB demo models -> engine -> emulator.
+
+The expected workspace is computed by DuckDB itself (epoch(), casts), independently of the
+engine's Python normalization, so the two have to agree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cio_retl.config import Settings
+from cio_retl.demo import edit_demo_warehouse
+from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.errors import FatalSendError, LockedError, ModelError
+from cio_retl.state import StateStore
+from tests.conftest import API_KEY, REPO, SITE_ID, sync, with_models
+
+EXPECTED_PEOPLE = """
+    SELECT email, first_name, last_name, plan, CAST(lifetime_value AS DOUBLE) AS lifetime_value,
+           is_admin, CAST(epoch(created_at) AS BIGINT) AS created_at, preferences
+    FROM demo.users WHERE deleted_at IS NULL
+"""
+EXPECTED_OBJECTS = """
+    SELECT company_id, name, plan, seats, CAST(epoch(CAST(founded_on AS TIMESTAMP)) AS BIGINT) AS founded_on
+    FROM demo.companies
+"""
+EXPECTED_RELATIONSHIPS = """
+    SELECT u.email, m.company_id, m.role FROM demo.memberships m
+    JOIN demo.users u USING (user_id) WHERE u.deleted_at IS NULL
+"""
+
+
+def expected_workspace(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        people = {
+            r["email"]: {k: v for k, v in r.items() if v is not None}
+            for r in (row._asdict() for row in conn.execute(sa.text(EXPECTED_PEOPLE)))
+        }
+        objects = {
+            ("1", r["company_id"]): {
+                **{k: v for k, v in r.items() if v is not None and k != "company_id"},
+                "object_id": r["company_id"],
+            }
+            for r in (row._asdict() for row in conn.execute(sa.text(EXPECTED_OBJECTS)))
+        }
+        relationships = {
+            (email, ("1", company)): {"role": role}
+            for email, company, role in conn.execute(sa.text(EXPECTED_RELATIONSHIPS))
+        }
+    return {"people": people, "objects": objects, "relationships": relationships}
+
+
+def actual_workspace(emulator: Emulator) -> dict[str, Any]:
+    ws = emulator.workspace
+    people = ws.people_by("email")
+    email_of = {cio_id: person.email for cio_id, person in ws.people.items()}
+    relationships = {
+        (email_of[cio_id], obj): attrs for (cio_id, obj), attrs in ws.relationships.items()
+    }
+    return {"people": people, "objects": dict(ws.objects), "relationships": relationships}
+
+
+def batch_items(emulator: Emulator, since: int = 0) -> list[dict[str, Any]]:
+    return [
+        item
+        for r in emulator.requests[since:]
+        if r.path == "/api/v2/batch" and r.status in (200, 207)
+        for item in (r.body or {}).get("batch", [])
+    ]
+
+
+def test_first_sync_equals_warehouse(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+    report = sync(settings)
+    assert report.exit_code == 0, report
+    expected = expected_workspace(demo_engine)
+    actual = actual_workspace(emulator)
+    assert actual["objects"] == expected["objects"]
+    assert actual["people"] == expected["people"]
+    assert actual["relationships"] == expected["relationships"]
+    assert len(expected["people"]) == 490 and len(expected["relationships"]) > 400
+    by_model = {m.model: m for m in report.models}
+    assert by_model["users"].created == 490
+    assert by_model["companies"].created == 40
+    assert by_model["memberships"].created == len(expected["relationships"])
+    assert emulator.invalid_items == []
+    # One ordered changeset: all objects, then all people, then relationships.
+    kinds = [(i["type"], i["action"]) for i in batch_items(emulator)]
+    first_person = kinds.index(("person", "identify"))
+    first_relationship = kinds.index(("person", "add_relationships"))
+    assert set(kinds[:first_person]) == {("object", "identify")}
+    assert first_person < first_relationship
+    assert set(kinds[first_relationship:]) == {("person", "add_relationships")}
+
+
+def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    assert sync(settings).exit_code == 0
+    edits = edit_demo_warehouse(demo_engine)
+    before = len(emulator.requests)
+
+    second = sync(settings)
+
+    assert second.exit_code == 0
+    items = batch_items(emulator, before)
+    assert len(items) == edits.entities == 6
+    people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
+    assert sorted(i["identifiers"]["email"] for i in people) == sorted(edits.users_changed)
+    for item in people:
+        # Only what changed, plus the identifier (RudderStack's mappedToDestination mapping).
+        assert set(item["attributes"]) in ({"plan", "lifetime_value", "email"}, {"first_name", "email"})
+    cleared = next(i for i in people if "first_name" in i["attributes"])
+    assert cleared["attributes"]["first_name"] == ""  # the API's removal form
+    company = next(i for i in items if i["type"] == "object")
+    assert set(company["attributes"]) == {"name", "object_id"}
+    removed = next(i for i in items if i["action"] == "delete_relationships")
+    assert removed["identifiers"] == {"email": edits.memberships_removed[0][0]}
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+    # NULL removed the attribute; the membership left the workspace.
+    assert "first_name" not in emulator.workspace.people_by("email")[cleared["identifiers"]["email"]]
+    email, company_id = edits.memberships_removed[0]
+    assert (email, ("1", company_id)) not in actual_workspace(emulator)["relationships"]
+
+    before = len(emulator.requests)
+    third = sync(settings)
+    assert third.exit_code == 0
+    assert emulator.requests[before:] == [] or all(
+        r.path != "/api/v2/batch" for r in emulator.requests[before:]
+    )
+    assert sum(m.items_sent for m in third.models) == 0
+    assert {m.model: m.unchanged for m in third.models} == {
+        m.model: m.rows for m in third.models
+    }
+
+
+def test_unacknowledged_rows_stay_out_of_the_snapshot(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    emulator.faults = FaultPlan(error_rate=1.0)
+    report = sync(settings)
+    assert report.exit_code == 1
+    assert report.error and "resent on the next run" in report.error
+    assert emulator.workspace.people == {}
+    state = StateStore(demo_engine)
+    assert state.snapshot("companies") == {}
+    assert state.snapshot("users") == {}
+
+    emulator.faults = FaultPlan()
+    assert sync(settings).exit_code == 0
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
+def test_item_rejected_by_customerio_is_recorded_and_retried(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    bad = "grace.dijkstra.11@example.com"
+    emulator.faults = FaultPlan(reject_identifiers=frozenset({bad}))
+    report = sync(settings, "users")
+    users = report.models[0]
+    assert report.exit_code == 1 and report.error is None
+    assert users.rejected == 1 and users.created == 489
+    assert users.rejections == [(bad, "invalid: rejected by fault plan [identifiers] (HTTP 207)")]
+    state = StateStore(demo_engine)
+    assert bad not in state.snapshot("users")
+    [row] = state.rejections("users")
+    assert row["key"] == bad and row["status"] == 207 and row["field"] == "identifiers"
+    assert "pro" not in (row["payload"] or "") and "<str>" in (row["payload"] or "")  # redacted
+
+    emulator.faults = FaultPlan()
+    before = len(emulator.requests)
+    retry = sync(settings, "users")
+    assert retry.exit_code == 0
+    assert [i["identifiers"]["email"] for i in batch_items(emulator, before)] == [bad]
+    assert state.rejections("users") == []
+    assert bad in state.snapshot("users")
+
+
+def test_dry_run_and_plan_send_nothing(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+    report = sync(settings, dry_run=True)
+    assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
+    assert {m.model: m.created for m in report.models} == {
+        "companies": 40, "users": 490, "memberships": report.models[2].rows
+    }
+    assert report.models[1].samples[0]["action"] == "identify"
+    assert StateStore(demo_engine).snapshot("users") == {}
+    # A dry run needs no credentials at all.
+    from dataclasses import replace
+
+    anonymous = replace(settings, site_id=None, api_key=None)
+    assert sync(anonymous, "users", dry_run=True).models[0].created == 490
+
+
+def test_full_resync_sends_every_row_in_full(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+    sync(settings, "users")
+    before = len(emulator.requests)
+    report = sync(settings, "users", full_resync=True)
+    items = batch_items(emulator, before)
+    assert len(items) == 490 and report.models[0].updated == 490
+    assert all({"plan", "created_at", "email"} <= set(i["attributes"]) for i in items)
+
+
+def test_bad_credentials_stop_the_run_without_leaking_the_key(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    from dataclasses import replace
+
+    from cio_retl.config import Secret
+
+    wrong = replace(settings, api_key=Secret("wrong-key-123"))
+    with pytest.raises(FatalSendError) as caught:
+        sync(wrong)
+    assert "credentials" in str(caught.value)
+    assert "wrong-key-123" not in str(caught.value) and API_KEY not in str(caught.value)
+    assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
+    assert "wrong-key-123" not in repr(wrong)
+
+
+def test_secrets_never_reach_state_tables(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+    emulator.faults = FaultPlan(reject_identifiers=frozenset({"grace.dijkstra.11@example.com"}))
+    sync(settings)
+    with demo_engine.connect() as conn:
+        for table in ("snapshots", "runs", "rejections", "locks"):
+            for row in conn.execute(sa.text(f"SELECT * FROM cio_retl.{table}")):
+                assert API_KEY not in str(tuple(row)) and SITE_ID not in str(tuple(row))
+
+
+def write_model(folder: Path, name: str, text: str) -> None:
+    (folder / f"{name}.sql").write_text(text)
+
+
+PEOPLE_TABLE = """
+    CREATE OR REPLACE TABLE main.people AS
+    SELECT * FROM (VALUES ('u1', 'a@x.io', 'pro'), ('u2', 'b@x.io', 'free'), ('u3', 'c@x.io', 'pro'))
+    AS t(user_id, email, plan)
+"""
+
+
+@pytest.mark.parametrize("mode", ["upsert", "mirror"])
+def test_rows_leaving_a_model(
+    settings: Settings, models_dir: Path, demo_engine: Engine, emulator: Emulator, mode: str
+) -> None:
+    with demo_engine.begin() as conn:
+        conn.execute(sa.text(PEOPLE_TABLE))
+    write_model(
+        models_dir, "people",
+        f"-- kind: person\n-- identifier: id\n-- key: user_id\n-- mode: {mode}\n"
+        "select user_id, email, plan from main.people\n",
+    )
+    s = with_models(settings, models_dir)
+    assert sync(s).models[0].created == 3
+    assert emulator.workspace.person(id="u2") is not None
+    with demo_engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM main.people WHERE user_id = 'u2'"))
+    report = sync(s)
+    if mode == "mirror":
+        assert report.models[0].deleted == 1
+        assert emulator.workspace.person(id="u2") is None
+    else:
+        assert report.models[0].deleted == 0
+        assert emulator.workspace.person(id="u2") is not None  # upsert never deletes
+    assert "u2" not in StateStore(demo_engine).snapshot("people")
+    # The row coming back is new again: sent in full.
+    with demo_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO main.people VALUES ('u2', 'b@x.io', 'free')"))
+    assert sync(s).models[0].created == 1
+
+
+def test_bad_rows_are_rejected_alone(
+    settings: Settings, models_dir: Path, demo_engine: Engine, emulator: Emulator
+) -> None:
+    with demo_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE TABLE main.people AS SELECT * FROM (VALUES"
+                " ('ok1', 'fine', NULL), ('dup', 'one', NULL), ('dup', 'two', NULL),"
+                " (NULL, 'no key', NULL), ('bin', 'x', '\\xAA'::BLOB),"
+                " ('long', repeat('x', 1001), NULL), ('ok2', repeat('y', 1000), NULL))"
+                " AS t(user_id, note, payload)"
+            )
+        )
+    write_model(
+        models_dir, "people",
+        "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from main.people\n",
+    )
+    report = sync(with_models(settings, models_dir))
+    people = report.models[0]
+    assert report.exit_code == 1
+    assert people.created == 2
+    assert people.rejected == 5
+    reasons = dict(people.rejections)
+    assert "2 rows share this key" in reasons["dup"]
+    assert "is NULL" in reasons[None]
+    assert "binary" in reasons["bin"]
+    assert "1001 bytes, over the 1000-byte limit" in reasons["long"]
+    assert set(emulator.workspace.people_by("id")) == {"ok1", "ok2"}
+    assert emulator.invalid_items == []
+    assert {r["key"] for r in StateStore(demo_engine).rejections("people")} == {"dup", "bin", "long"}
+
+
+def test_model_error_stops_before_anything_is_sent(
+    settings: Settings, models_dir: Path, demo_engine: Engine, emulator: Emulator
+) -> None:
+    write_model(models_dir, "good", "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1 as user_id\n")
+    write_model(models_dir, "broken", "-- kind: person\n-- identifier: id\n-- key: missing\nselect 1 as user_id\n")
+    with pytest.raises(ModelError) as caught:
+        sync(with_models(settings, models_dir))
+    assert "broken.sql:4" in str(caught.value) and "missing" in str(caught.value)
+    assert emulator.requests == []
+
+
+def test_a_held_lock_stops_the_run(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+    state = StateStore(demo_engine)
+    state.ensure_schema()
+    state.acquire_lock("users", "other-run")
+    with pytest.raises(LockedError) as caught:
+        sync(settings, "users")
+    assert "being synced by another run" in str(caught.value) and caught.value.exit_code == 3
+    assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
+    state.release_lock("users", "other-run")
+    assert sync(settings, "users").exit_code == 0
+
+
+def test_sigkill_mid_send_loses_nothing(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, warehouse_url: str
+) -> None:
+    """A real process killed while Customer.io holds its request: the rerun converges."""
+    demo_engine.dispose()  # DuckDB: one writing process per file
+    emulator.faults = FaultPlan(delay_seconds=30)
+    env = {
+        **os.environ,
+        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
+        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
+        "CIO_TRACK_API_URL": emulator.url,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cio_retl", "sync"], env=env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while emulator.in_flight == 0:  # wait for the first batch to reach the emulator
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the sync never sent a batch"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    emulator.faults = FaultPlan()
+    engine = demo_engine.engine
+    state = StateStore(engine)
+    assert state.snapshot("companies") == {}  # nothing was acknowledged
+    assert sync(settings).exit_code == 0
+    assert actual_workspace(emulator) == expected_workspace(engine)
