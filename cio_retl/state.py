@@ -176,12 +176,13 @@ class StateStore:
     def delete_snapshots(self, conn: Connection, model: str, keys: Sequence[str]) -> None:
         if not keys:
             return
+        table = _table(snapshots, conn.dialect)
         conn.execute(
-            sa.delete(snapshots).where(
-                snapshots.c.model == model,
-                snapshots.c.key.in_(sa.bindparam("keys", expanding=True)),
+            sa.text(
+                f"DELETE FROM {table} WHERE model = :model"
+                " AND key IN (SELECT unnest(CAST(:keys AS VARCHAR[])))"
             ),
-            {"keys": list(keys)},
+            {"model": model, "keys": list(keys)},
         )
 
     def snapshot(self, model: str) -> dict[str, dict[str, Any]]:
@@ -217,13 +218,19 @@ class StateStore:
     def clear_rejections(self, conn: Connection, model: str, keys: Sequence[str]) -> None:
         if not keys:
             return
+        table = _table(rejections, conn.dialect)
         conn.execute(
-            sa.delete(rejections).where(
-                rejections.c.model == model,
-                rejections.c.key.in_(sa.bindparam("keys", expanding=True)),
+            sa.text(
+                f"DELETE FROM {table} WHERE model = :model"
+                " AND key IN (SELECT unnest(CAST(:keys AS VARCHAR[])))"
             ),
-            {"keys": list(keys)},
+            {"model": model, "keys": list(keys)},
         )
+
+    def has_rejections(self, model: str) -> bool:
+        query = sa.select(rejections.c.key).where(rejections.c.model == model).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
 
     def rejections(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         query = sa.select(rejections).order_by(rejections.c.model, rejections.c.key).limit(limit)

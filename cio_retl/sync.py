@@ -234,6 +234,8 @@ class _Sender:
         self.model = model
         self.report = report
         self.dry_run = run.options.dry_run
+        # Clearing acknowledged keys from the rejections table is only needed if it has any.
+        self._had_rejections = not self.dry_run and run.state.has_rejections(model.name)
         self._refresh: list[tuple[str, str]] = []
         self._forget: list[str] = []
         self._rejections: list[RejectionRow] = []
@@ -325,7 +327,8 @@ class _Sender:
         with self.run.state.engine.begin() as conn:
             self.run.state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             self.run.state.delete_snapshots(conn, self.model.name, deleted)
-            self.run.state.clear_rejections(conn, self.model.name, [op.key for op in acked])
+            if self._had_rejections:
+                self.run.state.clear_rejections(conn, self.model.name, [op.key for op in acked])
             self._write_rejections(conn)
         self._count_acked(acked)
 
