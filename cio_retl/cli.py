@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import orjson
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cio_retl.config import Settings
@@ -91,7 +91,7 @@ def _progress() -> Iterator[Progress]:
 
 def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> RunReport:
     with _progress() as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def advance(model: str, n: int) -> None:
             if model not in tasks:
@@ -109,7 +109,9 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    report = _run(Settings.from_env(), args.models, SyncOptions(dry_run=True, sample_size=args.samples))
+    report = _run(
+        Settings.from_env(), args.models, SyncOptions(dry_run=True, sample_size=args.samples)
+    )
     print_report(report)
     for model in report.models:
         for sample in model.samples:
@@ -121,13 +123,33 @@ def _plan(args: argparse.Namespace) -> int:
 def print_report(report: RunReport, console: Console = out) -> None:
     title = f"run {report.run_id}" + (" (dry run: nothing sent)" if report.dry_run else "")
     table = Table(title=title, title_justify="left")
-    for column in ("model", "kind", "rows", "created", "updated", "deleted", "unchanged",
-                   "rejected", "requests", "status"):
-        table.add_column(column, justify="left" if column in ("model", "kind", "status") else "right")
+    for column in (
+        "model",
+        "kind",
+        "rows",
+        "created",
+        "updated",
+        "deleted",
+        "unchanged",
+        "rejected",
+        "requests",
+        "status",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("model", "kind", "status") else "right"
+        )
     for m in report.models:
         table.add_row(
-            m.model, m.kind, f"{m.rows:,}", f"{m.created:,}", f"{m.updated:,}", f"{m.deleted:,}",
-            f"{m.unchanged:,}", f"{m.rejected:,}", f"{m.requests:,}", m.status,
+            m.model,
+            m.kind,
+            f"{m.rows:,}",
+            f"{m.created:,}",
+            f"{m.updated:,}",
+            f"{m.deleted:,}",
+            f"{m.unchanged:,}",
+            f"{m.rejected:,}",
+            f"{m.requests:,}",
+            m.status,
         )
     console.print(table)
     for m in report.models:
@@ -146,30 +168,54 @@ def _status(args: argparse.Namespace) -> int:
         state = StateStore(engine)
         state.ensure_schema()
         runs = Table(title="last runs", title_justify="left")
-        for column in ("started (UTC)", "run", "model", "status", "planned", "created", "updated",
-                       "deleted", "rejected", "pending", "seconds"):
+        for column in (
+            "started (UTC)",
+            "run",
+            "model",
+            "status",
+            "planned",
+            "created",
+            "updated",
+            "deleted",
+            "rejected",
+            "pending",
+            "seconds",
+        ):
             runs.add_column(column)
         for run in state.last_runs(args.limit):
             acked = run["created"] + run["updated"] + run["deleted"]
             pending = 0 if run["dry_run"] else max(run["planned"] - acked - run["rejected"], 0)
             seconds = (
                 f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}"
-                if run["finished_at"] else "-"
+                if run["finished_at"]
+                else "-"
             )
             runs.add_row(
-                f"{run['started_at']:%Y-%m-%d %H:%M:%S}", run["run_id"], run["model"],
+                f"{run['started_at']:%Y-%m-%d %H:%M:%S}",
+                run["run_id"],
+                run["model"],
                 run["status"] + (" (dry run)" if run["dry_run"] else ""),
-                str(run["planned"]), str(run["created"]), str(run["updated"]),
-                str(run["deleted"]), str(run["rejected"]), str(pending), seconds,
+                str(run["planned"]),
+                str(run["created"]),
+                str(run["updated"]),
+                str(run["deleted"]),
+                str(run["rejected"]),
+                str(pending),
+                seconds,
             )
         out.print(runs)
         rejected = state.rejections(limit=args.limit)
         counts = state.rejection_counts()
-        out.print(f"rejected rows waiting for a fix: {sum(counts.values()):,} "
-                  + (f"({', '.join(f'{m}: {n:,}' for m, n in sorted(counts.items()))})" if counts else ""))
+        out.print(
+            f"rejected rows waiting for a fix: {sum(counts.values()):,} "
+            + (f"({', '.join(f'{m}: {n:,}' for m, n in sorted(counts.items()))})" if counts else "")
+        )
         for row in rejected:
-            out.print(f"  {row['model']} key={row['key']!r}: {row['reason']}"
-                      + (f" [{row['field']}]" if row["field"] else ""), highlight=False)
+            out.print(
+                f"  {row['model']} key={row['key']!r}: {row['reason']}"
+                + (f" [{row['field']}]" if row["field"] else ""),
+                highlight=False,
+            )
     finally:
         engine.dispose()
     return 0

@@ -202,7 +202,9 @@ class TrackClient:
                 self._sleep(self.retry.delay(attempt, retry_after, self._rng))
         raise RetriableError(
             f"the Track API did not accept {path} after {self.retry.max_attempts} attempts "
-            f"(last: {last_problem}); unacknowledged rows are resent on the next run"
+            f"(last: {last_problem}); unacknowledged rows are resent on the next run",
+            attempts=self.retry.max_attempts,
+            bytes_sent=self.retry.max_attempts * len(body or b""),
         )
 
     @staticmethod

@@ -14,7 +14,18 @@ from sqlalchemy.engine import Engine
 
 PLANS = ("free", "starter", "pro", "enterprise")
 ROLES = ("member", "admin", "billing")
-FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Linus", "Frances", "Dennis")
+FIRST = (
+    "Ada",
+    "Grace",
+    "Alan",
+    "Edsger",
+    "Barbara",
+    "Ken",
+    "Margaret",
+    "Linus",
+    "Frances",
+    "Dennis",
+)
 LAST = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Hamilton", "Torvalds")
 
 
@@ -102,7 +113,8 @@ def create_demo_warehouse(engine: Engine, size: DemoSize | None = None, seed: in
             users,
         )
         conn.execute(
-            sa.text("INSERT INTO demo.memberships VALUES (:user_id, :company_id, :role)"), memberships
+            sa.text("INSERT INTO demo.memberships VALUES (:user_id, :company_id, :role)"),
+            memberships,
         )
 
 
@@ -134,7 +146,9 @@ def edit_demo_warehouse(engine: Engine) -> DemoEdits:
         cleared = [
             r[0]
             for r in conn.execute(
-                sa.text("UPDATE demo.users SET first_name = NULL WHERE user_id = 14 RETURNING email")
+                sa.text(
+                    "UPDATE demo.users SET first_name = NULL WHERE user_id = 14 RETURNING email"
+                )
             )
         ]
         renamed = [
@@ -154,14 +168,15 @@ def edit_demo_warehouse(engine: Engine) -> DemoEdits:
                 " ORDER BY m.user_id, m.company_id LIMIT 1) RETURNING user_id, company_id"
             )
         ).all()
-        emails = dict(
-            conn.execute(
+        emails: dict[int, str] = {
+            user_id: email
+            for user_id, email in conn.execute(
                 sa.text("SELECT user_id, email FROM demo.users WHERE user_id IN :ids").bindparams(
                     sa.bindparam("ids", expanding=True)
                 ),
                 {"ids": [r[0] for r in removed] or [-1]},
-            ).all()
-        )
+            )
+        }
     return DemoEdits(
         users_changed=tuple(sorted(upgraded + cleared)),
         companies_changed=tuple(renamed),

@@ -22,7 +22,9 @@ def run_demo(directory: str | None, console: Console) -> int:
 
     folder = Path(directory or tempfile.mkdtemp(prefix="cio-retl-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    database = folder / "warehouse.duckdb"  # not demo.duckdb: the catalog would clash with schema demo
+    database = (
+        folder / "warehouse.duckdb"
+    )  # not demo.duckdb: the catalog would clash with schema demo
     database.unlink(missing_ok=True)
     url = f"duckdb:///{database}"
     engine = create_engine(url)

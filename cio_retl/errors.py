@@ -8,12 +8,18 @@ so one bad row never stops the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class CioRetlError(Exception):
-    """Base of every error the engine raises on purpose."""
+    """Base of every error the engine raises on purpose.
+
+    ``report`` is set when the error stopped a run that had started: what was acknowledged
+    before it (a ``cio_retl.sync.RunReport``), for adapters to show.
+    """
 
     exit_code = 2
+    report: Any = None
 
 
 class ConfigError(CioRetlError):
@@ -49,8 +55,9 @@ class FatalSendError(CioRetlError):
 class RetriableError(CioRetlError):
     """A request's outcome is unknown or throttled; the same items may be sent again."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        self.retry_after = retry_after
+    def __init__(self, message: str, *, attempts: int = 0, bytes_sent: int = 0) -> None:
+        self.attempts = attempts
+        self.bytes_sent = bytes_sent
         super().__init__(message)
 
 

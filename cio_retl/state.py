@@ -77,6 +77,7 @@ locks = sa.Table(
     sa.Column("run_id", sa.String, nullable=False),
     sa.Column("owner", sa.String, nullable=False),
     sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 
@@ -282,40 +283,78 @@ class StateStore:
 
     # -- locks -----------------------------------------------------------------------------
     def acquire_lock(self, model: str, run_id: str) -> None:
-        """One run per model: a row in ``locks``; a lock older than STALE_LOCK_AFTER is taken over."""
-        owner = f"{socket.gethostname()}:{os.getpid()}"
+        """One run per model: a row in ``locks``.
+
+        A lock is taken over when its run is provably gone: its process no longer exists on
+        this host, or it has not refreshed its heartbeat for STALE_LOCK_AFTER (another host).
+        """
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.delete(locks).where(
-                    locks.c.model == model, locks.c.acquired_at < now - STALE_LOCK_AFTER
-                )
-            )
             held = conn.execute(sa.select(locks).where(locks.c.model == model)).first()
+            if held is not None and (
+                _owner_is_dead(held.owner) or _aware(held.heartbeat_at) < now - STALE_LOCK_AFTER
+            ):
+                conn.execute(
+                    sa.delete(locks).where(locks.c.model == model, locks.c.run_id == held.run_id)
+                )
+                held = None
             if held is None:
                 try:
                     conn.execute(
                         sa.insert(locks).values(
-                            model=model, run_id=run_id, owner=owner, acquired_at=now
+                            model=model,
+                            run_id=run_id,
+                            owner=_lock_owner(),
+                            acquired_at=now,
+                            heartbeat_at=now,
                         )
                     )
                     return
                 except sa.exc.IntegrityError:
-                    held = None
+                    held = conn.execute(sa.select(locks).where(locks.c.model == model)).first()
+        since = f" since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if held else ""
+        owner = f" (run {held.run_id} on {held.owner}{since})" if held else ""
+        minutes = int(STALE_LOCK_AFTER.total_seconds() // 60)
         raise LockedError(
-            f"model {model!r} is being synced by another run"
-            + (
-                f" (run {held.run_id} on {held.owner} since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC)"
-                if held
-                else ""
-            )
-            + f"; try again when it ends, or remove its row from {STATE_SCHEMA}.locks if that run "
-            f"is dead (locks older than {int(STALE_LOCK_AFTER.total_seconds() // 60)} min are taken over)"
+            f"model {model!r} is being synced by another run{owner}; try again when it ends. "
+            f"A lock whose process is gone, or silent for {minutes} min, is taken over."
         )
+
+    def heartbeat(self, models: Sequence[str], run_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(locks)
+                .where(locks.c.model.in_(list(models)), locks.c.run_id == run_id)
+                .values(heartbeat_at=utcnow())
+            )
 
     def release_lock(self, model: str, run_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(locks).where(locks.c.model == model, locks.c.run_id == run_id))
+
+
+def _lock_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # read per call: forks change the pid
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when the owner ran on this host and its process is gone."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # this process: another run of ours, alive by definition
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _last_per_key(rows: Iterable[RejectionRow]) -> list[RejectionRow]:

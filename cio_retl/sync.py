@@ -32,6 +32,7 @@ from cio_retl.warehouse import Warehouse, create_engine
 Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
 
 MAX_REPORTED_REJECTIONS = 20
+HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +62,9 @@ class ModelReport:
     duration_s: float = 0.0
     status: str = "running"
     error: str | None = None
+    planned: int = 0  # rows with something to send (or reject): the run's changeset
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[tuple[str | None, str]] = field(default_factory=list)
-    _changed_rows: int = 0
 
     @property
     def changes(self) -> int:
@@ -71,7 +72,7 @@ class ModelReport:
 
     def counts(self) -> dict[str, int]:
         return {
-            "planned": self._changed_rows,
+            "planned": self.planned,
             "created": self.created,
             "updated": self.updated,
             "deleted": self.deleted,
@@ -158,6 +159,14 @@ class _Run:
         self.progress = progress
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
+        self._last_heartbeat = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Tell other runs this one is alive, at most every HEARTBEAT_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_EVERY:
+            self.state.heartbeat([m.name for m in self.models], self.run_id)
+            self._last_heartbeat = now
 
     def execute(self) -> RunReport:
         locked: list[Model] = []
@@ -186,6 +195,7 @@ class _Run:
             report.error = str(exc)
         except CioRetlError as exc:
             report.error = str(exc)
+            exc.report = report
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -221,7 +231,7 @@ class _Run:
                 )
             _Sender(self, model, report).send(changes)
         if not removal:
-            report.unchanged = max(report.rows - report._changed_rows, 0)
+            report.unchanged = max(report.rows - report.planned, 0)
 
 
 class _Sender:
@@ -247,8 +257,14 @@ class _Sender:
                 self._count_acked(operations)
             else:
                 assert self.run.client is not None
-                result = self.run.client.send_batch([item for _, item in batch])
+                try:
+                    result = self.run.client.send_batch([item for _, item in batch])
+                except RetriableError as exc:
+                    self.report.requests += exc.attempts
+                    self.report.bytes_sent += exc.bytes_sent
+                    raise
                 self._acknowledge(operations, result)
+                self.run.heartbeat()
             if self.run.progress:
                 self.run.progress(self.model.name, len(batch))
             self._flush_if_full()
@@ -264,7 +280,7 @@ class _Sender:
                 assert change.key is not None
                 self._forget.append(change.key)
                 continue
-            self.report._changed_rows += 1
+            self.report.planned += 1
             if change.change is Change.REJECT:
                 assert change.rejection is not None
                 self._reject(change.key, change.rejection, None)

@@ -22,7 +22,14 @@ from tests.conftest import API_KEY, SITE_ID
 
 
 def item(i: int, size: int) -> bytes:
-    return orjson.dumps({"type": "person", "action": "identify", "identifiers": {"id": i}, "attributes": {"p": "x" * size}})
+    return orjson.dumps(
+        {
+            "type": "person",
+            "action": "identify",
+            "identifiers": {"id": i},
+            "attributes": {"p": "x" * size},
+        }
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -43,9 +50,10 @@ def test_pack_keeps_order_and_limits(sizes: list[int], max_items: int, max_bytes
     for current, following in itertools.pairwise(batches):
         # Greedy: a batch is closed only because the next item would break a limit.
         nxt = len(following[0][1])
-        assert len(current) == max_items or batch_body_size(
-            sum(len(d) for _, d in current) + nxt, len(current) + 1
-        ) > max_bytes
+        assert (
+            len(current) == max_items
+            or batch_body_size(sum(len(d) for _, d in current) + nxt, len(current) + 1) > max_bytes
+        )
 
 
 def test_pack_at_the_real_limits() -> None:
@@ -98,9 +106,13 @@ def test_retry_policy_honours_retry_after_and_caps_backoff() -> None:
 
 def client(emu: Emulator, clock: FakeClock, attempts: int = 5) -> TrackClient:
     return TrackClient(
-        emu.url, SITE_ID, API_KEY,
+        emu.url,
+        SITE_ID,
+        API_KEY,
         retry=RetryPolicy(max_attempts=attempts, base_delay=0.5, max_delay=8),
-        limiter=RateLimiter(clock=clock, sleep=clock.sleep), sleep=clock.sleep, seed=3,
+        limiter=RateLimiter(clock=clock, sleep=clock.sleep),
+        sleep=clock.sleep,
+        seed=3,
     )
 
 
@@ -139,7 +151,14 @@ def test_400_is_bisected_down_to_the_bad_items(emulator: Emulator) -> None:
 def test_207_maps_errors_to_items(emulator: Emulator) -> None:
     clock = FakeClock()
     emulator.faults = FaultPlan(reject_identifiers=frozenset({"2"}))
-    bad_name = orjson.dumps({"type": "person", "action": "identify", "identifiers": {"id": 3}, "attributes": {"x" * 151: 1}})
+    bad_name = orjson.dumps(
+        {
+            "type": "person",
+            "action": "identify",
+            "identifiers": {"id": 3},
+            "attributes": {"x" * 151: 1},
+        }
+    )
     with client(emulator, clock) as c:
         result = c.send_batch([item(1, 1), item(2, 1), bad_name, item(4, 1)])
     assert result.acked == [0, 3]

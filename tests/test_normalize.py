@@ -32,7 +32,7 @@ UTC = dt.UTC
     ("value", "expected"),
     [
         (None, None),
-        ("héllo 🎉 \"quoted\"", "héllo 🎉 \"quoted\""),
+        ('héllo 🎉 "quoted"', 'héllo 🎉 "quoted"'),
         (True, True),
         (False, False),
         (42, 42),
@@ -60,7 +60,9 @@ def test_normalize_value(value: Any, expected: Any) -> None:
     assert result == expected and type(result) is type(expected)
 
 
-@pytest.mark.parametrize("value", [b"\x00", bytearray(b"x"), memoryview(b"x"), math.inf, Decimal("-Infinity"), object()])
+@pytest.mark.parametrize(
+    "value", [b"\x00", bytearray(b"x"), memoryview(b"x"), math.inf, Decimal("-Infinity"), object()]
+)
 def test_unsendable_values_are_refused(value: Any) -> None:
     with pytest.raises(UnsupportedValue):
         normalize_value(value)
@@ -81,7 +83,9 @@ def test_hash_is_stable_and_order_free() -> None:
     assert attributes_hash({"n": 1}) != attributes_hash({"n": True}) != attributes_hash({"n": "1"})
 
 
-PERSON = parse_model(Path("users.sql"), "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1")
+PERSON = parse_model(
+    Path("users.sql"), "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1"
+)
 OBJECT = parse_model(Path("co.sql"), "-- kind: object\n-- object_type_id: 2\n-- key: cid\nselect 1")
 REL = parse_model(
     Path("m.sql"),
@@ -105,7 +109,10 @@ def test_object_and_relationship_records_use_strings() -> None:
     assert record.attributes == {"name": "Acme", "object_id": "7"}
     rel = to_record(REL, "a@x.io\x1f7", {"email": "a@x.io", "cid": 7, "role": "admin"})
     assert isinstance(rel, Record)
-    assert rel.identifiers == {"person": {"email": "a@x.io"}, "object": {"object_type_id": "2", "object_id": "7"}}
+    assert rel.identifiers == {
+        "person": {"email": "a@x.io"},
+        "object": {"object_type_id": "2", "object_id": "7"},
+    }
     assert rel.attributes == {"role": "admin"}
 
 
@@ -130,7 +137,9 @@ def test_identifier_at_the_limit_is_fine() -> None:
 
 
 def test_email_identifier_must_look_like_an_email() -> None:
-    model = parse_model(Path("u.sql"), "-- kind: person\n-- identifier: email\n-- key: email\nselect 1")
+    model = parse_model(
+        Path("u.sql"), "-- kind: person\n-- identifier: email\n-- key: email\nselect 1"
+    )
     assert isinstance(to_record(model, "k", {"email": "a@b.io"}), Record)
     for bad in ("not-an-email", "a b@c.io", "@c.io", "a@"):
         assert isinstance(to_record(model, "k", {"email": bad}), Rejection)
@@ -140,7 +149,10 @@ def test_changed_attributes() -> None:
     previous = {"plan": "free", "n": 1, "flag": True, "tags": ["a"], "old": "x"}
     current = {"plan": "pro", "n": 1, "flag": 1, "tags": ["a"], "new": {"k": 1}}
     assert changed_attributes(previous, current) == {
-        "plan": "pro", "flag": 1, "new": {"k": 1}, "old": REMOVED
+        "plan": "pro",
+        "flag": 1,
+        "new": {"k": 1},
+        "old": REMOVED,
     }
     assert changed_attributes(current, current) == {}
 
@@ -151,16 +163,23 @@ def test_same_value_is_type_strict() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.text(max_size=8)
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 attribute_maps = st.dictionaries(st.text(min_size=1, max_size=6), json_values, max_size=6)
 
 
 @given(attribute_maps, attribute_maps)
-def test_applying_the_change_reaches_the_current_state(previous: dict[str, Any], current: dict[str, Any]) -> None:
+def test_applying_the_change_reaches_the_current_state(
+    previous: dict[str, Any], current: dict[str, Any]
+) -> None:
     """Customer.io merges attributes and "" removes one: previous + send == current."""
     previous = normalize_attributes(previous)
     current = normalize_attributes(current)

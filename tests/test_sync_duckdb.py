@@ -79,7 +79,9 @@ def batch_items(emulator: Emulator, since: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-def test_first_sync_equals_warehouse(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+def test_first_sync_equals_warehouse(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
     report = sync(settings)
     assert report.exit_code == 0, report
     expected = expected_workspace(demo_engine)
@@ -118,7 +120,10 @@ def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
     assert sorted(i["identifiers"]["email"] for i in people) == sorted(edits.users_changed)
     for item in people:
         # Only what changed, plus the identifier (RudderStack's mappedToDestination mapping).
-        assert set(item["attributes"]) in ({"plan", "lifetime_value", "email"}, {"first_name", "email"})
+        assert set(item["attributes"]) in (
+            {"plan", "lifetime_value", "email"},
+            {"first_name", "email"},
+        )
     cleared = next(i for i in people if "first_name" in i["attributes"])
     assert cleared["attributes"]["first_name"] == ""  # the API's removal form
     company = next(i for i in items if i["type"] == "object")
@@ -127,7 +132,9 @@ def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
     assert removed["identifiers"] == {"email": edits.memberships_removed[0][0]}
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
     # NULL removed the attribute; the membership left the workspace.
-    assert "first_name" not in emulator.workspace.people_by("email")[cleared["identifiers"]["email"]]
+    assert (
+        "first_name" not in emulator.workspace.people_by("email")[cleared["identifiers"]["email"]]
+    )
     email, company_id = edits.memberships_removed[0]
     assert (email, ("1", company_id)) not in actual_workspace(emulator)["relationships"]
 
@@ -138,9 +145,7 @@ def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
         r.path != "/api/v2/batch" for r in emulator.requests[before:]
     )
     assert sum(m.items_sent for m in third.models) == 0
-    assert {m.model: m.unchanged for m in third.models} == {
-        m.model: m.rows for m in third.models
-    }
+    assert {m.model: m.unchanged for m in third.models} == {m.model: m.rows for m in third.models}
 
 
 def test_unacknowledged_rows_stay_out_of_the_snapshot(
@@ -185,11 +190,15 @@ def test_item_rejected_by_customerio_is_recorded_and_retried(
     assert bad in state.snapshot("users")
 
 
-def test_dry_run_and_plan_send_nothing(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+def test_dry_run_and_plan_send_nothing(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
     report = sync(settings, dry_run=True)
     assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
     assert {m.model: m.created for m in report.models} == {
-        "companies": 40, "users": 490, "memberships": report.models[2].rows
+        "companies": 40,
+        "users": 490,
+        "memberships": report.models[2].rows,
     }
     assert report.models[1].samples[0]["action"] == "identify"
     assert StateStore(demo_engine).snapshot("users") == {}
@@ -200,7 +209,9 @@ def test_dry_run_and_plan_send_nothing(settings: Settings, demo_engine: Engine, 
     assert sync(anonymous, "users", dry_run=True).models[0].created == 490
 
 
-def test_full_resync_sends_every_row_in_full(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+def test_full_resync_sends_every_row_in_full(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
     sync(settings, "users")
     before = len(emulator.requests)
     report = sync(settings, "users", full_resync=True)
@@ -225,7 +236,9 @@ def test_bad_credentials_stop_the_run_without_leaking_the_key(
     assert "wrong-key-123" not in repr(wrong)
 
 
-def test_secrets_never_reach_state_tables(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+def test_secrets_never_reach_state_tables(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
     emulator.faults = FaultPlan(reject_identifiers=frozenset({"grace.dijkstra.11@example.com"}))
     sync(settings)
     with demo_engine.connect() as conn:
@@ -252,7 +265,8 @@ def test_rows_leaving_a_model(
     with demo_engine.begin() as conn:
         conn.execute(sa.text(PEOPLE_TABLE))
     write_model(
-        models_dir, "people",
+        models_dir,
+        "people",
         f"-- kind: person\n-- identifier: id\n-- key: user_id\n-- mode: {mode}\n"
         "select user_id, email, plan from main.people\n",
     )
@@ -289,7 +303,8 @@ def test_bad_rows_are_rejected_alone(
             )
         )
     write_model(
-        models_dir, "people",
+        models_dir,
+        "people",
         "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from main.people\n",
     )
     report = sync(with_models(settings, models_dir))
@@ -304,21 +319,35 @@ def test_bad_rows_are_rejected_alone(
     assert "1001 bytes, over the 1000-byte limit" in reasons["long"]
     assert set(emulator.workspace.people_by("id")) == {"ok1", "ok2"}
     assert emulator.invalid_items == []
-    assert {r["key"] for r in StateStore(demo_engine).rejections("people")} == {"dup", "bin", "long"}
+    assert {r["key"] for r in StateStore(demo_engine).rejections("people")} == {
+        "dup",
+        "bin",
+        "long",
+    }
 
 
 def test_model_error_stops_before_anything_is_sent(
     settings: Settings, models_dir: Path, demo_engine: Engine, emulator: Emulator
 ) -> None:
-    write_model(models_dir, "good", "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1 as user_id\n")
-    write_model(models_dir, "broken", "-- kind: person\n-- identifier: id\n-- key: missing\nselect 1 as user_id\n")
+    write_model(
+        models_dir,
+        "good",
+        "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1 as user_id\n",
+    )
+    write_model(
+        models_dir,
+        "broken",
+        "-- kind: person\n-- identifier: id\n-- key: missing\nselect 1 as user_id\n",
+    )
     with pytest.raises(ModelError) as caught:
         sync(with_models(settings, models_dir))
     assert "broken.sql:4" in str(caught.value) and "missing" in str(caught.value)
     assert emulator.requests == []
 
 
-def test_a_held_lock_stops_the_run(settings: Settings, demo_engine: Engine, emulator: Emulator) -> None:
+def test_a_held_lock_stops_the_run(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
     state = StateStore(demo_engine)
     state.ensure_schema()
     state.acquire_lock("users", "other-run")
@@ -345,12 +374,15 @@ def test_sigkill_mid_send_loses_nothing(
         "CIO_API_KEY": API_KEY,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cio_retl", "sync"], env=env, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "cio_retl", "sync"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 60
-        while emulator.in_flight == 0:  # wait for the first batch to reach the emulator
+        while emulator.in_flight_on("/api/v2/batch") == 0:  # the first batch is held there
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the sync never sent a batch"
             time.sleep(0.01)

@@ -1,0 +1,1036 @@
+"""The Track API emulator, exercised over real HTTP (httpx and the official SDK), no mocks."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from cio_retl.emulator import (
+    MAX_ATTRIBUTE_NAME_BYTES,
+    MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_IDENTIFIER_BYTES,
+    MAX_ITEM_BYTES,
+    MAX_PERSON_ATTRIBUTES,
+    Emulator,
+    FaultPlan,
+    Rules,
+)
+
+AUTH = ("site-id", "api-key")
+JSON = {"Content-Type": "application/json"}
+
+
+# -- fixtures and helpers ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Emulator]:
+    with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def emu(server: Emulator) -> Emulator:
+    server.reset()
+    return server
+
+
+@pytest.fixture(scope="module")
+def module_client(server: Emulator) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, auth=AUTH, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def client(emu: Emulator, module_client: httpx.Client) -> httpx.Client:
+    return module_client
+
+
+def person(
+    ident: dict[str, Any],
+    attrs: dict[str, Any] | None = None,
+    action: str = "identify",
+    rels: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "person", "action": action, "identifiers": ident}
+    if attrs is not None:
+        item["attributes"] = attrs
+    if rels is not None:
+        item["cio_relationships"] = rels
+    return item
+
+
+def obj(
+    object_id: str,
+    attrs: dict[str, Any] | None = None,
+    action: str = "identify",
+    rels: list[dict[str, Any]] | None = None,
+    type_id: str = "1",
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "type": "object",
+        "action": action,
+        "identifiers": {"object_type_id": type_id, "object_id": object_id},
+    }
+    if attrs is not None:
+        item["attributes"] = attrs
+    if rels is not None:
+        item["cio_relationships"] = rels
+    return item
+
+
+def to_object(object_id: str, **rel_attrs: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"identifiers": {"object_type_id": "1", "object_id": object_id}}
+    if rel_attrs:
+        entry["relationship_attributes"] = rel_attrs
+    return entry
+
+
+def to_person(ident: dict[str, Any], **rel_attrs: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"identifiers": ident}
+    if rel_attrs:
+        entry["relationship_attributes"] = rel_attrs
+    return entry
+
+
+def batch(client: httpx.Client, *items: Any) -> httpx.Response:
+    return client.post("/api/v2/batch", json={"batch": list(items)})
+
+
+def raw_batch(client: httpx.Client, body: bytes) -> httpx.Response:
+    return client.post("/api/v2/batch", content=body, headers=JSON)
+
+
+def errors(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 207, response.text
+    result: list[dict[str, Any]] = response.json()["errors"]
+    return result
+
+
+def item_of_size(size: int) -> dict[str, Any]:
+    """A valid person identify whose compact JSON is exactly `size` bytes."""
+    item = person({"id": "big"}, {})
+    attrs = item["attributes"]
+    i = 0
+    while len(orjson.dumps(item)) + 1100 < size:
+        attrs[f"a{i:02d}"] = "x" * MAX_ATTRIBUTE_VALUE_BYTES
+        i += 1
+    attrs["pad"] = ""
+    attrs["pad"] = "x" * (size - len(orjson.dumps(item)))
+    assert len(orjson.dumps(item)) == size
+    return item
+
+
+def rels_of(emu: Emulator) -> dict[tuple[Any, str], dict[str, Any]]:
+    """{(person id or email, object_id): relationship_attributes}."""
+    return {
+        (r["person"]["id"] or r["person"]["email"], r["object_id"]): r["relationship_attributes"]
+        for r in emu.snapshot()["relationships"]
+    }
+
+
+# -- auth, region, routing ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [None, ("site-id", "wrong"), ("other", "api-key")])
+def test_bad_credentials_are_401_and_apply_nothing(
+    emu: Emulator, auth: tuple[str, str] | None
+) -> None:
+    with httpx.Client(base_url=emu.url, auth=auth) as anonymous:
+        response = batch(anonymous, person({"id": "u1"}, {"plan": "pro"}))
+        region = anonymous.get("/api/v1/accounts/region")
+    assert response.status_code == 401
+    assert response.json() == {"meta": {"error": "Unauthorized request"}}
+    assert region.status_code == 401
+    assert emu.workspace.people == {}
+
+
+def test_region_answers_for_valid_credentials(client: httpx.Client, emu: Emulator) -> None:
+    response = client.get("/api/v1/accounts/region")
+    assert response.status_code == 200
+    assert response.json() == {"url": emu.url, "data_center": "us", "environment_id": 1}
+
+
+def test_inspection_needs_no_auth_and_unknown_paths_404_wrong_methods_405(emu: Emulator) -> None:
+    with httpx.Client(base_url=emu.url) as anonymous:
+        assert anonymous.get("/_emulator/workspace").status_code == 200
+        assert anonymous.get("/api/v2/nope").status_code == 404
+        assert anonymous.get("/_emulator/nope").status_code == 404
+        wrong = anonymous.get("/api/v2/batch")
+        assert wrong.status_code == 405
+        assert wrong.headers["Allow"] == "POST"
+        assert anonymous.post("/api/v1/accounts/region").status_code == 405
+        assert anonymous.get("/api/v1/customers/u1").status_code == 405
+        assert anonymous.get("/_emulator/reset").status_code == 405
+
+
+# -- applying ----------------------------------------------------------------------------
+
+
+def test_batch_of_valid_items_is_200_and_applied(client: httpx.Client, emu: Emulator) -> None:
+    response = batch(
+        client,
+        person({"id": "u1"}, {"plan": "pro", "created_at": 1700000000}),
+        person({"email": "ada@example.com"}, {"name": "Ada"}),
+        person({"id": 42}, {"tags": ["a", "b"], "address": {"city": "Paris"}}),
+        obj("acme", {"name": "Acme"}),
+    )
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert emu.workspace.people_by("id") == {
+        "u1": {"plan": "pro", "created_at": 1700000000},
+        42: {"tags": ["a", "b"], "address": {"city": "Paris"}},
+    }
+    assert emu.workspace.people_by("email") == {
+        "ada@example.com": {"email": "ada@example.com", "name": "Ada"}
+    }
+    assert emu.workspace.objects == {("1", "acme"): {"name": "Acme"}}
+    assert emu.invalid_items == []
+
+
+def test_identify_merges_and_finds_people_by_each_identifier(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    batch(client, person({"id": "u1"}, {"a": 1, "b": 2}), person({"email": "e@x.io"}, {"a": 1}))
+    found = emu.workspace.person(id="u1")
+    assert found is not None
+    batch(
+        client,
+        person({"id": "u1"}, {"b": 3, "c": 4}),
+        person({"cio_id": found.cio_id}, {"d": 5}),
+        person({"email": "e@x.io"}, {"email": "changed@x.io", "z": 0}),
+    )
+    assert emu.workspace.person(cio_id=found.cio_id) is found
+    assert found.attributes == {"a": 1, "b": 3, "c": 4, "d": 5}
+    by_email = emu.workspace.person(email="e@x.io")
+    assert by_email is not None and by_email.id is None
+    # The email a person is identified by stays its email attribute.
+    assert by_email.attributes == {"email": "e@x.io", "a": 1, "z": 0}
+    assert len(emu.workspace.people) == 2
+
+
+def test_integer_and_string_ids_name_the_same_person(client: httpx.Client, emu: Emulator) -> None:
+    batch(client, person({"id": 7}, {"a": 1}), person({"id": "7"}, {"b": 2}))
+    assert emu.workspace.people_by("id") == {"7": {"a": 1, "b": 2}}
+
+
+def test_items_in_a_batch_apply_in_order(client: httpx.Client, emu: Emulator) -> None:
+    response = batch(
+        client,
+        person({"id": "u1"}, {"v": 1, "gone": True}),
+        person({"id": "u1"}, {"v": 2}),
+        person({"id": "u1"}, action="delete"),
+        person({"id": "u1"}, {"v": 3}),
+    )
+    assert response.status_code == 200
+    assert emu.workspace.people_by("id") == {"u1": {"v": 3}}
+
+
+def test_207_names_the_bad_items_and_applies_the_rest(client: httpx.Client, emu: Emulator) -> None:
+    bad_ident = person({"id": ""}, {"x": 1})
+    bad_type = {"type": "event", "action": "identify", "identifiers": {"id": "u9"}}
+    response = batch(
+        client,
+        person({"id": "u1"}, {"n": 1}),
+        bad_ident,
+        person({"id": "u2"}, {"n": 2}),
+        bad_type,
+        person({"id": "u1"}, {"n": 3}),
+    )
+    assert errors(response) == [
+        {
+            "batch_index": 1,
+            "reason": "invalid",
+            "field": "identifiers.id",
+            "message": "must not be empty",
+        },
+        {
+            "batch_index": 3,
+            "reason": "invalid",
+            "field": "type",
+            "message": "unsupported type 'event': use person or object",
+        },
+    ]
+    assert emu.workspace.people_by("id") == {"u1": {"n": 3}, "u2": {"n": 2}}
+    assert [(v.batch_index, v.field, v.item) for v in emu.invalid_items] == [
+        (1, "identifiers.id", bad_ident),
+        (3, "type", bad_type),
+    ]
+
+
+INVALID_ITEMS: list[tuple[str, Any, str]] = [
+    ("not an object", ["x"], "item"),
+    ("missing type", {"action": "identify", "identifiers": {"id": "u"}}, "type"),
+    ("missing action", {"type": "person", "identifiers": {"id": "u"}}, "action"),
+    ("out of scope action", person({"id": "u"}, action="event"), "action"),
+    ("merge out of scope", person({"id": "u"}, action="merge"), "action"),
+    ("unknown action", person({"id": "u"}, action="upsert"), "action"),
+    ("action not a string", person({"id": "u"}, action=["identify"]), "action"),  # type: ignore[arg-type]
+    ("type not a string", {**person({"id": "u"}), "type": {"person": 1}}, "type"),
+    ("unknown top-level key", {**person({"id": "u"}), "timestamp": 1}, "timestamp"),
+    ("attributes on delete", person({"id": "u"}, {"a": 1}, action="delete"), "attributes"),
+    (
+        "attributes on add_relationships",
+        person({"id": "u"}, {"a": 1}, action="add_relationships", rels=[to_object("o")]),
+        "attributes",
+    ),
+    ("missing identifiers", {"type": "person", "action": "identify"}, "identifiers"),
+    ("two identifiers", person({"id": "u", "email": "e@x"}), "identifiers"),
+    ("no identifier", person({}), "identifiers"),
+    ("unknown identifier", person({"user_id": "u"}), "identifiers"),
+    ("identifiers not a dict", person(["u"]), "identifiers"),  # type: ignore[arg-type]
+    ("float id", person({"id": 1.5}), "identifiers.id"),
+    ("bool id", person({"id": True}), "identifiers.id"),
+    ("integer email", person({"email": 5}), "identifiers.email"),
+    ("empty email", person({"email": ""}), "identifiers.email"),
+    ("unknown cio_id", person({"cio_id": "cio_999"}, {"a": 1}), "identifiers.cio_id"),
+    (
+        "integer object_type_id",
+        {**obj("o"), "identifiers": {"object_type_id": 1, "object_id": "o"}},
+        "identifiers.object_type_id",
+    ),
+    ("non-digit object_type_id", obj("o", type_id="companies"), "identifiers.object_type_id"),
+    (
+        "integer object_id",
+        {**obj("o"), "identifiers": {"object_type_id": "1", "object_id": 5}},
+        "identifiers.object_id",
+    ),
+    ("empty object_id", obj(""), "identifiers.object_id"),
+    (
+        "extra object identifier",
+        {**obj("o"), "identifiers": {"object_type_id": "1", "object_id": "o", "id": "x"}},
+        "identifiers",
+    ),
+    ("attributes not an object", person({"id": "u"}, ["a"]), "attributes"),  # type: ignore[arg-type]
+    ("empty attribute name", person({"id": "u"}, {"": 1}), "attributes"),
+    ("relationships not a list", person({"id": "u"}, rels={"a": 1}), "cio_relationships"),  # type: ignore[arg-type]
+    (
+        "add without relationships",
+        person({"id": "u"}, action="add_relationships"),
+        "cio_relationships",
+    ),
+    (
+        "add with empty relationships",
+        person({"id": "u"}, action="add_relationships", rels=[]),
+        "cio_relationships",
+    ),
+    (
+        "delete_relationships without relationships",
+        obj("o", action="delete_relationships"),
+        "cio_relationships",
+    ),
+    (
+        "person names a person",
+        person({"id": "u"}, rels=[to_person({"id": "v"})]),
+        "cio_relationships[0].identifiers",
+    ),
+    ("object names an object", obj("o", rels=[to_object("p")]), "cio_relationships[0].identifiers"),
+    (
+        "relationship entry key",
+        person({"id": "u"}, rels=[{**to_object("o"), "x": 1}]),
+        "cio_relationships[0].x",
+    ),
+    (
+        "relationship without identifiers",
+        person({"id": "u"}, rels=[{}]),
+        "cio_relationships[0].identifiers",
+    ),
+    (
+        "relationship attributes not an object",
+        person({"id": "u"}, rels=[{**to_object("o"), "relationship_attributes": 3}]),
+        "cio_relationships[0].relationship_attributes",
+    ),
+    (
+        "object relationship to unknown cio_id",
+        obj("o", rels=[to_person({"cio_id": "cio_9"})]),
+        "cio_relationships[0].identifiers.cio_id",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("item", "field"), [(i, f) for _, i, f in INVALID_ITEMS], ids=[n for n, _, _ in INVALID_ITEMS]
+)
+def test_invalid_items_are_refused_with_their_field(
+    client: httpx.Client, emu: Emulator, item: Any, field: str
+) -> None:
+    response = batch(client, person({"id": "ok"}), item)
+    (error,) = errors(response)
+    assert error["batch_index"] == 1
+    assert error["reason"] == "invalid"
+    assert error["field"] == field
+    assert error["message"]
+    assert emu.workspace.people_by("id") == {"ok": {}}
+    assert emu.workspace.objects == {}
+    assert emu.invalid_items[0].item == item
+
+
+def test_out_of_scope_actions_say_so(client: httpx.Client, emu: Emulator) -> None:
+    (error,) = errors(batch(client, person({"id": "u"}, action="event")))
+    assert error["message"] == "action 'event' is not emulated (out of scope)"
+
+
+# -- malformed requests ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"batch": []}', {"Content-Type": "text/plain"}),
+        (b'{"batch": []}', {}),
+        (b"{not json", JSON),
+        (b"", JSON),
+        (b'[{"type": "person"}]', JSON),
+        (b'{"batch": {"type": "person"}}', JSON),
+        (b'{"batch": []}', JSON),
+        (b'{"batch": [{"type": "person"}], "extra": 1}', JSON),
+        (b'{"items": []}', JSON),
+        ('{"batch": ["\udc80"]}'.encode("utf-8", "surrogatepass"), JSON),
+    ],
+    ids=[
+        "text/plain",
+        "no content type",
+        "not json",
+        "empty",
+        "list body",
+        "batch not list",
+        "empty batch",
+        "extra key",
+        "wrong key",
+        "bad utf-8",
+    ],
+)
+def test_malformed_batch_is_400(
+    client: httpx.Client, emu: Emulator, body: bytes, headers: dict[str, str]
+) -> None:
+    response = client.post("/api/v2/batch", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["meta"]["error"]
+    assert emu.workspace.people == {}
+
+
+def test_content_type_with_charset_is_accepted(client: httpx.Client, emu: Emulator) -> None:
+    body = orjson.dumps({"batch": [person({"id": "u"})]})
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    assert client.post("/api/v2/batch", content=body, headers=headers).status_code == 200
+
+
+# -- limits, each at the limit and one byte over ------------------------------------------
+
+
+def pad_body(payload: Any, size: int) -> bytes:
+    """`payload` as JSON padded with trailing whitespace to exactly `size` bytes."""
+    raw = orjson.dumps(payload)
+    assert len(raw) <= size
+    return raw + b" " * (size - len(raw))
+
+
+def test_batch_body_limit(client: httpx.Client, emu: Emulator) -> None:
+    payload = {"batch": [person({"id": f"u{i}"}, {"v": i}) for i in range(MAX_BATCH_ITEMS)]}
+    assert raw_batch(client, pad_body(payload, MAX_BATCH_BODY_BYTES)).status_code == 200
+    emu.reset()
+    over = raw_batch(client, pad_body(payload, MAX_BATCH_BODY_BYTES + 1))
+    assert over.status_code == 413
+    assert emu.workspace.people == {}
+
+
+def test_batch_item_count_limit(client: httpx.Client, emu: Emulator) -> None:
+    items = [person({"id": f"u{i}"}) for i in range(MAX_BATCH_ITEMS + 1)]
+    over = batch(client, *items)
+    assert over.status_code == 400
+    assert "1001 items" in over.json()["meta"]["error"]
+    assert emu.workspace.people == {}
+    assert batch(client, *items[:MAX_BATCH_ITEMS]).status_code == 200
+    assert len(emu.workspace.people) == MAX_BATCH_ITEMS
+
+
+def test_item_size_limit(client: httpx.Client, emu: Emulator) -> None:
+    at_limit = item_of_size(MAX_ITEM_BYTES)
+    assert batch(client, at_limit).status_code == 200
+    over = item_of_size(MAX_ITEM_BYTES + 1)
+    over["identifiers"] = {"id": "big"}
+    (error,) = errors(batch(client, over))
+    assert error["field"] == "item"
+    assert emu.workspace.people_by("id")["big"] == at_limit["attributes"]
+
+
+def test_entity_endpoint_applies_and_limits_its_body(client: httpx.Client, emu: Emulator) -> None:
+    item = person({"id": "u1"}, {"a": 1})
+    response = client.post("/api/v2/entity", content=pad_body(item, MAX_ITEM_BYTES), headers=JSON)
+    assert response.status_code == 200
+    assert response.json() == {}
+    over = client.post("/api/v2/entity", content=pad_body(item, MAX_ITEM_BYTES + 1), headers=JSON)
+    assert over.status_code == 413
+    invalid = client.post("/api/v2/entity", json=person({"id": ""}))
+    assert invalid.status_code == 400
+    assert invalid.json()["errors"][0]["field"] == "identifiers.id"
+    assert client.post("/api/v2/entity", json=[item]).status_code == 400
+    assert emu.workspace.people_by("id") == {"u1": {"a": 1}}
+    assert len(emu.invalid_items) == 1
+
+
+AT_LIMIT_ID = "é" * (MAX_IDENTIFIER_BYTES // 2)  # 2 bytes a character in UTF-8
+OVER_ID = AT_LIMIT_ID + "x"
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda v: person({"id": v}), "identifiers.id"),
+        (lambda v: person({"email": v}), "identifiers.email"),
+        (lambda v: obj(v), "identifiers.object_id"),
+        (
+            lambda v: person({"id": "u"}, rels=[to_object(v)]),
+            "cio_relationships[0].identifiers.object_id",
+        ),
+        (
+            lambda v: obj("o", rels=[to_person({"email": v})]),
+            "cio_relationships[0].identifiers.email",
+        ),
+    ],
+    ids=["id", "email", "object_id", "relationship object_id", "relationship email"],
+)
+def test_identifier_limit(client: httpx.Client, emu: Emulator, make: Any, field: str) -> None:
+    assert len(AT_LIMIT_ID.encode()) == MAX_IDENTIFIER_BYTES
+    assert batch(client, make(AT_LIMIT_ID)).status_code == 200
+    (error,) = errors(batch(client, make(OVER_ID)))
+    assert error["field"] == field
+    assert "151 bytes" in error["message"]
+
+
+def test_integer_id_counts_its_digits(client: httpx.Client, emu: Emulator) -> None:
+    assert batch(client, person({"id": 10**17})).status_code == 200
+
+
+def test_attribute_name_limit(client: httpx.Client, emu: Emulator) -> None:
+    name = "ñ" * (MAX_ATTRIBUTE_NAME_BYTES // 2)
+    assert batch(client, person({"id": "u"}, {name: 1})).status_code == 200
+    (error,) = errors(batch(client, person({"id": "u"}, {name + "x": 1})))
+    assert error["field"] == f"attributes.{name}x"
+    rel = {**to_object("o"), "relationship_attributes": {name + "x": 1}}
+    (error,) = errors(batch(client, person({"id": "u"}, rels=[rel])))
+    assert error["field"].startswith("cio_relationships[0].relationship_attributes.")
+
+
+@pytest.mark.parametrize(
+    ("at_limit", "over"),
+    [
+        ("v" * 1000, "v" * 1001),
+        ("€" * 333 + "a", "€" * 334),  # 1000 vs 1002 bytes
+        (["x" * 996], ["x" * 997]),  # JSON text '["..."]' is 1000 vs 1001 bytes
+        ({"k": "x" * 992}, {"k": "x" * 993}),  # '{"k":"..."}' is 1000 vs 1001 bytes
+    ],
+    ids=["ascii", "multibyte", "list", "object"],
+)
+def test_attribute_value_limit(
+    client: httpx.Client, emu: Emulator, at_limit: Any, over: Any
+) -> None:
+    assert batch(client, person({"id": "u"}, {"v": at_limit})).status_code == 200
+    (error,) = errors(batch(client, person({"id": "u"}, {"v": over})))
+    assert error["field"] == "attributes.v"
+    assert emu.workspace.people_by("id") == {"u": {"v": at_limit}}
+
+
+def test_person_attribute_count_limit(client: httpx.Client, emu: Emulator) -> None:
+    attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES)}
+    assert batch(client, person({"id": "u"}, attrs)).status_code == 200
+    (error,) = errors(batch(client, person({"id": "u"}, {"one_more": 1})))
+    assert error["field"] == "attributes"
+    assert "301 attributes" in error["message"]
+    # Replacing and removing keep the count; nothing of the refused item was applied.
+    assert batch(client, person({"id": "u"}, {"a0": "x", "a1": "", "new": 1})).status_code == 200
+    stored = emu.workspace.people_by("id")["u"]
+    assert len(stored) == MAX_PERSON_ATTRIBUTES
+    assert "one_more" not in stored
+    # The email attribute of an email-identified person counts too.
+    email_attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES - 1)}
+    assert batch(client, person({"email": "e@x"}, email_attrs)).status_code == 200
+    (error,) = errors(batch(client, person({"email": "f@x"}, attrs)))
+    assert emu.workspace.person(email="f@x") is None
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_object_attribute_limit_reading(share: bool) -> None:
+    with (
+        Emulator(rules=Rules(objects_share_attribute_limit=share)) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES + 1)}
+        response = batch(client, obj("o", attrs))
+        if share:
+            assert errors(response)[0]["field"] == "attributes"
+            assert emu.workspace.objects == {}
+        else:
+            assert response.status_code == 200
+            assert len(emu.workspace.objects[("1", "o")]) == MAX_PERSON_ATTRIBUTES + 1
+
+
+def test_nested_values_per_leaf_reading() -> None:
+    with (
+        Emulator(rules=Rules(nested_value_size="per_leaf")) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        fits = {"list": ["x" * 1000, "y" * 1000], "deep": {"k": ["z" * 1000]}}
+        assert batch(client, person({"id": "u"}, fits)).status_code == 200
+        (error,) = errors(batch(client, person({"id": "u"}, {"deep": {"k": ["z" * 1001]}})))
+        assert error["field"] == "attributes.deep"
+
+
+def test_oversize_body_status_reading() -> None:
+    with (
+        Emulator(rules=Rules(oversize_body_status=400)) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        body = pad_body({"batch": [person({"id": "u"})]}, MAX_BATCH_BODY_BYTES + 1)
+        assert raw_batch(client, body).status_code == 400
+
+
+# -- attribute removal -------------------------------------------------------------------
+
+
+def test_empty_string_and_null_remove_attributes(client: httpx.Client, emu: Emulator) -> None:
+    batch(client, person({"id": "u"}, {"a": 1, "b": 2, "c": 3}), obj("o", {"a": 1, "b": 2}))
+    batch(
+        client,
+        person({"id": "u"}, {"a": "", "b": None, "missing": ""}),
+        obj("o", {"a": "", "b": None}),
+    )
+    assert emu.workspace.people_by("id") == {"u": {"c": 3}}
+    assert emu.workspace.objects == {("1", "o"): {}}
+
+
+def test_null_kept_under_the_other_reading() -> None:
+    with (
+        Emulator(rules=Rules(null_removes_attribute=False)) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        batch(client, person({"id": "u"}, {"a": 1, "b": 2}))
+        batch(client, person({"id": "u"}, {"a": None, "b": ""}))
+        assert emu.workspace.people_by("id") == {"u": {"a": None}}
+
+
+# -- relationships -----------------------------------------------------------------------
+
+
+def test_relationships_from_the_person_side(client: httpx.Client, emu: Emulator) -> None:
+    response = batch(
+        client,
+        person({"id": "u1"}, {"n": 1}, rels=[to_object("acme", role="admin")]),
+        person(
+            {"id": "u1"},
+            action="add_relationships",
+            rels=[to_object("acme", role="owner", since=2020), to_object("globex")],
+        ),
+    )
+    assert response.status_code == 200
+    assert rels_of(emu) == {("u1", "acme"): {"role": "owner", "since": 2020}, ("u1", "globex"): {}}
+    # The objects were created as empty records.
+    assert emu.workspace.objects == {("1", "acme"): {}, ("1", "globex"): {}}
+    batch(
+        client, person({"id": "u1"}, action="add_relationships", rels=[to_object("acme", since="")])
+    )
+    assert rels_of(emu)[("u1", "acme")] == {"role": "owner"}
+    batch(client, person({"id": "u1"}, action="delete_relationships", rels=[to_object("acme")]))
+    assert rels_of(emu) == {("u1", "globex"): {}}
+    assert ("1", "acme") in emu.workspace.objects
+
+
+def test_add_relationships_creates_a_missing_person(client: httpx.Client, emu: Emulator) -> None:
+    batch(client, person({"email": "e@x"}, action="add_relationships", rels=[to_object("o")]))
+    assert emu.workspace.people_by("email") == {"e@x": {"email": "e@x"}}
+    assert rels_of(emu) == {("e@x", "o"): {}}
+
+
+def test_relationships_from_the_object_side(client: httpx.Client, emu: Emulator) -> None:
+    batch(client, person({"id": "u1"}, {"n": 1}))
+    u1 = emu.workspace.person(id="u1")
+    assert u1 is not None
+    response = batch(
+        client,
+        obj(
+            "acme",
+            {"name": "Acme"},
+            rels=[to_person({"id": "u1"}, role="admin"), to_person({"email": "new@x"})],
+        ),
+        obj(
+            "acme",
+            action="add_relationships",
+            rels=[to_person({"cio_id": u1.cio_id}, role="owner")],
+        ),
+    )
+    assert response.status_code == 200
+    assert rels_of(emu) == {("u1", "acme"): {"role": "owner"}, ("new@x", "acme"): {}}
+    assert emu.workspace.people_by("email") == {"new@x": {"email": "new@x"}}
+    assert emu.workspace.objects == {("1", "acme"): {"name": "Acme"}}
+    batch(client, obj("acme", action="delete_relationships", rels=[to_person({"id": "u1"})]))
+    assert rels_of(emu) == {("new@x", "acme"): {}}
+    assert emu.workspace.person(id="u1") is not None
+
+
+def test_relationship_snapshot_names_the_person(client: httpx.Client, emu: Emulator) -> None:
+    batch(client, person({"id": "u1"}, rels=[to_object("acme", role="admin")]))
+    (rel,) = emu.snapshot()["relationships"]
+    assert rel == {
+        "person": {"cio_id": "cio_1", "id": "u1", "email": None},
+        "object_type_id": "1",
+        "object_id": "acme",
+        "relationship_attributes": {"role": "admin"},
+    }
+    assert ("cio_1", ("1", "acme")) in emu.workspace.relationships
+
+
+def test_delete_person_and_object_remove_their_relationships(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    batch(
+        client,
+        person({"id": "u1"}, rels=[to_object("a"), to_object("b")]),
+        person({"id": "u2"}, rels=[to_object("a"), to_object("b")]),
+    )
+    assert len(emu.workspace.relationships) == 4
+    assert batch(client, person({"id": "u1"}, action="delete")).status_code == 200
+    assert set(rels_of(emu)) == {("u2", "a"), ("u2", "b")}
+    assert emu.workspace.person(id="u1") is None
+    assert batch(client, obj("a", action="delete")).status_code == 200
+    assert set(rels_of(emu)) == {("u2", "b")}
+    assert set(emu.workspace.objects) == {("1", "b")}
+    # Deleting what is absent is fine, and so is unrelating what is not related.
+    assert (
+        batch(
+            client,
+            person({"id": "u1"}, action="delete"),
+            person({"cio_id": "cio_404"}, action="delete"),
+            obj("a", action="delete"),
+            person({"id": "nobody"}, action="delete_relationships", rels=[to_object("b")]),
+            obj("b", action="delete_relationships", rels=[to_person({"id": "nobody"})]),
+        ).status_code
+        == 200
+    )
+    assert set(rels_of(emu)) == {("u2", "b")}
+    # A deleted id can be identified again as a new person.
+    batch(client, person({"id": "u1"}, {"back": True}))
+    assert emu.workspace.people_by("id")["u1"] == {"back": True}
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+def test_error_rate_one_answers_5xx_and_applies_nothing(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    emu.faults = FaultPlan(error_rate=1.0)
+    statuses = {batch(client, person({"id": f"u{i}"})).status_code for i in range(12)}
+    assert statuses <= {500, 502, 503} and len(statuses) > 1
+    assert client.put("/api/v1/customers/u1", json={"a": 1}).status_code >= 500
+    assert client.get("/api/v1/accounts/region").status_code == 200
+    assert emu.workspace.people == {}
+
+
+def test_seeded_rates_repeat(client: httpx.Client, emu: Emulator) -> None:
+    plan = FaultPlan(error_rate=0.3, throttle_rate=0.3, seed=7)
+    runs = []
+    for _ in range(2):
+        emu.faults = plan
+        runs.append([batch(client, person({"id": "u"})).status_code for _ in range(30)])
+    assert runs[0] == runs[1]
+    assert {200, 429} <= set(runs[0]) and set(runs[0]) & {500, 502, 503}
+
+
+@pytest.mark.parametrize(("retry_after", "header"), [(1.0, "1"), (0.25, "0.25"), (None, None)])
+def test_throttle(
+    client: httpx.Client, emu: Emulator, retry_after: float | None, header: str | None
+) -> None:
+    emu.faults = FaultPlan(throttle_rate=1.0, retry_after=retry_after)
+    response = batch(client, person({"id": "u"}))
+    assert response.status_code == 429
+    assert response.headers.get("Retry-After") == header
+    assert emu.workspace.people == {}
+
+
+def test_drop_closes_the_connection_without_a_response(client: httpx.Client, emu: Emulator) -> None:
+    emu.faults = FaultPlan(drop_rate=1.0)
+    with pytest.raises(httpx.TransportError):
+        batch(client, person({"id": "u"}))
+    assert emu.workspace.people == {}
+    assert emu.requests[-1].status == 0
+    assert emu.requests[-1].n_items == 1
+    emu.faults = FaultPlan()
+    assert batch(client, person({"id": "u"})).status_code == 200
+
+
+def test_fail_first(client: httpx.Client, emu: Emulator) -> None:
+    emu.faults = FaultPlan(fail_first=2)
+    assert client.get("/api/v1/accounts/region").status_code == 200  # not a write
+    statuses = [batch(client, person({"id": "u"}, {"n": n})).status_code for n in range(3)]
+    assert statuses == [503, 503, 200]
+    assert emu.workspace.people_by("id") == {"u": {"n": 2}}
+
+
+def test_status_override(client: httpx.Client, emu: Emulator) -> None:
+    emu.faults = FaultPlan(status_override=401)
+    assert batch(client, person({"id": "u"})).status_code == 401
+    assert client.get("/api/v1/accounts/region").status_code == 401
+    emu.faults = FaultPlan(status_override=200)
+    assert batch(client, person({"id": "u"})).status_code == 200
+    assert emu.workspace.people == {}
+
+
+def test_delay(client: httpx.Client, emu: Emulator) -> None:
+    emu.faults = FaultPlan(delay_seconds=0.2)
+    started = time.perf_counter()
+    assert batch(client, person({"id": "u"})).status_code == 200
+    assert time.perf_counter() - started >= 0.2
+
+
+def test_in_flight_counts_held_requests_and_stop_abandons_them() -> None:
+    emu = Emulator().start()
+    emu.faults = FaultPlan(delay_seconds=30)
+    outcome: list[BaseException | int] = []
+
+    def send() -> None:
+        with httpx.Client(base_url=emu.url, auth=AUTH, timeout=10) as client:
+            try:
+                outcome.append(batch(client, person({"id": "u"})).status_code)
+            except httpx.TransportError as exc:
+                outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 5
+    while emu.in_flight == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.perf_counter()
+    emu.stop()
+    sender.join()
+    assert time.perf_counter() - started < 5
+    assert isinstance(outcome[0], httpx.TransportError)
+    assert emu.in_flight == 0
+    assert emu.workspace.people == {}
+
+
+def test_reject_identifiers(client: httpx.Client, emu: Emulator) -> None:
+    emu.faults = FaultPlan(reject_identifiers=frozenset({"u2", "42", "acme"}))
+    response = batch(
+        client, person({"id": "u1"}), person({"id": "u2"}), person({"id": 42}), obj("acme")
+    )
+    assert errors(response) == [
+        {
+            "batch_index": i,
+            "reason": "invalid",
+            "field": "identifiers",
+            "message": "rejected by fault plan",
+        }
+        for i in (1, 2, 3)
+    ]
+    assert emu.workspace.people_by("id") == {"u1": {}}
+    assert [v.batch_index for v in emu.invalid_items] == [1, 2, 3]
+
+
+def test_fault_plan_checks_its_values() -> None:
+    with pytest.raises(ValueError):
+        FaultPlan(error_rate=1.5)
+    with pytest.raises(ValueError):
+        FaultPlan.from_json({"error_rate": 0.1, "nope": 1})
+    assert FaultPlan(reject_identifiers=frozenset({1})).reject_identifiers == {"1"}  # type: ignore[arg-type]
+
+
+# -- inspection and recording ------------------------------------------------------------
+
+
+def test_emulator_endpoints(emu: Emulator) -> None:
+    with (
+        httpx.Client(base_url=emu.url) as anonymous,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        batch(client, person({"id": "u1"}, {"a": 1}, rels=[to_object("o")]), person({"id": ""}))
+        assert anonymous.get("/_emulator/workspace").json() == emu.snapshot()
+        assert emu.snapshot()["people"] == [
+            {"cio_id": "cio_1", "id": "u1", "email": None, "attributes": {"a": 1}}
+        ]
+        assert emu.snapshot()["objects"] == [
+            {"object_type_id": "1", "object_id": "o", "attributes": {}}
+        ]
+        (summary,) = anonymous.get("/_emulator/requests").json()
+        assert {k: summary[k] for k in ("method", "path", "status", "n_items")} == {
+            "method": "POST",
+            "path": "/api/v2/batch",
+            "status": 207,
+            "n_items": 2,
+        }
+        assert summary["n_bytes"] == emu.requests[0].n_bytes > 0
+        (invalid,) = anonymous.get("/_emulator/invalid_items").json()
+        assert invalid["batch_index"] == 1 and invalid["field"] == "identifiers.id"
+
+        plan = {"error_rate": 1.0, "reject_identifiers": ["a", "b"], "retry_after": None}
+        assert anonymous.post("/_emulator/faults", json=plan).status_code == 200
+        assert emu.faults == FaultPlan(
+            error_rate=1.0, reject_identifiers=frozenset({"a", "b"}), retry_after=None
+        )
+        assert anonymous.get("/_emulator/faults").json()["reject_identifiers"] == ["a", "b"]
+        bad = anonymous.post("/_emulator/faults", json={"error_rate": "high"})
+        assert bad.status_code == 400
+
+        assert anonymous.post("/_emulator/reset").status_code == 200
+        assert emu.faults == FaultPlan()
+        assert emu.snapshot() == {"people": [], "objects": [], "relationships": []}
+        assert emu.requests == [] and emu.invalid_items == []
+        assert anonymous.get("/_emulator/requests").json() == []
+
+
+def test_requests_are_recorded_without_authorization(client: httpx.Client, emu: Emulator) -> None:
+    item = person({"id": "u"}, {"a": 1})
+    batch(client, item)
+    client.get("/api/v1/accounts/region")
+    first, second = emu.requests
+    assert first.method == "POST" and first.path == "/api/v2/batch" and first.status == 200
+    assert first.body == {"batch": [item]}
+    assert first.n_items == 1
+    assert first.n_bytes == len(orjson.dumps({"batch": [item]}))
+    assert first.timestamp <= second.timestamp
+    assert all(k.lower() != "authorization" for r in emu.requests for k in r.headers)
+    assert first.headers["Content-Type"] == "application/json"
+    assert second.path == "/api/v1/accounts/region" and second.body is None
+
+
+def test_record_bodies_can_be_turned_off() -> None:
+    with Emulator(record_bodies=False) as emu, httpx.Client(base_url=emu.url, auth=AUTH) as c:
+        batch(c, person({"id": "u"}))
+        assert emu.requests[0].body is None and emu.requests[0].n_items == 1
+
+
+def test_url_only_while_running() -> None:
+    emu = Emulator()
+    with pytest.raises(RuntimeError):
+        _ = emu.url
+    with emu:
+        assert emu.url.startswith("http://127.0.0.1:")
+    with pytest.raises(RuntimeError):
+        _ = emu.url
+
+
+# -- transport details -------------------------------------------------------------------
+
+
+def test_keep_alive_survives_refused_requests_and_chunked_bodies(emu: Emulator) -> None:
+    host, port = emu.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    auth = httpx.BasicAuth(*AUTH)._auth_header
+    headers = {"Authorization": auth, **JSON}
+    try:
+        conn.request(
+            "POST", "/api/v2/batch", body=b" " * (MAX_BATCH_BODY_BYTES + 1), headers=headers
+        )
+        first = conn.getresponse()
+        assert first.status == 413
+        first.read()
+        chunks = iter([b'{"batch": [', orjson.dumps(person({"id": "u"})), b"]}"])
+        conn.request("POST", "/api/v2/batch", body=chunks, headers=headers, encode_chunked=True)
+        second = conn.getresponse()
+        assert second.status == 200 and second.read() == b"{}"
+        assert second.getheader("Content-Length") == "2"
+    finally:
+        conn.close()
+    assert emu.workspace.people_by("id") == {"u": {}}
+
+
+def test_concurrent_clients(emu: Emulator) -> None:
+    def send(worker: int) -> None:
+        with httpx.Client(base_url=emu.url, auth=AUTH) as client:
+            for b in range(4):
+                items = [person({"id": f"w{worker}-{b}-{i}"}, {"w": worker}) for i in range(100)]
+                assert batch(client, *items).status_code == 200
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(emu.workspace.people) == 8 * 4 * 100
+    assert len(emu.requests) == 8 * 4
+
+
+# -- v1 and the official SDK -------------------------------------------------------------
+
+
+def test_v1_customers_endpoints(client: httpx.Client, emu: Emulator) -> None:
+    path = "/api/v1/customers/a%2Fb%40c"
+    assert client.put(path, json={"plan": "pro", "n": 1}).status_code == 200
+    assert client.put(path, json={"n": 2, "plan": ""}).status_code == 200
+    assert emu.workspace.people_by("id") == {"a/b@c": {"n": 2}}
+    bad = client.put(path, json={"x" * 151: 1})
+    assert bad.status_code == 400 and bad.json()["meta"]["error"].startswith("attributes.")
+    assert client.put(path, json=[1]).status_code == 400
+    assert (
+        client.put(path, content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 400
+    )
+    assert client.delete(path).status_code == 200
+    assert emu.workspace.people == {}
+    assert client.put("/api/v1/customers/u1/events", json={}).status_code == 404
+
+
+def test_official_sdk_identifies_and_deletes(emu: Emulator) -> None:
+    from customerio import CustomerIO, CustomerIOException
+
+    cio = CustomerIO(site_id="site-id", api_key="api-key", retries=0, timeout=5)
+    cio.base_url = f"{emu.url}/api/v1"
+    signed_up = datetime(2024, 1, 2, tzinfo=UTC)
+    cio.identify("user/1@x", email="ada@example.com", plan="pro", created_at=signed_up)
+    cio.identify("user/1@x", plan="")
+    assert emu.workspace.people_by("id") == {
+        "user/1@x": {"email": "ada@example.com", "created_at": int(signed_up.timestamp())}
+    }
+    put = emu.requests[0]
+    assert (put.method, put.path) == ("PUT", "/api/v1/customers/user%2F1%40x")
+    assert put.headers["User-Agent"].startswith("Customer.io Python Client")
+    cio.delete("user/1@x")
+    assert emu.workspace.people == {}
+    assert emu.requests[-1].method == "DELETE" and emu.requests[-1].status == 200
+    cio.close()
+
+    wrong = CustomerIO(site_id="site-id", api_key="nope", retries=0, timeout=5)
+    wrong.base_url = f"{emu.url}/api/v1"
+    with pytest.raises(CustomerIOException, match="401"):
+        wrong.identify("u2", plan="pro")
+    wrong.close()
+
+
+# -- the CLI entry point -----------------------------------------------------------------
+
+
+def test_serve_prints_its_url_and_stops_on_ctrl_c() -> None:
+    env = {**os.environ, "CIO_SITE_ID": "env-site", "CIO_API_KEY": "env-secret-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from cio_retl.emulator import serve; serve(port=0)"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        url = first.split(" on ")[1].strip()
+        banner = first + proc.stdout.readline()
+        assert "env-site" in banner and "env-secret-key" not in banner
+        with httpx.Client(base_url=url, auth=("env-site", "env-secret-key")) as client:
+            assert client.get("/api/v1/accounts/region").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
