@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("models", nargs="*", metavar="MODEL")
     sync.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
     sync.add_argument("--full-resync", action="store_true", help="send every row in full")
+    sync.add_argument(
+        "--force", action="store_true", help="let this run exceed the delete/change guardrails"
+    )
     sync.set_defaults(handler=_sync)
 
     plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
@@ -102,7 +105,7 @@ def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> Run
 
 
 def _sync(args: argparse.Namespace) -> int:
-    options = SyncOptions(dry_run=args.dry_run, full_resync=args.full_resync)
+    options = SyncOptions(dry_run=args.dry_run, full_resync=args.full_resync, force=args.force)
     report = _run(Settings.from_env(), args.models, options)
     print_report(report)
     return report.exit_code
@@ -153,6 +156,8 @@ def print_report(report: RunReport, console: Console = out) -> None:
         )
     console.print(table)
     for m in report.models:
+        if m.guardrail:
+            console.print(f"[bold yellow]guardrail[/] {m.model}: {m.guardrail}", highlight=False)
         for key, reason in m.rejections:
             console.print(f"[yellow]rejected[/] {m.model} key={key!r}: {reason}", highlight=False)
         if m.rejected > len(m.rejections):

@@ -161,5 +161,40 @@ def diff_removals(
             )
 
 
-def count_rows(conn: Connection, model: Model) -> int:
-    return int(conn.execute(sa.text(f"SELECT COUNT(*) FROM ({model.sql}) AS m")).scalar_one())
+@dataclass(frozen=True, slots=True)
+class ChangeCounts:
+    """How big the changeset is, counted in the database before anything is sent."""
+
+    rows: int  # rows of the model
+    snapshot_rows: int  # rows acknowledged so far
+    new: int  # model rows without a snapshot (NULL or duplicate keys included)
+    changed: int  # model rows whose fingerprint moved (an upper bound of updates)
+    removed: int  # snapshot rows whose key left the model
+
+    @property
+    def has_upserts(self) -> bool:
+        return self.new + self.changed > 0
+
+
+def count_changes(
+    conn: Connection, warehouse: Warehouse, state: StateStore, model: Model
+) -> ChangeCounts:
+    """One pass over the model joined with its snapshot; portable SQL (no FILTER clause)."""
+    d = warehouse.dialect
+    sql = f"""
+        WITH src AS (
+            SELECT {d.key_expression(model, "m")} AS k, {d.row_fingerprint("m")} AS f
+            FROM ({model.sql}) AS m
+        ), snap AS (
+            SELECT s.key, s.fingerprint FROM {state.snapshots} AS s WHERE s.model = :model
+        )
+        SELECT
+            COUNT(src.f),
+            COUNT(snap.key),
+            SUM(CASE WHEN src.f IS NOT NULL AND snap.key IS NULL THEN 1 ELSE 0 END),
+            SUM(CASE WHEN src.f IS NOT NULL AND snap.fingerprint <> src.f THEN 1 ELSE 0 END),
+            SUM(CASE WHEN src.f IS NULL THEN 1 ELSE 0 END)
+        FROM src FULL OUTER JOIN snap ON snap.key = src.k
+    """
+    row = conn.execute(sa.text(sql), {"model": model.name}).one()
+    return ChangeCounts(*(int(v or 0) for v in row))

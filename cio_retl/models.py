@@ -28,7 +28,11 @@ class Mode(StrEnum):
 
 PERSON_IDENTIFIERS = ("id", "email", "cio_id")
 
-_COMMON_KEYS = {"kind", "mode", "description"}
+_COMMON_KEYS = {"kind", "mode", "description", "deps", "max_delete_pct", "max_change_pct"}
+
+# Guardrails: share of the acknowledged rows (the snapshot) one run may delete or change.
+DEFAULT_MAX_DELETE_PCT = 10.0
+DEFAULT_MAX_CHANGE_PCT = 50.0
 _KEYS_BY_KIND: dict[Kind, tuple[set[str], set[str]]] = {
     # kind: (required, optional) beyond the common ones
     Kind.PERSON: ({"identifier", "key"}, set()),
@@ -58,6 +62,9 @@ class Model:
     person_key: str | None = None
     object_key: str | None = None
     description: str = ""
+    deps: tuple[str, ...] = ()  # upstream asset keys, e.g. ("analytics/users",), for lineage
+    max_delete_pct: float = DEFAULT_MAX_DELETE_PCT
+    max_change_pct: float = DEFAULT_MAX_CHANGE_PCT
 
     @property
     def key_columns(self) -> tuple[str, ...]:
@@ -156,6 +163,19 @@ def parse_model(path: Path, text: str | None = None) -> Model:
             f"not {header['object_type_id'][0]!r}",
             header["object_type_id"][1],
         )
+    percents: dict[str, float] = {}
+    for name in ("max_delete_pct", "max_change_pct"):
+        if name in header:
+            text, at = header[name]
+            try:
+                percents[name] = float(text.rstrip("%"))
+            except ValueError:
+                percents[name] = -1.0
+            if not 0 <= percents[name] <= 100:
+                raise ModelError(
+                    str(path), f"{name} must be a percentage from 0 to 100, not {text!r}", at
+                )
+    deps = tuple(d.strip() for d in (get("deps") or "").split(",") if d.strip())
     if kind is Kind.RELATIONSHIP and get("person_key") == get("object_key"):
         raise ModelError(str(path), "person_key and object_key must be different columns", 1)
 
@@ -173,6 +193,9 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         person_key=get("person_key"),
         object_key=get("object_key"),
         description=get("description") or " ".join(description).strip(),
+        deps=deps,
+        max_delete_pct=percents.get("max_delete_pct", DEFAULT_MAX_DELETE_PCT),
+        max_change_pct=percents.get("max_change_pct", DEFAULT_MAX_CHANGE_PCT),
     )
 
 

@@ -21,8 +21,15 @@ from sqlalchemy.engine import Engine
 from cio_retl.batching import pack
 from cio_retl.client import RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
-from cio_retl.diff import Change, RowChange, count_rows, diff_removals, diff_upserts
-from cio_retl.errors import CioRetlError, ConfigError, Rejection, RetriableError
+from cio_retl.diff import (
+    Change,
+    ChangeCounts,
+    RowChange,
+    count_changes,
+    diff_removals,
+    diff_upserts,
+)
+from cio_retl.errors import CioRetlError, ConfigError, GuardrailError, Rejection, RetriableError
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
@@ -39,6 +46,7 @@ HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
 class SyncOptions:
     dry_run: bool = False
     full_resync: bool = False
+    force: bool = False  # let this run exceed the models' guardrails
     sample_size: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -62,6 +70,7 @@ class ModelReport:
     duration_s: float = 0.0
     status: str = "running"
     error: str | None = None
+    guardrail: str | None = None  # why a guardrail stops (or, in a dry run, would stop) it
     planned: int = 0  # rows with something to send (or reject): the run's changeset
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[tuple[str | None, str]] = field(default_factory=list)
@@ -91,7 +100,10 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        """0 all acknowledged; 1 rows rejected or left pending (the next run resends them)."""
+        """0 all acknowledged; 1 rows rejected or left pending (the next run resends them);
+        3 a guardrail stopped (or, in a dry run, would stop) the run."""
+        if any(m.guardrail for m in self.models):
+            return 3
         if self.error or any(m.rejected or m.error for m in self.models):
             return 1
         return 0
@@ -184,6 +196,8 @@ class _Run:
                     dry_run=self.options.dry_run,
                     full_resync=self.options.full_resync,
                 )
+            self.counts = self._count_changes()
+            self._check_guardrails()
             for phase in Phase:
                 for model in self.models:
                     upsert_phase, removal_phase = phases_of(model)
@@ -211,6 +225,34 @@ class _Run:
                 self.state.release_lock(model.name, self.run_id)
         return report
 
+    def _count_changes(self) -> dict[str, ChangeCounts]:
+        counts = {}
+        with self.engine.connect() as conn:
+            for model in self.models:
+                counts[model.name] = count_changes(conn, self.warehouse, self.state, model)
+                self.reports[model.name].rows = counts[model.name].rows
+        return counts
+
+    def _check_guardrails(self) -> None:
+        """Stop before sending anything if a model would delete or change too much of what
+        Customer.io holds; a dry run only reports it. ``--force`` lets one run through."""
+        problems = []
+        for model in self.models:
+            reason = guardrail_problem(model, self.counts[model.name])
+            if reason:
+                self.reports[model.name].guardrail = reason
+                problems.append(f"{model.name}: {reason}")
+        if problems and not self.options.force and not self.options.dry_run:
+            raise GuardrailError(
+                "guardrail stopped the run before anything was sent:\n  "
+                + "\n  ".join(problems)
+                + "\nIf this is intended, rerun with --force, or raise the model's "
+                "-- max_delete_pct / -- max_change_pct header."
+            )
+        if self.options.force:
+            for model in self.models:
+                self.reports[model.name].guardrail = None
+
     def _finish(self, model: Model, report: ModelReport) -> None:
         # Never hide the run's own error behind a bookkeeping one.
         with contextlib.suppress(Exception):
@@ -220,18 +262,47 @@ class _Run:
 
     def _sync_phase(self, model: Model, *, removal: bool) -> None:
         report = self.reports[model.name]
+        counts = self.counts[model.name]
+        if removal and counts.removed == 0:
+            return  # the counts already proved there is nothing to do: skip the scan
+        if not removal and not counts.has_upserts and not self.options.full_resync:
+            report.unchanged = counts.rows
+            return
         with self.engine.connect() as conn:
             if removal:
                 delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
                 changes = diff_removals(conn, self.warehouse, self.state, model, delete=delete)
             else:
-                report.rows = count_rows(conn, model)
                 changes = diff_upserts(
                     conn, self.warehouse, self.state, model, full_resync=self.options.full_resync
                 )
             _Sender(self, model, report).send(changes)
         if not removal:
             report.unchanged = max(report.rows - report.planned, 0)
+
+
+def guardrail_problem(model: Model, counts: ChangeCounts) -> str | None:
+    """Why this changeset is too big for the model's guardrails, or None.
+
+    Shares are of the acknowledged rows (the snapshot), so a first sync is never stopped;
+    deletes count only where they are sent (mirror mode, relationships).
+    """
+    if counts.snapshot_rows == 0:
+        return None
+    deletes = counts.removed if model.mode is Mode.MIRROR or model.kind is Kind.RELATIONSHIP else 0
+    delete_pct = 100 * deletes / counts.snapshot_rows
+    if delete_pct > model.max_delete_pct:
+        return (
+            f"{deletes:,} of {counts.snapshot_rows:,} synced rows ({delete_pct:.1f}%) would be "
+            f"deleted, over max_delete_pct {model.max_delete_pct:g}"
+        )
+    change_pct = 100 * (counts.changed + deletes) / counts.snapshot_rows
+    if change_pct > model.max_change_pct:
+        return (
+            f"{counts.changed + deletes:,} of {counts.snapshot_rows:,} synced rows "
+            f"({change_pct:.1f}%) would change, over max_change_pct {model.max_change_pct:g}"
+        )
+    return None
 
 
 class _Sender:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
-from cio_retl.errors import FatalSendError, LockedError, ModelError
+from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.state import StateStore
 from tests.conftest import API_KEY, REPO, SITE_ID, sync, with_models
 
@@ -275,7 +275,20 @@ def test_rows_leaving_a_model(
     assert emulator.workspace.person(id="u2") is not None
     with demo_engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM main.people WHERE user_id = 'u2'"))
-    report = sync(s)
+    if mode == "mirror":
+        # 1 of 3 is over the default max_delete_pct of 10: nothing is sent without --force.
+        before = len(emulator.requests)
+        with pytest.raises(GuardrailError) as caught:
+            sync(s)
+        assert caught.value.exit_code == 3
+        assert "1 of 3 synced rows (33.3%) would be deleted, over max_delete_pct 10" in str(
+            caught.value
+        )
+        assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
+        assert sync(s, dry_run=True).exit_code == 3  # a plan shows it too
+        report = sync(s, force=True)
+    else:
+        report = sync(s)
     if mode == "mirror":
         assert report.models[0].deleted == 1
         assert emulator.workspace.person(id="u2") is None
