@@ -45,6 +45,9 @@ class Settings:
     region: str = "us"
     site_id: str | None = None
     api_key: Secret | None = None
+    # Schema of the state tables; another name lets several deployments (or parallel test
+    # runs) share one database without sharing snapshots.
+    state_schema: str = STATE_SCHEMA
 
     @property
     def state_is_warehouse(self) -> bool:
@@ -74,4 +77,5 @@ class Settings:
             region=region,
             site_id=env.get("CIO_SITE_ID") or None,
             api_key=Secret(api_key) if api_key else None,
+            state_schema=env.get("CIO_RETL_STATE_SCHEMA") or STATE_SCHEMA,
         )

@@ -1,4 +1,5 @@
-"""The demo warehouse: a small, seeded DuckDB database that the models in ``sql/`` read.
+"""The demo warehouse: a small, seeded database (DuckDB, PostgreSQL or Snowflake) that the
+models in ``sql/`` read.
 
 ``cio-retl demo`` builds it, syncs it to the local emulator, edits a few rows and syncs again,
 so anyone can see in a minute that the second run sends only what changed.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 PLANS = ("free", "starter", "pro", "enterprise")
 ROLES = ("member", "admin", "billing")
@@ -36,8 +38,14 @@ class DemoSize:
     deleted_users: int = 10
 
 
-def create_demo_warehouse(engine: Engine, size: DemoSize | None = None, seed: int = 7) -> None:
-    """(Re)create schema ``demo`` with users, companies and memberships."""
+def create_demo_warehouse(
+    engine: Engine, size: DemoSize | None = None, seed: int = 7, *, schema: str = "demo"
+) -> None:
+    """(Re)create ``schema`` with users, companies and memberships.
+
+    DuckDB, PostgreSQL and Snowflake get the same rows; only the nested ``preferences``
+    column has each database's own type (STRUCT, JSONB, OBJECT).
+    """
     size = size or DemoSize()
     rng = random.Random(seed)
     companies = [
@@ -73,48 +81,98 @@ def create_demo_warehouse(engine: Engine, size: DemoSize | None = None, seed: in
             memberships.append(
                 {"user_id": i + 1, "company_id": company["company_id"], "role": rng.choice(ROLES)}
             )
+    types = _TYPES.get(engine.dialect.name, _TYPES["duckdb"])
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA IF EXISTS demo CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA demo"))
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
         conn.execute(
             sa.text(
-                "CREATE TABLE demo.companies (company_id VARCHAR PRIMARY KEY, name VARCHAR,"
+                f"CREATE TABLE {schema}.companies (company_id VARCHAR PRIMARY KEY, name VARCHAR,"
                 " plan VARCHAR, seats INTEGER, founded_on DATE)"
             )
         )
         conn.execute(
             sa.text(
-                "CREATE TABLE demo.users (user_id INTEGER PRIMARY KEY, email VARCHAR, first_name VARCHAR,"
-                " last_name VARCHAR, plan VARCHAR, lifetime_value DECIMAL(12, 2), is_admin BOOLEAN,"
-                " created_at TIMESTAMP, preferences STRUCT(newsletter BOOLEAN, locale VARCHAR),"
-                " deleted_at TIMESTAMP)"
+                f"CREATE TABLE {schema}.users (user_id INTEGER PRIMARY KEY, email VARCHAR,"
+                " first_name VARCHAR, last_name VARCHAR, plan VARCHAR,"
+                " lifetime_value DECIMAL(12, 2), is_admin BOOLEAN, created_at TIMESTAMP,"
+                f" preferences {types.preferences}, deleted_at TIMESTAMP)"
             )
         )
         conn.execute(
             sa.text(
-                "CREATE TABLE demo.memberships (user_id INTEGER, company_id VARCHAR, role VARCHAR,"
-                " PRIMARY KEY (user_id, company_id))"
+                f"CREATE TABLE {schema}.memberships (user_id INTEGER, company_id VARCHAR,"
+                " role VARCHAR, PRIMARY KEY (user_id, company_id))"
             )
         )
-        conn.execute(
-            sa.text(
-                "INSERT INTO demo.companies VALUES"
-                " (:company_id, :name, :plan, :seats, CAST(:founded_on AS DATE))"
-            ),
+        _insert(
+            conn,
+            f"{schema}.companies",
+            "v.company_id, v.name, v.plan, CAST(v.seats AS INTEGER), CAST(v.founded_on AS DATE)",
             companies,
         )
-        conn.execute(
-            sa.text(
-                "INSERT INTO demo.users VALUES (:user_id, :email, :first_name, :last_name, :plan,"
-                " CAST(:lifetime_value AS DECIMAL(12, 2)), :is_admin, CAST(:created_at AS TIMESTAMP),"
-                " {'newsletter': :newsletter, 'locale': 'en'},"
-                " CASE WHEN :deleted THEN TIMESTAMP '2025-01-01' END)"
-            ),
+        _insert(
+            conn,
+            f"{schema}.users",
+            "CAST(v.user_id AS INTEGER), v.email, v.first_name, CAST(v.last_name AS VARCHAR),"
+            " v.plan, CAST(v.lifetime_value AS DECIMAL(12, 2)), CAST(v.is_admin AS BOOLEAN),"
+            f" CAST(v.created_at AS TIMESTAMP), {types.preferences_value},"
+            " CASE WHEN v.deleted THEN CAST('2025-01-01' AS TIMESTAMP) END",
             users,
         )
-        conn.execute(
-            sa.text("INSERT INTO demo.memberships VALUES (:user_id, :company_id, :role)"),
+        _insert(
+            conn,
+            f"{schema}.memberships",
+            "CAST(v.user_id AS INTEGER), v.company_id, v.role",
             memberships,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _DemoTypes:
+    preferences: str  # the column type of users.preferences (a nested value)
+    preferences_value: str  # building it from v.newsletter
+
+
+_TYPES = {
+    "duckdb": _DemoTypes(
+        "STRUCT(newsletter BOOLEAN, locale VARCHAR)",
+        "struct_pack(newsletter := CAST(v.newsletter AS BOOLEAN), locale := 'en')",
+    ),
+    "postgresql": _DemoTypes(
+        "JSONB", "jsonb_build_object('newsletter', CAST(v.newsletter AS BOOLEAN), 'locale', 'en')"
+    ),
+    "snowflake": _DemoTypes(
+        "OBJECT",
+        "object_construct('newsletter', CAST(v.newsletter AS BOOLEAN), 'locale', 'en')",
+    ),
+}
+
+
+def _insert(conn: Connection, table: str, select: str, rows: list[dict[str, Any]]) -> None:
+    """Portable multi-row insert: ``INSERT ... SELECT <select> FROM (VALUES ...) AS v``.
+
+    One statement per 200 rows, not one per row (Snowflake's VALUES also forbids the
+    function calls that build nested values, so they go in the SELECT).
+    """
+    columns = list(rows[0])
+    for start in range(0, len(rows), 200):
+        chunk = rows[start : start + 200]
+        values = ", ".join(
+            "(" + ", ".join(f":p{i}_{c}" for c in range(len(columns))) + ")"
+            for i in range(len(chunk))
+        )
+        params = {
+            f"p{i}_{c}": row[column]
+            for i, row in enumerate(chunk)
+            for c, column in enumerate(columns)
+        }
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {table} SELECT {select}"
+                f" FROM (VALUES {values}) AS v({', '.join(columns)})"
+            ),
+            params,
         )
 
 
@@ -131,54 +189,53 @@ class DemoEdits:
         return len(self.users_changed) + len(self.companies_changed) + len(self.memberships_removed)
 
 
-def edit_demo_warehouse(engine: Engine) -> DemoEdits:
-    """A few realistic edits: an upgrade, a cleared field, a renamed company, a member leaving."""
+def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
+    """A few realistic edits: an upgrade, a cleared field, a renamed company, a member leaving.
+
+    Reads the affected keys before each change (Snowflake has no ``RETURNING``).
+    """
     with engine.begin() as conn:
-        upgraded = [
-            r[0]
-            for r in conn.execute(
-                sa.text(
-                    "UPDATE demo.users SET plan = 'enterprise', lifetime_value = lifetime_value + 1000"
-                    " WHERE user_id IN (11, 12, 13) RETURNING email"
+
+        def emails(where: str) -> list[str]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    sa.text(f"SELECT email FROM {schema}.users WHERE {where} ORDER BY user_id")
                 )
+            ]
+
+        upgraded = emails("user_id IN (11, 12, 13)")
+        conn.execute(
+            sa.text(
+                f"UPDATE {schema}.users SET plan = 'enterprise',"
+                " lifetime_value = lifetime_value + 1000 WHERE user_id IN (11, 12, 13)"
             )
-        ]
-        cleared = [
-            r[0]
-            for r in conn.execute(
-                sa.text(
-                    "UPDATE demo.users SET first_name = NULL WHERE user_id = 14 RETURNING email"
-                )
+        )
+        cleared = emails("user_id = 14")
+        conn.execute(sa.text(f"UPDATE {schema}.users SET first_name = NULL WHERE user_id = 14"))
+        conn.execute(
+            sa.text(
+                f"UPDATE {schema}.companies SET name = name || ' (renamed)'"
+                " WHERE company_id = 'co-0001'"
             )
-        ]
-        renamed = [
-            r[0]
-            for r in conn.execute(
-                sa.text(
-                    "UPDATE demo.companies SET name = name || ' (renamed)'"
-                    " WHERE company_id = 'co-0001' RETURNING company_id"
-                )
-            )
-        ]
+        )
         removed = conn.execute(
             sa.text(
-                "DELETE FROM demo.memberships WHERE (user_id, company_id) IN ("
-                " SELECT m.user_id, m.company_id FROM demo.memberships m"
-                " JOIN demo.users u USING (user_id) WHERE u.deleted_at IS NULL"
-                " ORDER BY m.user_id, m.company_id LIMIT 1) RETURNING user_id, company_id"
+                f"SELECT u.email, m.user_id, m.company_id FROM {schema}.memberships AS m"
+                f" JOIN {schema}.users AS u ON u.user_id = m.user_id"
+                " WHERE u.deleted_at IS NULL ORDER BY m.user_id, m.company_id LIMIT 1"
             )
         ).all()
-        emails: dict[int, str] = {
-            user_id: email
-            for user_id, email in conn.execute(
-                sa.text("SELECT user_id, email FROM demo.users WHERE user_id IN :ids").bindparams(
-                    sa.bindparam("ids", expanding=True)
+        for _, user_id, company_id in removed:
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {schema}.memberships"
+                    " WHERE user_id = :user_id AND company_id = :company_id"
                 ),
-                {"ids": [r[0] for r in removed] or [-1]},
+                {"user_id": user_id, "company_id": company_id},
             )
-        }
     return DemoEdits(
         users_changed=tuple(sorted(upgraded + cleared)),
-        companies_changed=tuple(renamed),
-        memberships_removed=tuple((emails[u], c) for u, c in removed),
+        companies_changed=("co-0001",),
+        memberships_removed=tuple((email, company_id) for email, _, company_id in removed),
     )

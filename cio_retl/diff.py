@@ -1,18 +1,21 @@
 """Which rows changed since Customer.io last acknowledged them, and which attributes.
 
-The comparison runs as SQL inside the database that holds both the model and the snapshot:
-each model row gets a fingerprint (a digest of all its columns) and a left join with the
-snapshot keeps only rows that are new, whose fingerprint moved, or whose key is duplicated.
-Only those rows travel to Python, where they are normalized and compared attribute by
-attribute with the acknowledged attributes, so a changed row sends only what changed.
+Each model row gets a fingerprint (a digest of all its columns, computed by the warehouse).
+When the warehouse also holds the state (the default), the comparison runs there as SQL: a
+left join with the snapshot keeps only rows that are new, whose fingerprint moved, or whose
+key is duplicated, and only those travel to Python (:class:`PushDownDiff`). When the state
+lives elsewhere, :class:`CrossDatabaseDiff` gives the same results in fixed-size chunks.
+Either way the rows that changed are normalized and compared attribute by attribute with
+the acknowledged attributes, so a changed row sends only what changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
@@ -24,11 +27,14 @@ from cio_retl.normalize import Attributes, Record, canonical_json, to_record
 from cio_retl.state import StateStore
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
+    FETCH_ROWS,
     FINGERPRINT_COLUMN,
     INTERNAL_COLUMNS,
     KEY_COLUMN,
     PREVIOUS_COLUMN,
     Warehouse,
+    decode_row,
+    model_sql,
 )
 
 REMOVED = ""  # the API's form for "remove this attribute" (spec: send an empty string)
@@ -62,8 +68,11 @@ def diff_upserts(
     *,
     full_resync: bool = False,
 ) -> Iterator[RowChange]:
-    """Rows to create or update (and rows to reject), streamed in chunks."""
-    d = warehouse.dialect
+    """Rows to create or update (and rows to reject), streamed in chunks.
+
+    Push-down form: warehouse and state share ``conn``'s database, so the join with the
+    snapshot runs there and only new, changed and duplicated rows reach Python.
+    """
     changed = (
         ""
         if full_resync
@@ -72,25 +81,38 @@ def diff_upserts(
         )
     )
     sql = f"""
-        WITH src AS (
-            SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
-                   {d.row_fingerprint("m")} AS {FINGERPRINT_COLUMN}, m.*
-            FROM ({model.sql}) AS m
-        ), c AS (
-            SELECT src.*, COUNT(*) OVER (PARTITION BY src.{KEY_COLUMN}) AS {DUPLICATES_COLUMN}
-            FROM src
-        )
+        WITH c AS ({_model_rows(warehouse, model)})
         SELECT c.*, s.attributes AS {PREVIOUS_COLUMN}
         FROM c LEFT JOIN {state.snapshots} AS s
           ON s.model = :model AND s.key = c.{KEY_COLUMN}
         {changed}
     """
     for chunk in warehouse.stream(conn, sql, {"model": model.name}):
-        for row in chunk:
-            yield _upsert_change(model, row._mapping, full_resync=full_resync)
+        for row in chunk.rows:
+            yield _upsert_change(
+                model,
+                decode_row(row, chunk.json_columns),
+                row._mapping[PREVIOUS_COLUMN],
+                full_resync=full_resync,
+            )
 
 
-def _upsert_change(model: Model, row: Any, *, full_resync: bool) -> RowChange:
+def _model_rows(warehouse: Warehouse, model: Model) -> str:
+    """The model's rows with their key text, fingerprint and how many rows share the key."""
+    d = warehouse.dialect
+    return f"""
+        SELECT src.*, COUNT(*) OVER (PARTITION BY src.{KEY_COLUMN}) AS {DUPLICATES_COLUMN}
+        FROM (
+            SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
+                   {d.row_fingerprint("m")} AS {FINGERPRINT_COLUMN}, m.*
+            FROM ({model_sql(model)}) AS m
+        ) AS src
+    """
+
+
+def _upsert_change(
+    model: Model, row: dict[str, Any], previous_json: str | None, *, full_resync: bool
+) -> RowChange:
     key = row[KEY_COLUMN]
     fingerprint = row[FINGERPRINT_COLUMN]
     if key is None:
@@ -110,7 +132,6 @@ def _upsert_change(model: Model, row: Any, *, full_resync: bool) -> RowChange:
     record = to_record(model, key, values)
     if isinstance(record, Rejection):
         return RowChange(Change.REJECT, key, rejection=record)
-    previous_json = row[PREVIOUS_COLUMN]
     if previous_json is None:
         return RowChange(Change.CREATE, key, fingerprint, record, send=dict(record.attributes))
     previous: Attributes = orjson.loads(previous_json)
@@ -149,16 +170,20 @@ def diff_removals(
     sql = f"""
         SELECT s.key, s.identifiers FROM {state.snapshots} AS s
         WHERE s.model = :model AND NOT EXISTS (
-            SELECT 1 FROM ({model.sql}) AS m WHERE {d.key_expression(model, "m")} = s.key
+            SELECT 1 FROM ({model_sql(model)}) AS m WHERE {d.key_expression(model, "m")} = s.key
         )
     """
     for chunk in warehouse.stream(conn, sql, {"model": model.name}):
-        for key, identifiers in chunk:
-            yield RowChange(
-                Change.DELETE if delete else Change.FORGET,
-                key,
-                identifiers=orjson.loads(identifiers),
-            )
+        yield from _removals(chunk.rows, delete=delete)
+
+
+def _removals(rows: Iterable[sa.Row[Any]], *, delete: bool) -> Iterator[RowChange]:
+    for key, identifiers in rows:
+        yield RowChange(
+            Change.DELETE if delete else Change.FORGET,
+            key,
+            identifiers=orjson.loads(identifiers),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,25 +201,174 @@ class ChangeCounts:
         return self.new + self.changed > 0
 
 
+# One counting pass over model rows (src: k, f) fully joined with the snapshot (snap);
+# portable SQL (no FILTER clause), shared by both diff forms.
+_COUNTS = """
+    SELECT
+        COUNT(src.f),
+        COUNT(snap.key),
+        SUM(CASE WHEN src.f IS NOT NULL AND snap.key IS NULL THEN 1 ELSE 0 END),
+        SUM(CASE WHEN src.f IS NOT NULL AND snap.fingerprint <> src.f THEN 1 ELSE 0 END),
+        SUM(CASE WHEN src.f IS NULL THEN 1 ELSE 0 END)
+    FROM src FULL OUTER JOIN snap ON snap.key = src.k
+"""
+
+
 def count_changes(
     conn: Connection, warehouse: Warehouse, state: StateStore, model: Model
 ) -> ChangeCounts:
-    """One pass over the model joined with its snapshot; portable SQL (no FILTER clause)."""
+    """One pass over the model joined with its snapshot, in the database holding both."""
     d = warehouse.dialect
     sql = f"""
         WITH src AS (
             SELECT {d.key_expression(model, "m")} AS k, {d.row_fingerprint("m")} AS f
-            FROM ({model.sql}) AS m
+            FROM ({model_sql(model)}) AS m
         ), snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s WHERE s.model = :model
         )
-        SELECT
-            COUNT(src.f),
-            COUNT(snap.key),
-            SUM(CASE WHEN src.f IS NOT NULL AND snap.key IS NULL THEN 1 ELSE 0 END),
-            SUM(CASE WHEN src.f IS NOT NULL AND snap.fingerprint <> src.f THEN 1 ELSE 0 END),
-            SUM(CASE WHEN src.f IS NULL THEN 1 ELSE 0 END)
-        FROM src FULL OUTER JOIN snap ON snap.key = src.k
+        {_COUNTS}
     """
     row = conn.execute(sa.text(sql), {"model": model.name}).one()
     return ChangeCounts(*(int(v or 0) for v in row))
+
+
+# -- the two diff forms -------------------------------------------------------------------
+
+
+class Differ(Protocol):
+    """What a run asks of the diff, whichever database does the comparing."""
+
+    def count(self, model: Model) -> ChangeCounts: ...
+
+    def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]: ...
+
+    def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]: ...
+
+    def close(self) -> None: ...
+
+
+def differ_for(warehouse: Warehouse, state: StateStore, *, same_database: bool) -> Differ:
+    """Push the diff down when one database holds both; otherwise stage keys in the state."""
+    if same_database:
+        return PushDownDiff(warehouse, state)
+    return CrossDatabaseDiff(warehouse, state)
+
+
+class PushDownDiff:
+    """Warehouse and state in one database: every comparison is one SQL statement there."""
+
+    def __init__(self, warehouse: Warehouse, state: StateStore) -> None:
+        self.warehouse = warehouse
+        self.state = state
+
+    def count(self, model: Model) -> ChangeCounts:
+        with self.warehouse.engine.connect() as conn:
+            return count_changes(conn, self.warehouse, self.state, model)
+
+    def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
+        with self.warehouse.engine.connect() as conn:
+            yield from diff_upserts(
+                conn, self.warehouse, self.state, model, full_resync=full_resync
+            )
+
+    def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
+        with self.warehouse.engine.connect() as conn:
+            yield from diff_removals(conn, self.warehouse, self.state, model, delete=delete)
+
+    def close(self) -> None:
+        pass
+
+
+class CrossDatabaseDiff:
+    """Warehouse and state in different databases, with memory flat in the model size.
+
+    Counting streams each model row's (key, fingerprint) from the warehouse into the state
+    store's ``staged_keys`` in chunks, then counts there with the same SQL as the push-down
+    form; removed keys are an anti-join there too. Upserts stream the warehouse rows and
+    look up each chunk's snapshot rows by key. Python never holds more than one chunk.
+    """
+
+    STAGE_ROWS = 20_000
+
+    def __init__(self, warehouse: Warehouse, state: StateStore) -> None:
+        self.warehouse = warehouse
+        self.state = state
+        self.token = uuid.uuid4().hex
+        self._staged: set[str] = set()
+
+    def _stage(self, model: Model) -> None:
+        if model.name in self._staged:
+            return
+        self.state.unstage_keys(self.token, model.name)
+        d = self.warehouse.dialect
+        sql = (
+            f"SELECT {d.key_expression(model, 'm')} AS k, {d.row_fingerprint('m')} AS f"
+            f" FROM ({model_sql(model)}) AS m"
+        )
+        with self.warehouse.engine.connect() as conn:
+            for chunk in self.warehouse.stream(conn, sql, rows=self.STAGE_ROWS):
+                with self.state.engine.begin() as state_conn:
+                    self.state.stage_keys(
+                        state_conn, self.token, model.name, [(k, f) for k, f in chunk.rows]
+                    )
+        self._staged.add(model.name)
+
+    def count(self, model: Model) -> ChangeCounts:
+        self._stage(model)
+        sql = f"""
+            WITH src AS (
+                SELECT x.key AS k, x.fingerprint AS f FROM {self.state.staged_keys} AS x
+                WHERE x.token = :token AND x.model = :model
+            ), snap AS (
+                SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
+                WHERE s.model = :model
+            )
+            {_COUNTS}
+        """
+        with self.state.engine.connect() as conn:
+            row = conn.execute(sa.text(sql), {"token": self.token, "model": model.name}).one()
+        return ChangeCounts(*(int(v or 0) for v in row))
+
+    def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
+        with self.warehouse.engine.connect() as conn:
+            for chunk in self.warehouse.stream(conn, _model_rows(self.warehouse, model)):
+                pairs = [
+                    (row._mapping[KEY_COLUMN], row._mapping[FINGERPRINT_COLUMN])
+                    for row in chunk.rows
+                ]
+                previous = self.state.lookup_snapshots(
+                    model.name, [(k, f) for k, f in pairs if k is not None], everything=full_resync
+                )
+                for row, (key, fingerprint) in zip(chunk.rows, pairs, strict=True):
+                    if key in previous and not full_resync:
+                        acked_fingerprint, _ = previous[key]
+                        if (
+                            acked_fingerprint == fingerprint
+                            and row._mapping[DUPLICATES_COLUMN] == 1
+                        ):
+                            continue  # unchanged since Customer.io acknowledged it
+                    yield _upsert_change(
+                        model,
+                        decode_row(row, chunk.json_columns),
+                        previous[key][1] if key in previous else None,
+                        full_resync=full_resync,
+                    )
+
+    def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
+        self._stage(model)
+        sql = f"""
+            SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
+            WHERE s.model = :model AND NOT EXISTS (
+                SELECT 1 FROM {self.state.staged_keys} AS x
+                WHERE x.token = :token AND x.model = :model AND x.key = s.key
+            )
+        """
+        params = {"token": self.token, "model": model.name}
+        with self.state.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True).execute(sa.text(sql), params)
+            while rows := result.fetchmany(FETCH_ROWS):
+                yield from _removals(rows, delete=delete)
+
+    def close(self) -> None:
+        if self._staged:
+            self.state.unstage_keys(self.token)

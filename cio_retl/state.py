@@ -2,11 +2,14 @@
 
 A snapshot row changes only after Customer.io acknowledged the item built from it, so a run
 that dies anywhere loses nothing: the next diff sees the row as still different and resends
-it. Writes are set-based (arrays unnested into one statement), never row by row.
+it. Writes are set-based (a batch becomes one relation, see :mod:`cio_retl.dialects`), never
+row by row. The tables live in one schema (``cio_retl`` unless configured), so deployments
+or parallel test runs can share a database without sharing state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -18,9 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from cio_retl.config import STATE_SCHEMA
-from cio_retl.errors import ConfigError, LockedError
+from cio_retl.dialects import ROWS, dialect_for
+from cio_retl.errors import LockedError
 
 STALE_LOCK_AFTER = dt.timedelta(minutes=30)
+# Staged keys older than this belong to runs that died before cleaning up.
+STALE_STAGING_AFTER = dt.timedelta(days=1)
 
 metadata = sa.MetaData(schema=STATE_SCHEMA)
 
@@ -81,6 +87,30 @@ locks = sa.Table(
 )
 
 
+# The keys and fingerprints a run read from a warehouse that is not the state database: the
+# cross-database diff counts and finds removed keys here, in SQL, instead of in memory.
+staged_keys = sa.Table(
+    "staged_keys",
+    metadata,
+    sa.Column("token", sa.String, nullable=False),  # one diff of one run
+    sa.Column("model", sa.String, nullable=False),
+    sa.Column("key", sa.String),  # NULL keys are staged too: they count as rows
+    sa.Column("fingerprint", sa.String, nullable=False),
+    sa.Column("staged_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+SNAPSHOT_COLUMNS = (
+    "model",
+    "key",
+    "fingerprint",
+    "attrs_hash",
+    "identifiers",
+    "attributes",
+    "run_id",
+    "synced_at",
+)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -105,26 +135,48 @@ class RejectionRow:
     payload: str | None
 
 
-def _table(table: sa.Table, dialect: sa.Dialect) -> str:
-    preparer = dialect.identifier_preparer
-    return f"{preparer.quote_schema(STATE_SCHEMA)}.{preparer.quote(table.name)}"
-
-
 class StateStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        if engine.dialect.name not in ("duckdb", "postgresql"):
-            # Snowflake state needs MERGE instead of ON CONFLICT; see the warehouses issue.
-            raise ConfigError(
-                f"state store on {engine.dialect.name!r} is not supported yet; "
-                "use DuckDB or PostgreSQL for CIO_RETL_STATE_URL"
-            )
-        self.snapshots = _table(snapshots, engine.dialect)
+    """The state tables in ``schema`` of the database behind ``engine``."""
+
+    def __init__(self, engine: Engine, schema: str = STATE_SCHEMA) -> None:
+        self.schema = schema
+        self.dialect = dialect_for(engine.dialect)
+        # The Table objects name STATE_SCHEMA; this engine renders them in ``schema``.
+        self.engine = (
+            engine
+            if schema == STATE_SCHEMA
+            else engine.execution_options(schema_translate_map={STATE_SCHEMA: schema})
+        )
+        self.snapshots = self.table(snapshots)
+        self.staged_keys = self.table(staged_keys)
+
+    def table(self, table: sa.Table) -> str:
+        """The quoted, schema-qualified name of a state table, for text SQL."""
+        return f"{self.dialect.quote_schema(self.schema)}.{self.dialect.quote(table.name)}"
 
     def ensure_schema(self) -> None:
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        sa.text(
+                            f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
+                        )
+                    )
+                    metadata.create_all(conn)
+                return
+            except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                # Two runs creating the schema at once: DuckDB's optimistic concurrency makes
+                # one fail with a write-write conflict; Postgres a duplicate. The other won.
+                if attempt == 2:
+                    raise
+
+    def drop_schema(self) -> None:
+        """Remove every state table and the schema; for tests and throwaway deployments."""
         with self.engine.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}"))
-            metadata.create_all(conn)
+            conn.execute(
+                sa.text(f"DROP SCHEMA IF EXISTS {self.dialect.quote_schema(self.schema)} CASCADE")
+            )
 
     # -- snapshots -------------------------------------------------------------------------
     def save_snapshots(
@@ -132,29 +184,17 @@ class StateStore:
     ) -> None:
         if not rows:
             return
-        table = _table(snapshots, conn.dialect)
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {table} (model, key, fingerprint, attrs_hash, identifiers, attributes,"
-                " run_id, synced_at)"
-                " SELECT :model, unnest(CAST(:keys AS VARCHAR[])), unnest(CAST(:fps AS VARCHAR[])),"
-                " unnest(CAST(:hashes AS VARCHAR[])), unnest(CAST(:idents AS VARCHAR[])),"
-                " unnest(CAST(:attrs AS VARCHAR[])), :run_id, :now"
-                " ON CONFLICT (model, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-                " attrs_hash = excluded.attrs_hash, identifiers = excluded.identifiers,"
-                " attributes = excluded.attributes, run_id = excluded.run_id,"
-                " synced_at = excluded.synced_at"
-            ),
-            {
-                "model": model,
-                "keys": [r.key for r in rows],
-                "fps": [r.fingerprint for r in rows],
-                "hashes": [r.attrs_hash for r in rows],
-                "idents": [r.identifiers for r in rows],
-                "attrs": [r.attributes for r in rows],
-                "run_id": run_id,
-                "now": utcnow(),
-            },
+        source = (
+            "SELECT CAST(:model AS VARCHAR) AS model, u.key, u.fingerprint, u.attrs_hash,"
+            " u.identifiers, u.attributes, CAST(:run_id AS VARCHAR) AS run_id,"
+            f" :now AS synced_at FROM {ROWS} AS u"
+        )
+        self.dialect.execute_rows(
+            conn,
+            self.dialect.upsert(self.snapshots, ("model", "key"), SNAPSHOT_COLUMNS, source),
+            ("key", "fingerprint", "attrs_hash", "identifiers", "attributes"),
+            [(r.key, r.fingerprint, r.attrs_hash, r.identifiers, r.attributes) for r in rows],
+            {"model": model, "run_id": run_id, "now": utcnow()},
         )
 
     def update_fingerprints(
@@ -163,28 +203,81 @@ class StateStore:
         """Rows whose SQL changed but whose normalized values did not: nothing to send."""
         if not pairs:
             return
-        table = _table(snapshots, conn.dialect)
-        conn.execute(
-            sa.text(
-                f"UPDATE {table} SET fingerprint = u.fp FROM"
-                " (SELECT unnest(CAST(:keys AS VARCHAR[])) AS key,"
-                " unnest(CAST(:fps AS VARCHAR[])) AS fp) AS u"
-                f" WHERE {table}.model = :model AND {table}.key = u.key"
-            ),
-            {"model": model, "keys": [k for k, _ in pairs], "fps": [f for _, f in pairs]},
+        table = self.snapshots
+        self.dialect.execute_rows(
+            conn,
+            f"UPDATE {table} SET fingerprint = u.fp FROM {ROWS} AS u"
+            f" WHERE {table}.model = :model AND {table}.key = u.key",
+            ("key", "fp"),
+            pairs,
+            {"model": model},
         )
 
     def delete_snapshots(self, conn: Connection, model: str, keys: Sequence[str]) -> None:
+        self._delete_keys(conn, self.snapshots, model, keys)
+
+    def _delete_keys(self, conn: Connection, table: str, model: str, keys: Sequence[str]) -> None:
         if not keys:
             return
-        table = _table(snapshots, conn.dialect)
-        conn.execute(
-            sa.text(
-                f"DELETE FROM {table} WHERE model = :model"
-                " AND key IN (SELECT unnest(CAST(:keys AS VARCHAR[])))"
-            ),
-            {"model": model, "keys": list(keys)},
+        self.dialect.execute_rows(
+            conn,
+            f"DELETE FROM {table} WHERE model = :model AND key IN (SELECT u.key FROM {ROWS} AS u)",
+            ("key",),
+            [(k,) for k in keys],
+            {"model": model},
         )
+
+    def lookup_snapshots(
+        self, model: str, pairs: Sequence[tuple[str, str]], *, everything: bool = False
+    ) -> dict[str, tuple[str, str | None]]:
+        """Acknowledged (fingerprint, attributes) of these (key, fingerprint) pairs.
+
+        Attributes come back only where the fingerprint moved (or with ``everything``): an
+        unchanged row needs no more than its fingerprint.
+        """
+        found: dict[str, tuple[str, str | None]] = {}
+        if not pairs:
+            return found
+        attributes = (
+            "s.attributes"
+            if everything
+            else "CASE WHEN s.fingerprint <> u.fp THEN s.attributes END"
+        )
+        template = (
+            f"SELECT s.key, s.fingerprint, {attributes} FROM {self.snapshots} AS s"
+            f" JOIN {ROWS} AS u ON s.key = u.key WHERE s.model = :model"
+        )
+        with self.engine.connect() as conn:
+            for relation, params in self.dialect.batches(("key", "fp"), pairs):
+                result = conn.execute(
+                    sa.text(template.replace(ROWS, relation)), {"model": model, **params}
+                )
+                for key, fingerprint, attrs in result:
+                    found[key] = (fingerprint, attrs)
+        return found
+
+    # -- staged keys (the cross-database diff) --------------------------------------------
+    def stage_keys(
+        self, conn: Connection, token: str, model: str, rows: Sequence[tuple[str | None, str]]
+    ) -> None:
+        """Add (key, fingerprint) pairs read from the warehouse to the diff ``token``."""
+        self.dialect.execute_rows(
+            conn,
+            f"INSERT INTO {self.staged_keys} (token, model, key, fingerprint, staged_at)"
+            f" SELECT :token, :model, u.key, u.fingerprint, :now FROM {ROWS} AS u",
+            ("key", "fingerprint"),
+            rows,
+            {"token": token, "model": model, "now": utcnow()},
+        )
+
+    def unstage_keys(self, token: str, model: str | None = None) -> None:
+        """Drop the diff's staged keys, and any a dead run left behind long ago."""
+        where = "token = :token" + (" AND model = :model" if model else "")
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(f"DELETE FROM {self.staged_keys} WHERE {where} OR staged_at < :stale"),
+                {"token": token, "model": model, "stale": utcnow() - STALE_STAGING_AFTER},
+            )
 
     def snapshot(self, model: str) -> dict[str, dict[str, Any]]:
         """The whole snapshot of one model; for tests and small inspections only."""
@@ -217,16 +310,7 @@ class StateStore:
         )
 
     def clear_rejections(self, conn: Connection, model: str, keys: Sequence[str]) -> None:
-        if not keys:
-            return
-        table = _table(rejections, conn.dialect)
-        conn.execute(
-            sa.text(
-                f"DELETE FROM {table} WHERE model = :model"
-                " AND key IN (SELECT unnest(CAST(:keys AS VARCHAR[])))"
-            ),
-            {"model": model, "keys": list(keys)},
-        )
+        self._delete_keys(conn, self.table(rejections), model, keys)
 
     def has_rejections(self, model: str) -> bool:
         query = sa.select(rejections.c.key).where(rejections.c.model == model).limit(1)
@@ -298,20 +382,28 @@ class StateStore:
                     sa.delete(locks).where(locks.c.model == model, locks.c.run_id == held.run_id)
                 )
                 held = None
-            if held is None:
-                try:
-                    conn.execute(
-                        sa.insert(locks).values(
-                            model=model,
-                            run_id=run_id,
-                            owner=_lock_owner(),
-                            acquired_at=now,
-                            heartbeat_at=now,
-                        )
-                    )
-                    return
-                except sa.exc.IntegrityError:
-                    held = conn.execute(sa.select(locks).where(locks.c.model == model)).first()
+        if held is None:
+            # Insert only if absent, then read back who holds it: a concurrent run may win.
+            # (Snowflake does not enforce primary keys; its form is a MERGE, which locks.)
+            insert = self.dialect.insert_absent(
+                self.table(locks),
+                ("model",),
+                ("model", "run_id", "owner", "acquired_at", "heartbeat_at"),
+                "SELECT CAST(:model AS VARCHAR) AS model, CAST(:run_id AS VARCHAR) AS run_id,"
+                " CAST(:owner AS VARCHAR) AS owner, :now AS acquired_at, :now AS heartbeat_at",
+            )
+            params = {"model": model, "run_id": run_id, "owner": _lock_owner(), "now": now}
+            # DuckDB reports a concurrent insert of the same key as a write-write conflict
+            # (OperationalError), Postgres as a unique violation: either way, read back.
+            with (
+                contextlib.suppress(sa.exc.IntegrityError, sa.exc.OperationalError),
+                self.engine.begin() as conn,
+            ):
+                conn.execute(sa.text(insert), params)
+            with self.engine.connect() as conn:
+                held = conn.execute(sa.select(locks).where(locks.c.model == model)).first()
+            if held is not None and held.run_id == run_id:
+                return
         since = f" since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if held else ""
         owner = f" (run {held.run_id} on {held.owner}{since})" if held else ""
         minutes = int(STALE_LOCK_AFTER.total_seconds() // 60)

@@ -16,20 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy.engine import Engine
 
 from cio_retl.batching import pack
 from cio_retl.client import RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
-from cio_retl.diff import (
-    Change,
-    ChangeCounts,
-    RowChange,
-    count_changes,
-    diff_removals,
-    diff_upserts,
-)
-from cio_retl.errors import CioRetlError, ConfigError, GuardrailError, Rejection, RetriableError
+from cio_retl.diff import Change, ChangeCounts, Differ, RowChange, differ_for
+from cio_retl.errors import CioRetlError, GuardrailError, Rejection, RetriableError
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
@@ -124,15 +116,13 @@ def run_sync(
     """
     options = options or SyncOptions()
     models = ordered_for_sync(load_models(settings.models_dir, names))
-    if not settings.state_is_warehouse:
-        raise ConfigError(
-            "CIO_RETL_STATE_URL must currently name the warehouse database itself "
-            "(a separate state store is not implemented yet)"
-        )
     engine = create_engine(settings.warehouse_url)
+    # The same database: the diff runs there as SQL. Another one: the cross-database diff.
+    state_engine = engine if settings.state_is_warehouse else create_engine(settings.state_url)
+    differ: Differ | None = None
     try:
         warehouse = Warehouse(engine)
-        state = StateStore(engine)
+        state = StateStore(state_engine, settings.state_schema)
         for model in models:  # every model error surfaces before anything is sent
             warehouse.columns(model)
         client: TrackClient | None = None
@@ -143,18 +133,23 @@ def run_sync(
             if client is not None:
                 client.check_credentials()
             state.ensure_schema()
-            return _Run(engine, warehouse, state, client, models, options, progress).execute()
+            differ = differ_for(warehouse, state, same_database=settings.state_is_warehouse)
+            return _Run(differ, warehouse, state, client, models, options, progress).execute()
         finally:
             if client is not None:
                 client.close()
     finally:
+        if differ is not None:
+            with contextlib.suppress(Exception):  # never hide the run's own error
+                differ.close()
         engine.dispose()
+        state_engine.dispose()
 
 
 class _Run:
     def __init__(
         self,
-        engine: Engine,
+        differ: Differ,
         warehouse: Warehouse,
         state: StateStore,
         client: TrackClient | None,
@@ -162,7 +157,7 @@ class _Run:
         options: SyncOptions,
         progress: Progress | None,
     ) -> None:
-        self.engine = engine
+        self.differ = differ
         self.warehouse = warehouse
         self.state = state
         self.client = client
@@ -227,10 +222,9 @@ class _Run:
 
     def _count_changes(self) -> dict[str, ChangeCounts]:
         counts = {}
-        with self.engine.connect() as conn:
-            for model in self.models:
-                counts[model.name] = count_changes(conn, self.warehouse, self.state, model)
-                self.reports[model.name].rows = counts[model.name].rows
+        for model in self.models:
+            counts[model.name] = self.differ.count(model)
+            self.reports[model.name].rows = counts[model.name].rows
         return counts
 
     def _check_guardrails(self) -> None:
@@ -268,14 +262,12 @@ class _Run:
         if not removal and not counts.has_upserts and not self.options.full_resync:
             report.unchanged = counts.rows
             return
-        with self.engine.connect() as conn:
-            if removal:
-                delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
-                changes = diff_removals(conn, self.warehouse, self.state, model, delete=delete)
-            else:
-                changes = diff_upserts(
-                    conn, self.warehouse, self.state, model, full_resync=self.options.full_resync
-                )
+        if removal:
+            delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
+            changes = self.differ.removals(model, delete=delete)
+        else:
+            changes = self.differ.upserts(model, full_resync=self.options.full_resync)
+        with contextlib.closing(changes):  # releases the diff's connection even on errors
             _Sender(self, model, report).send(changes)
         if not removal:
             report.unchanged = max(report.rows - report.planned, 0)

@@ -1,19 +1,22 @@
-"""Warehouse access through SQLAlchemy, and the few SQL expressions that differ by dialect.
+"""Warehouse access through SQLAlchemy: model checks and streaming reads.
 
 The diff never pulls a whole model into Python: it asks the database for a per-row
-fingerprint and compares it with the snapshot where both live. What differs between
-DuckDB, PostgreSQL and Snowflake (casting a key to text, fingerprinting a whole row) is kept
-here, so the rest of the engine writes dialect-neutral SQL.
+fingerprint and compares it with the snapshot, reading results in fixed-size chunks. What
+differs between DuckDB, PostgreSQL and Snowflake lives in :mod:`cio_retl.dialects`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from cio_retl.dialects import KEY_SEPARATOR as KEY_SEPARATOR  # re-exported
+from cio_retl.dialects import Dialect as Dialect  # re-exported
+from cio_retl.dialects import dialect_for
 from cio_retl.errors import ConfigError, ModelError
 from cio_retl.models import Kind, Model
 
@@ -24,11 +27,14 @@ DUPLICATES_COLUMN = "__cio_n"
 PREVIOUS_COLUMN = "__cio_prev"
 INTERNAL_COLUMNS = frozenset({KEY_COLUMN, FINGERPRINT_COLUMN, DUPLICATES_COLUMN, PREVIOUS_COLUMN})
 
-# Between the two key parts of a relationship row; identifiers with control characters are
-# rejected before sending, so the composite key text is unambiguous.
-KEY_SEPARATOR = "\x1f"
-
 FETCH_ROWS = 5_000
+
+
+class Chunk(NamedTuple):
+    """Rows of one fetch, and which of their positions hold JSON text to decode."""
+
+    rows: Sequence[sa.Row[Any]]
+    json_columns: frozenset[int]
 
 
 def create_engine(url: str) -> Engine:
@@ -50,50 +56,18 @@ def _redact(message: str, url: str) -> str:
     return message.replace(password, "***") if password else message
 
 
-class Dialect:
-    """SQL snippets for one database; built from the engine, never from guesses."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.name = engine.dialect.name
-        self._preparer = engine.dialect.identifier_preparer
-
-    def quote(self, identifier: str) -> str:
-        return str(self._preparer.quote(identifier))
-
-    def as_text(self, expression: str) -> str:
-        return f"CAST({expression} AS VARCHAR)"
-
-    def row_fingerprint(self, alias: str) -> str:
-        """A digest of every column of a row, stable between runs of one database."""
-        if self.name == "duckdb":
-            return f"md5(CAST(to_json({alias}) AS VARCHAR))"
-        if self.name == "postgresql":
-            return f"md5(CAST(row_to_json({alias}) AS TEXT))"
-        if self.name == "snowflake":
-            return f"md5(to_json(object_construct_keep_null({alias}.*)))"
-        raise ConfigError(
-            f"unsupported database dialect {self.name!r} (duckdb, postgresql, snowflake)"
-        )
-
-    def key_expression(self, model: Model, alias: str) -> str:
-        parts = [self.as_text(f"{alias}.{self.quote(c)}") for c in model.key_columns]
-        if len(parts) == 1:
-            return parts[0]
-        return f" || chr({ord(KEY_SEPARATOR)}) || ".join(parts)
-
-
 class Warehouse:
     """Runs model SQL; one per run, shared by the diff and the model checks."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.dialect = Dialect(engine)
+        self.dialect = dialect_for(engine.dialect)
 
     def columns(self, model: Model) -> list[str]:
         """The model's result columns, checked against its header; raises :class:`ModelError`."""
         try:
             with self.engine.connect() as conn:
-                result = conn.execute(sa.text(f"SELECT * FROM ({model.sql}) AS m LIMIT 0"))
+                result = conn.execute(sa.text(f"SELECT * FROM ({model_sql(model)}) AS m LIMIT 0"))
                 columns = list(result.keys())
         except sa.exc.DBAPIError as exc:
             raise ModelError(
@@ -125,14 +99,45 @@ class Warehouse:
         return columns
 
     def stream(
-        self, conn: Connection, sql: str, params: Mapping[str, Any] | None = None
-    ) -> Iterator[Sequence[sa.Row[Any]]]:
-        """Yield the result in chunks so memory stays flat whatever the model size."""
-        result = conn.execution_options(stream_results=True).execute(
+        self,
+        conn: Connection,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        rows: int = FETCH_ROWS,
+    ) -> Iterator[Chunk]:
+        """Yield the result in chunks so memory stays flat whatever the model size.
+
+        ``stream_results`` makes PostgreSQL use a server-side (named) cursor; DuckDB's
+        ``fetchmany`` streams by itself; Snowflake's connector downloads result batches
+        as they are consumed.
+        """
+        result = conn.execution_options(stream_results=True, max_row_buffer=rows).execute(
             sa.text(sql), dict(params or {})
         )
-        while chunk := result.fetchmany(FETCH_ROWS):
-            yield chunk
+        json_columns = self.dialect.json_columns(result.cursor.description or ())
+        while chunk := result.fetchmany(rows):
+            yield Chunk(chunk, json_columns)
+
+
+def model_sql(model: Model) -> str:
+    """The model's SELECT, safe to embed in ``sa.text``: its colons are literal text.
+
+    Without this a literal such as ``'10:00'`` or DuckDB's ``{'a': 1}`` would be read as a
+    bind parameter.
+    """
+    return model.sql.replace(":", "\\:")
+
+
+def decode_row(row: sa.Row[Any], json_columns: frozenset[int]) -> dict[str, Any]:
+    """A row as a dict, with JSON text (Snowflake VARIANT, OBJECT, ARRAY) decoded."""
+    values = dict(row._mapping)
+    if json_columns:
+        keys = list(values)
+        for i in json_columns:
+            raw = values[keys[i]]
+            if isinstance(raw, str):
+                values[keys[i]] = orjson.loads(raw)
+    return values
 
 
 def _db_message(exc: sa.exc.DBAPIError) -> str:

@@ -1,22 +1,38 @@
-"""The asset factory: one Dagster asset per SQL model file, each a call to the engine.
+"""The asset factory: one Dagster asset per SQL model file, all computed by one engine call.
 
 Assets are built from the files, not written by hand, so adding ``sql/accounts.sql`` adds
 ``customerio/accounts`` with no Python change. All sync logic stays in ``cio_retl.sync``.
 
-No ``from __future__ import annotations`` here: Dagster reads the asset function's parameter
+Why one subsettable ``@multi_asset`` rather than one ``@asset`` per model: the engine plans
+one ordered changeset for the models of a run (objects, people, relationship adds and
+deletes, then deletes) and its guardrails stop the whole run, exactly as ``cio-retl sync``
+does. Selecting assets in the UI or a job selects the models of that one engine run, and the
+launchpad shows one config block (``ops: {cio_retl_sync: {config: ...}}``) instead of one
+per model.
+
+The op first plans the run without sending (the engine's dry run) and reports the blocking
+pre-send checks from that plan; only when they pass does it send. Dagster fails the step
+after the op returns if a blocking check failed, so a failing check means nothing was sent.
+
+No ``from __future__ import annotations`` here: Dagster reads the op function's parameter
 annotations (config and resource classes) as real types when the asset is defined.
 """
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from cio_retl.errors import CioRetlError, ConfigError, FatalSendError
-from cio_retl.models import Kind, Model, load_models
+from cio_retl.config import Settings
+from cio_retl.errors import CioRetlError, LockedError, ModelError
+from cio_retl.models import Kind, Model, load_models, ordered_for_sync
+from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
+from dagster_project.project_config import ProjectConfig, load_project_config
 from dagster_project.resources import (
     PROJECT_ROOT,
     CustomerIOResource,
@@ -25,23 +41,56 @@ from dagster_project.resources import (
 )
 
 KEY_PREFIX = "customerio"
-GROUP_NAME = "customerio"
-POOL = "cio_retl_warehouse"
-"""Concurrency pool of every model asset. Unlimited unless the instance sets a limit; set it
-to 1 (``dagster instance concurrency set cio_retl_warehouse 1``) to keep overlapping runs
-from opening an embedded DuckDB file twice."""
+OP_NAME = "cio_retl_sync"
+POOL = "cio_retl"
+"""Concurrency pool of the sync op. Set its limit to 1 (``dagster instance concurrency set
+cio_retl 1``, or ``concurrency: pools: default_limit: 1`` in dagster.yaml) so that runs
+launched by different schedules, sensors or people queue instead of syncing at once: one
+model then never syncs twice at a time, the workspace rate limit is not split between
+runs, and an embedded DuckDB file is opened by one process at a time. The engine's per-model
+lock still refuses a second run if the pool is left unlimited (that failure is retried)."""
 
-SAMPLE_SIZE = 3
+DEFAULT_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+"""Retries of transient failures only: retries that ran out inside the engine (429/5xx/
+timeouts) or another run holding a model's lock. Configuration, model, credential and
+guardrail failures are raised with ``allow_retries=False``: retrying cannot fix them."""
+
+# Check names, shown on each asset's Checks tab.
+MODEL_VALID = "model_valid"
+GUARDRAILS = "guardrails"
+UNIQUE_KEYS = "unique_keys"
+NO_STUCK_ROWS = "no_stuck_rows"
+PRE_SEND_CHECKS = (MODEL_VALID, GUARDRAILS, UNIQUE_KEYS)
+_KEY_PROBLEMS = ("rows share this key", "key is NULL")  # the engine's reasons (cio_retl.diff)
+STUCK_SAMPLE = 10
 
 
 class SyncConfig(dg.Config):
-    """Run config of every model asset (the ``--dry-run`` / ``--full-resync`` flags)."""
+    """Run config of a sync, set in the launchpad; which models sync is the asset selection."""
 
     dry_run: bool = Field(
-        default=False, description="Plan only: count and sample what would be sent; send nothing."
+        default=False,
+        description="Plan only: count and sample what would be sent, as metadata; send nothing.",
     )
     full_resync: bool = Field(
         default=False, description="Send every row in full, not only what changed."
+    )
+    force: bool = Field(
+        default=False,
+        description="Send even if the guardrails or the key checks fail (they are then reported "
+        "as warnings); duplicate and NULL keys are still rejected row by row.",
+    )
+    sample_size: int = Field(
+        default=3, ge=0, le=50, description="Sample payloads per model shown for a dry run."
+    )
+    max_stuck_pct: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="no_stuck_rows fails (as a warning) when more than this share of a model's "
+        "rows is rejected or still unacknowledged after the sync.",
     )
 
 
@@ -50,13 +99,78 @@ def asset_key(model: Model) -> dg.AssetKey:
     return dg.AssetKey([KEY_PREFIX, model.name])
 
 
-def build_model_assets(models_dir: Path) -> list[dg.AssetsDefinition]:
-    """One asset per model in ``models_dir``; raises the engine's ModelError for a bad file."""
+def upstream_key(dep: str) -> dg.AssetKey:
+    """A ``-- deps:`` entry as an asset key: ``analytics/users`` -> ``["analytics", "users"]``,
+    the key dagster-dbt gives the dbt model ``users`` in schema-less default naming."""
+    return dg.AssetKey([part.strip() for part in dep.split("/") if part.strip()])
+
+
+def build_model_assets(
+    models_dir: Path,
+    project: ProjectConfig | None = None,
+    *,
+    retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
+) -> list[dg.AssetsDefinition]:
+    """The sync multi-asset for the models in ``models_dir`` (a list, for ``Definitions``).
+
+    Raises the engine's ModelError for a bad model file, so the code location fails loading
+    with the file and line.
+    """
     models = load_models(models_dir)
-    return [_model_asset(model, _upstream(model, models)) for model in models]
+    project = project or load_project_config(models_dir)
+    by_key = {asset_key(model): model for model in models}
+
+    @dg.multi_asset(
+        name=OP_NAME,
+        specs=[_spec(model, models, project) for model in models],
+        check_specs=[spec for model in models for spec in _check_specs(model)],
+        can_subset=True,
+        pool=POOL,
+        retry_policy=retry_policy,
+        description="Sync the selected models to Customer.io in one ordered changeset.",
+    )
+    def _sync(
+        context: dg.AssetExecutionContext,
+        config: SyncConfig,
+        customerio: CustomerIOResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+        # Engine order (objects, people, relationships) is also the topological order in
+        # which Dagster wants a multi-asset's results.
+        selected = ordered_for_sync(
+            m for key, m in by_key.items() if key in context.selected_asset_keys
+        )
+        try:
+            settings = engine_settings(customerio, warehouse)
+        except CioRetlError as exc:
+            raise _failure(exc) from None
+        yield from sync_models(context, settings, selected, config)
+
+    return [_sync]
 
 
-def _upstream(model: Model, models: Sequence[Model]) -> list[dg.AssetKey]:
+def _spec(model: Model, models: Sequence[Model], project: ProjectConfig) -> dg.AssetSpec:
+    upstream = [upstream_key(dep) for dep in model.deps]
+    tags = {"cio_retl/kind": model.kind.value, "cio_retl/mode": model.mode.value}
+    if model.object_type_id:
+        tags["cio_retl/object_type_id"] = model.object_type_id
+    text = model.path.read_text(encoding="utf-8")
+    return dg.AssetSpec(
+        key=asset_key(model),
+        group_name=project.group_of(model),
+        description=model.description or f"Customer.io {model.kind.value}s from {model.path.name}.",
+        deps=[*upstream, *_synced_first(model, models)],
+        kinds={"customerio", "sql"},
+        tags=tags,
+        owners=project.owners_of(model),
+        metadata=_definition_metadata(model),
+        code_version=hashlib.sha256(text.encode()).hexdigest()[:16],
+        skippable=True,  # nothing is materialized when a blocking check stops the send
+        automation_condition=_on_upstream_update(upstream),
+    )
+
+
+def _synced_first(model: Model, models: Sequence[Model]) -> list[dg.AssetKey]:
     """What must be synced first: a relationship needs its people and objects to exist.
 
     That is every person model (any identifier may name the same people) and the object
@@ -72,32 +186,54 @@ def _upstream(model: Model, models: Sequence[Model]) -> list[dg.AssetKey]:
     ]
 
 
-def _model_asset(model: Model, deps: Iterable[dg.AssetKey]) -> dg.AssetsDefinition:
-    tags = {"cio_retl/kind": model.kind.value, "cio_retl/mode": model.mode.value}
-    if model.object_type_id:
-        tags["cio_retl/object_type_id"] = model.object_type_id
-    text = model.path.read_text(encoding="utf-8")
+def _on_upstream_update(
+    upstream: Sequence[dg.AssetKey],
+) -> dg.AutomationCondition[dg.AssetKey] | None:
+    """Declarative automation: sync when a warehouse table named in ``-- deps:`` updates.
 
-    @dg.asset(
-        key=asset_key(model),
-        group_name=GROUP_NAME,
-        description=model.description or f"Customer.io {model.kind.value}s from {model.path.name}.",
-        deps=list(deps),
-        kinds={"customerio", "sql"},
-        tags=tags,
-        metadata=_definition_metadata(model),
-        code_version=hashlib.sha256(text.encode()).hexdigest()[:16],
-        pool=POOL,
+    ``eager()`` limited (``allow``) to those tables, so a dry run or a sync of a sibling
+    model (a relationship's people) never triggers a send by itself. It is evaluated by the
+    code location's automation sensor (see definitions.py); with no deps, no automation.
+    """
+    if not upstream:
+        return None
+    return (
+        dg.AutomationCondition.eager()
+        .allow(dg.AssetSelection.assets(*upstream))
+        .with_label("eager on warehouse deps")
     )
-    def _sync(
-        context: dg.AssetExecutionContext,
-        config: SyncConfig,
-        customerio: CustomerIOResource,
-        warehouse: WarehouseResource,
-    ) -> dg.MaterializeResult[None]:
-        return sync_model(context, model.name, config, customerio, warehouse)
 
-    return _sync
+
+def _check_specs(model: Model) -> list[dg.AssetCheckSpec]:
+    key = asset_key(model)
+    return [
+        dg.AssetCheckSpec(
+            MODEL_VALID,
+            asset=key,
+            blocking=True,
+            description="The model's SQL runs and returns its key columns (checked before sending).",
+        ),
+        dg.AssetCheckSpec(
+            GUARDRAILS,
+            asset=key,
+            blocking=True,
+            description=f"The run changes at most {model.max_change_pct:g}% and deletes at most "
+            f"{model.max_delete_pct:g}% of the synced rows (checked before sending; "
+            "`force: true` lets one run through).",
+        ),
+        dg.AssetCheckSpec(
+            UNIQUE_KEYS,
+            asset=key,
+            blocking=True,
+            description="No two rows share a key and no key is NULL (checked before sending).",
+        ),
+        dg.AssetCheckSpec(
+            NO_STUCK_ROWS,
+            asset=key,
+            description="After the sync, at most `max_stuck_pct`% of the rows are rejected or "
+            "still unacknowledged.",
+        ),
+    ]
 
 
 def _definition_metadata(model: Model) -> dict[str, dg.MetadataValue]:
@@ -111,6 +247,8 @@ def _definition_metadata(model: Model) -> dict[str, dg.MetadataValue]:
         "kind": dg.MetadataValue.text(model.kind.value),
         "mode": dg.MetadataValue.text(model.mode.value),
         "key_columns": dg.MetadataValue.text(", ".join(model.key_columns)),
+        "max_change_pct": dg.MetadataValue.float(model.max_change_pct),
+        "max_delete_pct": dg.MetadataValue.float(model.max_delete_pct),
         "sql": dg.MetadataValue.md(f"```sql\n{model.sql}\n```"),
     }
     for name in ("identifier", "object_type_id", "person_identifier"):
@@ -120,36 +258,205 @@ def _definition_metadata(model: Model) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
-def sync_model(
-    context: dg.AssetExecutionContext,
-    name: str,
-    config: SyncConfig,
-    customerio: CustomerIOResource,
-    warehouse: WarehouseResource,
-) -> dg.MaterializeResult[None]:
-    """Run the engine for one model and report what it did (or would do) as metadata.
+# -- the run --------------------------------------------------------------------------------
 
-    Errors that stop a run become ``dg.Failure`` with the engine's message, which names the
-    problem and never a secret; configuration errors are not retried since retrying cannot
-    fix them.
-    """
-    options = SyncOptions(
-        dry_run=config.dry_run, full_resync=config.full_resync, sample_size=SAMPLE_SIZE
-    )
+
+def sync_models(
+    context: dg.AssetExecutionContext,
+    settings: Settings,
+    models: Sequence[Model],
+    config: SyncConfig,
+) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+    """Plan, check, and (unless a dry run or a blocking check failed) send; report it all."""
+    names = [m.name for m in models]
     try:
-        report = run_sync(engine_settings(customerio, warehouse), [name], options)
+        plan = run_sync(
+            settings,
+            names,
+            SyncOptions(
+                dry_run=True, full_resync=config.full_resync, sample_size=config.sample_size
+            ),
+        )
+    except ModelError as exc:
+        yield from _invalid_model(models, exc)
+        return  # Dagster fails the step on the failed blocking check; nothing was sent
     except CioRetlError as exc:
-        raise dg.Failure(
-            description=str(exc),
-            metadata={"error_type": type(exc).__name__, "exit_code": exc.exit_code},
-            allow_retries=not isinstance(exc, ConfigError | FatalSendError),
-        ) from None
-    model_report = _only(report, name)
-    metadata = report_metadata(report, model_report)
+        raise _failure(exc) from None
+
+    blocked = []
+    for model in models:
+        planned = _only(plan, model.name)
+        for result in _pre_send_checks(model, planned, config.force):
+            if not result.passed and result.severity is dg.AssetCheckSeverity.ERROR:
+                blocked.append(f"{model.name}: {result.check_name}")
+            yield result
+
+    if config.dry_run:
+        for model in models:
+            planned = _only(plan, model.name)
+            yield dg.MaterializeResult(
+                asset_key=asset_key(model), metadata=report_metadata(plan, planned)
+            )
+            context.log.info(_summary(plan, planned))
+        return
+    if blocked:
+        context.log.error(
+            "nothing was sent: blocking checks failed (" + "; ".join(blocked) + "). "
+            "Fix the data, or rerun with `force: true` if the change is intended."
+        )
+        return
+
+    try:
+        report = run_sync(
+            settings,
+            names,
+            SyncOptions(full_resync=config.full_resync, force=config.force, sample_size=0),
+        )
+    except CioRetlError as exc:
+        raise _failure(exc) from None
+
+    stuck = _stuck_rows(settings)
+    for model in models:
+        model_report = _only(report, model.name)
+        if not report.error:
+            yield dg.MaterializeResult(
+                asset_key=asset_key(model), metadata=report_metadata(report, model_report)
+            )
+            context.log.info(_summary(report, model_report))
+        yield _stuck_check(model, model_report, stuck, config.max_stuck_pct)
     if report.error:  # retries ran out: what was acknowledged is kept; the rest goes next run
-        raise dg.Failure(description=report.error, metadata=metadata)
-    context.log.info(_summary(report, model_report))
-    return dg.MaterializeResult(metadata=metadata)
+        raise dg.Failure(description=report.error, metadata=_failure_metadata(report))
+
+
+def _pre_send_checks(
+    model: Model, planned: ModelReport, force: bool
+) -> Iterator[dg.AssetCheckResult]:
+    key = asset_key(model)
+    yield dg.AssetCheckResult(
+        asset_key=key,
+        check_name=MODEL_VALID,
+        passed=True,
+        metadata={"rows": dg.MetadataValue.int(planned.rows)},
+    )
+    # When forced, a failing check is still reported, as a warning that does not block.
+    severity = dg.AssetCheckSeverity.WARN if force else dg.AssetCheckSeverity.ERROR
+    yield dg.AssetCheckResult(
+        asset_key=key,
+        check_name=GUARDRAILS,
+        passed=planned.guardrail is None,
+        severity=severity,
+        description=planned.guardrail or "within the model's guardrails",
+        metadata={
+            "would_create": dg.MetadataValue.int(planned.created),
+            "would_update": dg.MetadataValue.int(planned.updated),
+            "would_delete": dg.MetadataValue.int(planned.deleted),
+            "max_change_pct": dg.MetadataValue.float(model.max_change_pct),
+            "max_delete_pct": dg.MetadataValue.float(model.max_delete_pct),
+            "forced": dg.MetadataValue.bool(force),
+        },
+    )
+    bad_keys = [(k, r) for k, r in planned.rejections if any(p in r for p in _KEY_PROBLEMS)]
+    metadata: dict[str, dg.MetadataValue] = {
+        # The engine lists at most 20 rejections per model; the count is of those listed.
+        "bad_key_rows": dg.MetadataValue.int(len(bad_keys)),
+        "forced": dg.MetadataValue.bool(force),
+    }
+    if bad_keys:
+        metadata["examples"] = dg.MetadataValue.md(_rejections_markdown(bad_keys))
+    yield dg.AssetCheckResult(
+        asset_key=key,
+        check_name=UNIQUE_KEYS,
+        passed=not bad_keys,
+        severity=severity,
+        description=(
+            f"{len(bad_keys)} rows with a NULL or duplicate key; they would be rejected"
+            if bad_keys
+            else "every key is present and unique"
+        ),
+        metadata=metadata,
+    )
+
+
+def _invalid_model(models: Sequence[Model], exc: ModelError) -> Iterator[dg.AssetCheckResult]:
+    """A failing ``model_valid`` check for the model the error names."""
+    named = [m for m in models if str(m.path) == exc.path or str(m.path.resolve()) == exc.path]
+    if not named:
+        raise _failure(exc)
+    for model in named:
+        yield dg.AssetCheckResult(
+            asset_key=asset_key(model), check_name=MODEL_VALID, passed=False, description=str(exc)
+        )
+
+
+def _stuck_rows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """Rejections kept in the state store, per model (what the next run retries)."""
+    engine = create_engine(settings.state_url)
+    try:
+        rows = StateStore(engine).rejections(limit=100_000)
+    finally:
+        engine.dispose()
+    stuck: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        stuck.setdefault(str(row["model"]), []).append(row)
+    return stuck
+
+
+def _stuck_check(
+    model: Model,
+    report: ModelReport,
+    stuck: Mapping[str, list[dict[str, Any]]],
+    max_pct: float,
+) -> dg.AssetCheckResult:
+    rejected = stuck.get(model.name, [])
+    # Planned rows neither acknowledged nor rejected: a run whose retries ran out.
+    pending = max(report.planned - report.changes - report.rejected, 0)
+    count = len(rejected) + pending
+    pct = 100 * count / report.rows if report.rows else (100.0 if count else 0.0)
+    metadata: dict[str, dg.MetadataValue] = {
+        "stuck_rows": dg.MetadataValue.int(count),
+        "rejected_rows": dg.MetadataValue.int(len(rejected)),
+        "pending_rows": dg.MetadataValue.int(pending),
+        "stuck_pct": dg.MetadataValue.float(round(pct, 3)),
+        "max_stuck_pct": dg.MetadataValue.float(max_pct),
+    }
+    if rejected:
+        sample = [(r["key"], str(r["reason"])) for r in rejected[:STUCK_SAMPLE]]
+        metadata["rejected_sample"] = dg.MetadataValue.md(
+            _rejections_markdown(sample, total=len(rejected))
+        )
+    return dg.AssetCheckResult(
+        asset_key=asset_key(model),
+        check_name=NO_STUCK_ROWS,
+        passed=pct <= max_pct,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{count} rows rejected or unacknowledged ({pct:.2f}%, limit {max_pct:g}%)",
+        metadata=metadata,
+    )
+
+
+def _failure(exc: CioRetlError) -> dg.Failure:
+    """The engine's message (it names the problem, never a secret) as a step failure.
+
+    Only a held lock is worth retrying; configuration, model, credential and guardrail
+    errors are not, since retrying cannot fix them.
+    """
+    metadata: dict[str, dg.MetadataValue] = {
+        "error_type": dg.MetadataValue.text(type(exc).__name__),
+        "exit_code": dg.MetadataValue.int(exc.exit_code),
+    }
+    return dg.Failure(
+        description=str(exc), metadata=metadata, allow_retries=isinstance(exc, LockedError)
+    )
+
+
+def _failure_metadata(report: RunReport) -> dict[str, dg.MetadataValue]:
+    if len(report.models) == 1:
+        return report_metadata(report, report.models[0])
+    return {
+        "models": dg.MetadataValue.json(
+            {m.model: {**m.counts(), "rows": m.rows, "status": m.status} for m in report.models}
+        )
+    }
 
 
 def _only(report: RunReport, name: str) -> ModelReport:
@@ -159,12 +466,16 @@ def _only(report: RunReport, name: str) -> ModelReport:
     raise dg.Failure(description=f"the engine reported no result for model {name!r}")
 
 
+# -- metadata -------------------------------------------------------------------------------
+
+
 def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.MetadataValue]:
-    """Counts as numbers (plotted by Dagster across runs), plus samples and rejections."""
+    """Counts as numbers (plotted by Dagster across runs), plus the plan and rejections."""
     metadata: dict[str, dg.MetadataValue] = {
         "dry_run": dg.MetadataValue.bool(report.dry_run),
         "cio_retl_run_id": dg.MetadataValue.text(report.run_id),
         "status": dg.MetadataValue.text(model.status),
+        "dagster/row_count": dg.MetadataValue.int(model.rows),
         "rows": dg.MetadataValue.int(model.rows),
         "planned": dg.MetadataValue.int(model.planned),
         "created": dg.MetadataValue.int(model.created),
@@ -176,21 +487,43 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
         "bytes_sent": dg.MetadataValue.int(model.bytes_sent),
         "items_sent": dg.MetadataValue.int(model.items_sent),
         "duration_s": dg.MetadataValue.float(round(model.duration_s, 3)),
+        "rows_per_s": dg.MetadataValue.float(
+            round(model.rows / model.duration_s, 1) if model.duration_s > 0 else 0.0
+        ),
     }
     if report.dry_run:
         # In a dry run created/updated/deleted count what WOULD be sent; these are the items.
+        metadata["plan"] = dg.MetadataValue.md(_plan_markdown(model))
         metadata["sample_payloads"] = dg.MetadataValue.json(list(model.samples))
     if model.rejections:
-        metadata["rejections"] = dg.MetadataValue.md(_rejections_markdown(model))
+        metadata["rejections"] = dg.MetadataValue.md(
+            _rejections_markdown(model.rejections, total=model.rejected)
+        )
     return metadata
 
 
-def _rejections_markdown(model: ModelReport) -> str:
+def _plan_markdown(model: ModelReport) -> str:
+    lines = [
+        f"**{model.model}** would send {model.changes} items "
+        f"({model.rows} rows, {model.unchanged} unchanged).",
+        "",
+        "| created | updated | deleted | rejected |",
+        "|---:|---:|---:|---:|",
+        f"| {model.created} | {model.updated} | {model.deleted} | {model.rejected} |",
+    ]
+    if model.guardrail:
+        lines += ["", f"A guardrail would stop this run: {model.guardrail}."]
+    return "\n".join(lines)
+
+
+def _rejections_markdown(
+    rejections: Sequence[tuple[str | None, str]], total: int | None = None
+) -> str:
     lines = ["| key | reason |", "|---|---|"]
-    for key, reason in model.rejections:
+    for key, reason in rejections:
         lines.append(f"| {_cell(key if key is not None else '(null key)')} | {_cell(reason)} |")
-    if model.rejected > len(model.rejections):
-        lines.append(f"\n{model.rejected - len(model.rejections)} more; see `cio-retl status`.")
+    if total is not None and total > len(rejections):
+        lines.append(f"\n{total - len(rejections)} more; see `cio-retl status`.")
     return "\n".join(lines)
 
 

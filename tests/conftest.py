@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cio_retl.client import RetryPolicy
@@ -69,3 +72,59 @@ def sync(settings: Settings, *models: str, **options: object) -> RunReport:
 
 def with_models(settings: Settings, models_dir: Path) -> Settings:
     return replace(settings, models_dir=models_dir)
+
+
+# -- real PostgreSQL and fakesnow (the warehouses issue) ------------------------------------
+
+POSTGRES_URL = os.environ.get(
+    "CIO_RETL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test server's URL; fails when CI requires it (CIO_RETL_REQUIRE_POSTGRES=1) and it
+    is unreachable, skips with the reason otherwise."""
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        reason = f"PostgreSQL not reachable at 127.0.0.1:5432/test: {type(exc).__name__}: {exc}"
+        if os.environ.get("CIO_RETL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason + " (CIO_RETL_REQUIRE_POSTGRES=1)", pytrace=False)
+        pytest.skip(reason)
+    finally:
+        engine.dispose()
+    return POSTGRES_URL
+
+
+@dataclass(frozen=True, slots=True)
+class PgSchemas:
+    """A fresh warehouse schema and state schema of one test, dropped after it."""
+
+    url: str
+    warehouse: str
+    state: str
+
+
+@pytest.fixture
+def pg_schemas(postgres_url: str) -> Iterator[PgSchemas]:
+    tag = f"t{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    schemas = PgSchemas(postgres_url, f"{tag}_wh", f"{tag}_state")
+    yield schemas
+    engine = create_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            for schema in (schemas.warehouse, schemas.state):
+                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    finally:
+        engine.dispose()
+
+
+def demo_models(folder: Path, schema: str) -> Path:
+    """The repository's models reading ``schema`` instead of ``demo`` (a per-test schema)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in (REPO / "sql").glob("*.sql"):
+        (folder / model.name).write_text(model.read_text().replace("demo.", f"{schema}."))
+    return folder

@@ -1,9 +1,11 @@
-"""The Dagster adapter end to end: definitions, dependencies, and materializations against the
-emulator and a real DuckDB warehouse. Resources get explicit values, never the developer's env.
+"""The Dagster adapter end to end: definitions, lineage, checks, automation, and
+materializations against the emulator and a real DuckDB warehouse. Resources get explicit
+values, never the developer's env.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,23 @@ from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import ModelError
 from cio_retl.warehouse import create_engine
-from dagster_project.assets import SyncConfig, build_model_assets
-from dagster_project.definitions import JOB_NAME, SCHEDULE_NAME, build_definitions
+from dagster_project.assets import (
+    GUARDRAILS,
+    MODEL_VALID,
+    NO_STUCK_ROWS,
+    OP_NAME,
+    POOL,
+    UNIQUE_KEYS,
+    SyncConfig,
+    build_model_assets,
+)
+from dagster_project.definitions import (
+    AUTOMATION_SENSOR_NAME,
+    JOB_NAME,
+    build_definitions,
+    group_job_name,
+    group_schedule_name,
+)
 from dagster_project.resources import PROJECT_ROOT, CustomerIOResource, WarehouseResource
 
 pytestmark = pytest.mark.dagster
@@ -29,6 +46,7 @@ API_KEY = "dagster-secret-key-0123456789"
 USERS = dg.AssetKey(["customerio", "users"])
 COMPANIES = dg.AssetKey(["customerio", "companies"])
 MEMBERSHIPS = dg.AssetKey(["customerio", "memberships"])
+NO_DELAY = dg.RetryPolicy(max_retries=1, delay=0)
 
 
 @dataclass
@@ -54,6 +72,14 @@ class Env:
         finally:
             engine.dispose()
 
+    def execute(self, sql: str) -> None:
+        engine = create_engine(self.url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(sql))
+        finally:
+            engine.dispose()
+
     def batch_items(self, since: int = 0) -> list[dict[str, Any]]:
         return [
             item
@@ -65,7 +91,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def assets() -> list[dg.AssetsDefinition]:
-    return build_model_assets(SQL_DIR)
+    return build_model_assets(SQL_DIR, retry_policy=NO_DELAY)
 
 
 @pytest.fixture
@@ -81,29 +107,27 @@ def env(tmp_path: Path) -> Iterator[Env]:
 def materialize(
     assets: Sequence[dg.AssetsDefinition],
     resources: Mapping[str, Any],
+    config: SyncConfig | None = None,
     *,
-    dry_run: bool = False,
     selection: Sequence[dg.AssetKey] | None = None,
 ) -> dg.ExecuteInProcessResult:
-    run_config = dg.RunConfig(
-        ops={op_name(a.key): SyncConfig(dry_run=dry_run) for a in assets} if dry_run else {}
-    )
     return dg.materialize(
         assets,
         resources=resources,
-        run_config=run_config,
+        run_config=dg.RunConfig(ops={OP_NAME: config or SyncConfig()}),
         selection=selection,
         raise_on_error=False,
     )
 
 
-def op_name(key: dg.AssetKey) -> str:
-    return "__".join(key.path)
-
-
 def metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, Any]:
-    (event,) = result.asset_materializations_for_node(op_name(key))
-    return {name: value.value for name, value in event.metadata.items()}
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
+    return {name: value.value for name, value in event.materialization.metadata.items()}
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[tuple[dg.AssetKey, str], Any]:
+    """Every check evaluation of the run by (asset key, check name)."""
+    return {(e.asset_key, e.check_name): e for e in result.get_asset_check_evaluations()}
 
 
 def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
@@ -114,23 +138,56 @@ def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
     ]
 
 
+def attempts(result: dg.ExecuteInProcessResult) -> int:
+    return 1 + sum(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+
+
+def copy_models(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in SQL_DIR.glob("*.sql"):
+        (folder / path.name).write_text(path.read_text())
+    return folder
+
+
 # -- definitions ---------------------------------------------------------------------------
 
 
 def test_definitions_load_without_any_environment() -> None:
     defs = build_definitions({})
-    keys = {spec.key for spec in defs.resolve_all_asset_specs()}
-    assert keys == {dg.AssetKey(["customerio", p.stem]) for p in SQL_DIR.glob("*.sql")}
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    assert set(specs) == {dg.AssetKey(["customerio", p.stem]) for p in SQL_DIR.glob("*.sql")}
     assert {spec.group_name for spec in specs.values()} == {"customerio"}
     assert specs[USERS].description == "Active users as Customer.io people, identified by email."
     assert specs[USERS].tags["cio_retl/kind"] == "person"
+    assert specs[USERS].tags["cio_retl/mode"] == "upsert"
     assert specs[COMPANIES].tags["cio_retl/object_type_id"] == "1"
-    assert "customerio" in specs[MEMBERSHIPS].kinds
-    # DuckDB takes one writing process: the job and ad-hoc asset runs both stay in-process.
+    assert {"customerio", "sql"} <= set(specs[MEMBERSHIPS].kinds)
+    graph = defs.resolve_asset_graph()
+    node = graph.get(USERS)
+    assert node.pools == {POOL}
+    assert node.to_asset_spec().skippable  # no materialization when a check stops the send
+    assert {key.name for key in node.check_keys} == {
+        MODEL_VALID,
+        GUARDRAILS,
+        UNIQUE_KEYS,
+        NO_STUCK_ROWS,
+    }
+    assert {key.name for key in graph.asset_check_keys if graph.get_check_spec(key).blocking} == {
+        MODEL_VALID,
+        GUARDRAILS,
+        UNIQUE_KEYS,
+    }
+    (assets_def,) = {graph.get(key).assets_def for key in specs}
+    op_def = assets_def.op
+    assert op_def.name == OP_NAME and op_def.retry_policy is not None
+    assert op_def.retry_policy.max_retries == 3  # the shipped policy, not the tests' NO_DELAY
+    # DuckDB takes one writing process: the jobs and ad-hoc asset runs stay in-process.
     assert defs.resolve_job_def(JOB_NAME).executor_def is dg.in_process_executor
     assert defs.resolve_implicit_global_asset_job_def().executor_def is dg.in_process_executor
-    assert defs.resolve_schedule_def(SCHEDULE_NAME).cron_schedule == "0 6 * * *"
+    schedule = defs.resolve_schedule_def(group_schedule_name("customerio"))
+    assert schedule.cron_schedule == "0 6 * * *" and schedule.execution_timezone == "UTC"
+    assert schedule.job_name == group_job_name("customerio")
+    assert defs.resolve_sensor_def(AUTOMATION_SENSOR_NAME) is not None
     customerio = (defs.resources or {})["customerio"]
     assert isinstance(customerio, CustomerIOResource)
     assert customerio.site_id is None and customerio.api_key is None
@@ -145,8 +202,7 @@ def test_credentials_are_bound_by_name_not_value() -> None:
 
 
 def test_relationship_assets_depend_on_people_and_their_object_type(tmp_path: Path) -> None:
-    for path in SQL_DIR.glob("*.sql"):
-        (tmp_path / path.name).write_text(path.read_text())
+    copy_models(tmp_path)
     (tmp_path / "projects.sql").write_text(
         "-- kind: object\n-- key: project_id\n-- object_type_id: 2\nselect 'p' as project_id\n"
     )
@@ -154,6 +210,84 @@ def test_relationship_assets_depend_on_people_and_their_object_type(tmp_path: Pa
     assert graph.get(MEMBERSHIPS).parent_keys == {USERS, COMPANIES}
     assert graph.get(USERS).parent_keys == set()
     assert graph.get(COMPANIES).parent_keys == set()
+
+
+def test_deps_header_links_upstream_warehouse_assets(tmp_path: Path) -> None:
+    """``-- deps:`` entries become the asset keys dagster-dbt would give those models."""
+    copy_models(tmp_path)
+    users_sql = (SQL_DIR / "users.sql").read_text()
+    (tmp_path / "users.sql").write_text("-- deps: analytics/users, analytics/orgs\n" + users_sql)
+    defs = build_definitions({"CIO_RETL_MODELS_DIR": str(tmp_path)})
+    graph = defs.resolve_asset_graph()
+    upstream = {dg.AssetKey(["analytics", "users"]), dg.AssetKey(["analytics", "orgs"])}
+    assert graph.get(USERS).parent_keys == upstream
+    assert graph.get(MEMBERSHIPS).parent_keys == {USERS, COMPANIES}
+    # Lineage works beside assets defined elsewhere (e.g. dbt): they show as external assets.
+    assert all(graph.get(key).is_external for key in upstream)
+    assert graph.get(USERS).automation_condition is not None
+    assert graph.get(COMPANIES).automation_condition is None  # no deps: schedules only
+
+
+@pytest.mark.filterwarnings("ignore:Parameter `include_sources`")  # inside Dagster's tester
+def test_upstream_materialization_triggers_a_sync(tmp_path: Path) -> None:
+    copy_models(tmp_path)
+    users_sql = (SQL_DIR / "users.sql").read_text()
+    (tmp_path / "users.sql").write_text("-- deps: analytics/users\n" + users_sql)
+    defs = build_definitions({"CIO_RETL_MODELS_DIR": str(tmp_path)})
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0  # nothing upstream happened yet
+        instance.report_runless_asset_event(dg.AssetMaterialization(["analytics", "users"]))
+        second = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=first.cursor
+        )
+        assert second.get_num_requested(USERS) == 1
+        assert second.get_num_requested(MEMBERSHIPS) == 0  # only warehouse deps trigger
+        assert second.total_requested == 1
+        third = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=second.cursor
+        )
+        assert third.total_requested == 0  # one update, one request
+
+
+def test_dagster_toml_sets_groups_owners_and_a_schedule_per_group(tmp_path: Path) -> None:
+    models = copy_models(tmp_path / "models")
+    (models / "marketing").mkdir()
+    (models / "companies.sql").rename(models / "marketing" / "companies.sql")
+    (models / "dagster.toml").write_text(
+        '[defaults]\nowners = ["team:data"]\n\n'
+        '[groups.marketing]\ncron = "*/30 * * * *"\ntimezone = "Europe/Paris"\n'
+        'owners = ["growth@example.com"]\n\n'
+        '[models.memberships]\ngroup = "marketing"\nowners = ["alice@example.com"]\n'
+    )
+    defs = build_definitions({"CIO_RETL_MODELS_DIR": str(models)})
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    assert specs[COMPANIES].group_name == "marketing"  # from its folder
+    assert specs[MEMBERSHIPS].group_name == "marketing"  # from dagster.toml
+    assert specs[USERS].group_name == "customerio"
+    assert specs[USERS].owners == ["team:data"]
+    assert specs[COMPANIES].owners == ["growth@example.com"]
+    assert specs[MEMBERSHIPS].owners == ["alice@example.com"]
+
+    marketing = defs.resolve_schedule_def(group_schedule_name("marketing"))
+    assert marketing.cron_schedule == "*/30 * * * *"
+    assert marketing.execution_timezone == "Europe/Paris"
+    assert defs.resolve_schedule_def(group_schedule_name("customerio")).cron_schedule == "0 6 * * *"
+    job = defs.resolve_job_def(group_job_name("marketing"))
+    assert job.asset_layer.selected_asset_keys == {COMPANIES, MEMBERSHIPS}
+
+    tick = dt.datetime(2026, 1, 5, 9, 30, tzinfo=dt.UTC)
+    with dg.build_schedule_context(scheduled_execution_time=tick) as context:
+        result = marketing.evaluate_tick(context)
+    assert result.run_requests is not None and len(result.run_requests) == 1
+    assert marketing.job_name == group_job_name("marketing")
+
+
+def test_bad_dagster_toml_fails_loading_naming_the_file(tmp_path: Path) -> None:
+    copy_models(tmp_path)
+    (tmp_path / "dagster.toml").write_text('[models.users]\nowner = "me"\n')
+    with pytest.raises(ModelError, match=r"dagster\.toml: \[models\.users\]: unknown keys"):
+        build_definitions({"CIO_RETL_MODELS_DIR": str(tmp_path)})
 
 
 def test_broken_model_fails_loading_with_file_and_line(tmp_path: Path) -> None:
@@ -210,9 +344,16 @@ def test_materialize_all_matches_the_warehouse(env: Env, assets: list[dg.AssetsD
     for key, rows in ((USERS, users), (COMPANIES, companies), (MEMBERSHIPS, members)):
         meta = metadata(result, key)
         assert meta["rows"] == meta["created"] == meta["items_sent"] == len(rows)
+        assert meta["dagster/row_count"] == len(rows)
         assert meta["updated"] == meta["deleted"] == meta["rejected"] == meta["unchanged"] == 0
         assert meta["requests"] >= 1 and meta["bytes_sent"] > 0 and meta["dry_run"] is False
+        assert meta["duration_s"] > 0
+        assert meta["rows_per_s"] == pytest.approx(len(rows) / meta["duration_s"], rel=0.01)
         assert "sample_payloads" not in meta and "rejections" not in meta
+        for name in (MODEL_VALID, GUARDRAILS, UNIQUE_KEYS, NO_STUCK_ROWS):
+            assert checks(result)[key, name].passed, (key, name)
+    assert sum(metadata(result, k)["requests"] for k in (USERS, COMPANIES, MEMBERSHIPS)) >= 3
+    assert API_KEY not in repr(result.all_events)
 
 
 def test_second_materialize_sends_exactly_the_edits(
@@ -247,22 +388,86 @@ def test_second_materialize_sends_exactly_the_edits(
     assert "first_name" not in env.emulator.workspace.people_by("email")[cleared.email]
 
 
-def test_dry_run_sends_nothing_and_needs_no_credentials(
+def test_dry_run_shows_the_plan_sends_nothing_and_needs_no_credentials(
     env: Env, assets: list[dg.AssetsDefinition]
 ) -> None:
-    result = materialize(assets, env.resources(site_id=None, api_key=None), dry_run=True)
+    result = materialize(
+        assets, env.resources(site_id=None, api_key=None), SyncConfig(dry_run=True)
+    )
     assert result.success
-    assert [r.path for r in env.emulator.requests] == []
+    assert env.emulator.requests == []
     users = metadata(result, USERS)
     (count,) = env.query("select count(*) as n from demo.users where deleted_at is null")
     assert users["dry_run"] is True
     assert users["created"] == users["planned"] == users["rows"] == count.n
     assert users["requests"] == users["bytes_sent"] == users["items_sent"] == 0
+    assert f"would send {count.n} items" in users["plan"]
     samples = users["sample_payloads"]
     assert len(samples) == 3
     assert {(s["type"], s["action"]) for s in samples} == {("person", "identify")}
     assert metadata(result, MEMBERSHIPS)["created"] > 0
+    assert (USERS, NO_STUCK_ROWS) not in checks(result)  # nothing was sent to check
     assert env.emulator.snapshot()["people"] == []
+
+
+def test_failing_guardrail_blocks_the_send_until_forced(
+    env: Env, assets: list[dg.AssetsDefinition]
+) -> None:
+    assert materialize(assets, env.resources()).success
+    env.execute("update demo.users set plan = plan || '-v2'")  # every synced person changes
+    before = len(env.emulator.requests)
+
+    blocked = materialize(assets, env.resources())
+    assert not blocked.success
+    assert len(env.emulator.requests) == before  # not one request, not even the auth check
+    guardrail = checks(blocked)[USERS, GUARDRAILS]
+    assert not guardrail.passed and guardrail.severity is dg.AssetCheckSeverity.ERROR
+    assert "over max_change_pct 50" in (guardrail.description or "")
+    assert checks(blocked)[COMPANIES, GUARDRAILS].passed
+    assert blocked.get_asset_materialization_events() == []
+    assert any("blocking asset check" in m for m in failure_messages(blocked))
+    assert attempts(blocked) == 1  # a blocking check is not retried
+
+    dry = materialize(assets, env.resources(), SyncConfig(dry_run=True))
+    assert not dry.success  # like `cio-retl sync --dry-run` exiting 3: it would be stopped
+    assert "A guardrail would stop this run" in metadata(dry, USERS)["plan"]
+    assert len(env.emulator.requests) == before
+
+    forced = materialize(assets, env.resources(), SyncConfig(force=True))
+    assert forced.success
+    warning = checks(forced)[USERS, GUARDRAILS]
+    assert not warning.passed and warning.severity is dg.AssetCheckSeverity.WARN
+    (users,) = env.query("select count(*) as n from demo.users where deleted_at is null")
+    assert metadata(forced, USERS)["updated"] == users.n
+    assert all(
+        p["plan"].endswith("-v2") for p in env.emulator.workspace.people_by("email").values()
+    )
+
+
+def test_duplicate_keys_block_the_send(env: Env, assets: list[dg.AssetsDefinition]) -> None:
+    env.execute(
+        "insert into demo.users (user_id, email, first_name)"
+        " select 9999, email, 'Twin' from demo.users where user_id = 30"
+    )
+    (twin,) = env.query("select email from demo.users where user_id = 30")
+    result = materialize(assets, env.resources())
+    assert not result.success
+    assert env.emulator.requests == []
+    unique = checks(result)[USERS, UNIQUE_KEYS]
+    assert not unique.passed and unique.metadata["bad_key_rows"].value == 2
+    assert twin.email in unique.metadata["examples"].value
+    assert "2 rows share this key" in unique.metadata["examples"].value
+    assert checks(result)[COMPANIES, UNIQUE_KEYS].passed
+
+
+def test_invalid_model_blocks_the_send(env: Env, assets: list[dg.AssetsDefinition]) -> None:
+    env.execute("alter table demo.companies drop column seats")
+    result = materialize(assets, env.resources())
+    assert not result.success
+    assert env.emulator.requests == []
+    valid = checks(result)[COMPANIES, MODEL_VALID]
+    assert not valid.passed and "companies.sql" in (valid.description or "")
+    assert result.get_asset_materialization_events() == []
 
 
 def test_bad_credentials_fail_naming_them_without_the_key(
@@ -275,7 +480,8 @@ def test_bad_credentials_fail_naming_them_without_the_key(
     assert messages and all("refused the credentials" in m for m in messages)
     assert all("CIO_API_KEY" in m for m in messages)
     assert wrong_key not in repr(result.all_events) + repr(result.dagster_run)
-    assert result.asset_materializations_for_node(op_name(MEMBERSHIPS)) == []  # upstream failed
+    assert result.get_asset_materialization_events() == []
+    assert attempts(result) == 1  # retrying cannot fix credentials
     assert env.batch_items() == []
 
 
@@ -285,31 +491,43 @@ def test_missing_credentials_fail_a_real_run_clearly(
     result = materialize(assets, env.resources(site_id=None, api_key=None), selection=[COMPANIES])
     assert not result.success
     assert any("CIO_SITE_ID and CIO_API_KEY must be set" in m for m in failure_messages(result))
+    assert attempts(result) == 1
     assert env.emulator.requests == []
 
 
-def test_rejected_rows_keep_the_materialization_successful(
+def test_rejected_rows_keep_the_materialization_and_warn_when_stuck(
     env: Env, assets: list[dg.AssetsDefinition]
 ) -> None:
     (user,) = env.query("select email from demo.users where user_id = 20")
     env.emulator.faults = FaultPlan(reject_identifiers=frozenset({user.email}))
-    result = materialize(assets, env.resources(), selection=[USERS])
+    result = materialize(assets, env.resources(), SyncConfig(max_stuck_pct=0), selection=[USERS])
     assert result.success
     meta = metadata(result, USERS)
     assert meta["rejected"] == 1 and meta["created"] == meta["rows"] - 1
     assert user.email in meta["rejections"] and "rejected by fault plan" in meta["rejections"]
+    stuck = checks(result)[USERS, NO_STUCK_ROWS]
+    assert not stuck.passed and stuck.severity is dg.AssetCheckSeverity.WARN
+    assert stuck.metadata["rejected_rows"].value == 1
+    assert stuck.metadata["pending_rows"].value == 0
+    assert user.email in stuck.metadata["rejected_sample"].value
+
+    within = materialize(assets, env.resources(), selection=[USERS])  # default: 1% allowed
+    assert checks(within)[USERS, NO_STUCK_ROWS].passed
 
 
-def test_retries_running_out_fail_with_what_was_acknowledged(
+def test_transient_failures_are_retried_and_report_what_was_acknowledged(
     env: Env, assets: list[dg.AssetsDefinition]
 ) -> None:
     env.emulator.faults = FaultPlan(throttle_rate=1.0, retry_after=0.0)
     result = materialize(assets, env.resources(), selection=[COMPANIES])
     assert not result.success
-    (failure,) = result.get_step_failure_events()
+    assert attempts(result) == 2  # the test policy: one Dagster retry after the engine's own
+    failure = result.get_step_failure_events()[-1]
     data = failure.step_failure_data
-    assert data.error is not None and "did not accept /api/v2/batch" in data.error.message
-    assert data.user_failure_data is not None
+    assert data.user_failure_data is not None and data.user_failure_data.description
+    assert "did not accept /api/v2/batch" in data.user_failure_data.description
     failed_meta = {k: v.value for k, v in data.user_failure_data.metadata.items()}
     assert failed_meta["rows"] == 40 and failed_meta["created"] == 0
+    stuck = [e for e in result.get_asset_check_evaluations() if e.check_name == NO_STUCK_ROWS]
+    assert stuck and not stuck[-1].passed and stuck[-1].metadata["pending_rows"].value == 40
     assert env.emulator.snapshot()["objects"] == []

@@ -1,0 +1,242 @@
+"""Every piece of SQL that differs between DuckDB, PostgreSQL and Snowflake, in one place.
+
+The engine writes dialect-neutral SQL and asks this module for the few parts that are not:
+the text form of a key, the per-row fingerprint, how a Python-side batch of rows becomes a
+relation the database can join (state-store writes and lookups), and the upsert statement.
+
+DuckDB and PostgreSQL share the array forms (``unnest`` of one array per column, bound as
+parameters, and ``INSERT ... ON CONFLICT``). Snowflake has neither ``unnest`` nor
+``ON CONFLICT``: a batch travels as one JSON array expanded by ``FLATTEN`` and the upsert is
+a ``MERGE``. Its connector interpolates parameters into the statement text client-side, and
+Snowflake recommends statements under 1 MB, so Snowflake batches are split by size.
+
+Where fakesnow (the test double, which translates Snowflake SQL to DuckDB through sqlglot)
+behaves differently from real Snowflake, a comment says so at the spot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cio_retl.errors import ConfigError
+from cio_retl.models import Model
+
+# Between the two key parts of a relationship row; identifiers with control characters are
+# rejected before sending, so the composite key text is unambiguous.
+KEY_SEPARATOR = "\x1f"
+
+# The placeholder a statement template uses for the relation built from a Python batch.
+ROWS = "{rows}"
+
+
+class Dialect:
+    """DuckDB: the reference dialect; the others override what differs."""
+
+    name = "duckdb"
+
+    def __init__(self, sa_dialect: sa.Dialect) -> None:
+        self._preparer = sa_dialect.identifier_preparer
+
+    # -- names ----------------------------------------------------------------------------
+    def quote(self, identifier: str) -> str:
+        return str(self._preparer.quote(identifier))
+
+    def quote_schema(self, schema: str) -> str:
+        return str(self._preparer.quote_schema(schema))
+
+    # -- model SQL --------------------------------------------------------------------------
+    def as_text(self, expression: str) -> str:
+        return f"CAST({expression} AS VARCHAR)"
+
+    def key_expression(self, model: Model, alias: str) -> str:
+        """The snapshot key of a model row: its key column(s) as text."""
+        parts = [self.as_text(f"{alias}.{self.quote(c)}") for c in model.key_columns]
+        if len(parts) == 1:
+            return parts[0]
+        return f" || chr({ord(KEY_SEPARATOR)}) || ".join(parts)
+
+    def row_fingerprint(self, alias: str) -> str:
+        """A digest of every column of a model row, stable between runs of one database.
+
+        Only ever compared with fingerprints from the same database, so each dialect may
+        use its own form; what must agree across dialects is the attributes hash, computed
+        in Python after normalization.
+        """
+        return f"md5(CAST(to_json({alias}) AS VARCHAR))"
+
+    def json_columns(self, description: Sequence[Sequence[Any]]) -> frozenset[int]:
+        """Positions of result columns that arrive as JSON text and must be decoded.
+
+        DuckDB's and psycopg's drivers already return JSON, STRUCT, MAP and LIST values as
+        Python objects, so nothing needs decoding there.
+        """
+        return frozenset()
+
+    # -- batches of Python rows as a relation -------------------------------------------------
+    def batches(
+        self, columns: Sequence[str], rows: Sequence[Sequence[str | None]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(relation SQL, parameters) covering ``rows``, in as few statements as allowed.
+
+        Every column is text. DuckDB and PostgreSQL take one array parameter per column and
+        unnest them side by side: one statement, whatever the batch size.
+        """
+        if not rows:
+            return
+        selects = ", ".join(
+            f"unnest(CAST(:_c{i} AS VARCHAR[])) AS {self.quote(c)}" for i, c in enumerate(columns)
+        )
+        params = {f"_c{i}": [row[i] for row in rows] for i in range(len(columns))}
+        yield f"(SELECT {selects})", params
+
+    def execute_rows(
+        self,
+        conn: Connection,
+        template: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[str | None]],
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Run ``template`` with its ``{rows}`` placeholder standing for ``rows``."""
+        for relation, batch_params in self.batches(columns, rows):
+            conn.execute(
+                sa.text(template.replace(ROWS, relation)), {**(params or {}), **batch_params}
+            )
+
+    def upsert(
+        self,
+        table: str,
+        conflict: Sequence[str],
+        columns: Sequence[str],
+        source: str,
+    ) -> str:
+        """Insert ``source``'s rows (a SELECT naming ``columns``), replacing on conflict."""
+        names = ", ".join(columns)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in conflict)
+        return (
+            f"INSERT INTO {table} ({names}) {source}"
+            f" ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {updates}"
+        )
+
+    def insert_absent(
+        self, table: str, conflict: Sequence[str], columns: Sequence[str], source: str
+    ) -> str:
+        """Insert ``source``'s one row unless a row with the same ``conflict`` key exists."""
+        match = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT s.* FROM ({source}) AS s"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {match})"
+        )
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+
+    def row_fingerprint(self, alias: str) -> str:
+        # row_to_json keeps the column order and renders every type deterministically.
+        return f"md5(CAST(row_to_json({alias}) AS TEXT))"
+
+
+class SnowflakeDialect(Dialect):
+    """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
+
+    name = "snowflake"
+
+    # Snowflake recommends statements under 1 MB, parameters included (the connector binds
+    # client-side, into the text); keep each batch's JSON well below that.
+    MAX_BATCH_BYTES = 512 * 1024
+
+    # ResultMetadata.type_code values (snowflake.connector.constants.FIELD_TYPES) of
+    # VARIANT, OBJECT and ARRAY: the connector returns their values as JSON text.
+    # fakesnow reports all three as VARIANT (5); real Snowflake says OBJECT (9) and ARRAY (10).
+    _JSON_TYPE_CODES = frozenset({5, 9, 10})
+
+    def row_fingerprint(self, alias: str) -> str:
+        # OBJECT_CONSTRUCT_KEEP_NULL(m.*) keeps NULL columns, so NULL -> value changes the
+        # digest. fakesnow renders this through DuckDB's to_json (keys in column order, NaN
+        # as NaN); real Snowflake's TO_JSON orders an OBJECT's keys itself. Either way the
+        # form is stable between runs of one database, which is all a fingerprint needs.
+        return f"md5(to_json(object_construct_keep_null({alias}.*)))"
+
+    def json_columns(self, description: Sequence[Sequence[Any]]) -> frozenset[int]:
+        return frozenset(
+            i for i, column in enumerate(description) if column[1] in self._JSON_TYPE_CODES
+        )
+
+    def batches(
+        self, columns: Sequence[str], rows: Sequence[Sequence[str | None]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One JSON array of arrays per statement, expanded with FLATTEN (no ``unnest``)."""
+        selects = ", ".join(
+            f"CAST(f.value[{i}] AS VARCHAR) AS {self.quote(c)}" for i, c in enumerate(columns)
+        )
+        relation = f"(SELECT {selects} FROM TABLE(FLATTEN(INPUT => PARSE_JSON(:_rows))) AS f)"
+        batch: list[bytes] = []
+        size = 0
+        for row in rows:
+            encoded = orjson.dumps(list(row))
+            if batch and size + len(encoded) > self.MAX_BATCH_BYTES:
+                yield relation, {"_rows": _json_array(batch)}
+                batch, size = [], 0
+            batch.append(encoded)
+            size += len(encoded) + 1
+        if batch:
+            yield relation, {"_rows": _json_array(batch)}
+
+    def upsert(
+        self,
+        table: str,
+        conflict: Sequence[str],
+        columns: Sequence[str],
+        source: str,
+    ) -> str:
+        # Snowflake has no INSERT ... ON CONFLICT (its primary keys are not enforced): MERGE.
+        on = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
+        updates = ", ".join(f"{c} = s.{c}" for c in columns if c not in conflict)
+        names = ", ".join(columns)
+        values = ", ".join(f"s.{c}" for c in columns)
+        return (
+            f"MERGE INTO {table} AS t USING ({source}) AS s ON {on}"
+            f" WHEN MATCHED THEN UPDATE SET {updates}"
+            f" WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
+        )
+
+    def insert_absent(
+        self, table: str, conflict: Sequence[str], columns: Sequence[str], source: str
+    ) -> str:
+        # INSERT ... WHERE NOT EXISTS could let two concurrent runs both insert (primary keys
+        # are not enforced); MERGE takes a table lock, so one of them sees the other's row.
+        # fakesnow runs statements one at a time on DuckDB and cannot show the difference.
+        on = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
+        values = ", ".join(f"s.{c}" for c in columns)
+        return (
+            f"MERGE INTO {table} AS t USING ({source}) AS s ON {on}"
+            f" WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) VALUES ({values})"
+        )
+
+
+def _json_array(items: Sequence[bytes]) -> str:
+    return (b"[" + b",".join(items) + b"]").decode()
+
+
+_DIALECTS: dict[str, type[Dialect]] = {
+    "duckdb": Dialect,
+    "postgresql": PostgresDialect,
+    "snowflake": SnowflakeDialect,
+}
+
+
+def dialect_for(sa_dialect: sa.Dialect) -> Dialect:
+    """The SQL of the engine's database; a clear error for one cio-retl does not speak."""
+    try:
+        cls = _DIALECTS[sa_dialect.name]
+    except KeyError:
+        raise ConfigError(
+            f"unsupported database dialect {sa_dialect.name!r} (duckdb, postgresql, snowflake)"
+        ) from None
+    return cls(sa_dialect)

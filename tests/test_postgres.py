@@ -1,0 +1,216 @@
+"""End to end on a real PostgreSQL: warehouse and state in fresh schemas of the test server.
+
+The expected workspace is computed by PostgreSQL itself (extract(epoch ...), casts),
+independently of the engine's Python normalization, so the two have to agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cio_retl.config import Secret, Settings
+from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
+from cio_retl.emulator import Emulator
+from cio_retl.state import StateStore
+from cio_retl.warehouse import create_engine
+from tests.conftest import API_KEY, SITE_ID, PgSchemas, demo_models, sync
+from tests.test_sync_duckdb import actual_workspace, batch_items
+
+pytestmark = pytest.mark.postgres
+
+
+def expected_workspace(engine: Engine, schema: str) -> dict[str, Any]:
+    people_sql = f"""
+        SELECT email, first_name, last_name, plan,
+               CAST(lifetime_value AS DOUBLE PRECISION) AS lifetime_value, is_admin,
+               CAST(extract(epoch FROM created_at) AS BIGINT) AS created_at, preferences
+        FROM {schema}.users WHERE deleted_at IS NULL
+    """
+    objects_sql = f"""
+        SELECT company_id, name, plan, seats,
+               CAST(extract(epoch FROM CAST(founded_on AS TIMESTAMP)) AS BIGINT) AS founded_on
+        FROM {schema}.companies
+    """
+    relationships_sql = f"""
+        SELECT u.email, m.company_id, m.role FROM {schema}.memberships m
+        JOIN {schema}.users u USING (user_id) WHERE u.deleted_at IS NULL
+    """
+    with engine.connect() as conn:
+        people = {
+            r["email"]: {k: v for k, v in r.items() if v is not None}
+            for r in (row._asdict() for row in conn.execute(sa.text(people_sql)))
+        }
+        objects = {
+            ("1", r["company_id"]): {
+                **{k: v for k, v in r.items() if v is not None and k != "company_id"},
+                "object_id": r["company_id"],
+            }
+            for r in (row._asdict() for row in conn.execute(sa.text(objects_sql)))
+        }
+        relationships = {
+            (email, ("1", company)): {"role": role}
+            for email, company, role in conn.execute(sa.text(relationships_sql))
+        }
+    return {"people": people, "objects": objects, "relationships": relationships}
+
+
+@pytest.fixture
+def pg_engine(pg_schemas: PgSchemas) -> Any:
+    engine = create_engine(pg_schemas.url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_settings(
+    pg_schemas: PgSchemas, pg_engine: Engine, emulator: Emulator, tmp_path: Path
+) -> Settings:
+    create_demo_warehouse(pg_engine, schema=pg_schemas.warehouse)
+    return Settings(
+        warehouse_url=pg_schemas.url,
+        state_url=pg_schemas.url,
+        models_dir=demo_models(tmp_path / "models", pg_schemas.warehouse),
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+        state_schema=pg_schemas.state,
+    )
+
+
+def test_demo_syncs_then_sends_only_the_edits(
+    pg_settings: Settings, pg_schemas: PgSchemas, pg_engine: Engine, emulator: Emulator
+) -> None:
+    first = sync(pg_settings)
+    assert first.exit_code == 0, first
+    expected = expected_workspace(pg_engine, pg_schemas.warehouse)
+    assert actual_workspace(emulator) == expected
+    assert len(expected["people"]) == 490 and emulator.invalid_items == []
+    assert {m.model: m.created for m in first.models}["users"] == 490
+    # The state went to the configured schema, not to the default one.
+    state = StateStore(pg_engine, pg_schemas.state)
+    assert len(state.snapshot("users")) == 490
+
+    edits = edit_demo_warehouse(pg_engine, schema=pg_schemas.warehouse)
+    before = len(emulator.requests)
+    second = sync(pg_settings)
+    assert second.exit_code == 0
+    items = batch_items(emulator, before)
+    assert len(items) == edits.entities == 6
+    people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
+    assert sorted(i["identifiers"]["email"] for i in people) == sorted(edits.users_changed)
+    for item in people:
+        assert set(item["attributes"]) in (
+            {"plan", "lifetime_value", "email"},
+            {"first_name", "email"},
+        )
+    cleared = next(i for i in people if "first_name" in i["attributes"])
+    assert cleared["attributes"]["first_name"] == ""  # NULL removes the attribute
+    assert (
+        "first_name" not in emulator.workspace.people_by("email")[cleared["identifiers"]["email"]]
+    )
+    assert actual_workspace(emulator) == expected_workspace(pg_engine, pg_schemas.warehouse)
+
+    before = len(emulator.requests)
+    third = sync(pg_settings)
+    assert third.exit_code == 0 and sum(m.items_sent for m in third.models) == 0
+    assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
+
+
+PEOPLE = [
+    ("u1", "a@x.io", "pro", None),
+    ("u2", "b@x.io", "free", None),
+    ("u3", "c@x.io", "pro", None),
+    ("dup", "d1@x.io", "pro", None),
+    ("dup", "d2@x.io", "pro", None),
+    (None, "nokey@x.io", "pro", None),
+    ("bin", "bin@x.io", "pro", b"\xaa"),
+    ("long", "x" * 1001, "pro", None),
+]
+
+
+def test_mirror_deletes_and_rejections(
+    pg_settings: Settings, pg_schemas: PgSchemas, pg_engine: Engine, emulator: Emulator
+) -> None:
+    schema = pg_schemas.warehouse
+    with pg_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {schema}.people (user_id TEXT, email TEXT, plan TEXT, payload BYTEA)"
+            )
+        )
+        conn.execute(
+            sa.text(f"INSERT INTO {schema}.people VALUES (:u, :e, :p, :b)"),
+            [{"u": u, "e": e, "p": p, "b": b} for u, e, p, b in PEOPLE],
+        )
+    models = pg_settings.models_dir
+    for model in models.glob("*.sql"):
+        model.unlink()
+    (models / "people.sql").write_text(
+        "-- kind: person\n-- identifier: id\n-- key: user_id\n-- mode: mirror\n"
+        f"select user_id, email, plan, payload from {schema}.people\n"
+    )
+    first = sync(pg_settings)
+    people = first.models[0]
+    assert first.exit_code == 1
+    assert people.created == 3 and people.rejected == 5
+    reasons = dict(people.rejections)
+    assert "2 rows share this key" in reasons["dup"]
+    assert "is NULL" in reasons[None]
+    assert "binary" in reasons["bin"]
+    assert "over the 1000-byte limit" in reasons["long"]
+    state = StateStore(pg_engine, pg_schemas.state)
+    assert {r["key"] for r in state.rejections("people")} == {"dup", "bin", "long"}
+    assert set(emulator.workspace.people_by("id")) == {"u1", "u2", "u3"}
+
+    with pg_engine.begin() as conn:
+        conn.execute(sa.text(f"DELETE FROM {schema}.people WHERE user_id = 'u2'"))
+        conn.execute(sa.text(f"UPDATE {schema}.people SET plan = NULL WHERE user_id = 'u3'"))
+    second = sync(pg_settings, force=True)  # 1 of 3 deleted is over the default guardrail
+    assert second.models[0].deleted == 1 and second.models[0].updated == 1
+    assert emulator.workspace.person(id="u2") is None
+    assert "plan" not in emulator.workspace.people_by("id")["u3"]
+    assert set(state.snapshot("people")) == {"u1", "u3"}
+
+
+def test_postgres_warehouse_with_duckdb_state_matches_push_down(
+    pg_settings: Settings, pg_schemas: PgSchemas, pg_engine: Engine, tmp_path: Path
+) -> None:
+    """The cross-database diff (state in DuckDB) sends exactly what the push-down one does."""
+    pushed = pg_settings
+    crossed = replace(pg_settings, state_url=f"duckdb:///{tmp_path / 'state.duckdb'}")
+    with (
+        Emulator(site_id=SITE_ID, api_key=API_KEY) as emu_pushed,
+        Emulator(site_id=SITE_ID, api_key=API_KEY) as emu_crossed,
+    ):
+        pushed = replace(pushed, track_api_url=emu_pushed.url)
+        crossed = replace(crossed, track_api_url=emu_crossed.url)
+
+        def both() -> None:
+            marks = len(emu_pushed.requests), len(emu_crossed.requests)
+            a, b = sync(pushed, force=True), sync(crossed, force=True)
+            assert [m.counts() for m in a.models] == [m.counts() for m in b.models]
+            assert sorted_items(emu_pushed, marks[0]) == sorted_items(emu_crossed, marks[1])
+
+        both()
+        edit_demo_warehouse(pg_engine, schema=pg_schemas.warehouse)
+        both()
+        with pg_engine.begin() as conn:
+            conn.execute(sa.text(f"DELETE FROM {pg_schemas.warehouse}.memberships"))
+        both()
+        both()
+        assert actual_workspace(emu_pushed) == actual_workspace(emu_crossed)
+        assert actual_workspace(emu_crossed) == expected_workspace(pg_engine, pg_schemas.warehouse)
+
+
+def sorted_items(emulator: Emulator, since: int) -> list[str]:
+    import orjson
+
+    return sorted(
+        orjson.dumps(i, option=orjson.OPT_SORT_KEYS).decode() for i in batch_items(emulator, since)
+    )
