@@ -19,6 +19,7 @@ from rich.table import Table
 
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError
+from cio_retl.limits import MAX_BATCH_ITEMS
 from cio_retl.state import StateStore
 from cio_retl.sync import RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--force", action="store_true", help="let this run exceed the delete/change guardrails"
     )
+    sync.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=MAX_BATCH_ITEMS,
+        metavar="N",
+        help=f"items per request, 1 to {MAX_BATCH_ITEMS} (default {MAX_BATCH_ITEMS})",
+    )
     sync.set_defaults(handler=_sync)
 
     plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
@@ -75,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to keep the demo warehouse (default: a temp dir)")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_BATCH_ITEMS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_ITEMS}")
+    return value
 
 
 @contextmanager

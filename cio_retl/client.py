@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
+import tenacity
 
 from cio_retl import __version__
 from cio_retl.batching import batch_body
@@ -62,6 +63,16 @@ class RateLimiter:
                     return
                 wait = self._sent[0] + self.window - now
             self._sleep(wait)
+
+
+_LIMITERS: dict[tuple[str, str], RateLimiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def workspace_limiter(base_url: str, site_id: str) -> RateLimiter:
+    """The one limiter of a workspace in this process: every client and thread shares it."""
+    with _LIMITERS_LOCK:
+        return _LIMITERS.setdefault((base_url, site_id), RateLimiter())
 
 
 @dataclass(slots=True)
@@ -113,7 +124,7 @@ class TrackClient:
             headers={"User-Agent": f"cio-retl/{__version__}", "Content-Type": "application/json"},
         )
         self.retry = retry or RetryPolicy()
-        self.limiter = limiter or RateLimiter()
+        self.limiter = limiter or workspace_limiter(base_url, site_id)
         self._sleep = sleep
         self._rng = random.Random(seed)
 
@@ -184,28 +195,39 @@ class TrackClient:
         """One logical request, retried on throttling and unknown outcomes.
 
         Returns the final response, the attempts made and the bytes sent over all of them.
+        tenacity owns the loop (stop, wait, sleep); we only say what is retriable and how
+        long to wait, so ``Retry-After`` and the injected sleep of tests fit in one place.
         """
-        last_problem = ""
-        for attempt in range(self.retry.max_attempts):
-            self.limiter.acquire()
-            retry_after: float | None = None
-            try:
-                response = self._http.request(method, path, content=body)
-            except httpx.TransportError as exc:  # timeouts, resets, refused: outcome unknown
-                last_problem = f"{type(exc).__name__}"
-            else:
-                if response.status_code != 429 and response.status_code < 500:
-                    return response, attempt + 1, (attempt + 1) * len(body or b"")
-                last_problem = f"HTTP {response.status_code}"
-                retry_after = _retry_after(response)
-            if attempt + 1 < self.retry.max_attempts:
-                self._sleep(self.retry.delay(attempt, retry_after, self._rng))
-        raise RetriableError(
-            f"the Track API did not accept {path} after {self.retry.max_attempts} attempts "
-            f"(last: {last_problem}); unacknowledged rows are resent on the next run",
-            attempts=self.retry.max_attempts,
-            bytes_sent=self.retry.max_attempts * len(body or b""),
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retry.max_attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type((_Retriable, httpx.TransportError)),
+            sleep=self._sleep,
+            before=lambda _: self.limiter.acquire(),
+            reraise=True,
         )
+        size = len(body or b"")
+        try:
+            for attempt in retrying:
+                with attempt:
+                    response = self._http.request(method, path, content=body)
+                    if response.status_code == 429 or response.status_code >= 500:
+                        raise _Retriable(response)
+                    attempts = attempt.retry_state.attempt_number
+            return response, attempts, attempts * size
+        except (_Retriable, httpx.TransportError) as exc:  # the last attempt failed too
+            last = f"HTTP {exc.status}" if isinstance(exc, _Retriable) else type(exc).__name__
+            raise RetriableError(
+                f"the Track API did not accept {path} after {self.retry.max_attempts} attempts "
+                f"(last: {last}); unacknowledged rows are resent on the next run",
+                attempts=self.retry.max_attempts,
+                bytes_sent=self.retry.max_attempts * size,
+            ) from None
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        retry_after = error.retry_after if isinstance(error, _Retriable) else None
+        return self.retry.delay(state.attempt_number - 1, retry_after, self._rng)
 
     @staticmethod
     def _raise_if_fatal(response: httpx.Response) -> None:
@@ -219,6 +241,15 @@ class TrackClient:
                 f"the Track API answered HTTP {response.status_code} for {response.request.url.path}: "
                 "check CIO_TRACK_API_URL / CIO_REGION"
             )
+
+
+class _Retriable(Exception):
+    """A 429 or 5xx answer: the items may be sent again as they are."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.retry_after = _retry_after(response)
+        super().__init__(f"HTTP {self.status}")
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -13,6 +13,8 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +113,10 @@ SNAPSHOT_COLUMNS = (
 )
 
 
+# Runs of one process create the schema one at a time (threads, Dagster's in-process steps).
+_SCHEMA_LOCK = threading.Lock()
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -155,9 +161,9 @@ class StateStore:
         return f"{self.dialect.quote_schema(self.schema)}.{self.dialect.quote(table.name)}"
 
     def ensure_schema(self) -> None:
-        for attempt in range(3):
+        for attempt in range(5):
             try:
-                with self.engine.begin() as conn:
+                with _SCHEMA_LOCK, self.engine.begin() as conn:
                     conn.execute(
                         sa.text(
                             f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
@@ -166,10 +172,12 @@ class StateStore:
                     metadata.create_all(conn)
                 return
             except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
-                # Two runs creating the schema at once: DuckDB's optimistic concurrency makes
-                # one fail with a write-write conflict; Postgres a duplicate. The other won.
-                if attempt == 2:
+                # Two processes creating the schema at once: DuckDB's optimistic concurrency
+                # makes one fail with a write-write conflict, Postgres with a duplicate; the
+                # other wins, and the next attempt finds everything there.
+                if attempt == 4:
                     raise
+                time.sleep(0.05 * 2**attempt)
 
     def drop_schema(self) -> None:
         """Remove every state table and the schema; for tests and throwaway deployments."""

@@ -11,17 +11,29 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from cio_retl.batching import pack
 from cio_retl.client import RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
 from cio_retl.diff import Change, ChangeCounts, Differ, RowChange, differ_for
-from cio_retl.errors import CioRetlError, GuardrailError, Rejection, RetriableError
+from cio_retl.errors import (
+    CioRetlError,
+    ConfigError,
+    GuardrailError,
+    LockedError,
+    Rejection,
+    RetriableError,
+)
+from cio_retl.limits import MAX_BATCH_ITEMS
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
@@ -40,6 +52,8 @@ class SyncOptions:
     full_resync: bool = False
     force: bool = False  # let this run exceed the models' guardrails
     sample_size: int = 3
+    max_in_flight: int = 4  # batches travelling at once; the rate limit still caps requests
+    batch_items: int = MAX_BATCH_ITEMS  # fewer items per request bound what a 400 bisects
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -123,6 +137,8 @@ def run_sync(
     try:
         warehouse = Warehouse(engine)
         state = StateStore(state_engine, settings.state_schema)
+        for db in {engine, state_engine}:
+            check_reachable(db)
         for model in models:  # every model error surfaces before anything is sent
             warehouse.columns(model)
         client: TrackClient | None = None
@@ -144,6 +160,23 @@ def run_sync(
                 differ.close()
         engine.dispose()
         state_engine.dispose()
+
+
+def check_reachable(engine: Engine) -> None:
+    """Connect once, so "database busy or down" is not mistaken for a model's SQL error."""
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        if "Could not set lock on file" in message:  # DuckDB: one writing process per file
+            raise LockedError(
+                f"the DuckDB database is in use by another process ({message.split(': ', 1)[-1]}); "
+                "one run at a time: try again when it ends"
+            ) from None
+        raise ConfigError(
+            f"cannot connect to the {engine.dialect.name} database: {message}"
+        ) from None
 
 
 class _Run:
@@ -314,24 +347,61 @@ class _Sender:
         self._rejections: list[RejectionRow] = []
 
     def send(self, changes: Iterator[RowChange]) -> None:
-        for batch in pack(self._operations(changes)):
-            operations = [op for op, _ in batch]
-            if self.dry_run:
-                self._count_acked(operations)
-            else:
-                assert self.run.client is not None
-                try:
-                    result = self.run.client.send_batch([item for _, item in batch])
-                except RetriableError as exc:
-                    self.report.requests += exc.attempts
-                    self.report.bytes_sent += exc.bytes_sent
-                    raise
-                self._acknowledge(operations, result)
-                self.run.heartbeat()
-            if self.run.progress:
-                self.run.progress(self.model.name, len(batch))
-            self._flush_if_full()
+        """Up to ``max_in_flight`` batches travel at once; acknowledgments are written here,
+        in batch order, on this thread (the state connection is not shared with workers).
+
+        One phase holds each key at most once, so batches of a phase may overlap in flight
+        without an older state of a row overtaking a newer one; phases never overlap.
+        """
+        if self.dry_run:
+            for batch in pack(self._operations(changes), max_items=self.run.options.batch_items):
+                self._count_acked([op for op, _ in batch])
+                self._after_batch(len(batch))
+            self._flush()
+            return
+        client = self.run.client
+        assert client is not None
+        in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
+        failure: CioRetlError | None = None
+        with ThreadPoolExecutor(self.run.options.max_in_flight, "cio-send") as pool:
+            try:
+                for batch in pack(
+                    self._operations(changes), max_items=self.run.options.batch_items
+                ):
+                    if len(in_flight) >= self.run.options.max_in_flight:
+                        self._settle(*in_flight.popleft())
+                    items = [item for _, item in batch]
+                    in_flight.append(
+                        ([op for op, _ in batch], pool.submit(client.send_batch, items))
+                    )
+            except CioRetlError as exc:
+                failure = exc
+            finally:
+                # Whatever happened, acknowledge every batch that was accepted meanwhile.
+                while in_flight:
+                    try:
+                        self._settle(*in_flight.popleft())
+                    except CioRetlError as exc:
+                        failure = failure or exc
         self._flush()
+        if failure is not None:
+            raise failure
+
+    def _settle(self, operations: list[Operation], future: Future[SendResult]) -> None:
+        try:
+            result = future.result()
+        except RetriableError as exc:
+            self.report.requests += exc.attempts
+            self.report.bytes_sent += exc.bytes_sent
+            raise
+        self._acknowledge(operations, result)
+        self.run.heartbeat()
+        self._after_batch(len(operations))
+
+    def _after_batch(self, n_items: int) -> None:
+        if self.run.progress:
+            self.run.progress(self.model.name, n_items)
+        self._flush_if_full()
 
     def _operations(self, changes: Iterable[RowChange]) -> Iterator[tuple[Operation, bytes]]:
         for change in changes:

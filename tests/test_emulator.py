@@ -794,6 +794,8 @@ def test_delay(client: httpx.Client, emu: Emulator) -> None:
     started = time.perf_counter()
     assert batch(client, person({"id": "u"})).status_code == 200
     assert time.perf_counter() - started >= 0.2
+    emu.faults = FaultPlan(delay_seconds=30)  # writes only: the region check is not held
+    assert client.get("/api/v1/accounts/region").status_code == 200
 
 
 def test_in_flight_counts_held_requests_and_stop_abandons_them() -> None:

@@ -55,8 +55,9 @@ class FaultPlan:
 
     Rates are fractions of *write* requests (v2 batch/entity, v1 customers); they are exclusive
     and drawn from one seeded random stream in the order drop, throttle, error. `fail_first`
-    counts write requests since the plan was assigned. `status_override` and `delay_seconds`
-    apply to every Track request, the region check included.
+    counts write requests since the plan was assigned. `delay_seconds` holds writes only (so a
+    test can hold a batch in flight while the client's credential check passes);
+    `status_override` applies to every Track request, the region check included.
     """
 
     error_rate: float = 0.0

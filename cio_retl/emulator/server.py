@@ -334,9 +334,9 @@ class Emulator:
                     reply.payload = {}
                 if plan.status_override == 429:
                     reply.headers = _retry_after(plan)
-                return plan.delay_seconds, reply
+                return plan.delay_seconds if write else 0.0, reply
             if not write:
-                return plan.delay_seconds, None
+                return 0.0, None
             self._writes_seen += 1
             if self._writes_seen <= plan.fail_first:
                 return plan.delay_seconds, _error(503, "service unavailable (fail_first fault)")

@@ -1,0 +1,292 @@
+"""Delivery that loses nothing: faults, partial failures, kills and overlapping runs.
+
+Everything runs against the emulator (real HTTP on loopback) and real DuckDB files; retries
+use tiny backoffs, never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from sqlalchemy.engine import Engine
+
+from cio_retl.client import RetryPolicy
+from cio_retl.config import Secret, Settings
+from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.errors import LockedError
+from cio_retl.state import StateStore
+from cio_retl.sync import SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
+from tests.conftest import API_KEY, REPO, SITE_ID
+from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
+
+PATIENT = RetryPolicy(max_attempts=15, base_delay=0.001, max_delay=0.01)
+
+
+def patient_sync(settings: Settings, **options: object) -> object:
+    return run_sync(settings, None, SyncOptions(retry=PATIENT, **options))  # type: ignore[arg-type]
+
+
+def test_fault_storm_then_clean_run_converges(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """10% 5xx, 429s with Retry-After, 2% dropped connections and 7 rejected keys."""
+    with demo_engine.connect() as conn:
+        emails = [
+            r[0]
+            for r in conn.execute(
+                sa.text(
+                    "SELECT email FROM demo.users WHERE deleted_at IS NULL ORDER BY user_id LIMIT 7"
+                )
+            )
+        ]
+    emulator.faults = FaultPlan(
+        error_rate=0.10,
+        throttle_rate=0.10,
+        retry_after=0.01,
+        drop_rate=0.02,
+        reject_identifiers=frozenset(emails),
+        seed=11,
+    )
+    # Small batches: many requests, so the fault rates really bite.
+    report = run_sync(settings, None, SyncOptions(retry=PATIENT, max_in_flight=3, batch_items=10))
+    statuses = {r.status for r in emulator.requests}
+    assert {0, 429, 207} <= statuses and statuses & {500, 502, 503}
+    assert report.exit_code == 1 and report.error is None
+    users = next(m for m in report.models if m.model == "users")
+    assert users.rejected == 7 and users.created == 490 - 7
+    state = StateStore(demo_engine)
+    assert sorted(r["key"] for r in state.rejections("users")) == sorted(emails)
+    expected = expected_workspace(demo_engine)
+    actual = actual_workspace(emulator)
+    # Relationships of rejected people still went (Customer.io creates an empty person for
+    # them), so compare the people who were not rejected.
+    assert {e: a for e, a in actual["people"].items() if e not in emails} == {
+        e: a for e, a in expected["people"].items() if e not in emails
+    }
+    assert actual["objects"] == expected["objects"]
+
+    emulator.faults = FaultPlan()
+    before = len(emulator.requests)
+    again = patient_sync(settings)
+    assert again.exit_code == 0  # type: ignore[attr-defined]
+    resent = {
+        i["identifiers"].get("email")
+        for i in batch_items(emulator, before)
+        if i["type"] == "person" and i["action"] == "identify"
+    }
+    assert resent == set(emails)  # only what was not acknowledged
+    assert actual_workspace(emulator) == expected
+    assert state.rejections("users") == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_sigkill_at_random_points_then_rerun_is_exact(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, warehouse_url: str, seed: int
+) -> None:
+    """Kill -9 anywhere in a run (slow emulator, small batches), rerun, compare everything."""
+    demo_engine.dispose()
+    emulator.faults = FaultPlan(delay_seconds=0.02)
+    env = {
+        **os.environ,
+        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
+        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
+        "CIO_TRACK_API_URL": emulator.url,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rng = random.Random(seed)
+    target = rng.randint(1, 40)  # kill once this many batches reached the emulator
+    deadline = time.monotonic() + 60
+    while len(emulator.requests) + emulator.in_flight < target and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    emulator.faults = FaultPlan()
+
+    engine = create_engine(warehouse_url)
+    state = StateStore(engine)
+    state.ensure_schema()
+    acknowledged = sum(len(state.snapshot(m)) for m in ("companies", "users", "memberships"))
+    total = 40 + 490 + 506
+    before = len(emulator.requests)
+    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    resent = len(batch_items(emulator, before))
+    assert resent == total - acknowledged  # at most (here: exactly) the unacknowledged rows
+    assert actual_workspace(emulator) == expected_workspace(engine)
+    engine.dispose()
+
+
+def test_two_runs_at_once_in_one_process(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """The lock row arbitrates: one run syncs, the other stops with a clear message."""
+    emulator.faults = FaultPlan(delay_seconds=0.05)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(patient_sync(settings))
+        except LockedError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    locked = [o for o in outcomes if isinstance(o, LockedError)]
+    assert len(locked) == 1 and "being synced by another run" in str(locked[0])
+    assert locked[0].exit_code == 3
+    emulator.faults = FaultPlan()
+    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
+def test_two_processes_on_one_duckdb_file(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, warehouse_url: str
+) -> None:
+    """DuckDB admits one writing process: the second says so and exits 3, nothing sent."""
+    demo_engine.dispose()
+    # Each batch is held 2 s: the first run is still sending while the second starts up.
+    emulator.faults = FaultPlan(delay_seconds=2.0)
+    env = {
+        **os.environ,
+        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
+        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
+        "CIO_TRACK_API_URL": emulator.url,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cio_retl", "sync"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while emulator.in_flight_on("/api/v2/batch") == 0:
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    second = subprocess.run(
+        [sys.executable, "-m", "cio_retl", "sync"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 3, second.stderr
+    assert "in use by another process" in second.stderr
+    assert API_KEY not in second.stderr + second.stdout
+    assert first.poll() is None  # the refusal came while the first run was really running
+    emulator.faults = FaultPlan()
+    assert first.wait(timeout=120) == 0
+    engine = create_engine(warehouse_url)
+    assert actual_workspace(emulator) == expected_workspace(engine)
+    engine.dispose()
+
+
+mutation = st.one_of(
+    st.tuples(st.just("plan"), st.integers(1, 60), st.sampled_from(["free", "pro", None])),
+    st.tuples(st.just("delete_user"), st.integers(1, 60), st.none()),
+    st.tuples(st.just("add_user"), st.integers(61, 80), st.sampled_from(["free", "pro"])),
+    st.tuples(st.just("drop_membership"), st.integers(1, 60), st.none()),
+)
+faults = st.builds(
+    FaultPlan,
+    error_rate=st.sampled_from([0.0, 0.2]),
+    throttle_rate=st.sampled_from([0.0, 0.2]),
+    retry_after=st.just(0.001),
+    drop_rate=st.sampled_from([0.0, 0.1]),
+    seed=st.integers(0, 1000),
+)
+
+
+@hsettings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(st.tuples(st.lists(mutation, max_size=5), faults), min_size=1, max_size=4))
+def test_random_mutations_under_random_faults_converge(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[list[tuple[str, int, object]], FaultPlan]],
+) -> None:
+    folder = tmp_path_factory.mktemp("prop")
+    url = f"duckdb:///{folder / 'w.duckdb'}"
+    engine = create_engine(url)
+    from cio_retl.demo import DemoSize, create_demo_warehouse
+
+    create_demo_warehouse(engine, DemoSize(users=60, companies=6, deleted_users=0))
+    # Mirror mode, so users who leave the model leave Customer.io too and the two can be equal.
+    models = folder / "models"
+    models.mkdir()
+    for path in (REPO / "sql").glob("*.sql"):
+        text = path.read_text()
+        if path.stem in ("users", "companies"):
+            text = text.replace("-- kind:", "-- mode: mirror\n-- kind:", 1)
+        (models / path.name).write_text(text)
+    with Emulator(site_id=SITE_ID, api_key=API_KEY) as emu:
+        settings = Settings(
+            warehouse_url=url,
+            state_url=url,
+            models_dir=models,
+            track_api_url=emu.url,
+            site_id=SITE_ID,
+            api_key=Secret(API_KEY),
+        )
+        flaky = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.002)
+        for mutations, plan in steps:
+            with engine.begin() as conn:
+                for action, user_id, value in mutations:
+                    apply_mutation(conn, action, user_id, value)
+            emu.faults = plan
+            # A run under faults may give up (exit 1): the next run must pick up the rest.
+            run_sync(settings, None, SyncOptions(retry=flaky, force=True))
+        emu.faults = FaultPlan()
+        final = run_sync(settings, None, SyncOptions(retry=PATIENT, force=True))
+        assert final.exit_code == 0, final
+        assert actual_workspace(emu) == expected_workspace(engine)
+    engine.dispose()
+
+
+def apply_mutation(conn: sa.Connection, action: str, user_id: int, value: object) -> None:
+    if action == "plan":
+        conn.execute(
+            sa.text("UPDATE demo.users SET plan = :v WHERE user_id = :u"),
+            {"v": value, "u": user_id},
+        )
+    elif action == "delete_user":
+        conn.execute(
+            sa.text("UPDATE demo.users SET deleted_at = now() WHERE user_id = :u"), {"u": user_id}
+        )
+    elif action == "add_user":
+        conn.execute(
+            sa.text(
+                "INSERT INTO demo.users (user_id, email, plan) SELECT :u, 'new' || :u || '@x.io', :v"
+                " WHERE NOT EXISTS (SELECT 1 FROM demo.users WHERE user_id = :u)"
+            ),
+            {"u": user_id, "v": value},
+        )
+    else:
+        conn.execute(sa.text("DELETE FROM demo.memberships WHERE user_id = :u"), {"u": user_id})
