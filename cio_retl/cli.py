@@ -26,7 +26,7 @@ from cio_retl.warehouse import create_engine
 
 # Piped output keeps full-width tables instead of rich's 80-column fallback.
 out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # errors stay one line each: grep-able in logs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
