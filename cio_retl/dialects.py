@@ -7,7 +7,7 @@ relation the database can join (state-store writes and lookups), and the upsert 
 DuckDB and PostgreSQL share the array forms (``unnest`` of one array per column, bound as
 parameters, and ``INSERT ... ON CONFLICT``). Snowflake has neither ``unnest`` nor
 ``ON CONFLICT``: a batch travels as one JSON array expanded by ``FLATTEN`` and the upsert is
-a ``MERGE``. Its connector interpolates parameters into the statement text client-side, and
+an UPDATE plus an INSERT of the absent keys. Its connector interpolates parameters into the statement text client-side, and
 Snowflake recommends statements under 1 MB, so Snowflake batches are split by size.
 
 Where fakesnow (the test double, which translates Snowflake SQL to DuckDB through sqlglot)
@@ -97,16 +97,19 @@ class Dialect:
     def execute_rows(
         self,
         conn: Connection,
-        template: str,
+        templates: str | Sequence[str],
         columns: Sequence[str],
         rows: Sequence[Sequence[str | None]],
         params: Mapping[str, Any] | None = None,
     ) -> None:
-        """Run ``template`` with its ``{rows}`` placeholder standing for ``rows``."""
+        """Run the statement(s) with their ``{rows}`` placeholder standing for ``rows``."""
+        if isinstance(templates, str):
+            templates = [templates]
         for relation, batch_params in self.batches(columns, rows):
-            conn.execute(
-                sa.text(template.replace(ROWS, relation)), {**(params or {}), **batch_params}
-            )
+            for template in templates:
+                conn.execute(
+                    sa.text(template.replace(ROWS, relation)), {**(params or {}), **batch_params}
+                )
 
     def upsert(
         self,
@@ -114,14 +117,15 @@ class Dialect:
         conflict: Sequence[str],
         columns: Sequence[str],
         source: str,
-    ) -> str:
-        """Insert ``source``'s rows (a SELECT naming ``columns``), replacing on conflict."""
+    ) -> list[str]:
+        """Statements inserting ``source``'s rows (a SELECT naming ``columns``), replacing
+        the rows whose ``conflict`` key exists; run in one transaction."""
         names = ", ".join(columns)
         updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in conflict)
-        return (
+        return [
             f"INSERT INTO {table} ({names}) {source}"
             f" ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {updates}"
-        )
+        ]
 
     def insert_absent(
         self, table: str, conflict: Sequence[str], columns: Sequence[str], source: str
@@ -194,17 +198,21 @@ class SnowflakeDialect(Dialect):
         conflict: Sequence[str],
         columns: Sequence[str],
         source: str,
-    ) -> str:
-        # Snowflake has no INSERT ... ON CONFLICT (its primary keys are not enforced): MERGE.
+    ) -> list[str]:
+        # Snowflake has no INSERT ... ON CONFLICT (its primary keys are not enforced). The
+        # natural form is one MERGE ... USING (<FLATTEN source>), which real Snowflake runs,
+        # but fakesnow renders a FLATTEN inside a MERGE source to DuckDB SQL it cannot parse
+        # ("syntax error at or near TABLE"). So: UPDATE the existing keys, then INSERT the
+        # absent ones; both DML in the caller's transaction (DDL such as a temp table would
+        # commit it), under the model's lock, so no other writer interleaves.
         on = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
         updates = ", ".join(f"{c} = s.{c}" for c in columns if c not in conflict)
         names = ", ".join(columns)
-        values = ", ".join(f"s.{c}" for c in columns)
-        return (
-            f"MERGE INTO {table} AS t USING ({source}) AS s ON {on}"
-            f" WHEN MATCHED THEN UPDATE SET {updates}"
-            f" WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
-        )
+        return [
+            f"UPDATE {table} AS t SET {updates} FROM ({source}) AS s WHERE {on}",
+            f"INSERT INTO {table} ({names}) SELECT {', '.join(f's.{c}' for c in columns)}"
+            f" FROM ({source}) AS s WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})",
+        ]
 
     def insert_absent(
         self, table: str, conflict: Sequence[str], columns: Sequence[str], source: str

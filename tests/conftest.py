@@ -128,3 +128,12 @@ def demo_models(folder: Path, schema: str) -> Path:
     for model in (REPO / "sql").glob("*.sql"):
         (folder / model.name).write_text(model.read_text().replace("demo.", f"{schema}."))
     return folder
+
+
+@pytest.fixture
+def fakesnow_url() -> Iterator[str]:
+    """A Snowflake URL served in-process by fakesnow (Snowflake SQL run on DuckDB)."""
+    pytest.importorskip("snowflake.sqlalchemy", reason="needs the snowflake extra")
+    fakesnow = pytest.importorskip("fakesnow")
+    with fakesnow.patch():
+        yield "snowflake://fake:snow@fakesnow/CIO_TEST/PUBLIC?warehouse=test_wh"
