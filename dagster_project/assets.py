@@ -27,7 +27,7 @@ import dagster as dg
 from pydantic import Field
 
 from cio_retl.config import Settings
-from cio_retl.errors import CioRetlError, LockedError, ModelError
+from cio_retl.errors import CioRetlError, LockedError, ModelError, RetriableError
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
@@ -437,7 +437,8 @@ def _stuck_check(
 def _failure(exc: CioRetlError) -> dg.Failure:
     """The engine's message (it names the problem, never a secret) as a step failure.
 
-    Only a held lock is worth retrying; configuration, model, credential and guardrail
+    Only transient errors are worth retrying (the Track API unreachable before the run
+    started, a lock held by another run); configuration, model, credential and guardrail
     errors are not, since retrying cannot fix them.
     """
     metadata: dict[str, dg.MetadataValue] = {
@@ -445,7 +446,9 @@ def _failure(exc: CioRetlError) -> dg.Failure:
         "exit_code": dg.MetadataValue.int(exc.exit_code),
     }
     return dg.Failure(
-        description=str(exc), metadata=metadata, allow_retries=isinstance(exc, LockedError)
+        description=str(exc),
+        metadata=metadata,
+        allow_retries=isinstance(exc, LockedError | RetriableError),
     )
 
 
