@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cio_retl.errors import Rejection
-from cio_retl.models import Model
+from cio_retl.models import Model, RemovedColumns
 from cio_retl.normalize import Attributes, Record, canonical_json, to_record
 from cio_retl.state import StateStore
 from cio_retl.warehouse import (
@@ -104,7 +104,7 @@ def _model_rows(warehouse: Warehouse, model: Model) -> str:
         SELECT src.*, COUNT(*) OVER (PARTITION BY src.{KEY_COLUMN}) AS {DUPLICATES_COLUMN}
         FROM (
             SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
-                   {d.row_fingerprint("m")} AS {FINGERPRINT_COLUMN}, m.*
+                   {warehouse.fingerprint(model, "m")} AS {FINGERPRINT_COLUMN}, m.*
             FROM ({model_sql(model)}) AS m
         ) AS src
     """
@@ -116,8 +116,9 @@ def _upsert_change(
     key = row[KEY_COLUMN]
     fingerprint = row[FINGERPRINT_COLUMN]
     if key is None:
+        nulls = [c for c in model.key_columns if row.get(c) is None] or list(model.key_columns)
         return RowChange(
-            Change.REJECT, None, rejection=Rejection("key is NULL", model.key_columns[0])
+            Change.REJECT, None, rejection=Rejection(f"key is NULL ({', '.join(nulls)})", nulls[0])
         )
     if row[DUPLICATES_COLUMN] > 1:
         return RowChange(
@@ -136,6 +137,9 @@ def _upsert_change(
         return RowChange(Change.CREATE, key, fingerprint, record, send=dict(record.attributes))
     previous: Attributes = orjson.loads(previous_json)
     send = changed_attributes(previous, record.attributes)
+    if model.removed_columns is RemovedColumns.KEEP:
+        # A column that left the model leaves its attribute alone; a NULL still removes.
+        send = {k: v for k, v in send.items() if not (v == REMOVED and k not in values)}
     if full_resync:
         return RowChange(
             Change.UPDATE, key, fingerprint, record, send={**record.attributes, **send}
@@ -221,7 +225,7 @@ def count_changes(
     d = warehouse.dialect
     sql = f"""
         WITH src AS (
-            SELECT {d.key_expression(model, "m")} AS k, {d.row_fingerprint("m")} AS f
+            SELECT {d.key_expression(model, "m")} AS k, {warehouse.fingerprint(model, "m")} AS f
             FROM ({model_sql(model)}) AS m
         ), snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s WHERE s.model = :model
@@ -302,7 +306,7 @@ class CrossDatabaseDiff:
         self.state.unstage_keys(self.token, model.name)
         d = self.warehouse.dialect
         sql = (
-            f"SELECT {d.key_expression(model, 'm')} AS k, {d.row_fingerprint('m')} AS f"
+            f"SELECT {d.key_expression(model, 'm')} AS k, {self.warehouse.fingerprint(model, 'm')} AS f"
             f" FROM ({model_sql(model)}) AS m"
         )
         with self.warehouse.engine.connect() as conn:

@@ -57,6 +57,20 @@ def _looks_like_email(text: str) -> bool:
     )
 
 
+def column_name_problem(columns: list[str]) -> str | None:
+    """A column name that can never be an attribute name: a model error, not a row's."""
+    for name in columns:
+        size = len(name.encode())
+        if size > MAX_ATTRIBUTE_NAME_BYTES:
+            return (
+                f"column {name[:40]!r}... is {size} bytes, over the "
+                f"{MAX_ATTRIBUTE_NAME_BYTES}-byte limit for attribute names"
+            )
+        if not name.strip():
+            return "a column has an empty name"
+    return None
+
+
 def check_attributes(attributes: dict[str, Any], *, is_person: bool) -> Rejection | None:
     if is_person and len(attributes) > MAX_PERSON_ATTRIBUTES:
         return Rejection(

@@ -26,9 +26,24 @@ class Mode(StrEnum):
     MIRROR = "mirror"
 
 
+class RemovedColumns(StrEnum):
+    """What a column that left the model does to the attribute it used to fill."""
+
+    REMOVE = "remove"  # removed in Customer.io too (the default: Customer.io equals the model)
+    KEEP = "keep"  # left alone in Customer.io; only NULL values remove an attribute
+
+
 PERSON_IDENTIFIERS = ("id", "email", "cio_id")
 
-_COMMON_KEYS = {"kind", "mode", "description", "deps", "max_delete_pct", "max_change_pct"}
+_COMMON_KEYS = {
+    "kind",
+    "mode",
+    "description",
+    "deps",
+    "max_delete_pct",
+    "max_change_pct",
+    "removed_columns",
+}
 
 # Guardrails: share of the acknowledged rows (the snapshot) one run may delete or change.
 DEFAULT_MAX_DELETE_PCT = 10.0
@@ -65,6 +80,7 @@ class Model:
     deps: tuple[str, ...] = ()  # upstream asset keys, e.g. ("analytics/users",), for lineage
     max_delete_pct: float = DEFAULT_MAX_DELETE_PCT
     max_change_pct: float = DEFAULT_MAX_CHANGE_PCT
+    removed_columns: RemovedColumns = RemovedColumns.REMOVE
 
     @property
     def key_columns(self) -> tuple[str, ...]:
@@ -175,6 +191,16 @@ def parse_model(path: Path, text: str | None = None) -> Model:
                 raise ModelError(
                     str(path), f"{name} must be a percentage from 0 to 100, not {text!r}", at
                 )
+    removed_text, removed_line = header.get("removed_columns", ("remove", 1))
+    try:
+        removed_columns = RemovedColumns(removed_text)
+    except ValueError:
+        raise ModelError(
+            str(path),
+            f"removed_columns must be one of {[r.value for r in RemovedColumns]}, "
+            f"not {removed_text!r}",
+            removed_line,
+        ) from None
     deps = tuple(d.strip() for d in (get("deps") or "").split(",") if d.strip())
     if kind is Kind.RELATIONSHIP and get("person_key") == get("object_key"):
         raise ModelError(str(path), "person_key and object_key must be different columns", 1)
@@ -196,6 +222,7 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         deps=deps,
         max_delete_pct=percents.get("max_delete_pct", DEFAULT_MAX_DELETE_PCT),
         max_change_pct=percents.get("max_change_pct", DEFAULT_MAX_CHANGE_PCT),
+        removed_columns=removed_columns,
     )
 
 

@@ -39,8 +39,12 @@ class UnsupportedValue(ValueError):
 def normalize_value(value: Any) -> Any:
     """Map a database value to its JSON form, or raise :class:`UnsupportedValue`."""
     # The common types first: this runs once per changed cell.
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
         return value
+    if isinstance(value, int):
+        # Beyond 2^53 a JSON number is rounded by JavaScript consumers (segments, Liquid):
+        # such integers (HUGEINT, NUMBER(38) ids) travel as exact decimal strings.
+        return value if -_EXACT_FLOAT_INT < value < _EXACT_FLOAT_INT else str(value)
     if isinstance(value, float):
         return _normalize_float(value)
     if isinstance(value, Decimal):

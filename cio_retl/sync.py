@@ -30,10 +30,11 @@ from cio_retl.errors import (
     ConfigError,
     GuardrailError,
     LockedError,
+    ModelError,
     Rejection,
     RetriableError,
 )
-from cio_retl.limits import MAX_BATCH_ITEMS
+from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
@@ -140,7 +141,9 @@ def run_sync(
         for db in {engine, state_engine}:
             check_reachable(db)
         for model in models:  # every model error surfaces before anything is sent
-            warehouse.columns(model)
+            problem = column_name_problem(warehouse.columns(model))
+            if problem:
+                raise ModelError(str(model.path), problem, model.sql_line)
         client: TrackClient | None = None
         if not options.dry_run:
             site_id, api_key = settings.require_credentials()

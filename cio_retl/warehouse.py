@@ -7,6 +7,7 @@ differs between DuckDB, PostgreSQL and Snowflake lives in :mod:`cio_retl.dialect
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -62,6 +63,13 @@ class Warehouse:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = dialect_for(engine.dialect)
+        self._signatures: dict[str, str] = {}
+
+    def fingerprint(self, model: Model, alias: str) -> str:
+        """The SQL of a row's fingerprint; covers the model's column names and types too."""
+        if model.name not in self._signatures:
+            self.columns(model)
+        return self.dialect.row_fingerprint(alias, self._signatures[model.name])
 
     def columns(self, model: Model) -> list[str]:
         """The model's result columns, checked against its header; raises :class:`ModelError`."""
@@ -69,6 +77,7 @@ class Warehouse:
             with self.engine.connect() as conn:
                 result = conn.execute(sa.text(f"SELECT * FROM ({model_sql(model)}) AS m LIMIT 0"))
                 columns = list(result.keys())
+                described = [(c[0], str(c[1])) for c in result.cursor.description or ()]
         except sa.exc.DBAPIError as exc:
             raise ModelError(
                 str(model.path), f"SQL failed: {_db_message(exc)}", model.sql_line
@@ -85,6 +94,9 @@ class Warehouse:
             raise ModelError(
                 str(model.path), f"duplicate result columns {duplicated}", model.sql_line
             )
+        self._signatures[model.name] = hashlib.blake2b(
+            orjson.dumps(described), digest_size=6
+        ).hexdigest()
         reserved = sorted(INTERNAL_COLUMNS.intersection(columns))
         if reserved:
             raise ModelError(str(model.path), f"reserved column names {reserved}", model.sql_line)
