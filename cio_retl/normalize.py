@@ -9,12 +9,11 @@ now but was present in the snapshot is the API's "remove" case.
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import hashlib
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -38,29 +37,23 @@ class UnsupportedValue(ValueError):
 
 def normalize_value(value: Any) -> Any:
     """Map a database value to its JSON form, or raise :class:`UnsupportedValue`."""
-    # The common types first: this runs once per changed cell.
+    # Exact types through one dict lookup (this runs for every changed cell); subclasses and
+    # the rarer types fall through to the isinstance chain below.
+    convert = _BY_TYPE.get(type(value))
+    if convert is not None:
+        return convert(value)
     if value is None or isinstance(value, str | bool):
         return value
     if isinstance(value, int):
-        # Beyond 2^53 a JSON number is rounded by JavaScript consumers (segments, Liquid):
-        # such integers (HUGEINT, NUMBER(38) ids) travel as exact decimal strings.
-        return value if -_EXACT_FLOAT_INT < value < _EXACT_FLOAT_INT else str(value)
+        return _normalize_int(value)
     if isinstance(value, float):
         return _normalize_float(value)
     if isinstance(value, Decimal):
-        if value.is_nan():
-            return None
-        if value.is_infinite():
-            raise UnsupportedValue("infinite decimal has no JSON form")
-        if value == value.to_integral_value():
-            return int(value)
-        return float(value)
+        return _normalize_decimal(value)
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None:  # naive timestamps are taken as UTC, as warehouses store them
-            return calendar.timegm(value.timetuple())
-        return calendar.timegm(value.utctimetuple())
+        return _normalize_datetime(value)
     if isinstance(value, dt.date):
-        return calendar.timegm(value.timetuple())
+        return _normalize_date(value)
     if isinstance(value, dt.time):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
@@ -68,17 +61,67 @@ def normalize_value(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
-        raise UnsupportedValue("binary values cannot be sent to Customer.io")
+        _refuse_binary(value)
     if isinstance(value, Mapping):
-        return {str(k): normalize_value(v) for k, v in value.items()}
+        return _normalize_mapping(value)
     if isinstance(value, Sequence):
-        return [normalize_value(v) for v in value]
+        return _normalize_sequence(value)
     if isinstance(value, set | frozenset):
         return sorted((normalize_value(v) for v in value), key=orjson.dumps)
     item = getattr(value, "item", None)  # numpy scalars from some drivers
     if callable(item):
         return normalize_value(item())
     raise UnsupportedValue(f"unsupported value type {type(value).__name__}")
+
+
+def _normalize_int(value: int) -> int | str:
+    # Beyond 2^53 a JSON number is rounded by JavaScript consumers (segments, Liquid): such
+    # integers (HUGEINT, NUMBER(38) ids) travel as exact decimal strings.
+    return value if -_EXACT_FLOAT_INT < value < _EXACT_FLOAT_INT else str(value)
+
+
+def _normalize_decimal(value: Decimal) -> int | float | str | None:
+    if value.is_nan():
+        return None
+    if value.is_infinite():
+        raise UnsupportedValue("infinite decimal has no JSON form")
+    if value == value.to_integral_value():
+        return _normalize_int(int(value))
+    return float(value)
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EPOCH_DATE = dt.date(1970, 1, 1)
+_SECOND = dt.timedelta(seconds=1)
+
+
+def _normalize_datetime(value: dt.datetime) -> int:
+    """Unix seconds, floored (exact timedelta arithmetic, no float rounding); naive
+    timestamps are taken as UTC, as warehouses store them."""
+    if value.tzinfo is None:
+        return (value - _EPOCH) // _SECOND
+    return (value - _EPOCH_UTC) // _SECOND
+
+
+def _normalize_date(value: dt.date) -> int:
+    return (value - _EPOCH_DATE).days * 86_400
+
+
+def _refuse_binary(value: object) -> None:
+    raise UnsupportedValue("binary values cannot be sent to Customer.io")
+
+
+def _normalize_mapping(value: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(k): normalize_value(v) for k, v in value.items()}
+
+
+def _normalize_sequence(value: Sequence[Any]) -> list[Any]:
+    return [normalize_value(v) for v in value]
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _normalize_float(value: float) -> float | int | None:
@@ -91,10 +134,46 @@ def _normalize_float(value: float) -> float | int | None:
     return value
 
 
-def normalize_attributes(row: Mapping[str, Any]) -> Attributes:
-    """Normalize every column of a row, dropping NULLs; raises on the first bad value."""
+_BY_TYPE: dict[type, Any] = {
+    str: _same,
+    bool: _same,
+    type(None): _same,
+    int: _normalize_int,
+    float: _normalize_float,
+    Decimal: _normalize_decimal,
+    dt.datetime: _normalize_datetime,
+    dt.date: _normalize_date,
+    dt.time: dt.time.isoformat,
+    dt.timedelta: lambda v: _normalize_float(v.total_seconds()),
+    uuid.UUID: str,
+    bytes: _refuse_binary,
+    bytearray: _refuse_binary,
+    memoryview: _refuse_binary,
+    dict: _normalize_mapping,
+    list: _normalize_sequence,
+    tuple: _normalize_sequence,
+}
+
+
+def normalize_attributes(row: Mapping[str, Any], skip: Container[str] = ()) -> Attributes:
+    """Normalize every column of a row, dropping NULLs; raises on the first bad value.
+
+    The common cell types (text, booleans, small integers) are kept inline here, without a
+    call: this loop runs for every cell of every changed row.
+    """
     attributes: Attributes = {}
     for name, raw in row.items():
+        if name in skip:  # key columns: they travel as identifiers
+            continue
+        kind = type(raw)
+        if kind is str or kind is bool:
+            attributes[name] = raw
+            continue
+        if raw is None:
+            continue
+        if kind is int and -_EXACT_FLOAT_INT < raw < _EXACT_FLOAT_INT:
+            attributes[name] = raw
+            continue
         try:
             value = normalize_value(raw)
         except UnsupportedValue as exc:
@@ -150,9 +229,7 @@ def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Reject
             if rejection:
                 return rejection
             object_ident = {"object_type_id": model.object_type_id, "object_id": object_id}
-            attributes = normalize_attributes(
-                {c: v for c, v in row.items() if c not in (model.person_key, model.object_key)}
-            )
+            attributes = normalize_attributes(row, (model.person_key, model.object_key))
             return Record(
                 key=key,
                 external_id={
@@ -173,7 +250,7 @@ def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Reject
         rejection = check_identifier(id_type, value)
         if rejection:
             return rejection
-        attributes = normalize_attributes({c: v for c, v in row.items() if c != model.key})
+        attributes = normalize_attributes(row, (model.key,))
         attributes[id_type] = value
         identifiers: dict[str, Any] = (
             {id_type: value}
