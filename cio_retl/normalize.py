@@ -190,7 +190,12 @@ def canonical_json(value: Any) -> bytes:
 
 def attributes_hash(attributes: Attributes) -> str:
     """A 128-bit digest of the canonical JSON; stable across runs, platforms and versions."""
-    return hashlib.blake2b(canonical_json(attributes), digest_size=16).hexdigest()
+    return digest(canonical_json(attributes))
+
+
+def digest(canonical: bytes) -> str:
+    """The hash of already-serialized canonical JSON (see :func:`attributes_hash`)."""
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 
 # -- rows to records ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ deletes); a snapshot row is written only after its item was acknowledged; one ru
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections import deque
@@ -36,7 +37,7 @@ from cio_retl.errors import (
 )
 from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
-from cio_retl.normalize import canonical_json
+from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
 from cio_retl.warehouse import Warehouse, create_engine
@@ -334,9 +335,17 @@ def guardrail_problem(model: Model, counts: ChangeCounts) -> str | None:
 
 
 class _Sender:
-    """Streams one model's changes of one phase to Customer.io and acknowledges them."""
+    """Streams one model's changes of one phase to Customer.io and acknowledges them.
+
+    Three kinds of threads, so the two cores are both busy: this one reads the diff and
+    encodes items; up to ``max_in_flight`` workers send batches; ONE state writer applies
+    every state write (acknowledgments, fingerprint refreshes, rejections) in order. The
+    database releases the GIL while it writes, so snapshot upserts overlap the next batch's
+    encoding, and a single writer means state writes never race each other.
+    """
 
     FLUSH_EVERY = 1000
+    MAX_PENDING_WRITES = 8  # back-pressure: acknowledgments waiting for the state writer
 
     def __init__(self, run: _Run, model: Model, report: ModelReport) -> None:
         self.run = run
@@ -348,10 +357,13 @@ class _Sender:
         self._refresh: list[tuple[str, str]] = []
         self._forget: list[str] = []
         self._rejections: list[RejectionRow] = []
+        self._lock = threading.Lock()  # report counters and buffers shared with the writer
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: deque[Future[None]] = deque()
 
     def send(self, changes: Iterator[RowChange]) -> None:
-        """Up to ``max_in_flight`` batches travel at once; acknowledgments are written here,
-        in batch order, on this thread (the state connection is not shared with workers).
+        """Up to ``max_in_flight`` batches travel at once; their acknowledgments are written
+        in batch order by the state writer.
 
         One phase holds each key at most once, so batches of a phase may overlap in flight
         without an older state of a row overtaking a newer one; phases never overlap.
@@ -366,39 +378,58 @@ class _Sender:
         assert client is not None
         in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
         failure: CioRetlError | None = None
-        with ThreadPoolExecutor(self.run.options.max_in_flight, "cio-send") as pool:
-            try:
-                for batch in pack(
-                    self._operations(changes), max_items=self.run.options.batch_items
-                ):
-                    if len(in_flight) >= self.run.options.max_in_flight:
-                        self._settle(*in_flight.popleft())
-                    items = [item for _, item in batch]
-                    in_flight.append(
-                        ([op for op, _ in batch], pool.submit(client.send_batch, items))
-                    )
-            except CioRetlError as exc:
-                failure = exc
-            finally:
-                # Whatever happened, acknowledge every batch that was accepted meanwhile.
-                while in_flight:
-                    try:
-                        self._settle(*in_flight.popleft())
-                    except CioRetlError as exc:
-                        failure = failure or exc
-        self._flush()
+        self._writer = ThreadPoolExecutor(1, "cio-state")
+        try:
+            with ThreadPoolExecutor(self.run.options.max_in_flight, "cio-send") as pool:
+                try:
+                    for batch in pack(
+                        self._operations(changes), max_items=self.run.options.batch_items
+                    ):
+                        if len(in_flight) >= self.run.options.max_in_flight:
+                            self._settle(*in_flight.popleft())
+                        items = [item for _, item in batch]
+                        in_flight.append(
+                            ([op for op, _ in batch], pool.submit(client.send_batch, items))
+                        )
+                except CioRetlError as exc:
+                    failure = exc
+                finally:
+                    # Whatever happened, acknowledge every batch that was accepted meanwhile.
+                    while in_flight:
+                        try:
+                            self._settle(*in_flight.popleft())
+                        except CioRetlError as exc:
+                            failure = failure or exc
+            self._flush()
+        finally:
+            self._drain()
+            self._writer.shutdown()
+            self._writer = None
         if failure is not None:
             raise failure
+
+    def _write(self, task: Callable[[], None]) -> None:
+        """Queue a state write; surface the writer's errors and keep its queue short."""
+        assert self._writer is not None
+        self._writes.append(self._writer.submit(task))
+        while self._writes and (
+            self._writes[0].done() or len(self._writes) > self.MAX_PENDING_WRITES
+        ):
+            self._writes.popleft().result()
+
+    def _drain(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
 
     def _settle(self, operations: list[Operation], future: Future[SendResult]) -> None:
         try:
             result = future.result()
         except RetriableError as exc:
-            self.report.requests += exc.attempts
-            self.report.bytes_sent += exc.bytes_sent
+            with self._lock:
+                self.report.requests += exc.attempts
+                self.report.bytes_sent += exc.bytes_sent
             raise
-        self._acknowledge(operations, result)
-        self.run.heartbeat()
+        self._write(lambda: self._acknowledge(operations, result))
         self._after_batch(len(operations))
 
     def _after_batch(self, n_items: int) -> None:
@@ -431,78 +462,100 @@ class _Sender:
             self._flush_if_full()
 
     def _reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
-        self.report.rejected += 1
-        if len(self.report.rejections) < MAX_REPORTED_REJECTIONS:
-            self.report.rejections.append((key, str(rejection)))
-        if key is not None:  # a NULL key cannot be stored; it is reported only
-            self._rejections.append(
-                RejectionRow(
-                    key,
-                    rejection.reason,
-                    rejection.field,
-                    rejection.status,
-                    redact(item) if item else None,
+        with self._lock:
+            self.report.rejected += 1
+            if len(self.report.rejections) < MAX_REPORTED_REJECTIONS:
+                self.report.rejections.append((key, str(rejection)))
+            if key is not None:  # a NULL key cannot be stored; it is reported only
+                self._rejections.append(
+                    RejectionRow(
+                        key,
+                        rejection.reason,
+                        rejection.field,
+                        rejection.status,
+                        redact(item) if item else None,
+                    )
                 )
-            )
 
     def _count_acked(self, operations: Sequence[Operation]) -> None:
+        created = updated = deleted = 0
         for op in operations:
             change = op.change.change
             if change is Change.CREATE:
-                self.report.created += 1
+                created += 1
             elif change is Change.UPDATE:
-                self.report.updated += 1
+                updated += 1
             elif change is Change.DELETE:
-                self.report.deleted += 1
+                deleted += 1
+        with self._lock:
+            self.report.created += created
+            self.report.updated += updated
+            self.report.deleted += deleted
 
     def _acknowledge(self, operations: Sequence[Operation], result: SendResult) -> None:
-        """Write the snapshot of acknowledged rows and record the rejected ones, at once."""
-        self.report.requests += result.requests
-        self.report.bytes_sent += result.bytes_sent
-        self.report.items_sent += len(operations)
+        """On the state writer: the snapshot of acknowledged rows and the rejected ones, in
+        one transaction."""
         acked = [operations[i] for i in result.acked]
-        upserted = [
-            SnapshotRow(
-                key=op.key,
-                fingerprint=op.change.fingerprint or "",
-                attrs_hash=op.change.record.attrs_hash,
-                identifiers=canonical_json(op.change.record.identifiers).decode(),
-                attributes=canonical_json(op.change.record.attributes).decode(),
-            )
-            for op in acked
-            if op.change.record is not None
-        ]
+        upserted = [snapshot_row(op) for op in acked if op.change.record is not None]
         deleted = [op.key for op in acked if op.change.change is Change.DELETE]
         for index, rejection in result.rejected.items():
             op = operations[index]
             self._reject(op.key, rejection, op.item)
-        with self.run.state.engine.begin() as conn:
-            self.run.state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
-            self.run.state.delete_snapshots(conn, self.model.name, deleted)
+        state = self.run.state
+        with state.engine.begin() as conn:
+            state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
+            state.delete_snapshots(conn, self.model.name, deleted)
             if self._had_rejections:
-                self.run.state.clear_rejections(conn, self.model.name, [op.key for op in acked])
-            self._write_rejections(conn)
+                state.clear_rejections(conn, self.model.name, [op.key for op in acked])
+            state.record_rejections(conn, self.model.name, self.run.run_id, self._take_rejections())
+        with self._lock:
+            self.report.requests += result.requests
+            self.report.bytes_sent += result.bytes_sent
+            self.report.items_sent += len(operations)
         self._count_acked(acked)
+        self.run.heartbeat()
+
+    def _take_rejections(self) -> list[RejectionRow]:
+        with self._lock:
+            taken, self._rejections = self._rejections, []
+        return taken
 
     def _flush_if_full(self) -> None:
         if max(len(self._refresh), len(self._forget), len(self._rejections)) >= self.FLUSH_EVERY:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the buffered fingerprint refreshes, forgets and rejections to the writer."""
+        refresh, forget, self._refresh, self._forget = self._refresh, self._forget, [], []
         if self.dry_run:
-            self._refresh.clear()
-            self._forget.clear()
-            self._rejections.clear()
+            self._take_rejections()
             return
-        if not (self._refresh or self._forget or self._rejections):
+        if not (refresh or forget or self._rejections):
             return
-        with self.run.state.engine.begin() as conn:
-            self.run.state.update_fingerprints(conn, self.model.name, self._refresh)
-            self.run.state.delete_snapshots(conn, self.model.name, self._forget)
-            self._write_rejections(conn)
-        self._refresh.clear()
-        self._forget.clear()
+        state, name, run_id = self.run.state, self.model.name, self.run.run_id
 
-    def _write_rejections(self, conn: Any) -> None:
-        self.run.state.record_rejections(conn, self.model.name, self.run.run_id, self._rejections)
-        self._rejections.clear()
+        def write() -> None:
+            with state.engine.begin() as conn:
+                state.update_fingerprints(conn, name, refresh)
+                state.delete_snapshots(conn, name, forget)
+                state.record_rejections(conn, name, run_id, self._take_rejections())
+
+        if self._writer is None:  # after the send: write here
+            write()
+        else:
+            self._write(write)
+
+
+def snapshot_row(op: Operation) -> SnapshotRow:
+    """What the snapshot keeps of an acknowledged row; the attributes are serialized once
+    and the hash is taken of exactly those bytes."""
+    record = op.change.record
+    assert record is not None
+    attributes = canonical_json(record.attributes)
+    return SnapshotRow(
+        key=op.key,
+        fingerprint=op.change.fingerprint or "",
+        attrs_hash=digest(attributes),
+        identifiers=canonical_json(record.identifiers).decode(),
+        attributes=attributes.decode(),
+    )

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmarks: an emulator in its own process, a people table, timing.
+
+The emulator runs as a separate process with request bodies not recorded, so it neither
+shares the GIL with what is measured nor grows in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+SITE_ID, API_KEY = "bench-site", "bench-key"
+
+_EMULATOR = """
+import sys, threading
+from cio_retl.emulator import Emulator
+emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False)
+emu.start()
+threading.Event().wait()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def emulator_process() -> Iterator[str]:
+    """The emulator in a child process; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"{base}/_emulator/requests", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def emulator_stats(base: str) -> tuple[int, int]:
+    """(requests, bytes) the emulator received so far."""
+    requests = httpx.get(f"{base}/_emulator/requests", timeout=30).json()
+    return len(requests), sum(r["n_bytes"] for r in requests)
+
+
+def people_table(engine: sa.Engine, rows: int, attributes: int = 8, schema: str = "main") -> None:
+    """``bench_people``: ``user_id`` plus ``attributes`` columns of the usual types."""
+    kinds = [
+        "'user' || i || '@example.com'",
+        "'Name' || (i % 1000)",
+        "'plan' || (i % 4)",
+        "i % 100",
+        "CAST(i * 1.25 AS DECIMAL(14, 2))",
+        "i % 2 = 0",
+        "TIMESTAMP '2024-01-01 00:00:00' + i * INTERVAL '1 second'",
+        "'City' || (i % 500)",
+    ]
+    columns = ", ".join(f"{kinds[n % len(kinds)]} AS a{n}" for n in range(attributes))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {schema}.bench_people"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {schema}.bench_people AS SELECT 'u' || i AS user_id, {columns}"
+                f" FROM range({rows}) AS r(i)"
+            )
+        )
+
+
+def person_model(folder: Path, schema: str = "main") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench_people.sql").write_text(
+        "-- kind: person\n-- identifier: id\n-- key: user_id\n"
+        "-- max_change_pct: 100\n"
+        f"select * from {schema}.bench_people\n"
+    )
+    return folder
+
+
+def sync_env(url: str, models: Path, base: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CIO_RETL_WAREHOUSE_URL": url,
+        "CIO_RETL_MODELS_DIR": str(models),
+        "CIO_TRACK_API_URL": base,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }
+
+
+def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB, from wait4) of one command; raises if it fails."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    output = proc.stdout.read() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{output}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -1,0 +1,80 @@
+"""cio-retl against the official `customerio` SDK on the same loopback emulator.
+
+    uv run python bench/vs_sdk.py [--rows 100000] [--sdk-people 3000]
+
+The SDK does what its documentation shows: one `identify` per person (a v1 PUT each). It is
+timed on a sample of people (its rate does not depend on how many: one request each) and
+reported as operations per second; cio-retl does an initial sync of the whole model. Both
+send the same 8 attributes per person to the same emulator process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import sqlalchemy as sa
+from customerio import CustomerIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    API_KEY,
+    SITE_ID,
+    emulator_process,
+    machine,
+    people_table,
+    person_model,
+    sync_env,
+    timed_command,
+)
+
+
+def sdk_rate(base: str, people: list[dict[str, object]]) -> float:
+    cio = CustomerIO(site_id=SITE_ID, api_key=API_KEY)
+    cio.base_url = f"{base}/api/v1"  # the SDK builds https URLs; point it at the emulator
+    started = time.perf_counter()
+    for person in people:
+        attributes = dict(person)
+        cio.identify(id=attributes.pop("user_id"), **attributes)
+    return len(people) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--sdk-people", type=int, default=3_000)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="cio-retl-vs-sdk-"))
+    url = f"duckdb:///{workdir / 'bench.duckdb'}"
+    engine = sa.create_engine(url)
+    people_table(engine, args.rows)
+    with engine.connect() as conn:
+        sample = [
+            {k: (float(v) if isinstance(v, Decimal) else v) for k, v in row._mapping.items()}
+            for row in conn.execute(sa.text(f"SELECT * FROM main.bench_people LIMIT {args.sdk_people}"))
+        ]
+    engine.dispose()
+    for person in sample:  # the SDK JSON-encodes datetimes itself? send Unix seconds as we do
+        person["a6"] = int(person["a6"].timestamp())  # type: ignore[union-attr]
+    models = person_model(workdir / "sql")
+
+    with emulator_process() as base:
+        sdk = sdk_rate(base, sample)
+    with emulator_process() as base:
+        seconds, rss = timed_command([sys.executable, "-m", "cio_retl", "sync"], sync_env(url, models, base))
+    ours = args.rows / seconds
+
+    print(f"machine: {machine()}")
+    print("| client | people | seconds | people/s | peak RSS MiB |\n|---|---|---|---|---|")
+    print(f"| official SDK (`identify`, one request each) | {len(sample):,} | {len(sample) / sdk:.2f} | {sdk:,.0f} | - |")
+    print(f"| cio-retl initial sync (whole process) | {args.rows:,} | {seconds:.2f} | {ours:,.0f} | {rss:.0f} |")
+    print(f"\nratio: {ours / sdk:,.0f}x the SDK's people/s")
+
+
+if __name__ == "__main__":
+    main()
