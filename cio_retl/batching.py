@@ -27,16 +27,15 @@ def pack(
 ) -> Iterator[list[tuple[T, bytes]]]:
     """Group ``(tag, item bytes)`` pairs into batches whose body stays within the limits."""
     batch: list[tuple[T, bytes]] = []
-    size = 0
+    body = batch_body_size(0, 0)  # bytes of the batch body so far: envelope, items, commas
     for tag, item in items:
         if batch_body_size(len(item), 1) > max_bytes:
             raise ValueError(f"an item of {len(item)} bytes cannot fit any batch of {max_bytes}")
-        if batch and (
-            len(batch) >= max_items or batch_body_size(size + len(item), len(batch) + 1) > max_bytes
-        ):
+        grown = body + len(item) + (1 if batch else 0)
+        if batch and (len(batch) >= max_items or grown > max_bytes):
             yield batch
-            batch, size = [], 0
+            batch, grown = [], batch_body_size(len(item), 1)
         batch.append((tag, item))
-        size += len(item)
+        body = grown
     if batch:
         yield batch
