@@ -137,3 +137,14 @@ def fakesnow_url() -> Iterator[str]:
     fakesnow = pytest.importorskip("fakesnow")
     with fakesnow.patch():
         yield "snowflake://fake:snow@fakesnow/CIO_TEST/PUBLIC?warehouse=test_wh"
+
+
+def cli_env(warehouse_url: str, emulator_url: str) -> dict[str, str]:
+    """What a `cio-retl` process needs to sync the demo models to the emulator."""
+    return {
+        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
+        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
+        "CIO_TRACK_API_URL": emulator_url,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }

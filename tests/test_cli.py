@@ -11,18 +11,12 @@ from sqlalchemy.engine import Engine
 
 from cio_retl.cli import main
 from cio_retl.emulator import Emulator, FaultPlan
-from tests.conftest import API_KEY, REPO, SITE_ID
+from tests.conftest import API_KEY, REPO, cli_env
 
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, emulator: Emulator, warehouse_url: str) -> dict[str, str]:
-    values = {
-        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
-        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
-        "CIO_TRACK_API_URL": emulator.url,
-        "CIO_SITE_ID": SITE_ID,
-        "CIO_API_KEY": API_KEY,
-    }
+    values = cli_env(warehouse_url, emulator.url)
     for name in ("CIO_RETL_STATE_URL", "CIO_REGION", "CIO_RETL_STATE_SCHEMA"):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():

@@ -28,7 +28,7 @@ from cio_retl.errors import LockedError
 from cio_retl.state import StateStore
 from cio_retl.sync import SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
-from tests.conftest import API_KEY, REPO, SITE_ID
+from tests.conftest import API_KEY, REPO, SITE_ID, cli_env
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 PATIENT = RetryPolicy(max_attempts=15, base_delay=0.001, max_delay=0.01)
@@ -98,14 +98,7 @@ def test_sigkill_at_random_points_then_rerun_is_exact(
     """Kill -9 anywhere in a run (slow emulator, small batches), rerun, compare everything."""
     demo_engine.dispose()
     emulator.faults = FaultPlan(delay_seconds=0.02)
-    env = {
-        **os.environ,
-        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
-        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
-        "CIO_TRACK_API_URL": emulator.url,
-        "CIO_SITE_ID": SITE_ID,
-        "CIO_API_KEY": API_KEY,
-    }
+    env = {**os.environ, **cli_env(warehouse_url, emulator.url)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25"],
         env=env,
@@ -169,14 +162,7 @@ def test_two_processes_on_one_duckdb_file(
     demo_engine.dispose()
     # Each batch is held 2 s: the first run is still sending while the second starts up.
     emulator.faults = FaultPlan(delay_seconds=2.0)
-    env = {
-        **os.environ,
-        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
-        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
-        "CIO_TRACK_API_URL": emulator.url,
-        "CIO_SITE_ID": SITE_ID,
-        "CIO_API_KEY": API_KEY,
-    }
+    env = {**os.environ, **cli_env(warehouse_url, emulator.url)}
     first = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync"],
         env=env,

@@ -23,7 +23,7 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.state import StateStore
-from tests.conftest import API_KEY, REPO, SITE_ID, sync, with_models
+from tests.conftest import API_KEY, REPO, SITE_ID, cli_env, sync, with_models
 
 EXPECTED_PEOPLE = """
     SELECT email, first_name, last_name, plan, CAST(lifetime_value AS DOUBLE) AS lifetime_value,
@@ -378,14 +378,7 @@ def test_sigkill_mid_send_loses_nothing(
     """A real process killed while Customer.io holds its request: the rerun converges."""
     demo_engine.dispose()  # DuckDB: one writing process per file
     emulator.faults = FaultPlan(delay_seconds=30)
-    env = {
-        **os.environ,
-        "CIO_RETL_WAREHOUSE_URL": warehouse_url,
-        "CIO_RETL_MODELS_DIR": str(REPO / "sql"),
-        "CIO_TRACK_API_URL": emulator.url,
-        "CIO_SITE_ID": SITE_ID,
-        "CIO_API_KEY": API_KEY,
-    }
+    env = {**os.environ, **cli_env(warehouse_url, emulator.url)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync"],
         env=env,
