@@ -397,6 +397,13 @@ def batch_items(stack: Stack, since: int) -> list[dict[str, Any]]:
 
 
 def snapshot_rows(stack: Stack) -> list[tuple[Any, ...]]:
+    """The state's snapshot rows; none before the first run created the state schema."""
+    ((exists,),) = stack.query(
+        "select count(*) from information_schema.tables"
+        " where table_schema = 'cio_retl' and table_name = 'snapshots'"
+    )
+    if not exists:
+        return []
     return [
         tuple(row)
         for row in stack.query(
