@@ -109,7 +109,9 @@ def sync_env(url: str, models: Path, base: str) -> dict[str, str]:
 def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB, from wait4) of one command; raises if it fails."""
     started = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     output = proc.stdout.read() if proc.stdout else ""

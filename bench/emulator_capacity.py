@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import API_KEY, SITE_ID, emulator_process, machine  # noqa: E402
+from _common import API_KEY, SITE_ID, emulator_process, machine
 
 
 def batch(offset: int) -> bytes:
@@ -29,9 +29,15 @@ def batch(offset: int) -> bytes:
             "action": "identify",
             "identifiers": {"id": f"u{offset + i}"},
             "attributes": {
-                "email": f"user{offset + i}@example.com", "first_name": "Name", "plan": "plan1",
-                "score": i % 100, "lifetime_value": 12.5, "is_active": True,
-                "created_at": 1704067200 + i, "city": "City7", "id": f"u{offset + i}",
+                "email": f"user{offset + i}@example.com",
+                "first_name": "Name",
+                "plan": "plan1",
+                "score": i % 100,
+                "lifetime_value": 12.5,
+                "is_active": True,
+                "created_at": 1704067200 + i,
+                "city": "City7",
+                "id": f"u{offset + i}",
             },
         }
         for i in range(1000)
@@ -46,7 +52,10 @@ def main() -> None:
     args = parser.parse_args()
     bodies = [batch(n * 1000) for n in range(args.batches)]
     with emulator_process() as base:
-        clients = [httpx.Client(base_url=base, auth=(SITE_ID, API_KEY), timeout=60) for _ in range(args.senders)]
+        clients = [
+            httpx.Client(base_url=base, auth=(SITE_ID, API_KEY), timeout=60)
+            for _ in range(args.senders)
+        ]
 
         def post(n: int) -> int:
             response = clients[n % args.senders].post(
@@ -61,8 +70,10 @@ def main() -> None:
     assert set(statuses) == {200}, statuses
     items = args.batches * 1000
     print(f"machine: {machine()}")
-    print(f"emulator absorbed {items:,} items in {seconds:.2f} s: {items / seconds:,.0f} items/s "
-          f"({args.senders} senders, 1000-item batches)")
+    print(
+        f"emulator absorbed {items:,} items in {seconds:.2f} s: {items / seconds:,.0f} items/s "
+        f"({args.senders} senders, 1000-item batches)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     API_KEY,
     SITE_ID,
     emulator_process,
@@ -71,7 +70,9 @@ def naive_rerun(url: str, base: str) -> None:
         conn.execute(sa.text("DROP TABLE main.naive_snapshot"))
         conn.execute(sa.text("CREATE TABLE main.naive_snapshot AS SELECT * FROM main.bench_people"))
     engine.dispose()
-    print(f"naive sent {len(rows):,} rows; maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+    print(
+        f"naive sent {len(rows):,} rows; maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
+    )
 
 
 def _json(value: object) -> object:
@@ -105,14 +106,23 @@ def main() -> None:
         modulo = round(100 / args.change_pct)
         with engine.begin() as conn:
             # The naive pipeline's own "last sent" state: the model as the initial sync sent it.
-            conn.execute(sa.text("CREATE TABLE main.naive_snapshot AS SELECT * FROM main.bench_people"))
-            conn.execute(sa.text(f"UPDATE main.bench_people SET a2 = 'changed' WHERE a3 % {modulo} = 0"))
+            conn.execute(
+                sa.text("CREATE TABLE main.naive_snapshot AS SELECT * FROM main.bench_people")
+            )
+            conn.execute(
+                sa.text(f"UPDATE main.bench_people SET a2 = 'changed' WHERE a3 % {modulo} = 0")
+            )
         engine.dispose()
         before = emulator_stats(base)[1]
-        results.append(("cio-retl sync", *timed_command([sys.executable, "-m", "cio_retl", "sync"], env)))
+        results.append(
+            ("cio-retl sync", *timed_command([sys.executable, "-m", "cio_retl", "sync"], env))
+        )
         ours = emulator_stats(base)[1] - before
         results.append(
-            ("naive pandas pipeline", *timed_command([sys.executable, __file__, "--naive-child", url, base], env))
+            (
+                "naive pandas pipeline",
+                *timed_command([sys.executable, __file__, "--naive-child", url, base], env),
+            )
         )
         naive = emulator_stats(base)[1] - before - ours
     print(f"machine: {machine()}")

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from customerio import CustomerIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     API_KEY,
     SITE_ID,
     emulator_process,
@@ -56,7 +56,9 @@ def main() -> None:
     with engine.connect() as conn:
         sample = [
             {k: (float(v) if isinstance(v, Decimal) else v) for k, v in row._mapping.items()}
-            for row in conn.execute(sa.text(f"SELECT * FROM main.bench_people LIMIT {args.sdk_people}"))
+            for row in conn.execute(
+                sa.text(f"SELECT * FROM main.bench_people LIMIT {args.sdk_people}")
+            )
         ]
     engine.dispose()
     for person in sample:  # the SDK JSON-encodes datetimes itself? send Unix seconds as we do
@@ -66,13 +68,19 @@ def main() -> None:
     with emulator_process() as base:
         sdk = sdk_rate(base, sample)
     with emulator_process() as base:
-        seconds, rss = timed_command([sys.executable, "-m", "cio_retl", "sync"], sync_env(url, models, base))
+        seconds, rss = timed_command(
+            [sys.executable, "-m", "cio_retl", "sync"], sync_env(url, models, base)
+        )
     ours = args.rows / seconds
 
     print(f"machine: {machine()}")
     print("| client | people | seconds | people/s | peak RSS MiB |\n|---|---|---|---|---|")
-    print(f"| official SDK (`identify`, one request each) | {len(sample):,} | {len(sample) / sdk:.2f} | {sdk:,.0f} | - |")
-    print(f"| cio-retl initial sync (whole process) | {args.rows:,} | {seconds:.2f} | {ours:,.0f} | {rss:.0f} |")
+    print(
+        f"| official SDK (`identify`, one request each) | {len(sample):,} | {len(sample) / sdk:.2f} | {sdk:,.0f} | - |"
+    )
+    print(
+        f"| cio-retl initial sync (whole process) | {args.rows:,} | {seconds:.2f} | {ours:,.0f} | {rss:.0f} |"
+    )
     print(f"\nratio: {ours / sdk:,.0f}x the SDK's people/s")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     emulator_process,
     emulator_stats,
     machine,
@@ -62,7 +62,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print("| sync after 1 of 20 attributes changed on every row | bytes sent | per row |")
     print("|---|---|---|")
-    print(f"| cio-retl (changed attributes + identifier) | {diff_bytes:,} | {diff_bytes / args.rows:.0f} |")
+    print(
+        f"| cio-retl (changed attributes + identifier) | {diff_bytes:,} | {diff_bytes / args.rows:.0f} |"
+    )
     print(f"| full rows (`--full-resync`) | {full_bytes:,} | {full_bytes / args.rows:.0f} |")
     print(f"\nratio: {diff_bytes / full_bytes:.1%} of the full-row bytes")
 

@@ -185,7 +185,7 @@ def _status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     engine = create_engine(settings.state_url)
     try:
-        state = StateStore(engine)
+        state = StateStore(engine, settings.state_schema)
         state.ensure_schema()
         runs = Table(title="last runs", title_justify="left")
         for column in (

@@ -392,7 +392,7 @@ def _stuck_rows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     """Rejections kept in the state store, per model (what the next run retries)."""
     engine = create_engine(settings.state_url)
     try:
-        rows = StateStore(engine).rejections(limit=100_000)
+        rows = StateStore(engine, settings.state_schema).rejections(limit=100_000)
     finally:
         engine.dispose()
     stuck: dict[str, list[dict[str, Any]]] = {}

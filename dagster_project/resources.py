@@ -58,6 +58,10 @@ class WarehouseResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         default=str(PROJECT_ROOT / DEFAULT_MODELS_DIR),
         description="Folder of .sql models (CIO_RETL_MODELS_DIR); relative = to the repo root.",
     )
+    state_schema: str | None = Field(
+        default=None,
+        description="Schema of the state tables (CIO_RETL_STATE_SCHEMA); unset = `cio_retl`.",
+    )
 
 
 def engine_settings(customerio: CustomerIOResource, warehouse: WarehouseResource) -> Settings:
@@ -68,6 +72,7 @@ def engine_settings(customerio: CustomerIOResource, warehouse: WarehouseResource
     values = {
         "CIO_RETL_WAREHOUSE_URL": warehouse.warehouse_url,
         "CIO_RETL_STATE_URL": warehouse.state_url,
+        "CIO_RETL_STATE_SCHEMA": warehouse.state_schema,
         "CIO_RETL_MODELS_DIR": str(resolve_models_dir(warehouse.models_dir)),
         "CIO_REGION": customerio.region,
         "CIO_TRACK_API_URL": customerio.track_api_url,
@@ -110,6 +115,7 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, ob
     warehouse = WarehouseResource(
         warehouse_url=env("CIO_RETL_WAREHOUSE_URL") or DEFAULT_WAREHOUSE_URL,
         state_url=env("CIO_RETL_STATE_URL"),
+        state_schema=env("CIO_RETL_STATE_SCHEMA"),
         # Read now, not bound: the same folder decides which assets exist at load time.
         models_dir=str(models_dir_from_env(environ)),
     )
