@@ -133,7 +133,9 @@ def test_two_runs_at_once_in_one_process(
     settings: Settings, demo_engine: Engine, emulator: Emulator
 ) -> None:
     """The lock row arbitrates: one run syncs, the other stops with a clear message."""
-    emulator.faults = FaultPlan(delay_seconds=0.05)
+    # Each batch is held 0.5 s: the second run reaches the lock while the first holds it,
+    # however slowly threads are scheduled on a loaded machine.
+    emulator.faults = FaultPlan(delay_seconds=0.5)
     outcomes: list[object] = []
 
     def run() -> None:
@@ -160,8 +162,9 @@ def test_two_processes_on_one_duckdb_file(
 ) -> None:
     """DuckDB admits one writing process: the second says so and exits 3, nothing sent."""
     demo_engine.dispose()
-    # Each batch is held 2 s: the first run is still sending while the second starts up.
-    emulator.faults = FaultPlan(delay_seconds=2.0)
+    # Each batch is held 5 s (three batches): the first run is still sending while the
+    # second process starts up, even on a loaded machine.
+    emulator.faults = FaultPlan(delay_seconds=5.0)
     env = {**os.environ, **cli_env(warehouse_url, emulator.url)}
     first = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync"],
