@@ -21,11 +21,13 @@ from cio_retl.state import StateStore
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, PgSchemas, demo_models, sync
 from tests.test_sync_duckdb import actual_workspace, batch_items
+from tests.test_sync_duckdb import expected_workspace as expected_from_sql
 
 pytestmark = pytest.mark.postgres
 
 
 def expected_workspace(engine: Engine, schema: str) -> dict[str, Any]:
+    """The demo's expected workspace, from Postgres' own epoch/casts."""
     people_sql = f"""
         SELECT email, first_name, last_name, plan,
                CAST(lifetime_value AS DOUBLE PRECISION) AS lifetime_value, is_admin,
@@ -41,23 +43,7 @@ def expected_workspace(engine: Engine, schema: str) -> dict[str, Any]:
         SELECT u.email, m.company_id, m.role FROM {schema}.memberships m
         JOIN {schema}.users u USING (user_id) WHERE u.deleted_at IS NULL
     """
-    with engine.connect() as conn:
-        people = {
-            r["email"]: {k: v for k, v in r.items() if v is not None}
-            for r in (row._asdict() for row in conn.execute(sa.text(people_sql)))
-        }
-        objects = {
-            ("1", r["company_id"]): {
-                **{k: v for k, v in r.items() if v is not None and k != "company_id"},
-                "object_id": r["company_id"],
-            }
-            for r in (row._asdict() for row in conn.execute(sa.text(objects_sql)))
-        }
-        relationships = {
-            (email, ("1", company)): {"role": role}
-            for email, company, role in conn.execute(sa.text(relationships_sql))
-        }
-    return {"people": people, "objects": objects, "relationships": relationships}
+    return expected_from_sql(engine, people_sql, objects_sql, relationships_sql)
 
 
 @pytest.fixture

@@ -40,22 +40,29 @@ EXPECTED_RELATIONSHIPS = """
 """
 
 
-def expected_workspace(engine: Engine) -> dict[str, Any]:
+def expected_workspace(
+    engine: Engine,
+    people_sql: str = EXPECTED_PEOPLE,
+    objects_sql: str = EXPECTED_OBJECTS,
+    relationships_sql: str = EXPECTED_RELATIONSHIPS,
+) -> dict[str, Any]:
+    """The workspace the demo models should produce, computed by the database's own SQL
+    (each warehouse's tests pass their dialect's queries)."""
     with engine.connect() as conn:
         people = {
             r["email"]: {k: v for k, v in r.items() if v is not None}
-            for r in (row._asdict() for row in conn.execute(sa.text(EXPECTED_PEOPLE)))
+            for r in (row._asdict() for row in conn.execute(sa.text(people_sql)))
         }
         objects = {
             ("1", r["company_id"]): {
                 **{k: v for k, v in r.items() if v is not None and k != "company_id"},
                 "object_id": r["company_id"],
             }
-            for r in (row._asdict() for row in conn.execute(sa.text(EXPECTED_OBJECTS)))
+            for r in (row._asdict() for row in conn.execute(sa.text(objects_sql)))
         }
         relationships = {
             (email, ("1", company)): {"role": role}
-            for email, company, role in conn.execute(sa.text(EXPECTED_RELATIONSHIPS))
+            for email, company, role in conn.execute(sa.text(relationships_sql))
         }
     return {"people": people, "objects": objects, "relationships": relationships}
 
