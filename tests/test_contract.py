@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.cli import main
 from cio_retl.config import Settings
 from cio_retl.emulator import Emulator
-from cio_retl.errors import ModelError
+from cio_retl.errors import GuardrailError, ModelError
 from cio_retl.state import StateStore
 from tests.conftest import sync
 
@@ -349,3 +349,30 @@ def test_identifier_semantics(
     assert report["by_email"].created == 1 and report["by_email"].deleted == 1
     assert emulator.workspace.person(email="new@x.io") is not None
     assert emulator.workspace.person(email="old@x.io") is None
+
+
+def test_change_guardrail_counts_real_changes_not_moved_fingerprints(
+    settings: Settings, models_dir: Path, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """Reordering a model's columns moves every row's fingerprint but changes nothing Customer.io
+    holds: no guardrail stop and nothing sent. A real mass change is still stopped."""
+    with demo_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE main.g AS SELECT 'u' || i AS k, 'free' AS plan, i AS n FROM range(20) r(i)"
+            )
+        )
+    s = replace(settings, models_dir=models_dir)
+    header = "-- kind: person\n-- identifier: id\n-- key: k\n"
+    write(models_dir, "g", header + "select k, plan, n from main.g\n")
+    assert sync(s).models[0].created == 20
+    write(models_dir, "g", header + "select n, plan, k from main.g\n")  # same data, new shape
+    before = len(emulator.requests)
+    reordered = sync(s)
+    assert reordered.exit_code == 0 and reordered.models[0].guardrail is None
+    assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
+    assert sync(s).models[0].planned == 0  # the fingerprints were refreshed
+    with demo_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE main.g SET plan = 'pro'"))
+    with pytest.raises(GuardrailError, match="20 of 20 synced rows"):
+        sync(s)
