@@ -29,9 +29,9 @@ from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
     FETCH_ROWS,
     FINGERPRINT_COLUMN,
-    INTERNAL_COLUMNS,
     KEY_COLUMN,
     PREVIOUS_COLUMN,
+    RowReader,
     Warehouse,
     model_sql,
 )
@@ -101,28 +101,10 @@ def diff_upserts(
     for chunk in warehouse.stream(conn, sql, {"model": model.name}):
         if not chunk.rows:
             continue
-        columns = _Columns(chunk.rows[0]._fields, chunk.json_columns)
+        columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
         previous = columns.index[PREVIOUS_COLUMN]
         for row in chunk.rows:
             yield _upsert_change(model, columns, row, row[previous], full_resync=full_resync)
-
-
-class _Columns:
-    """Where a streamed row keeps its key, fingerprint, duplicate count and model columns,
-    worked out once per chunk: each row then becomes one dict, built from its tuple."""
-
-    def __init__(self, names: Sequence[str], json_columns: frozenset[int]) -> None:
-        self.index = {name: i for i, name in enumerate(names)}
-        self.data = [(i, name) for i, name in enumerate(names) if name not in INTERNAL_COLUMNS]
-        self.json = [(i, name) for i, name in self.data if i in json_columns]
-
-    def values(self, row: Sequence[Any]) -> dict[str, Any]:
-        """The model's columns of ``row``, JSON text (Snowflake VARIANT...) decoded."""
-        values = {name: row[i] for i, name in self.data}
-        for i, name in self.json:
-            if isinstance(row[i], str):
-                values[name] = orjson.loads(row[i])
-        return values
 
 
 def _source_rows(warehouse: Warehouse, model: Model) -> str:
@@ -155,7 +137,7 @@ def _model_rows(warehouse: Warehouse, model: Model) -> str:
 
 def _upsert_change(
     model: Model,
-    columns: _Columns,
+    columns: RowReader,
     row: Sequence[Any],
     previous_json: str | None,
     *,
@@ -393,7 +375,7 @@ class CrossDatabaseDiff:
                     model.name, [(k, f) for k, f in pairs if k is not None], everything=full_resync
                 )
                 columns = (
-                    _Columns(chunk.rows[0]._fields, chunk.json_columns) if chunk.rows else None
+                    RowReader(chunk.rows[0]._fields, chunk.json_columns) if chunk.rows else None
                 )
                 for row, (key, fingerprint) in zip(chunk.rows, pairs, strict=True):
                     if key in previous and not full_resync:

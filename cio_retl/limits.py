@@ -106,14 +106,6 @@ def check_attributes(attributes: dict[str, Any], *, is_person: bool) -> Rejectio
     return None
 
 
-def attribute_value_size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.encode())
-    if isinstance(value, dict | list):
-        return len(orjson.dumps(value))
-    return 0  # numbers and booleans are far below any limit
-
-
 def check_item_size(item: bytes) -> Rejection | None:
     if len(item) > MAX_ITEM_BYTES:
         return Rejection(

@@ -146,16 +146,22 @@ def model_sql(model: Model) -> str:
     return model.sql.replace(":", "\\:")
 
 
-def decode_row(row: sa.Row[Any], json_columns: frozenset[int]) -> dict[str, Any]:
-    """A row as a dict, with JSON text (Snowflake VARIANT, OBJECT, ARRAY) decoded."""
-    values = dict(row._mapping)
-    if json_columns:
-        keys = list(values)
-        for i in json_columns:
-            raw = values[keys[i]]
-            if isinstance(raw, str):
-                values[keys[i]] = orjson.loads(raw)
-    return values
+class RowReader:
+    """Where a streamed row keeps its key, fingerprint, duplicate count and model columns,
+    worked out once per chunk: each row then becomes one dict, built from its tuple."""
+
+    def __init__(self, names: Sequence[str], json_columns: frozenset[int]) -> None:
+        self.index = {name: i for i, name in enumerate(names)}
+        self.data = [(i, name) for i, name in enumerate(names) if name not in INTERNAL_COLUMNS]
+        self.json = [(i, name) for i, name in self.data if i in json_columns]
+
+    def values(self, row: Sequence[Any]) -> dict[str, Any]:
+        """The model's columns of ``row``, JSON text (Snowflake VARIANT...) decoded."""
+        values = {name: row[i] for i, name in self.data}
+        for i, name in self.json:
+            if isinstance(row[i], str):
+                values[name] = orjson.loads(row[i])
+        return values
 
 
 def _db_message(exc: sa.exc.DBAPIError) -> str:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from cio_retl.models import parse_model
 from cio_retl.normalize import Record, attributes_hash, to_record
-from cio_retl.warehouse import KEY_COLUMN, Warehouse, create_engine, decode_row
+from cio_retl.warehouse import KEY_COLUMN, RowReader, Warehouse, create_engine
 
 JSON_TEXT = '{"b": [1, "two", null], "a": {"nested": true, "n": 1.5}, "z": null}'
 
@@ -126,8 +126,9 @@ def typed_record(request: pytest.FixtureRequest, tmp_path: Path) -> Record:
         with engine.connect() as conn:
             [chunk] = list(warehouse.stream(conn, sql))
         [row] = chunk.rows
-        values = decode_row(row, chunk.json_columns)
-        key = values.pop(KEY_COLUMN)
+        reader = RowReader(row._fields, chunk.json_columns)
+        values = reader.values(row)
+        key = row[reader.index[KEY_COLUMN]]
         record = to_record(model, key, values)
         assert isinstance(record, Record), record
         return record
