@@ -19,27 +19,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parent.parent
-SITE_ID, API_KEY = "bench-site", "bench-key"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, emulator_process, machine, sync_env, timed_command
 
-EMULATOR = """
-import sys, threading
-from cio_retl.emulator import Emulator
-emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False)
-emu.start()
-threading.Event().wait()
-"""
+SYNC = [sys.executable, "-m", "cio_retl", "sync"]
 
 MODEL = """-- Benchmark people: 8 attributes of the usual types.
 -- kind: person
@@ -48,12 +39,6 @@ MODEL = """-- Benchmark people: 8 attributes of the usual types.
 select user_id, email, first_name, plan, score, lifetime_value, is_active, created_at, city
 from {schema}.bench_people
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def create_table(engine: sa.Engine, schema: str, rows: int) -> None:
@@ -144,25 +129,6 @@ def diff_only(url: str, models_dir: Path, state_schema: str) -> list[tuple[str, 
     return runs
 
 
-def timed_sync(env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds and peak RSS (MiB) of one `cio-retl sync` process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cio_retl", "sync"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    output = proc.stdout.read() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"sync failed:\n{output}")
-    return elapsed, usage.ru_maxrss / 1024, output
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -207,29 +173,12 @@ def syncs(
     args: argparse.Namespace, url: str, schema: str, state_schema: str, workdir: Path
 ) -> tuple[list[tuple[str, float, float]], float]:
 
-    port = free_port()
-    emulator = subprocess.Popen([sys.executable, "-c", EMULATOR, SITE_ID, API_KEY, str(port)])
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                httpx.get(f"{base}/_emulator/requests", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        env = {
-            **os.environ,
-            "CIO_RETL_WAREHOUSE_URL": url,
-            "CIO_RETL_MODELS_DIR": str(workdir / "sql"),
-            "CIO_TRACK_API_URL": base,
-            "CIO_SITE_ID": SITE_ID,
-            "CIO_API_KEY": API_KEY,
-            "CIO_RETL_STATE_SCHEMA": state_schema,
-        }
+    with emulator_process() as base:
+        env = {**sync_env(url, workdir / "sql", base), "CIO_RETL_STATE_SCHEMA": state_schema}
         results = []
-        initial, rss, _ = timed_sync(env)
+        initial, rss = timed_command(SYNC, env)
         results.append(("initial sync", initial, rss))
-        results.append(("no-change rerun", *timed_sync(env)[:2]))
+        results.append(("no-change rerun", *timed_command(SYNC, env)))
         engine = sa.create_engine(url)
         if args.changes:
             # user_id is 'u' || i: change the rows i < N, spread nowhere special.
@@ -243,19 +192,14 @@ def syncs(
                 sa.text(f"UPDATE {schema}.bench_people SET plan = 'changed' WHERE {where}")
             ).rowcount
         engine.dispose()
-        results.append((f"{label} ({changed:,} rows)", *timed_sync(env)[:2]))
-    finally:
-        emulator.terminate()
-        emulator.wait()
+        results.append((f"{label} ({changed:,} rows)", *timed_command(SYNC, env)))
     return results, initial
 
 
 def report(
     args: argparse.Namespace, results: list[tuple[str, float, float]], initial: float | None
 ) -> None:
-    print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    print(f"\nmachine: {machine()}")
     print("| run | seconds | rows/s | vs initial | peak RSS MiB |\n|---|---|---|---|---|")
     for label, seconds, peak in results:
         share = f"{seconds / initial:.1%}" if initial else "-"
