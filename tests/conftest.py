@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -148,3 +149,24 @@ def cli_env(warehouse_url: str, emulator_url: str) -> dict[str, str]:
         "CIO_SITE_ID": SITE_ID,
         "CIO_API_KEY": API_KEY,
     }
+
+
+def sql_rows(url: str, sql: str) -> list[sa.Row[Any]]:
+    """Rows of one query on a database the test does not keep open (DuckDB admits one
+    writing process per file: a Dagster run process may need it next)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(sql)))
+    finally:
+        engine.dispose()
+
+
+def sql_run(url: str, sql: str) -> None:
+    """One statement in its own transaction, the engine closed again (see :func:`sql_rows`)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(sql))
+    finally:
+        engine.dispose()

@@ -42,6 +42,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, 
 from cio_retl.demo import create_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.warehouse import create_engine
+from tests.conftest import sql_rows, sql_run
 
 pytestmark = pytest.mark.browser
 
@@ -114,20 +115,10 @@ class Stack:
     # -- warehouse: DuckDB admits one process per file, so only while no run process lives -
 
     def query(self, sql: str) -> list[sa.Row[Any]]:
-        engine = create_engine(self.warehouse_url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(sa.text(sql)))
-        finally:
-            engine.dispose()
+        return sql_rows(self.warehouse_url, sql)
 
     def execute(self, sql: str) -> None:
-        engine = create_engine(self.warehouse_url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(sql))
-        finally:
-            engine.dispose()
+        sql_run(self.warehouse_url, sql)
 
     # -- Dagster's GraphQL, for facts the UI has already shown -------------------------------
 

@@ -37,6 +37,7 @@ from dagster_project.definitions import (
     group_schedule_name,
 )
 from dagster_project.resources import PROJECT_ROOT, CustomerIOResource, WarehouseResource
+from tests.conftest import sql_rows, sql_run
 
 pytestmark = pytest.mark.dagster
 
@@ -65,20 +66,10 @@ class Env:
         }
 
     def query(self, sql: str) -> list[sa.Row[Any]]:
-        engine = create_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(sa.text(sql)))
-        finally:
-            engine.dispose()
+        return sql_rows(self.url, sql)
 
     def execute(self, sql: str) -> None:
-        engine = create_engine(self.url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(sql))
-        finally:
-            engine.dispose()
+        sql_run(self.url, sql)
 
     def batch_items(self, since: int = 0) -> list[dict[str, Any]]:
         return [
