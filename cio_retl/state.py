@@ -179,13 +179,6 @@ class StateStore:
                     raise
                 time.sleep(0.05 * 2**attempt)
 
-    def drop_schema(self) -> None:
-        """Remove every state table and the schema; for tests and throwaway deployments."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.text(f"DROP SCHEMA IF EXISTS {self.dialect.quote_schema(self.schema)} CASCADE")
-            )
-
     # -- snapshots -------------------------------------------------------------------------
     def save_snapshots(
         self, conn: Connection, model: str, run_id: str, rows: Sequence[SnapshotRow]
