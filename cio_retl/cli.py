@@ -11,12 +11,14 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError
 from cio_retl.limits import MAX_BATCH_ITEMS
@@ -63,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"items per request, 1 to {MAX_BATCH_ITEMS} (default {MAX_BATCH_ITEMS})",
     )
+    sync.add_argument("--bucket", **_BUCKET_ARGUMENT)
     sync.set_defaults(handler=_sync)
 
     plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
     plan.add_argument("models", nargs="*", metavar="MODEL")
     plan.add_argument("--samples", type=int, default=3, help="sample items per model")
+    plan.add_argument("--bucket", **_BUCKET_ARGUMENT)
     plan.set_defaults(handler=_plan)
 
     status = commands.add_parser("status", help="last runs, pending and rejected rows")
@@ -83,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to keep the demo warehouse (default: a temp dir)")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _bucket(text: str) -> Bucket:
+    try:
+        return Bucket.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_BUCKET_ARGUMENT: dict[str, Any] = {
+    "type": _bucket,
+    "default": None,
+    "metavar": "I/N",
+    "help": "only the keys of hash bucket I of N (0-based, e.g. 3/16): run one process per "
+    "bucket to spread a sync over workers; relationships after all buckets of people/objects",
+}
 
 
 def _batch_size(text: str) -> int:
@@ -120,7 +140,13 @@ def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> Run
 
 
 def _sync(args: argparse.Namespace) -> int:
-    options = SyncOptions(dry_run=args.dry_run, full_resync=args.full_resync, force=args.force)
+    options = SyncOptions(
+        dry_run=args.dry_run,
+        full_resync=args.full_resync,
+        force=args.force,
+        batch_items=args.batch_size,
+        bucket=args.bucket,
+    )
     report = _run(Settings.from_env(), args.models, options)
     print_report(report)
     return report.exit_code
@@ -128,7 +154,9 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     report = _run(
-        Settings.from_env(), args.models, SyncOptions(dry_run=True, sample_size=args.samples)
+        Settings.from_env(),
+        args.models,
+        SyncOptions(dry_run=True, sample_size=args.samples, bucket=args.bucket),
     )
     print_report(report)
     for model in report.models:
@@ -139,7 +167,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def print_report(report: RunReport, console: Console = out) -> None:
-    title = f"run {report.run_id}" + (" (dry run: nothing sent)" if report.dry_run else "")
+    title = f"run {report.run_id}" + (f", bucket {report.bucket}" if report.bucket else "")
+    title += " (dry run: nothing sent)" if report.dry_run else ""
     table = Table(title=title, title_justify="left")
     for column in (
         "model",

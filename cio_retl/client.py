@@ -10,9 +10,7 @@ honouring ``Retry-After``; a 400/413 on a batch is bisected so only the bad item
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,55 +22,9 @@ import tenacity
 from cio_retl import __version__
 from cio_retl.batching import batch_body
 from cio_retl.errors import FatalSendError, Rejection, RetriableError
+from cio_retl.ratelimit import RateBudget, workspace_limiter
 
-RATE_LIMIT_REQUESTS = 3000  # per RATE_LIMIT_WINDOW seconds, for the whole workspace
-RATE_LIMIT_WINDOW = 3.0
 RETRY_AFTER_CAP = 120.0  # never sleep longer than this on one Retry-After
-
-
-class RateLimiter:
-    """At most ``requests`` per ``window`` seconds, over *every* window: 3000 per 3 s.
-
-    A sliding log of the last ``requests`` send times: a request may go once the oldest of
-    them is a full window old. A token bucket would allow its burst plus its refill inside
-    one window (3000 + rate x 3 s), over the workspace limit. Shared by all threads of one
-    process; memory is one float per allowed request.
-    """
-
-    def __init__(
-        self,
-        requests: int = RATE_LIMIT_REQUESTS,
-        window: float = RATE_LIMIT_WINDOW,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.requests = requests
-        self.window = window
-        self._sent: deque[float] = deque(maxlen=requests)
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = self._clock()
-                if len(self._sent) < self.requests or now - self._sent[0] >= self.window:
-                    self._sent.append(now)
-                    return
-                wait = self._sent[0] + self.window - now
-            self._sleep(wait)
-
-
-_LIMITERS: dict[tuple[str, str], RateLimiter] = {}
-_LIMITERS_LOCK = threading.Lock()
-
-
-def workspace_limiter(base_url: str, site_id: str) -> RateLimiter:
-    """The one limiter of a workspace in this process: every client and thread shares it."""
-    with _LIMITERS_LOCK:
-        return _LIMITERS.setdefault((base_url, site_id), RateLimiter())
 
 
 @dataclass(slots=True)
@@ -113,7 +65,7 @@ class TrackClient:
         *,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
     ) -> None:

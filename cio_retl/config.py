@@ -48,6 +48,10 @@ class Settings:
     # Schema of the state tables; another name lets several deployments (or parallel test
     # runs) share one database without sharing snapshots.
     state_schema: str = STATE_SCHEMA
+    # The workspace's request limit, and which budget enforces it (cio_retl.ratelimit):
+    # "local" to this process, "shared" through the state store, or "auto".
+    rate_limit: str = "3000/3"
+    rate_budget: str = "auto"
 
     @property
     def state_is_warehouse(self) -> bool:
@@ -78,4 +82,6 @@ class Settings:
             site_id=env.get("CIO_SITE_ID") or None,
             api_key=Secret(api_key) if api_key else None,
             state_schema=env.get("CIO_RETL_STATE_SCHEMA") or STATE_SCHEMA,
+            rate_limit=env.get("CIO_RETL_RATE_LIMIT") or "3000/3",
+            rate_budget=(env.get("CIO_RETL_RATE_BUDGET") or "auto").strip().lower(),
         )

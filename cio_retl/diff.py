@@ -21,6 +21,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cio_retl.buckets import Bucket, bucket_sql
 from cio_retl.errors import Rejection
 from cio_retl.models import Model, RemovedColumns
 from cio_retl.normalize import Attributes, Record, canonical_json, to_record
@@ -66,6 +67,7 @@ def diff_upserts(
     model: Model,
     *,
     full_resync: bool = False,
+    bucket: Bucket | None = None,
 ) -> Iterator[RowChange]:
     """Rows to create or update (and rows to reject), streamed in chunks.
 
@@ -82,10 +84,11 @@ def diff_upserts(
         else f"WHERE snap.key IS NULL OR snap.fingerprint <> src.{FINGERPRINT_COLUMN} OR dup.n > 1"
     )
     sql = f"""
-        WITH src AS ({_source_rows(warehouse, model)}),
+        WITH src AS ({_source_rows(warehouse, model, bucket)}),
         dup AS ({_duplicate_keys()}),
         snap AS (
-            SELECT s.key, s.fingerprint FROM {state.snapshots} AS s WHERE s.model = :model
+            SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
+            WHERE s.model = :model{_in_bucket("s.key", bucket)}
         ),
         c AS (
             SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
@@ -107,14 +110,24 @@ def diff_upserts(
             yield _upsert_change(model, columns, row, row[previous], full_resync=full_resync)
 
 
-def _source_rows(warehouse: Warehouse, model: Model) -> str:
-    """The model's rows with their key text and fingerprint."""
+def _source_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
+    """The model's rows (of one bucket) with their key text and fingerprint."""
     d = warehouse.dialect
-    return f"""
+    rows = f"""
         SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
                {warehouse.fingerprint(model, "m")} AS {FINGERPRINT_COLUMN}, m.*
         FROM ({model_sql(model)}) AS m
     """
+    if bucket is None:
+        return rows
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(f'b.{KEY_COLUMN}', bucket)}"
+
+
+def _in_bucket(key: str, bucket: Bucket | None) -> str:
+    """``AND <key's bucket> = <index>``, or nothing when the run covers every key."""
+    if bucket is None:
+        return ""
+    return f" AND {bucket_sql(key, bucket.count)} = {bucket.index}"
 
 
 def _duplicate_keys() -> str:
@@ -125,10 +138,10 @@ def _duplicate_keys() -> str:
     )
 
 
-def _model_rows(warehouse: Warehouse, model: Model) -> str:
+def _model_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
     """The model's rows with their key text, fingerprint and how many rows share the key."""
     return f"""
-        WITH src AS ({_source_rows(warehouse, model)}),
+        WITH src AS ({_source_rows(warehouse, model, bucket)}),
         dup AS ({_duplicate_keys()})
         SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
         FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
@@ -198,13 +211,19 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def diff_removals(
-    conn: Connection, warehouse: Warehouse, state: StateStore, model: Model, *, delete: bool
+    conn: Connection,
+    warehouse: Warehouse,
+    state: StateStore,
+    model: Model,
+    *,
+    delete: bool,
+    bucket: Bucket | None = None,
 ) -> Iterator[RowChange]:
     """Snapshot rows whose key left the model: to delete, or only to forget."""
     d = warehouse.dialect
     sql = f"""
         SELECT s.key, s.identifiers FROM {state.snapshots} AS s
-        WHERE s.model = :model AND NOT EXISTS (
+        WHERE s.model = :model{_in_bucket("s.key", bucket)} AND NOT EXISTS (
             SELECT 1 FROM ({model_sql(model)}) AS m WHERE {d.key_expression(model, "m")} = s.key
         )
     """
@@ -250,21 +269,34 @@ _COUNTS = """
 
 
 def count_changes(
-    conn: Connection, warehouse: Warehouse, state: StateStore, model: Model
+    conn: Connection,
+    warehouse: Warehouse,
+    state: StateStore,
+    model: Model,
+    bucket: Bucket | None = None,
 ) -> ChangeCounts:
     """One pass over the model joined with its snapshot, in the database holding both."""
-    d = warehouse.dialect
     sql = f"""
-        WITH src AS (
-            SELECT {d.key_expression(model, "m")} AS k, {warehouse.fingerprint(model, "m")} AS f
-            FROM ({model_sql(model)}) AS m
-        ), snap AS (
-            SELECT s.key, s.fingerprint FROM {state.snapshots} AS s WHERE s.model = :model
+        WITH src AS ({_keys_and_fingerprints(warehouse, model, bucket)}), snap AS (
+            SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
+            WHERE s.model = :model{_in_bucket("s.key", bucket)}
         )
         {_COUNTS}
     """
     row = conn.execute(sa.text(sql), {"model": model.name}).one()
     return ChangeCounts(*(int(v or 0) for v in row))
+
+
+def _keys_and_fingerprints(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
+    """(k, f) of every model row of the bucket: all the counting pass reads of the model."""
+    d = warehouse.dialect
+    rows = (
+        f"SELECT {d.key_expression(model, 'm')} AS k, {warehouse.fingerprint(model, 'm')} AS f"
+        f" FROM ({model_sql(model)}) AS m"
+    )
+    if bucket is None:
+        return rows
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket('b.k', bucket)}"
 
 
 # -- the two diff forms -------------------------------------------------------------------
@@ -282,33 +314,53 @@ class Differ(Protocol):
     def close(self) -> None: ...
 
 
-def differ_for(warehouse: Warehouse, state: StateStore, *, same_database: bool) -> Differ:
-    """Push the diff down when one database holds both; otherwise stage keys in the state."""
+def differ_for(
+    warehouse: Warehouse,
+    state: StateStore,
+    *,
+    same_database: bool,
+    bucket: Bucket | None = None,
+) -> Differ:
+    """Push the diff down when one database holds both; otherwise stage keys in the state.
+
+    With a ``bucket``, every query of the diff (model rows and snapshot rows alike) keeps
+    only the keys of that bucket, so a run plans and sends one bucket of each model.
+    """
     if same_database:
-        return PushDownDiff(warehouse, state)
-    return CrossDatabaseDiff(warehouse, state)
+        return PushDownDiff(warehouse, state, bucket)
+    return CrossDatabaseDiff(warehouse, state, bucket)
 
 
 class PushDownDiff:
     """Warehouse and state in one database: every comparison is one SQL statement there."""
 
-    def __init__(self, warehouse: Warehouse, state: StateStore) -> None:
+    def __init__(
+        self, warehouse: Warehouse, state: StateStore, bucket: Bucket | None = None
+    ) -> None:
         self.warehouse = warehouse
         self.state = state
+        self.bucket = bucket
 
     def count(self, model: Model) -> ChangeCounts:
         with self.warehouse.engine.connect() as conn:
-            return count_changes(conn, self.warehouse, self.state, model)
+            return count_changes(conn, self.warehouse, self.state, model, self.bucket)
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
         with self.warehouse.engine.connect() as conn:
             yield from diff_upserts(
-                conn, self.warehouse, self.state, model, full_resync=full_resync
+                conn,
+                self.warehouse,
+                self.state,
+                model,
+                full_resync=full_resync,
+                bucket=self.bucket,
             )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
         with self.warehouse.engine.connect() as conn:
-            yield from diff_removals(conn, self.warehouse, self.state, model, delete=delete)
+            yield from diff_removals(
+                conn, self.warehouse, self.state, model, delete=delete, bucket=self.bucket
+            )
 
     def close(self) -> None:
         pass
@@ -325,9 +377,12 @@ class CrossDatabaseDiff:
 
     STAGE_ROWS = 20_000
 
-    def __init__(self, warehouse: Warehouse, state: StateStore) -> None:
+    def __init__(
+        self, warehouse: Warehouse, state: StateStore, bucket: Bucket | None = None
+    ) -> None:
         self.warehouse = warehouse
         self.state = state
+        self.bucket = bucket
         self.token = uuid.uuid4().hex
         self._staged: set[str] = set()
 
@@ -335,11 +390,7 @@ class CrossDatabaseDiff:
         if model.name in self._staged:
             return
         self.state.unstage_keys(self.token, model.name)
-        d = self.warehouse.dialect
-        sql = (
-            f"SELECT {d.key_expression(model, 'm')} AS k, {self.warehouse.fingerprint(model, 'm')} AS f"
-            f" FROM ({model_sql(model)}) AS m"
-        )
+        sql = _keys_and_fingerprints(self.warehouse, model, self.bucket)
         with self.warehouse.engine.connect() as conn:
             for chunk in self.warehouse.stream(conn, sql, rows=self.STAGE_ROWS):
                 with self.state.engine.begin() as state_conn:
@@ -356,7 +407,7 @@ class CrossDatabaseDiff:
                 WHERE x.token = :token AND x.model = :model
             ), snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
-                WHERE s.model = :model
+                WHERE s.model = :model{_in_bucket("s.key", self.bucket)}
             )
             {_COUNTS}
         """
@@ -366,7 +417,8 @@ class CrossDatabaseDiff:
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
         with self.warehouse.engine.connect() as conn:
-            for chunk in self.warehouse.stream(conn, _model_rows(self.warehouse, model)):
+            rows = _model_rows(self.warehouse, model, self.bucket)
+            for chunk in self.warehouse.stream(conn, rows):
                 pairs = [
                     (row._mapping[KEY_COLUMN], row._mapping[FINGERPRINT_COLUMN])
                     for row in chunk.rows
@@ -398,7 +450,7 @@ class CrossDatabaseDiff:
         self._stage(model)
         sql = f"""
             SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
-            WHERE s.model = :model AND NOT EXISTS (
+            WHERE s.model = :model{_in_bucket("s.key", self.bucket)} AND NOT EXISTS (
                 SELECT 1 FROM {self.state.staged_keys} AS x
                 WHERE x.token = :token AND x.model = :model AND x.key = s.key
             )

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cio_retl.batching import pack
+from cio_retl.buckets import Bucket
 from cio_retl.client import RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
 from cio_retl.diff import Change, ChangeCounts, Differ, RowChange, differ_for
@@ -39,6 +40,7 @@ from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
+from cio_retl.ratelimit import RateSpec, budget_for
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
 from cio_retl.warehouse import Warehouse, create_engine
 
@@ -57,6 +59,9 @@ class SyncOptions:
     max_in_flight: int = 4  # batches travelling at once; the rate limit still caps requests
     batch_items: int = MAX_BATCH_ITEMS  # fewer items per request bound what a 400 bisects
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Plan and send only the keys of this hash bucket (cio_retl.buckets): several runs, one
+    # per bucket, then share a model, each under its own lock, all under one rate budget.
+    bucket: Bucket | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +110,7 @@ class RunReport:
     dry_run: bool
     models: list[ModelReport]
     error: str | None = None
+    bucket: str | None = None  # "3/16" when the run covered one hash bucket
 
     @property
     def exit_code(self) -> int:
@@ -132,6 +138,10 @@ def run_sync(
     """
     options = options or SyncOptions()
     models = ordered_for_sync(load_models(settings.models_dir, names))
+    try:
+        rate = RateSpec.parse(settings.rate_limit)
+    except ValueError as exc:
+        raise ConfigError(f"CIO_RETL_RATE_LIMIT: {exc}") from None
     engine = create_engine(settings.warehouse_url)
     # The same database: the diff runs there as SQL. Another one: the cross-database diff.
     state_engine = engine if settings.state_is_warehouse else create_engine(settings.state_url)
@@ -153,7 +163,17 @@ def run_sync(
             if client is not None:
                 client.check_credentials()
             state.ensure_schema()
-            differ = differ_for(warehouse, state, same_database=settings.state_is_warehouse)
+            if client is not None:
+                client.limiter = budget_for(
+                    settings.rate_budget,
+                    rate,
+                    settings.track_api_url,
+                    settings.site_id or "",
+                    state,
+                )
+            differ = differ_for(
+                warehouse, state, same_database=settings.state_is_warehouse, bucket=options.bucket
+            )
             return _Run(differ, warehouse, state, client, models, options, progress).execute()
         finally:
             if client is not None:
@@ -201,7 +221,10 @@ class _Run:
         self.models = models
         self.options = options
         self.progress = progress
+        self.bucket = options.bucket
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        if self.bucket is not None:  # runs of one bucket are told apart in `cio-retl status`
+            self.run_id += f"-b{self.bucket.index}of{self.bucket.count}"
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
         self._last_heartbeat = time.monotonic()
 
@@ -209,17 +232,22 @@ class _Run:
         """Tell other runs this one is alive, at most every HEARTBEAT_EVERY seconds."""
         now = time.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_EVERY:
-            self.state.heartbeat([m.name for m in self.models], self.run_id)
+            self.state.heartbeat([m.name for m in self.models], self.run_id, self.bucket)
             self._last_heartbeat = now
 
     def execute(self) -> RunReport:
         locked: list[Model] = []
         started = time.perf_counter()
-        report = RunReport(self.run_id, self.options.dry_run, list(self.reports.values()))
+        report = RunReport(
+            self.run_id,
+            self.options.dry_run,
+            list(self.reports.values()),
+            bucket=self.bucket.label if self.bucket else None,
+        )
         try:
             if not self.options.dry_run:
                 for model in self.models:
-                    self.state.acquire_lock(model.name, self.run_id)
+                    self.state.acquire_lock(model.name, self.run_id, self.bucket)
                     locked.append(model)
             for model in self.models:
                 self.state.start_run(
@@ -254,7 +282,7 @@ class _Run:
                     model_report.status = "rejected" if model_report.rejected else "succeeded"
                 self._finish(model, model_report)
             for model in locked:
-                self.state.release_lock(model.name, self.run_id)
+                self.state.release_lock(model.name, self.run_id, self.bucket)
         return report
 
     def _count_changes(self) -> dict[str, ChangeCounts]:

@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cio_retl.batching import batch_body, pack
-from cio_retl.client import RateLimiter, RetryPolicy, TrackClient
+from cio_retl.client import RetryPolicy, TrackClient
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, RetriableError
 from cio_retl.limits import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, batch_body_size
+from cio_retl.ratelimit import RateLimiter
 from tests.conftest import API_KEY, SITE_ID
 
 

@@ -1,0 +1,209 @@
+"""The workspace rate limit: 3000 Track API requests per 3 seconds, all senders together.
+
+Two budgets keep a run under it. :class:`RateLimiter` is exact for the threads of one
+process. :class:`SharedRateBudget` is for several processes or machines sending to one
+workspace (bucketed runs on Dagster's executors): a row in the state store's PostgreSQL
+database that every sender updates before each request, so no worker keeps its own count and
+no new component is needed. :func:`budget_for` picks one from the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlalchemy as sa
+
+from cio_retl.errors import ConfigError
+from cio_retl.state import StateStore, rate_budget
+
+RATE_LIMIT_REQUESTS = 3000  # per RATE_LIMIT_WINDOW seconds, for the whole workspace
+RATE_LIMIT_WINDOW = 3.0
+SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
+
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*s?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """At most ``requests`` requests in any ``window`` seconds."""
+
+    requests: int = RATE_LIMIT_REQUESTS
+    window: float = RATE_LIMIT_WINDOW
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.window <= 0:
+            raise ValueError(f"a rate limit needs requests >= 1 and window > 0, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> RateSpec:
+        """``"3000/3"``: 3000 requests per 3 seconds."""
+        match = _SPEC.match(text)
+        if not match:
+            raise ValueError(f"a rate limit is REQUESTS/SECONDS, e.g. 3000/3; got {text!r}")
+        return cls(int(match.group(1)), float(match.group(2)))
+
+    @property
+    def label(self) -> str:
+        return f"{self.requests}/{self.window:g}s"
+
+
+class RateBudget(Protocol):
+    """Blocks until one more request may go without exceeding the workspace's limit."""
+
+    def acquire(self) -> None: ...
+
+
+class RateLimiter:
+    """At most ``requests`` per ``window`` seconds, over *every* window: 3000 per 3 s.
+
+    A sliding log of the last ``requests`` send times: a request may go once the oldest of
+    them is a full window old. A token bucket would allow its burst plus its refill inside
+    one window (3000 + rate x 3 s), over the workspace limit. Shared by all threads of one
+    process; memory is one float per allowed request.
+    """
+
+    def __init__(
+        self,
+        requests: int = RATE_LIMIT_REQUESTS,
+        window: float = RATE_LIMIT_WINDOW,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.requests = requests
+        self.window = window
+        self._sent: deque[float] = deque(maxlen=requests)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                if len(self._sent) < self.requests or now - self._sent[0] >= self.window:
+                    self._sent.append(now)
+                    return
+                wait = self._sent[0] + self.window - now
+            self._sleep(wait)
+
+
+_LIMITERS: dict[tuple[str, str, RateSpec], RateLimiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def workspace_limiter(base_url: str, site_id: str, spec: RateSpec | None = None) -> RateLimiter:
+    """The one limiter of a workspace in this process: every client and thread shares it."""
+    spec = spec or RateSpec()
+    with _LIMITERS_LOCK:
+        return _LIMITERS.setdefault(
+            (base_url, site_id, spec), RateLimiter(spec.requests, spec.window)
+        )
+
+
+def workspace_key(base_url: str, site_id: str) -> str:
+    """Names a workspace in the state store without storing its site id (half a credential)."""
+    return hashlib.sha256(f"{base_url}\n{site_id}".encode()).hexdigest()[:32]
+
+
+class SharedRateBudget:
+    """One workspace budget in PostgreSQL, shared by every process that sends to it.
+
+    The generic cell rate algorithm (a token bucket kept as one timestamp): the row holds the
+    "theoretical arrival time" ``tat``; a request may go when ``tat <= now + tolerance`` and
+    then moves ``tat`` on by one interval. Each grant is one UPDATE of one row, atomic under
+    the row lock, on the database's clock, so workers on machines with skewed clocks agree.
+
+    In any ``window`` at most ``burst + rate x window`` requests are granted; with the
+    defaults that is ``0.1 x 3000 + 0.9 x 3000 = 3000``: the limit, exactly, never more. The
+    price is a sustained pace of 90% of the limit (2700 per 3 s), and one round trip to the
+    database per request (each request carries up to 1000 items).
+    """
+
+    SQL_GRANT = """
+        UPDATE {table}
+        SET tat = GREATEST(tat, clock_timestamp()) + make_interval(secs => :interval)
+        WHERE workspace = :workspace
+          AND tat <= clock_timestamp() + make_interval(secs => :tolerance)
+        RETURNING 1
+    """
+    SQL_WAIT = """
+        SELECT EXTRACT(EPOCH FROM (tat - clock_timestamp())) - :tolerance
+        FROM {table} WHERE workspace = :workspace
+    """
+    SQL_CREATE = """
+        INSERT INTO {table} (workspace, tat) VALUES (:workspace, clock_timestamp())
+        ON CONFLICT (workspace) DO NOTHING
+    """
+
+    def __init__(
+        self,
+        state: StateStore,
+        workspace: str,
+        spec: RateSpec | None = None,
+        *,
+        share: float = SHARED_SHARE,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if state.engine.dialect.name != "postgresql":
+            raise ConfigError(
+                "a shared rate budget needs a PostgreSQL state store (CIO_RETL_STATE_URL); "
+                f"this one is {state.engine.dialect.name}"
+            )
+        if not 0 < share < 1:
+            raise ValueError(f"share must be within (0, 1), got {share}")
+        spec = spec or RateSpec()
+        self.spec = spec
+        self.rate = share * spec.requests / spec.window  # requests per second, sustained
+        self.burst = spec.requests - self.rate * spec.window  # granted at once after a pause
+        self.interval = 1.0 / self.rate
+        # GCRA lets a burst of ``1 + tolerance / interval`` requests through at once.
+        self.tolerance = max(self.burst - 1, 0) * self.interval
+        self.workspace = workspace
+        self._state = state
+        self._sleep = sleep
+        table = state.table(rate_budget)
+        self._grant = sa.text(self.SQL_GRANT.format(table=table))
+        self._wait = sa.text(self.SQL_WAIT.format(table=table))
+        self._params = {
+            "workspace": workspace,
+            "interval": self.interval,
+            "tolerance": self.tolerance,
+        }
+        with state.engine.begin() as conn:
+            conn.execute(sa.text(self.SQL_CREATE.format(table=table)), {"workspace": workspace})
+
+    def acquire(self) -> None:
+        while True:
+            with self._state.engine.begin() as conn:
+                if conn.execute(self._grant, self._params).first() is not None:
+                    return
+                wait = conn.execute(self._wait, self._params).scalar_one()
+            # Sleep until the next grant is due; another worker may take it first, then the
+            # next UPDATE fails and this one waits again.
+            self._sleep(min(max(float(wait), 0.0005), self.spec.window))
+
+
+BUDGETS = ("auto", "local", "shared")
+
+
+def budget_for(
+    kind: str, spec: RateSpec, base_url: str, site_id: str, state: StateStore
+) -> RateBudget:
+    """``local``: this process's exact limiter. ``shared``: the state store's row, for runs
+    in several processes. ``auto``: shared when the state store is PostgreSQL (a server other
+    workers can reach), local otherwise (DuckDB is one process's file; a Snowflake round
+    trip per request would cost more than the request)."""
+    if kind not in BUDGETS:
+        raise ConfigError(f"CIO_RETL_RATE_BUDGET must be one of {', '.join(BUDGETS)}, not {kind!r}")
+    shared = kind == "shared" or (kind == "auto" and state.engine.dialect.name == "postgresql")
+    if shared:
+        return SharedRateBudget(state, workspace_key(base_url, site_id), spec)
+    return workspace_limiter(base_url, site_id, spec)
