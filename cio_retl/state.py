@@ -397,7 +397,7 @@ class StateStore:
         )
         if conflict is not None:
             self.release_lock(model, run_id, bucket)
-            self._refuse(model, conflict)
+            self._refuse(name, conflict)
 
     def _take_lock(self, name: str, run_id: str) -> None:
         now = utcnow()

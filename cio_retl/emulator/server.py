@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import math
 import os
 import random
 import socket
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,6 +211,10 @@ class Emulator:
 
     `rules` picks the reading of the spec's [open] points (defaults: the module constants);
     `record_bodies=False` keeps `requests` from holding every parsed body during benchmarks.
+    `rate_limit=(requests, seconds)` enforces the workspace limit the spec describes as
+    "loosely enforced": a write request over it in the sliding window gets a 429 with
+    Retry-After. Arrival times of write requests are kept either way
+    (:meth:`max_requests_in`), so tests can check what several senders did together.
     """
 
     def __init__(
@@ -221,6 +226,7 @@ class Emulator:
         port: int = 0,
         rules: Rules | None = None,
         record_bodies: bool = True,
+        rate_limit: tuple[int, float] | None = None,
     ) -> None:
         self.site_id = site_id
         self.host = host
@@ -240,6 +246,11 @@ class Emulator:
         self._stopping = threading.Event()
         self._in_flight: Counter[str] = Counter()  # by path
         self._in_flight_lock = threading.Lock()
+        self.rate_limit = rate_limit
+        self.arrivals: list[float] = []  # time.monotonic() of each authorized write request
+        self.rate_limited = 0  # write requests refused by `rate_limit`
+        self._window: deque[float] = deque()  # arrivals admitted within the last window
+        self._rate_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -307,6 +318,10 @@ class Emulator:
             self.workspace.clear()
             self.requests.clear()
             self.invalid_items.clear()
+        with self._rate_lock:
+            self.arrivals.clear()
+            self._window.clear()
+            self.rate_limited = 0
         self.faults = FaultPlan()
 
     def snapshot(self) -> dict[str, Any]:
@@ -353,6 +368,36 @@ class Emulator:
                 status = self._rng.choice((500, 502, 503))
                 return plan.delay_seconds, _error(status, "server error (error fault)")
             return plan.delay_seconds, None
+
+    def _admit(self) -> _Reply | None:
+        """Log a write request's arrival; a 429 if it is over `rate_limit`'s window."""
+        now = time.monotonic()
+        with self._rate_lock:
+            self.arrivals.append(now)
+            if self.rate_limit is None:
+                return None
+            limit, window = self.rate_limit
+            while self._window and now - self._window[0] >= window:
+                self._window.popleft()
+            if len(self._window) < limit:
+                self._window.append(now)
+                return None
+            self.rate_limited += 1
+            wait = self._window[0] + window - now
+        reply = _error(429, f"rate limit: {limit} requests per {window:g} s")
+        reply.headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+        return reply
+
+    def max_requests_in(self, window: float) -> int:
+        """The most write requests that arrived within any `window` seconds (sliding)."""
+        with self._rate_lock:
+            times = sorted(self.arrivals)
+        most = start = 0
+        for end, moment in enumerate(times):
+            while moment - times[start] >= window:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
 
     @property
     def in_flight(self) -> int:
@@ -408,7 +453,12 @@ class Emulator:
             return _error(405, "method not allowed", headers={"Allow": ", ".join(allowed)})
         if not self._authorized(headers.get("Authorization")):
             return _error(401, "Unauthorized request")
-        delay, forced = self._fault(write=path != "/api/v1/accounts/region")
+        write = path != "/api/v1/accounts/region"
+        if write:
+            throttled = self._admit()
+            if throttled is not None:
+                return throttled
+        delay, forced = self._fault(write=write)
         if delay and self._stopping.wait(delay):
             return _Reply(DROP)
         if forced is not None:
