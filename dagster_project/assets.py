@@ -10,6 +10,17 @@ does. Selecting assets in the UI or a job selects the models of that one engine 
 launchpad shows one config block (``ops: {cio_retl_sync: {config: ...}}``) instead of one
 per model.
 
+With ``CIO_RETL_BUCKETS=N`` (N > 1) every model asset is partitioned into N hash buckets
+(static partitions ``00``..``N-1``; see :mod:`cio_retl.buckets`), and a run syncs one bucket.
+People and objects are then one multi-asset and relationships another, each relationship
+depending on *all* buckets of the people and objects it references
+(``AllPartitionMapping``): a relationship may name a person of any bucket. Dagster's asset
+backfills and the ``on_cron`` automation conditions wait for those upstream buckets, so
+relationships are sent after every person and object, as in one unpartitioned run. Each
+bucket is a separate run (``BackfillPolicy.multi_run(1)``), so the run launcher (local
+processes, K8sRunLauncher) spreads buckets over workers; the pool ``cio_retl`` bounds how
+many run at once, and one rate budget in the state store paces them all together.
+
 The op first plans the run without sending (the engine's dry run) and reports the blocking
 pre-send checks from that plan; only when they pass does it send. Dagster fails the step
 after the op returns if a blocking check failed, so a failing check means nothing was sent.
@@ -26,6 +37,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError, LockedError, ModelError, RetriableError
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
@@ -42,6 +54,7 @@ from dagster_project.resources import (
 
 KEY_PREFIX = "customerio"
 OP_NAME = "cio_retl_sync"
+RELATIONSHIPS_OP_NAME = f"{OP_NAME}_relationships"  # partitioned mode's second multi-asset
 POOL = "cio_retl"
 """Concurrency pool of the sync op. Set its limit to 1 (``dagster instance concurrency set
 cio_retl 1``, or ``concurrency: pools: default_limit: 1`` in dagster.yaml) so that runs
@@ -105,29 +118,61 @@ def upstream_key(dep: str) -> dg.AssetKey:
     return dg.AssetKey([part.strip() for part in dep.split("/") if part.strip()])
 
 
+def bucket_partitions(buckets: int) -> dg.StaticPartitionsDefinition:
+    """``00``..``15`` for 16 buckets: zero-padded, so the UI lists them in order."""
+    width = len(str(buckets - 1))
+    return dg.StaticPartitionsDefinition([f"{i:0{width}d}" for i in range(buckets)])
+
+
 def build_model_assets(
     models_dir: Path,
     project: ProjectConfig | None = None,
     *,
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
+    buckets: int = 1,
 ) -> list[dg.AssetsDefinition]:
-    """The sync multi-asset for the models in ``models_dir`` (a list, for ``Definitions``).
+    """The sync multi-asset(s) for the models in ``models_dir`` (a list, for ``Definitions``).
 
-    Raises the engine's ModelError for a bad model file, so the code location fails loading
-    with the file and line.
+    One multi-asset without buckets; with ``buckets > 1``, one for people and objects and
+    one for relationships, both partitioned by bucket. Raises the engine's ModelError for a
+    bad model file, so the code location fails loading with the file and line.
     """
     models = load_models(models_dir)
     project = project or load_project_config(models_dir)
-    by_key = {asset_key(model): model for model in models}
+    if buckets <= 1:
+        return [_sync_asset(OP_NAME, models, models, project, retry_policy, None)]
+    partitions = bucket_partitions(buckets)
+    entities = [m for m in models if m.kind is not Kind.RELATIONSHIP]
+    relationships = [m for m in models if m.kind is Kind.RELATIONSHIP]
+    return [
+        _sync_asset(name, selected, models, project, retry_policy, partitions)
+        for name, selected in ((OP_NAME, entities), (RELATIONSHIPS_OP_NAME, relationships))
+        if selected
+    ]
+
+
+def _sync_asset(
+    name: str,
+    own: Sequence[Model],
+    models: Sequence[Model],
+    project: ProjectConfig,
+    retry_policy: dg.RetryPolicy | None,
+    partitions: dg.StaticPartitionsDefinition | None,
+) -> dg.AssetsDefinition:
+    by_key = {asset_key(model): model for model in own}
+    buckets = len(partitions.get_partition_keys()) if partitions else 1
 
     @dg.multi_asset(
-        name=OP_NAME,
-        specs=[_spec(model, models, project) for model in models],
-        check_specs=[spec for model in models for spec in _check_specs(model)],
+        name=name,
+        specs=[_spec(model, models, project, partitioned=partitions is not None) for model in own],
+        check_specs=[spec for model in own for spec in _check_specs(model)],
         can_subset=True,
         pool=POOL,
         retry_policy=retry_policy,
-        description="Sync the selected models to Customer.io in one ordered changeset.",
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.multi_run(1) if partitions else None,
+        description="Sync the selected models to Customer.io in one ordered changeset"
+        + (", one hash bucket per run." if partitions else "."),
     )
     def _sync(
         context: dg.AssetExecutionContext,
@@ -144,13 +189,22 @@ def build_model_assets(
             settings = engine_settings(customerio, warehouse)
         except CioRetlError as exc:
             raise _failure(exc) from None
-        yield from sync_models(context, settings, selected, config)
+        bucket = Bucket(int(context.partition_key), buckets) if partitions else None
+        yield from sync_models(context, settings, selected, config, bucket)
 
-    return [_sync]
+    return _sync
 
 
-def _spec(model: Model, models: Sequence[Model], project: ProjectConfig) -> dg.AssetSpec:
+def _spec(
+    model: Model, models: Sequence[Model], project: ProjectConfig, *, partitioned: bool = False
+) -> dg.AssetSpec:
     upstream = [upstream_key(dep) for dep in model.deps]
+    first: list[dg.AssetKey | dg.AssetDep] = list(_synced_first(model, models))
+    if partitioned:  # a relationship of any bucket may name a person of any bucket
+        first = [
+            dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
+            for key in _synced_first(model, models)
+        ]
     tags = {"cio_retl/kind": model.kind.value, "cio_retl/mode": model.mode.value}
     if model.object_type_id:
         tags["cio_retl/object_type_id"] = model.object_type_id
@@ -159,14 +213,18 @@ def _spec(model: Model, models: Sequence[Model], project: ProjectConfig) -> dg.A
         key=asset_key(model),
         group_name=project.group_of(model),
         description=model.description or f"Customer.io {model.kind.value}s from {model.path.name}.",
-        deps=[*upstream, *_synced_first(model, models)],
+        deps=[*upstream, *first],
         kinds={"customerio", "sql"},
         tags=tags,
         owners=project.owners_of(model),
         metadata=_definition_metadata(model),
         code_version=hashlib.sha256(text.encode()).hexdigest()[:16],
         skippable=True,  # nothing is materialized when a blocking check stops the send
-        automation_condition=_on_upstream_update(upstream),
+        automation_condition=(
+            _on_cron_after_upstream(project, model, upstream)
+            if partitioned
+            else _on_upstream_update(upstream)
+        ),
     )
 
 
@@ -202,6 +260,30 @@ def _on_upstream_update(
         .allow(dg.AssetSelection.assets(*upstream))
         .with_label("eager on warehouse deps")
     )
+
+
+def _on_cron_after_upstream(
+    project: ProjectConfig, model: Model, upstream: Sequence[dg.AssetKey]
+) -> dg.AutomationCondition[Any]:
+    """Partitioned mode's schedule: every bucket on the group's cron, once everything it
+    depends on (for a relationship: every bucket of its people and objects) was updated
+    since the tick; and, as without buckets, eagerly when a ``-- deps:`` table updates."""
+    schedule = project.schedule_of(project.group_of(model))
+    tick: dg.AutomationCondition[Any] = dg.AutomationCondition.cron_tick_passed(
+        schedule.cron, schedule.timezone
+    )
+    # ``on_cron`` is this with ``all_deps_match``, which holds for a dep as soon as ANY of its
+    # partitions updated; a relationship bucket must wait for EVERY upstream bucket: no
+    # upstream partition may be left that neither updated since the tick nor is requested.
+    stale = ~(
+        dg.AutomationCondition.newly_updated().since(tick)
+        | dg.AutomationCondition.will_be_requested()
+    )
+    condition = (
+        tick.since_last_handled() & ~dg.AutomationCondition.any_deps_match(stale)
+    ).with_label(f"on cron {schedule.cron} after every upstream bucket")
+    eager = _on_upstream_update(upstream)
+    return condition | eager if eager is not None else condition
 
 
 def _check_specs(model: Model) -> list[dg.AssetCheckSpec]:
@@ -266,6 +348,7 @@ def sync_models(
     settings: Settings,
     models: Sequence[Model],
     config: SyncConfig,
+    bucket: Bucket | None = None,
 ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
     """Plan, check, and (unless a dry run or a blocking check failed) send; report it all."""
     names = [m.name for m in models]
@@ -274,7 +357,10 @@ def sync_models(
             settings,
             names,
             SyncOptions(
-                dry_run=True, full_resync=config.full_resync, sample_size=config.sample_size
+                dry_run=True,
+                full_resync=config.full_resync,
+                sample_size=config.sample_size,
+                bucket=bucket,
             ),
         )
     except ModelError as exc:
@@ -310,7 +396,9 @@ def sync_models(
         report = run_sync(
             settings,
             names,
-            SyncOptions(full_resync=config.full_resync, force=config.force, sample_size=0),
+            SyncOptions(
+                full_resync=config.full_resync, force=config.force, sample_size=0, bucket=bucket
+            ),
         )
     except CioRetlError as exc:
         raise _failure(exc) from None

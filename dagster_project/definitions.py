@@ -12,11 +12,18 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from dagster_project.assets import DEFAULT_RETRY_POLICY, build_model_assets
-from dagster_project.project_config import load_project_config
-from dagster_project.resources import models_dir_from_env, resources_from_env
+from dagster_project.assets import (
+    DEFAULT_RETRY_POLICY,
+    OP_NAME,
+    RELATIONSHIPS_OP_NAME,
+    build_model_assets,
+)
+from dagster_project.project_config import ProjectConfig, load_project_config
+from dagster_project.resources import buckets_from_env, models_dir_from_env, resources_from_env
 
 JOB_NAME = "sync_all_models"
+# With buckets: the two stages, each partitioned; relationships after every bucket of the first.
+STAGE_JOBS = {OP_NAME: "sync_people_and_objects", RELATIONSHIPS_OP_NAME: "sync_relationships"}
 AUTOMATION_SENSOR_NAME = "customerio_on_upstream_update"
 
 # One process for every step. DuckDB lets one process write a database file at a time, and
@@ -42,10 +49,55 @@ def build_definitions(
     environ = os.environ if environ is None else environ
     models_dir = models_dir_from_env(environ)
     project = load_project_config(models_dir)
-    assets = build_model_assets(models_dir, project, retry_policy=retry_policy)
+    buckets = buckets_from_env(environ)
+    assets = build_model_assets(models_dir, project, retry_policy=retry_policy, buckets=buckets)
+    everything = dg.AssetSelection.assets(*assets)
+    schedules: list[dg.ScheduleDefinition] = []
+    if buckets > 1:
+        jobs = _stage_jobs(assets)
+    else:
+        jobs, schedules = _group_jobs(assets, project)
+    # Declarative automation (AutomationCondition on each asset with `-- deps:`, and with
+    # buckets each asset's cron), evaluated by this sensor rather than the implicit default
+    # one so that it has a clear name and covers exactly these assets. Off until switched
+    # on in the UI, like the schedules.
+    automation = dg.AutomationConditionSensorDefinition(
+        AUTOMATION_SENSOR_NAME,
+        target=everything,
+        description="Syncs a model when a warehouse table named in its `-- deps:` header "
+        "(e.g. a dbt model) is materialized"
+        + ("; with buckets, also on each group's cron." if buckets > 1 else "."),
+    )
+    return dg.Definitions(
+        assets=assets,
+        jobs=jobs,
+        schedules=schedules,
+        sensors=[automation],
+        resources=resources_from_env(environ),
+        executor=EXECUTOR,  # also for runs launched from the asset graph, not only the jobs
+    )
+
+
+def _stage_jobs(assets: list[dg.AssetsDefinition]) -> list[dg.UnresolvedAssetJobDefinition]:
+    """With buckets, one partitioned job per stage. A run of a job is one bucket; to sync
+    everything, backfill all buckets of the first stage, then of the second (or let the
+    automation sensor's ``on_cron`` conditions do it, in that order)."""
+    return [
+        dg.define_asset_job(
+            STAGE_JOBS[asset.op.name],
+            selection=dg.AssetSelection.assets(asset),
+            description=f"Sync one hash bucket of {', '.join(k.path[-1] for k in asset.keys)}.",
+            executor_def=EXECUTOR,
+        )
+        for asset in assets
+    ]
+
+
+def _group_jobs(
+    assets: list[dg.AssetsDefinition], project: ProjectConfig
+) -> tuple[list[dg.UnresolvedAssetJobDefinition], list[dg.ScheduleDefinition]]:
     specs = [spec for asset in assets for spec in asset.specs]
     groups = sorted({spec.group_name or "default" for spec in specs})
-
     everything = dg.AssetSelection.assets(*assets)
     jobs = [
         dg.define_asset_job(
@@ -75,23 +127,7 @@ def build_definitions(
                 "set in the models folder's dagster.toml.",
             )
         )
-    # Declarative automation (AutomationCondition on each asset with `-- deps:`), evaluated
-    # by this sensor rather than the implicit default one so that it has a clear name and
-    # covers exactly these assets. Off until switched on in the UI, like the schedules.
-    automation = dg.AutomationConditionSensorDefinition(
-        AUTOMATION_SENSOR_NAME,
-        target=everything,
-        description="Syncs a model when a warehouse table named in its `-- deps:` header "
-        "(e.g. a dbt model) is materialized.",
-    )
-    return dg.Definitions(
-        assets=assets,
-        jobs=jobs,
-        schedules=schedules,
-        sensors=[automation],
-        resources=resources_from_env(environ),
-        executor=EXECUTOR,  # also for runs launched from the asset graph, not only the jobs
-    )
+    return jobs, schedules
 
 
 defs = build_definitions()

@@ -14,7 +14,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from cio_retl.buckets import MAX_BUCKETS
 from cio_retl.config import DEFAULT_WAREHOUSE_FILE, Settings
+from cio_retl.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """The repository root: relative model folders and the default DuckDB file live here, so
@@ -40,6 +42,16 @@ class CustomerIOResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     track_api_url: str | None = Field(
         default=None,
         description="Base URL override, e.g. the local emulator (CIO_TRACK_API_URL).",
+    )
+    rate_limit: str | None = Field(
+        default=None,
+        description="The workspace's request limit, REQUESTS/SECONDS (CIO_RETL_RATE_LIMIT); "
+        "unset = 3000/3.",
+    )
+    rate_budget: str | None = Field(
+        default=None,
+        description="`local`, `shared` (one budget in the PostgreSQL state store for every "
+        "worker) or `auto` (CIO_RETL_RATE_BUDGET); unset = auto.",
     )
 
 
@@ -78,6 +90,8 @@ def engine_settings(customerio: CustomerIOResource, warehouse: WarehouseResource
         "CIO_TRACK_API_URL": customerio.track_api_url,
         "CIO_SITE_ID": customerio.site_id,
         "CIO_API_KEY": customerio.api_key,  # wrapped in Secret by from_env
+        "CIO_RETL_RATE_LIMIT": customerio.rate_limit,
+        "CIO_RETL_RATE_BUDGET": customerio.rate_budget,
     }
     return Settings.from_env({k: v for k, v in values.items() if v})
 
@@ -92,6 +106,18 @@ def models_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
     """``CIO_RETL_MODELS_DIR`` resolved against the repo root; ``sql/`` when unset."""
     environ = os.environ if environ is None else environ
     return resolve_models_dir(environ.get("CIO_RETL_MODELS_DIR"))
+
+
+def buckets_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``CIO_RETL_BUCKETS``: how many hash buckets partition each model's assets (1 = none).
+
+    Read at load time, like the models folder: it decides the shape of the asset graph.
+    """
+    environ = os.environ if environ is None else environ
+    text = (environ.get("CIO_RETL_BUCKETS") or "1").strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_BUCKETS:
+        raise ConfigError(f"CIO_RETL_BUCKETS must be a whole number 1..{MAX_BUCKETS}, not {text!r}")
+    return int(text)
 
 
 def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, object]:
@@ -111,6 +137,8 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, ob
         api_key=env("CIO_API_KEY"),
         region=env("CIO_REGION") or "us",
         track_api_url=env("CIO_TRACK_API_URL"),
+        rate_limit=env("CIO_RETL_RATE_LIMIT"),
+        rate_budget=env("CIO_RETL_RATE_BUDGET"),
     )
     warehouse = WarehouseResource(
         warehouse_url=env("CIO_RETL_WAREHOUSE_URL") or DEFAULT_WAREHOUSE_URL,
