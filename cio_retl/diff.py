@@ -178,7 +178,8 @@ def _upsert_change(
     if isinstance(record, Rejection):
         return RowChange(Change.REJECT, key, rejection=record)
     if previous_json is None:
-        return RowChange(Change.CREATE, key, fingerprint, record, send=dict(record.attributes))
+        # send IS the record's attributes: the encoder then reuses their canonical JSON.
+        return RowChange(Change.CREATE, key, fingerprint, record, send=record.attributes)
     previous: Attributes = orjson.loads(previous_json)
     send = changed_attributes(previous, record.attributes)
     if model.removed_columns is RemovedColumns.KEEP:

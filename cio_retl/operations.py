@@ -17,6 +17,7 @@ from cio_retl.diff import Change, RowChange
 from cio_retl.errors import Rejection
 from cio_retl.limits import check_attributes, check_item_size
 from cio_retl.models import Kind, Model
+from cio_retl.normalize import canonical_json
 
 
 class Phase(IntEnum):
@@ -41,10 +42,16 @@ def phases_of(model: Model) -> tuple[Phase, Phase]:
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    """An encoded item and the row change it carries; acknowledged or rejected as one."""
+    """An encoded item and the row change it carries; acknowledged or rejected as one.
+
+    ``attributes`` is the canonical JSON of the record's attributes (None for deletes): the
+    item embeds the same bytes when it sends the whole record, and the snapshot stores them
+    once acknowledged, so a row is serialized once however many places need it.
+    """
 
     change: RowChange
     item: bytes
+    attributes: bytes | None = None
 
     @property
     def key(self) -> str:
@@ -78,24 +85,55 @@ def build_item(model: Model, change: RowChange) -> dict[str, Any]:
             "identifiers": record.identifiers["person"],
             "cio_relationships": [relationship],
         }
-    # Identifiers always travel in the attributes too (RudderStack's mappedToDestination).
-    attributes = {**change.send, **{record.external_id["identifierType"]: record.external_id["id"]}}
+    # The record's attributes hold the identifier too (RudderStack's mappedToDestination), so
+    # a created row, or a full resync, sends it in the attributes; an update sends only what
+    # changed (DESIGN.md), and the identifier attribute, unchanged since Customer.io
+    # acknowledged it, travels in ``identifiers`` alone.
     return {
         "type": model.kind.value,
         "action": "identify",
         "identifiers": record.identifiers,
-        "attributes": attributes,
+        "attributes": change.send,
     }
 
 
+_IDENTIFY_HEAD = {
+    kind: b'{"type":"' + kind.value.encode() + b'","action":"identify","identifiers":'
+    for kind in (Kind.PERSON, Kind.OBJECT)
+}
+
+
 def encode(model: Model, change: RowChange) -> Operation | Rejection:
-    """Build, check against every API limit, and serialize; a row over a limit is rejected."""
-    if change.record is not None:
-        rejection = check_attributes(change.record.attributes, is_person=model.kind is Kind.PERSON)
-        if rejection:
-            return rejection
-    item = orjson.dumps(build_item(model, change))
-    return check_item_size(item) or Operation(change, item)
+    """Build, check against every API limit, and serialize; a row over a limit is rejected.
+
+    Person and object identifies (nearly every item of a sync) are assembled from their
+    serialized parts, the same JSON :func:`build_item` describes: a created row's item
+    embeds the canonical attributes the snapshot will store, so they are encoded once.
+    """
+    record = change.record
+    if record is None:  # deletes
+        item = orjson.dumps(build_item(model, change))
+        return check_item_size(item) or Operation(change, item)
+    rejection = check_attributes(record.attributes, is_person=model.kind is Kind.PERSON)
+    if rejection:
+        return rejection
+    attributes = canonical_json(record.attributes)
+    head = _IDENTIFY_HEAD.get(model.kind)
+    if head is None:  # relationships
+        item = orjson.dumps(build_item(model, change))
+    else:
+        send = change.send
+        assert send is not None
+        item = b"".join(
+            (
+                head,
+                orjson.dumps(record.identifiers),
+                b',"attributes":',
+                attributes if send is record.attributes else orjson.dumps(send),
+                b"}",
+            )
+        )
+    return check_item_size(item) or Operation(change, item, attributes)
 
 
 def redact(item: bytes) -> str:

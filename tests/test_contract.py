@@ -299,7 +299,7 @@ def test_schema_changes(
     added = sync(s)
     assert added.models[0].updated == 5
     items = [i for r in emulator.requests[before:] if r.body for i in r.body["batch"]]
-    assert all(set(i["attributes"]) == {"score", "id"} for i in items)
+    assert all(set(i["attributes"]) == {"score"} for i in items)
     write(models_dir, "p", header + "select k, score from main.p\n")  # column removed
     removed = sync(s)
     people = emulator.workspace.people_by("id")

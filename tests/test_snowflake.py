@@ -77,7 +77,7 @@ def test_demo_syncs_then_sends_only_the_edits(
     items = batch_items(emulator, before)
     assert len(items) == edits.entities == 6
     cleared = next(i for i in items if "first_name" in i["attributes"])
-    assert cleared["attributes"] == {"first_name": "", "email": cleared["identifiers"]["email"]}
+    assert cleared["attributes"] == {"first_name": ""}
     assert actual_workspace(emulator) == duckdb_expected(tmp_path / "edited", edited=True)
 
     before = len(emulator.requests)
