@@ -25,10 +25,27 @@ SITE_ID, API_KEY = "bench-site", "bench-key"
 _EMULATOR = """
 import sys, threading
 from cio_retl.emulator import Emulator
+from cio_retl.emulator.server import tune_gc_for_serving
 emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False)
+tune_gc_for_serving()
 emu.start()
 threading.Event().wait()
 """
+
+
+EMULATOR_PIDS: dict[str, int] = {}  # base URL -> pid of the emulator process serving it
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def emulator_cpu(base: str) -> float:
+    """CPU seconds used so far by the emulator process serving ``base``."""
+    return cpu_seconds(EMULATOR_PIDS[base])
 
 
 def free_port() -> int:
@@ -43,6 +60,7 @@ def emulator_process() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port)])
     base = f"http://127.0.0.1:{port}"
+    EMULATOR_PIDS[base] = proc.pid
     try:
         for _ in range(200):
             try:
@@ -52,6 +70,7 @@ def emulator_process() -> Iterator[str]:
                 time.sleep(0.05)
         yield base
     finally:
+        EMULATOR_PIDS.pop(base, None)
         proc.terminate()
         proc.wait()
 

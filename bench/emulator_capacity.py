@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import API_KEY, SITE_ID, emulator_process, machine
+from _common import API_KEY, SITE_ID, emulator_cpu, emulator_process, machine
 
 
 def batch(offset: int) -> bytes:
@@ -63,16 +63,22 @@ def main() -> None:
             )
             return response.status_code
 
+        cpu_before = emulator_cpu(base)
         started = time.perf_counter()
         with ThreadPoolExecutor(args.senders) as pool:
             statuses = list(pool.map(post, range(args.batches)))
         seconds = time.perf_counter() - started
+        cpu = emulator_cpu(base) - cpu_before
     assert set(statuses) == {200}, statuses
     items = args.batches * 1000
     print(f"machine: {machine()}")
     print(
         f"emulator absorbed {items:,} items in {seconds:.2f} s: {items / seconds:,.0f} items/s "
         f"({args.senders} senders, 1000-item batches)"
+    )
+    print(
+        f"emulator CPU: {cpu:.2f} s, {cpu / items * 1e6:.1f} us per item: "
+        f"{items / cpu:,.0f} items per CPU-second of the emulator"
     )
 
 

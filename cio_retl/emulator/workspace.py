@@ -37,13 +37,14 @@ def _merged(current: dict[str, Any], updates: dict[str, Any], rules: Rules) -> d
 
     `""` removes an attribute; `null` does too under the NULL_REMOVES_ATTRIBUTE reading.
     """
-    out = dict(current)
-    null_removes = rules.null_removes_attribute
-    for name, value in updates.items():
-        if value == "" if value is not None else null_removes:
-            out.pop(name, None)
-        else:
-            out[name] = value
+    out = {**current, **updates}
+    values = updates.values()
+    # Most identifies remove nothing: two C-level scans instead of a Python loop per value.
+    if "" in values or (None in values and rules.null_removes_attribute):
+        null_removes = rules.null_removes_attribute
+        for name, value in updates.items():
+            if value == "" if value is not None else null_removes:
+                out.pop(name, None)
     return out
 
 
