@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -111,6 +111,21 @@ staged_keys = sa.Table(
     sa.Column("staged_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+
+def _without_primary_key(table: sa.Table, name: str) -> sa.Table:
+    """``table``'s columns (NOT NULL kept) as a table ``name`` of its own, with no key."""
+    return sa.Table(
+        name,
+        sa.MetaData(schema=table.schema),
+        *(sa.Column(c.name, c.type, nullable=c.nullable) for c in table.columns),
+    )
+
+
+# The snapshots table where the dialect keeps no key index (DuckDB, see
+# Dialect.snapshot_primary_key), and the name an older, keyed one is copied through.
+snapshots_unkeyed = _without_primary_key(snapshots, "snapshots")
+_snapshots_migrating = _without_primary_key(snapshots, "snapshots_unkeyed")
+
 SNAPSHOT_COLUMNS = (
     "model",
     "key",
@@ -140,6 +155,9 @@ class SnapshotRow:
     attrs_hash: str
     identifiers: str
     attributes: str
+    # The run's diff found no snapshot of this key (a create): the write may skip looking
+    # for an existing row. False is always safe.
+    new: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +197,13 @@ class StateStore:
                             f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
                         )
                     )
-                    metadata.create_all(conn)
+                    if self.dialect.snapshot_primary_key:
+                        metadata.create_all(conn)
+                    else:
+                        keyed = [t for t in metadata.sorted_tables if t is not snapshots]
+                        metadata.create_all(conn, tables=keyed)
+                        snapshots_unkeyed.create(conn, checkfirst=True)
+                        self._drop_snapshot_primary_key(conn)
                 return
             except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 # Two processes creating the schema at once: DuckDB's optimistic concurrency
@@ -189,24 +213,66 @@ class StateStore:
                     raise
                 time.sleep(0.05 * 2**attempt)
 
+    def _drop_snapshot_primary_key(self, conn: Connection) -> None:
+        """Rebuild a snapshots table created with its primary key (cio-retl before the key
+        index was dropped on DuckDB) without it, rows unchanged, in the caller's
+        transaction. DuckDB cannot drop a primary key in place; this runs once per database,
+        and costs a copy of the table (seconds for millions of rows)."""
+        keyed = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()"
+                " AND schema_name = :schema"
+                " AND table_name = :table AND constraint_type = 'PRIMARY KEY'"
+            ),
+            {"schema": self.schema, "table": snapshots.name},
+        ).scalar_one()
+        if not keyed:
+            return
+        columns = ", ".join(self.dialect.quote(c) for c in SNAPSHOT_COLUMNS)
+        interim = self.table(_snapshots_migrating)
+        _snapshots_migrating.drop(conn, checkfirst=True)  # a copy an interrupted run left
+        _snapshots_migrating.create(conn)
+        conn.execute(
+            sa.text(f"INSERT INTO {interim} ({columns}) SELECT {columns} FROM {self.snapshots}")
+        )
+        conn.execute(sa.text(f"DROP TABLE {self.snapshots}"))
+        conn.execute(
+            sa.text(f"ALTER TABLE {interim} RENAME TO {self.dialect.quote(snapshots.name)}")
+        )
+
     # -- snapshots -------------------------------------------------------------------------
     def save_snapshots(
         self, conn: Connection, model: str, run_id: str, rows: Sequence[SnapshotRow]
     ) -> None:
+        """Write the acknowledged rows' snapshots, replacing what their keys had.
+
+        One row per key is kept (the last): the statements assume distinct keys, and on
+        DuckDB nothing else would stop a repeated key from being inserted twice.
+        """
         if not rows:
             return
+        unique = {r.key: r for r in rows}
+        if len(unique) < len(rows):  # never expected; written as existing keys, to be safe
+            unique = {k: replace(r, new=False) for k, r in unique.items()}
         source = (
             "SELECT CAST(:model AS VARCHAR) AS model, u.key, u.fingerprint, u.attrs_hash,"
             " u.identifiers, u.attributes, CAST(:run_id AS VARCHAR) AS run_id,"
             f" :now AS synced_at FROM {ROWS} AS u"
         )
-        self.dialect.execute_rows(
-            conn,
-            self.dialect.upsert(self.snapshots, ("model", "key"), SNAPSHOT_COLUMNS, source),
-            ("key", "fingerprint", "attrs_hash", "identifiers", "attributes"),
-            [(r.key, r.fingerprint, r.attrs_hash, r.identifiers, r.attributes) for r in rows],
-            {"model": model, "run_id": run_id, "now": utcnow()},
-        )
+        params = {"model": model, "run_id": run_id, "now": utcnow()}
+        for new in (True, False):
+            group = [r for r in unique.values() if r.new is new]
+            if not group:
+                continue
+            self.dialect.execute_rows(
+                conn,
+                self.dialect.upsert(
+                    self.snapshots, ("model", "key"), SNAPSHOT_COLUMNS, source, absent=new
+                ),
+                ("key", "fingerprint", "attrs_hash", "identifiers", "attributes"),
+                [(r.key, r.fingerprint, r.attrs_hash, r.identifiers, r.attributes) for r in group],
+                params,
+            )
 
     def update_fingerprints(
         self, conn: Connection, model: str, pairs: Sequence[tuple[str, str]]

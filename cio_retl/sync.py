@@ -659,4 +659,5 @@ def snapshot_row(op: Operation) -> SnapshotRow:
         attrs_hash=digest(attributes),
         identifiers=canonical_json(record.identifiers).decode(),
         attributes=attributes.decode(),
+        new=op.change.change is Change.CREATE,
     )

@@ -170,3 +170,20 @@ def sql_run(url: str, sql: str) -> None:
             conn.execute(sa.text(sql))
     finally:
         engine.dispose()
+
+
+def duplicate_snapshot_keys(engine: Engine, schema: str = "cio_retl") -> list[sa.Row[Any]]:
+    """(model, key, rows) of every key the snapshot holds more than once: always none.
+
+    On DuckDB no index enforces it (the snapshot table has no primary key there), so the
+    tests check the table itself rather than ``StateStore.snapshot``, a dict by key.
+    """
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    f"SELECT model, key, COUNT(*) FROM {schema}.snapshots"
+                    " GROUP BY model, key HAVING COUNT(*) > 1"
+                )
+            )
+        )

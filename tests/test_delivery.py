@@ -28,7 +28,7 @@ from cio_retl.errors import LockedError
 from cio_retl.state import StateStore
 from cio_retl.sync import SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
-from tests.conftest import API_KEY, REPO, SITE_ID, cli_env
+from tests.conftest import API_KEY, REPO, SITE_ID, cli_env, duplicate_snapshot_keys
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 PATIENT = RetryPolicy(max_attempts=15, base_delay=0.001, max_delay=0.01)
@@ -97,35 +97,75 @@ def test_sigkill_at_random_points_then_rerun_is_exact(
 ) -> None:
     """Kill -9 anywhere in a run (slow emulator, small batches), rerun, compare everything."""
     demo_engine.dispose()
-    emulator.faults = FaultPlan(delay_seconds=0.02)
-    env = {**os.environ, **cli_env(warehouse_url, emulator.url)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    rng = random.Random(seed)
-    target = rng.randint(1, 40)  # kill once this many batches reached the emulator
-    deadline = time.monotonic() + 60
-    while len(emulator.requests) + emulator.in_flight < target and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    emulator.faults = FaultPlan()
+    kill_after_batches(warehouse_url, emulator, random.Random(seed).randint(1, 40))
 
     engine = create_engine(warehouse_url)
     state = StateStore(engine)
     state.ensure_schema()
     acknowledged = sum(len(state.snapshot(m)) for m in ("companies", "users", "memberships"))
+    assert duplicate_snapshot_keys(engine) == []
     total = 40 + 490 + 506
     before = len(emulator.requests)
     assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))
     assert resent == total - acknowledged  # at most (here: exactly) the unacknowledged rows
     assert actual_workspace(emulator) == expected_workspace(engine)
+    assert duplicate_snapshot_keys(engine) == []
+    engine.dispose()
+
+
+def kill_after_batches(warehouse_url: str, emulator: Emulator, batches: int, *options: str) -> None:
+    """Start ``cio-retl sync --batch-size 25 [options]`` against a slow emulator and kill -9
+    it once ``batches`` requests reached the emulator (or it ended first)."""
+    emulator.faults = FaultPlan(delay_seconds=0.02)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25", *options],
+        env={**os.environ, **cli_env(warehouse_url, emulator.url)},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    start = len(emulator.requests)
+    deadline = time.monotonic() + 60
+    while len(emulator.requests) - start + emulator.in_flight < batches and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    emulator.faults = FaultPlan()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kills_while_rewriting_snapshots_leave_each_key_once(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, warehouse_url: str, seed: int
+) -> None:
+    """Runs killed while they replace existing snapshot rows (updates, then a full resync)
+    and a run bringing back users who left: each (model, key) stays one row on DuckDB,
+    whose snapshot table has no primary key, and the rerun is exact."""
+    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    with demo_engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE demo.users SET plan = :p WHERE user_id % 2 = 0"), {"p": f"kill{seed}"}
+        )
+        conn.execute(sa.text("UPDATE demo.users SET deleted_at = now() WHERE user_id % 7 = 0"))
+    demo_engine.dispose()
+    rng = random.Random(seed)
+    kill_after_batches(warehouse_url, emulator, rng.randint(2, 8))
+    engine = create_engine(warehouse_url)
+    assert duplicate_snapshot_keys(engine) == []
+    with engine.begin() as conn:  # the users who left come back: created again
+        conn.execute(sa.text("UPDATE demo.users SET deleted_at = NULL WHERE user_id % 7 = 0"))
+    engine.dispose()
+    kill_after_batches(warehouse_url, emulator, rng.randint(2, 30), "--full-resync")
+    engine = create_engine(warehouse_url)
+    assert duplicate_snapshot_keys(engine) == []
+    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert duplicate_snapshot_keys(engine) == []
+    expected = expected_workspace(engine)
+    assert actual_workspace(emulator) == expected
+    state = StateStore(engine)
+    assert len(state.snapshot("users")) == len(expected["people"])
+    assert len(state.snapshot("companies")) == len(expected["objects"])
     engine.dispose()
 
 
@@ -202,6 +242,8 @@ mutation = st.one_of(
     st.tuples(st.just("delete_user"), st.integers(1, 60), st.none()),
     st.tuples(st.just("add_user"), st.integers(61, 80), st.sampled_from(["free", "pro"])),
     st.tuples(st.just("drop_membership"), st.integers(1, 60), st.none()),
+    # A user who left comes back: a key forgotten or deleted is created again.
+    st.tuples(st.just("restore_user"), st.integers(1, 60), st.none()),
 )
 faults = st.builds(
     FaultPlan,
@@ -216,11 +258,17 @@ faults = st.builds(
 @hsettings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(steps=st.lists(st.tuples(st.lists(mutation, max_size=5), faults), min_size=1, max_size=4))
+@given(
+    steps=st.lists(
+        st.tuples(st.lists(mutation, max_size=5), faults, st.booleans()), min_size=1, max_size=4
+    )
+)
 def test_random_mutations_under_random_faults_converge(
     tmp_path_factory: pytest.TempPathFactory,
-    steps: list[tuple[list[tuple[str, int, object]], FaultPlan]],
+    steps: list[tuple[list[tuple[str, int, object]], FaultPlan, bool]],
 ) -> None:
+    """Changes, removals, returns and full resyncs under faults: the workspace converges,
+    and after every run the snapshot holds each key once (no index enforces it on DuckDB)."""
     folder = tmp_path_factory.mktemp("prop")
     url = f"duckdb:///{folder / 'w.duckdb'}"
     engine = create_engine(url)
@@ -245,17 +293,20 @@ def test_random_mutations_under_random_faults_converge(
             api_key=Secret(API_KEY),
         )
         flaky = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.002)
-        for mutations, plan in steps:
+        for mutations, plan, full_resync in steps:
             with engine.begin() as conn:
                 for action, user_id, value in mutations:
                     apply_mutation(conn, action, user_id, value)
             emu.faults = plan
             # A run under faults may give up (exit 1): the next run must pick up the rest.
-            run_sync(settings, None, SyncOptions(retry=flaky, force=True))
+            options = SyncOptions(retry=flaky, force=True, full_resync=full_resync)
+            run_sync(settings, None, options)
+            assert duplicate_snapshot_keys(engine) == []
         emu.faults = FaultPlan()
         final = run_sync(settings, None, SyncOptions(retry=PATIENT, force=True))
         assert final.exit_code == 0, final
         assert actual_workspace(emu) == expected_workspace(engine)
+        assert duplicate_snapshot_keys(engine) == []
     engine.dispose()
 
 
@@ -276,6 +327,10 @@ def apply_mutation(conn: sa.Connection, action: str, user_id: int, value: object
                 " WHERE NOT EXISTS (SELECT 1 FROM demo.users WHERE user_id = :u)"
             ),
             {"u": user_id, "v": value},
+        )
+    elif action == "restore_user":
+        conn.execute(
+            sa.text("UPDATE demo.users SET deleted_at = NULL WHERE user_id = :u"), {"u": user_id}
         )
     else:
         conn.execute(sa.text("DELETE FROM demo.memberships WHERE user_id = :u"), {"u": user_id})

@@ -22,8 +22,16 @@ from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
-from cio_retl.state import StateStore
-from tests.conftest import API_KEY, REPO, SITE_ID, cli_env, sync, with_models
+from cio_retl.state import SnapshotRow, StateStore, snapshots
+from tests.conftest import (
+    API_KEY,
+    REPO,
+    SITE_ID,
+    cli_env,
+    duplicate_snapshot_keys,
+    sync,
+    with_models,
+)
 
 EXPECTED_PEOPLE = """
     SELECT email, first_name, last_name, plan, CAST(lifetime_value AS DOUBLE) AS lifetime_value,
@@ -406,3 +414,97 @@ def test_sigkill_mid_send_loses_nothing(
     assert state.snapshot("companies") == {}  # nothing was acknowledged
     assert sync(settings).exit_code == 0
     assert actual_workspace(emulator) == expected_workspace(engine)
+
+
+def _primary_keys(engine: Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = 'cio_retl'"
+                    " AND table_name = :t AND constraint_type = 'PRIMARY KEY'"
+                ),
+                {"t": table},
+            ).scalar_one()
+        )
+
+
+def test_snapshot_table_has_no_primary_key_on_duckdb(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """Its ART index cannot spill to disk (out of memory near 8.8M keys at 512MB); the
+    small state tables keep theirs."""
+    assert sync(settings).exit_code == 0
+    assert _primary_keys(demo_engine, "snapshots") == 0
+    assert _primary_keys(demo_engine, "locks") == 1
+    with demo_engine.connect() as conn:
+        nullable = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT column_name, is_nullable FROM information_schema.columns"
+                    " WHERE table_schema = 'cio_retl' AND table_name = 'snapshots'"
+                )
+            ).all()
+        )
+    assert nullable["model"] == nullable["key"] == "NO"
+
+
+def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """State written by a version whose DuckDB snapshots had PRIMARY KEY (model, key): the
+    next run copies it into an unkeyed table, keeps every row, and sends only the edits."""
+    assert sync(settings).exit_code == 0
+    with demo_engine.begin() as conn:  # the table as the older version created it
+        conn.execute(sa.text("ALTER TABLE cio_retl.snapshots RENAME TO snapshots_before"))
+        snapshots.create(conn)
+        conn.execute(
+            sa.text("INSERT INTO cio_retl.snapshots SELECT * FROM cio_retl.snapshots_before")
+        )
+        conn.execute(sa.text("DROP TABLE cio_retl.snapshots_before"))
+    assert _primary_keys(demo_engine, "snapshots") == 1
+    state = StateStore(demo_engine)
+    before_rows = {m: state.snapshot(m) for m in ("companies", "users", "memberships")}
+    edits = edit_demo_warehouse(demo_engine)
+    before = len(emulator.requests)
+
+    assert sync(settings).exit_code == 0
+
+    assert _primary_keys(demo_engine, "snapshots") == 0
+    assert len(batch_items(emulator, before)) == edits.entities
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+    after_rows = {m: state.snapshot(m) for m in before_rows}
+    changed = set(edits.users_changed)
+    assert {k: v for k, v in after_rows["users"].items() if k not in changed} == {
+        k: v for k, v in before_rows["users"].items() if k not in changed
+    }
+    assert duplicate_snapshot_keys(demo_engine) == []
+    before = len(emulator.requests)
+    assert sync(settings).exit_code == 0
+    assert batch_items(emulator, before) == []
+
+
+def test_saving_snapshots_keeps_one_row_per_key(demo_engine: Engine) -> None:
+    """Creates (no lookup), rewrites (delete + insert) and a key repeated in one batch."""
+    state = StateStore(demo_engine)
+    state.ensure_schema()
+
+    def rows(keys: range, fp: str, *, new: bool) -> list[SnapshotRow]:
+        return [SnapshotRow(f"k{i}", fp, "h", "{}", "{}", new=new) for i in keys]
+
+    with demo_engine.begin() as conn:
+        state.save_snapshots(conn, "m", "r1", rows(range(100), "a", new=True))
+    with demo_engine.begin() as conn:
+        # k50-k149 rewritten; k140-k149 repeated in the batch (the last one wins, though it
+        # claims to be new); k150-k159 created.
+        batch = rows(range(50, 150), "b", new=False) + rows(range(140, 160), "c", new=True)
+        state.save_snapshots(conn, "m", "r2", batch)
+    snapshot = state.snapshot("m")
+    assert duplicate_snapshot_keys(demo_engine) == []
+    assert len(snapshot) == 160
+    assert {k: v["fingerprint"] for k, v in snapshot.items()} == {
+        **{f"k{i}": "a" for i in range(50)},
+        **{f"k{i}": "b" for i in range(50, 140)},
+        **{f"k{i}": "c" for i in range(140, 160)},
+    }
+    assert {v["run_id"] for v in snapshot.values() if v["fingerprint"] == "a"} == {"r1"}
