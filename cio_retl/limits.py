@@ -24,6 +24,7 @@ MAX_PERSON_ATTRIBUTES = 300  # [open] whether objects share it: we only apply it
 _BATCH_ENVELOPE = len(b'{"batch":[]}')
 # Up to these many characters a string cannot break a byte limit (UTF-8: 4 bytes at most).
 _SAFE_VALUE_CHARS = MAX_ATTRIBUTE_VALUE_BYTES // 4
+_SAFE_IDENTIFIER_CHARS = MAX_IDENTIFIER_BYTES // 4
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -39,10 +40,11 @@ def check_identifier(name: str, value: Any) -> Rejection | None:
         return Rejection(
             f"identifier {name} must be a string or integer, got {type(value).__name__}", name
         )
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if not text.strip():
         return Rejection(f"identifier {name} is empty", name)
-    size = len(text.encode())
+    # Runs for every changed row: a text this short is within the limit in any encoding.
+    size = len(text) if len(text) <= _SAFE_IDENTIFIER_CHARS else len(text.encode())
     if size > MAX_IDENTIFIER_BYTES:
         return Rejection(
             f"identifier {name} is {size} bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit", name
@@ -56,9 +58,8 @@ def check_identifier(name: str, value: Any) -> Rejection | None:
 
 def _looks_like_email(text: str) -> bool:
     local, at, domain = text.rpartition("@")
-    return (
-        bool(at and local and domain) and not any(c.isspace() for c in text) and "@" not in domain
-    )
+    # str.split() splits at exactly the characters str.isspace() names: one part, no space.
+    return bool(at and local and domain) and text.split() == [text] and "@" not in domain
 
 
 def column_name_problem(columns: list[str]) -> str | None:
@@ -75,19 +76,28 @@ def column_name_problem(columns: list[str]) -> str | None:
     return None
 
 
-def check_attributes(attributes: dict[str, Any], *, is_person: bool) -> Rejection | None:
+def check_attributes(
+    attributes: dict[str, Any], *, is_person: bool, serialized_size: int | None = None
+) -> Rejection | None:
     """Every attribute value against its byte limit, and the attribute count of a person.
 
     Attribute names are the model's column names (plus the identifier's), checked once per
     model by :func:`column_name_problem`, not per row. Runs once per changed row: strings
     short enough to be under the limit whatever their characters (4 bytes at most each, in
     UTF-8) are not encoded at all.
+
+    ``serialized_size`` is the length of the attributes' orjson text, when the caller has
+    it. At most the value limit means no value can be over it: a string's UTF-8 bytes and a
+    nested value's JSON text are each part of that text (orjson writes UTF-8 as is and only
+    escapes quotes, backslashes and control characters, which lengthens them).
     """
     if is_person and len(attributes) > MAX_PERSON_ATTRIBUTES:
         return Rejection(
             f"{len(attributes)} attributes, over the {MAX_PERSON_ATTRIBUTES}-attribute limit per person",
             "attributes",
         )
+    if serialized_size is not None and serialized_size <= MAX_ATTRIBUTE_VALUE_BYTES:
+        return None
     for name, value in attributes.items():
         kind = type(value)
         if kind is str:

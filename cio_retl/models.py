@@ -21,6 +21,10 @@ class Kind(StrEnum):
     RELATIONSHIP = "relationship"
 
 
+# RudderStack's ``mappedToDestination`` external id types; a table, as records ask per row.
+EXTERNAL_ID_TYPES = {kind: f"CUSTOMERIO-{kind.value}" for kind in Kind}
+
+
 class Mode(StrEnum):
     UPSERT = "upsert"
     MIRROR = "mirror"
@@ -93,7 +97,7 @@ class Model:
     @property
     def external_id_type(self) -> str:
         """RudderStack's ``mappedToDestination`` external id type, e.g. ``CUSTOMERIO-person``."""
-        return f"CUSTOMERIO-{self.kind.value}"
+        return EXTERNAL_ID_TYPES[self.kind]
 
 
 def parse_model(path: Path, text: str | None = None) -> Model:

@@ -274,6 +274,8 @@ def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Reject
 
 def _identifier_value(id_type: str, raw: Any) -> Any:
     """Person ``id`` keeps its JSON type (as RudderStack does); every other identifier is text."""
+    if type(raw) is str:  # nearly every key: nothing to normalize
+        return raw
     try:
         value = normalize_value(raw)
     except UnsupportedValue as exc:

@@ -114,10 +114,12 @@ def encode(model: Model, change: RowChange) -> Operation | Rejection:
     if record is None:  # deletes
         item = orjson.dumps(build_item(model, change))
         return check_item_size(item) or Operation(change, item)
-    rejection = check_attributes(record.attributes, is_person=model.kind is Kind.PERSON)
+    attributes = canonical_json(record.attributes)
+    rejection = check_attributes(
+        record.attributes, is_person=model.kind is Kind.PERSON, serialized_size=len(attributes)
+    )
     if rejection:
         return rejection
-    attributes = canonical_json(record.attributes)
     head = _IDENTIFY_HEAD.get(model.kind)
     if head is None:  # relationships
         item = orjson.dumps(build_item(model, change))

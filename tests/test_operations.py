@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from cio_retl.diff import Change, RowChange
 from cio_retl.errors import Rejection
-from cio_retl.limits import MAX_ITEM_BYTES
+from cio_retl.limits import MAX_ITEM_BYTES, check_attributes
 from cio_retl.models import Model, parse_model
 from cio_retl.normalize import Record, canonical_json, to_record
 from cio_retl.operations import Operation, build_item, encode
@@ -93,3 +93,26 @@ def test_an_item_over_32_kb_is_rejected_by_the_assembled_path_too() -> None:
     rejection = encode(PERSON, RowChange(Change.CREATE, "k", "fp", record, send=record.attributes))
     assert isinstance(rejection, Rejection) and rejection.field == "item"
     assert str(MAX_ITEM_BYTES) in rejection.reason
+
+
+big_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)  # normalized: larger ones travel as text
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=400)
+    | st.text(st.sampled_from('a"\\\n\u00e9\u20ac\U0001f600'), min_size=150, max_size=1100),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names, inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attributes=st.dictionaries(names, big_values, max_size=6), person=st.booleans())
+def test_the_serialized_size_shortcut_never_changes_a_verdict(
+    attributes: dict[str, Any], person: bool
+) -> None:
+    size = len(canonical_json(attributes))
+    assert check_attributes(attributes, is_person=person, serialized_size=size) == (
+        check_attributes(attributes, is_person=person)
+    )
