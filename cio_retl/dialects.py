@@ -19,6 +19,7 @@ behaves differently from real Snowflake, a comment says so at the spot.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,13 @@ KEY_SEPARATOR = "\x1f"
 
 # The placeholder a statement template uses for the relation built from a Python batch.
 ROWS = "{rows}"
+
+# Unix seconds of datetime.max (9999-12-31 23:59:59.999999, floored), datetime.min and
+# date.min (0001-01-01), and date.max (9999-12-31): what DuckDB's infinities become in Python.
+_MAX_DATETIME_SECONDS = 253402300799
+_MIN_DATETIME_SECONDS = -62135596800
+_MAX_DATE_SECONDS = 253402214400
+_DECIMAL_TYPE = re.compile(r"DECIMAL\((\d+),(\d+)\)")
 
 
 class Dialect:
@@ -97,6 +105,43 @@ class Dialect:
         Python objects, so nothing needs decoding there.
         """
         return frozenset()
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        """SQL giving the column's values already in their normalized JSON form, or None to
+        leave them to :func:`cio_retl.normalize.normalize_value`.
+
+        Only a speed-up: Python still normalizes what arrives, and for these types
+        normalizing the SQL's value gives exactly what normalizing the raw value gives
+        (``tests/test_hash_stability.py`` compares both on edge values), so the attributes
+        hash does not move. It saves building a ``datetime`` or ``Decimal`` per cell and
+        converting it back: 0.6 s of CPU on a 100k-row sync with one of each per row.
+        ``type_name`` is the driver's type of the result column (DuckDB: its SQL name).
+
+        DuckDB: timestamps and dates become Unix seconds, floored (``//`` truncates toward
+        zero, hence the floor-mod); its ``±infinity`` values convert to Python as
+        ``datetime.max``/``min`` and ``date.max``/``min``, so they map to those seconds.
+        A DECIMAL of at most 15 digits is exact as a DOUBLE (its unscaled integer and the
+        power of ten both are, and one division rounds correctly, as ``float(Decimal)``
+        does); a wider one stays a ``Decimal`` for Python to convert.
+        """
+        x = expression
+        if type_name in ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE"):
+            us = f"epoch_us({x})"
+            return (
+                f"CASE WHEN isfinite({x}) THEN ({us} - (({us} % 1000000 + 1000000) % 1000000))"
+                f" // 1000000 WHEN {x} > '1970-01-01' THEN {_MAX_DATETIME_SECONDS}"
+                f" WHEN {x} < '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
+            )
+        if type_name == "DATE":
+            return (
+                f"CASE WHEN isfinite({x}) THEN ({x} - DATE '1970-01-01') * 86400"
+                f" WHEN {x} > DATE '1970-01-01' THEN {_MAX_DATE_SECONDS}"
+                f" WHEN {x} < DATE '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
+            )
+        decimal = _DECIMAL_TYPE.fullmatch(type_name)
+        if decimal and int(decimal[1]) <= 15:
+            return f"CAST({x} AS {'BIGINT' if decimal[2] == '0' else 'DOUBLE'})"
+        return None
 
     # -- batches of Python rows as a relation -------------------------------------------------
     def batches(
@@ -175,6 +220,10 @@ class Dialect:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        return None  # not measured there yet: psycopg's values are normalized in Python
+
     # A B-tree on disk: no memory cost, and it makes the upsert one statement.
     snapshot_primary_key = True
 
@@ -204,6 +253,10 @@ class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        return None  # the connector's values are normalized in Python
+
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
     snapshot_primary_key = True
 

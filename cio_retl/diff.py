@@ -115,7 +115,8 @@ def _source_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> s
     d = warehouse.dialect
     rows = f"""
         SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
-               {warehouse.fingerprint(model, "m")} AS {FINGERPRINT_COLUMN}, m.*
+               {warehouse.fingerprint(model, "m")} AS {FINGERPRINT_COLUMN},
+               {warehouse.select_list(model, "m")}
         FROM ({model_sql(model)}) AS m
     """
     if bucket is None:

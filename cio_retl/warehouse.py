@@ -70,12 +70,30 @@ class Warehouse:
         self.engine = engine
         self.dialect = dialect_for(engine.dialect)
         self._signatures: dict[str, str] = {}
+        self._types: dict[str, list[tuple[str, str]]] = {}  # model -> (column, driver type)
 
     def fingerprint(self, model: Model, alias: str) -> str:
         """The SQL of a row's fingerprint; covers the model's column names and types too."""
         if model.name not in self._signatures:
             self.columns(model)
         return self.dialect.row_fingerprint(alias, self._signatures[model.name])
+
+    def select_list(self, model: Model, alias: str) -> str:
+        """The model's columns of ``alias``, under their own names, those the dialect can
+        normalize in SQL already normalized (key columns stay as they are)."""
+        if model.name not in self._types:
+            self.columns(model)
+        parts, converted = [], False
+        for name, type_name in self._types[model.name]:
+            column = f"{alias}.{self.dialect.quote(name)}"
+            sql = (
+                None
+                if name in model.key_columns
+                else self.dialect.normalized_column(column, type_name)
+            )
+            converted = converted or sql is not None
+            parts.append(f"{sql or column} AS {self.dialect.quote(name)}")
+        return ", ".join(parts) if converted else f"{alias}.*"
 
     def columns(self, model: Model) -> list[str]:
         """The model's result columns, checked against its header; raises :class:`ModelError`."""
@@ -100,6 +118,7 @@ class Warehouse:
             raise ModelError(
                 str(model.path), f"duplicate result columns {duplicated}", model.sql_line
             )
+        self._types[model.name] = described
         self._signatures[model.name] = hashlib.blake2b(
             orjson.dumps(described), digest_size=6
         ).hexdigest()

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from cio_retl.models import parse_model
-from cio_retl.normalize import Record, attributes_hash, to_record
+from cio_retl.normalize import Record, attributes_hash, normalize_value, to_record
 from cio_retl.warehouse import KEY_COLUMN, RowReader, Warehouse, create_engine
 
 JSON_TEXT = '{"b": [1, "two", null], "a": {"nested": true, "n": 1.5}, "z": null}'
@@ -122,7 +122,11 @@ def typed_record(request: pytest.FixtureRequest, tmp_path: Path) -> Record:
             tmp_path / "typed.sql", MODEL.replace("typed_values", f"{schema}.typed_values")
         )
         warehouse = Warehouse(engine)
-        sql = f"SELECT {warehouse.dialect.key_expression(model, 'm')} AS {KEY_COLUMN}, m.* FROM ({model.sql}) AS m"
+        # The columns as the diff reads them: on DuckDB, timestamps, dates and decimals
+        # arrive already normalized by SQL (Warehouse.select_list).
+        columns = warehouse.select_list(model, "m")
+        key = warehouse.dialect.key_expression(model, "m")
+        sql = f"SELECT {key} AS {KEY_COLUMN}, {columns} FROM ({model.sql}) AS m"
         with engine.connect() as conn:
             [chunk] = list(warehouse.stream(conn, sql))
         [row] = chunk.rows
@@ -142,3 +146,54 @@ def test_same_attributes_and_hash_on_every_warehouse(typed_record: Record) -> No
     # The same digest as the expected values, hashed without any database involved.
     assert typed_record.attrs_hash == attributes_hash(EXPECTED)
     assert len(typed_record.attrs_hash) == 32
+
+
+# Edge values of every type DuckDB normalizes in SQL: infinities, before 1970 with a
+# fraction of a second, the extremes of the calendar, -0, and the widest exact DECIMALs.
+DUCKDB_EDGES = """
+    SELECT * FROM (VALUES
+        (TIMESTAMP '2024-03-01 12:34:56.999999', TIMESTAMPTZ '2024-03-01 12:34:56.5+02:00',
+         DATE '2024-03-01', CAST(12.50 AS DECIMAL(12, 2)), CAST(-0.00 AS DECIMAL(15, 2)),
+         CAST(999999999999999 AS DECIMAL(15, 0)), CAST(0.12345678901234 AS DECIMAL(15, 14)),
+         CAST(123456789012345678 AS DECIMAL(18, 0))),
+        (TIMESTAMP '1969-12-31 23:59:59.5', TIMESTAMPTZ '1969-12-31 23:59:59.000001+00',
+         DATE '1969-12-31', CAST(-12.5 AS DECIMAL(12, 2)), CAST(-0.01 AS DECIMAL(15, 2)),
+         CAST(-999999999999999 AS DECIMAL(15, 0)), CAST(-9.99999999999999 AS DECIMAL(15, 14)),
+         CAST(-1.5 AS DECIMAL(18, 1))),
+        (TIMESTAMP 'infinity', TIMESTAMPTZ 'infinity', DATE 'infinity', NULL, NULL, NULL, NULL, NULL),
+        (TIMESTAMP '-infinity', TIMESTAMPTZ '-infinity', DATE '-infinity', NULL, NULL, NULL, NULL, NULL),
+        (TIMESTAMP '0001-01-01 00:00:00', TIMESTAMPTZ '9999-12-31 23:59:59.999999+00',
+         DATE '0001-01-01', CAST(0 AS DECIMAL(4, 0)), CAST(1 AS DECIMAL(15, 2)),
+         CAST(0 AS DECIMAL(15, 0)), NULL, CAST(4503599627370497 AS DECIMAL(18, 0))),
+        (NULL, NULL, DATE '9999-12-31', NULL, NULL, NULL, NULL, NULL)
+    ) AS t(ts, tstz, day, d12_2, d15_2, d15_0, d15_14, d18)
+"""
+
+
+def test_duckdb_sql_normalization_matches_python(tmp_path: Path) -> None:
+    """What DuckDB normalizes in SQL equals what Python makes of the raw values, edge values
+    included, under a session time zone other than UTC."""
+    engine = create_engine(f"duckdb:///{tmp_path / 'edges.duckdb'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE edges AS " + DUCKDB_EDGES))
+        model = parse_model(
+            tmp_path / "edges.sql",
+            "-- kind: person\n-- identifier: id\n-- key: k\nselect 'k' AS k, * from edges\n",
+        )
+        warehouse = Warehouse(engine)
+        converted = warehouse.select_list(model, "m")
+        assert converted != "m.*"
+        with engine.connect() as conn:
+            conn.execute(sa.text("SET TimeZone = 'America/Sao_Paulo'"))
+            raw = conn.execute(sa.text(f"SELECT m.* FROM ({model.sql}) AS m")).all()
+            sql = conn.execute(sa.text(f"SELECT {converted} FROM ({model.sql}) AS m")).all()
+    finally:
+        engine.dispose()
+    assert len(raw) == len(sql) == 6
+    for raw_row, sql_row in zip(raw, sql, strict=True):
+        for name, before, after in zip(raw_row._fields, raw_row, sql_row, strict=True):
+            assert normalize_value(after) == normalize_value(before), (name, before, after)
+            # The SQL already did the work: no datetime/Decimal left where it converts.
+            if name in ("ts", "tstz", "day", "d12_2", "d15_2", "d15_0", "d15_14"):
+                assert after is None or type(after) in (int, float), (name, after)
