@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cio_retl import _cli_startup  # noqa: F401  (first: before anything imports httpx)
 from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError
@@ -25,6 +25,9 @@ from cio_retl.limits import MAX_BATCH_ITEMS
 from cio_retl.state import StateStore
 from cio_retl.sync import RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 # Piped output keeps full-width tables instead of rich's 80-column fallback.
 out = Console(width=None if sys.stdout.isatty() else 140)
@@ -114,6 +117,9 @@ def _batch_size(text: str) -> int:
 
 @contextmanager
 def _progress() -> Iterator[Progress]:
+    # Imported here: only a sync on a terminal draws progress (rich.progress: ~30 ms).
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -121,13 +127,14 @@ def _progress() -> Iterator[Progress]:
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=not err.is_terminal,
     )
     with progress:
         yield progress
 
 
 def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> RunReport:
+    if not err.is_terminal:  # nothing would be drawn: no progress callbacks at all
+        return run_sync(settings, models or None, options)
     with _progress() as progress:
         tasks: dict[str, TaskID] = {}
 
