@@ -63,7 +63,7 @@ def main() -> None:
     print("| sync after 1 of 20 attributes changed on every row | bytes sent | per row |")
     print("|---|---|---|")
     print(
-        f"| cio-retl (changed attributes + identifier) | {diff_bytes:,} | {diff_bytes / args.rows:.0f} |"
+        f"| cio-retl (the changed attribute; identifier in `identifiers`) | {diff_bytes:,} | {diff_bytes / args.rows:.0f} |"
     )
     print(f"| full rows (`--full-resync`) | {full_bytes:,} | {full_bytes / args.rows:.0f} |")
     print(f"\nratio: {diff_bytes / full_bytes:.1%} of the full-row bytes")
