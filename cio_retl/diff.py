@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 import sqlalchemy as sa
@@ -49,8 +49,15 @@ class Change(StrEnum):
     REJECT = "reject"  # cannot be sent; recorded with the reason
 
 
-@dataclass(frozen=True, slots=True)
-class RowChange:
+class RowChange(NamedTuple):
+    """One row's change and what to send for it.
+
+    A NamedTuple, not a frozen dataclass: one is built per changed row, and a frozen
+    dataclass's __init__ (one object.__setattr__ per field) was the largest single item of
+    a 100k-row sync's profile (py-spy --gil: 0.9 s of ~5.8 s, with the other per-row
+    records); a NamedTuple is as immutable and builds in C.
+    """
+
     change: Change
     key: str | None
     fingerprint: str | None = None
