@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import sqlalchemy as sa
@@ -125,8 +126,24 @@ def sync_env(url: str, models: Path, base: str) -> dict[str, str]:
     }
 
 
+class Timed(NamedTuple):
+    seconds: float  # wall
+    rss_mib: float  # peak resident set (wait4)
+    cpu_seconds: float  # user + system CPU of the command: far less sensitive to machine load
+
+
 def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB, from wait4) of one command; raises if it fails."""
+    timed = timed_run(args, env)
+    return timed.seconds, timed.rss_mib
+
+
+def timed_run(args: list[str], env: dict[str, str]) -> Timed:
+    """Wall seconds, peak RSS and CPU seconds of one command (wait4); raises if it fails.
+
+    On a machine shared with other work the wall time can double between repeats; the CPU
+    seconds vary far less, so the benchmarks print both.
+    """
     started = time.perf_counter()
     proc = subprocess.Popen(
         args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -136,7 +153,7 @@ def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     output = proc.stdout.read() if proc.stdout else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{output}")
-    return elapsed, usage.ru_maxrss / 1024
+    return Timed(elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def machine() -> str:

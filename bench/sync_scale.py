@@ -23,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emulator_process, machine, sync_env, timed_command
+from _common import REPO, emulator_cpu, emulator_process, machine, sync_env, timed_run
 
 SYNC = [sys.executable, "-m", "cio_retl", "sync"]
 
@@ -171,14 +173,22 @@ def main() -> None:
 
 def syncs(
     args: argparse.Namespace, url: str, schema: str, state_schema: str, workdir: Path
-) -> tuple[list[tuple[str, float, float]], float]:
+) -> tuple[list[tuple[str, float, float, float, float]], float]:
 
     with emulator_process() as base:
         env = {**sync_env(url, workdir / "sql", base), "CIO_RETL_STATE_SCHEMA": state_schema}
-        results = []
-        initial, rss = timed_command(SYNC, env)
-        results.append(("initial sync", initial, rss))
-        results.append(("no-change rerun", *timed_command(SYNC, env)))
+        results: list[tuple[str, float, float, float, float]] = []
+
+        def timed(label: str) -> None:
+            before = emulator_cpu(base)
+            run = timed_run(SYNC, env)
+            results.append(
+                (label, run.seconds, run.rss_mib, run.cpu_seconds, emulator_cpu(base) - before)
+            )
+
+        timed("initial sync")
+        initial = results[0][1]
+        timed("no-change rerun")
         engine = sa.create_engine(url)
         if args.changes:
             # user_id is 'u' || i: change the rows i < N, spread nowhere special.
@@ -192,20 +202,24 @@ def syncs(
                 sa.text(f"UPDATE {schema}.bench_people SET plan = 'changed' WHERE {where}")
             ).rowcount
         engine.dispose()
-        results.append((f"{label} ({changed:,} rows)", *timed_command(SYNC, env)))
+        timed(f"{label} ({changed:,} rows)")
     return results, initial
 
 
 def report(
-    args: argparse.Namespace, results: list[tuple[str, float, float]], initial: float | None
+    args: argparse.Namespace, results: Sequence[tuple[Any, ...]], initial: float | None
 ) -> None:
     print(f"\nmachine: {machine()}")
-    print("| run | seconds | rows/s | vs initial | peak RSS MiB |\n|---|---|---|---|---|")
-    for label, seconds, peak in results:
+    print(
+        "| run | seconds | rows/s | vs initial | peak RSS MiB | sync CPU s | emulator CPU s |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    for label, seconds, peak, *cpu in results:
         share = f"{seconds / initial:.1%}" if initial else "-"
+        cpus = " | ".join(f"{c:.2f}" for c in cpu) if cpu else "- | -"
         print(
             f"| {args.warehouse} {args.rows:,}: {label} | {seconds:.2f} | "
-            f"{args.rows / seconds:,.0f} | {share} | {peak:.0f} |"
+            f"{args.rows / seconds:,.0f} | {share} | {peak:.0f} | {cpus} |"
         )
 
 

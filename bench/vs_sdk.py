@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     API_KEY,
     SITE_ID,
+    emulator_cpu,
     emulator_process,
     machine,
     people_table,
     person_model,
     sync_env,
-    timed_command,
+    timed_run,
 )
 
 
@@ -66,22 +67,33 @@ def main() -> None:
     models = person_model(workdir / "sql")
 
     with emulator_process() as base:
+        before, cpu_before = emulator_cpu(base), time.process_time()
         sdk = sdk_rate(base, sample)
+        sdk_cpu, sdk_emulator = time.process_time() - cpu_before, emulator_cpu(base) - before
     with emulator_process() as base:
-        seconds, rss = timed_command(
-            [sys.executable, "-m", "cio_retl", "sync"], sync_env(url, models, base)
-        )
+        before = emulator_cpu(base)
+        run = timed_run([sys.executable, "-m", "cio_retl", "sync"], sync_env(url, models, base))
+        emulator = emulator_cpu(base) - before
+    seconds, rss = run.seconds, run.rss_mib
     ours = args.rows / seconds
 
     print(f"machine: {machine()}")
-    print("| client | people | seconds | people/s | peak RSS MiB |\n|---|---|---|---|---|")
     print(
-        f"| official SDK (`identify`, one request each) | {len(sample):,} | {len(sample) / sdk:.2f} | {sdk:,.0f} | - |"
+        "| client | people | seconds | people/s | peak RSS MiB | client CPU us/person"
+        " | emulator CPU us/person |\n|---|---|---|---|---|---|---|"
+    )
+    n = len(sample)
+    print(
+        f"| official SDK (`identify`, one request each) | {n:,} | {n / sdk:.2f} | {sdk:,.0f} | - "
+        f"| {sdk_cpu / n * 1e6:.0f} | {sdk_emulator / n * 1e6:.0f} |"
     )
     print(
-        f"| cio-retl initial sync (whole process) | {args.rows:,} | {seconds:.2f} | {ours:,.0f} | {rss:.0f} |"
+        f"| cio-retl initial sync (whole process) | {args.rows:,} | {seconds:.2f} | {ours:,.0f} "
+        f"| {rss:.0f} | {run.cpu_seconds / args.rows * 1e6:.0f} | {emulator / args.rows * 1e6:.0f} |"
     )
     print(f"\nratio: {ours / sdk:,.0f}x the SDK's people/s")
+    cpu_ratio = (sdk_cpu + sdk_emulator) / n / ((run.cpu_seconds + emulator) / args.rows)
+    print(f"CPU per person, client and emulator together: the SDK's is {cpu_ratio:,.0f}x ours")
 
 
 if __name__ == "__main__":
