@@ -281,6 +281,12 @@ class Emulator:
         server.close_connections()
         if self._thread is not None:
             self._thread.join()
+        # Handler threads held by a delay fault wake on `_stopping` and leave at once; wait
+        # for them (briefly) so that after stop() nothing is in flight. Without this a
+        # client could see its connection closed before the handler had counted itself out.
+        deadline = time.monotonic() + 5
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def __enter__(self) -> Emulator:
         return self.start()
