@@ -1,7 +1,7 @@
 """Initial sync, no-change rerun and N-change rerun of one person model, with peak RSS.
 
     uv run python bench/sync_scale.py --rows 100000 [--warehouse duckdb|postgres]
-        [--changes 1000 | --change-pct 1] [--diff-only]
+        [--changes 1000 | --change-pct 1] [--diff-only] [--duckdb-settings memory_limit=2GB]
 
 Each sync runs as its own `python -m cio_retl sync` process, so its wall time and peak RSS
 (from wait4) are the product's, not this script's. The emulator runs in another process with
@@ -138,12 +138,19 @@ def main() -> None:
     parser.add_argument("--change-pct", type=float, default=1.0)
     parser.add_argument("--changes", type=int, help="change exactly this many rows instead")
     parser.add_argument("--diff-only", action="store_true", help="time the no-change diff alone")
+    parser.add_argument(
+        "--duckdb-settings",
+        default="",
+        help="URL query of DuckDB settings, e.g. memory_limit=2GB (default: cio-retl's own)",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="cio-retl-bench-"))
     state_schema = "cio_retl"
     if args.warehouse == "duckdb":
         url, schema = f"duckdb:///{workdir / 'bench.duckdb'}", "main"
+        if args.duckdb_settings:
+            url += f"?{args.duckdb_settings}"
     else:
         url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
         schema, state_schema = f"bench_{os.getpid()}", f"bench_{os.getpid()}_state"
@@ -210,6 +217,8 @@ def report(
     args: argparse.Namespace, results: Sequence[tuple[Any, ...]], initial: float | None
 ) -> None:
     print(f"\nmachine: {machine()}")
+    if args.warehouse == "duckdb":
+        print(f"DuckDB settings: {args.duckdb_settings or 'cio-retl defaults'}")
     print(
         "| run | seconds | rows/s | vs initial | peak RSS MiB | sync CPU s | emulator CPU s |"
         "\n|---|---|---|---|---|---|---|"

@@ -68,6 +68,13 @@ class Dialect:
     def quote_schema(self, schema: str) -> str:
         return str(self._preparer.quote_schema(schema))
 
+    # How a CTE that a statement reads twice is kept from being materialized. DuckDB
+    # materializes such a CTE whole (every column of every model row) before the rest of
+    # the query runs; inlined, the model is scanned twice and nothing is held. Measured on
+    # the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s. PostgreSQL spills a
+    # materialized CTE on its own server, and Snowflake has no such syntax: both keep theirs.
+    not_materialized = "NOT MATERIALIZED "
+
     # -- model SQL --------------------------------------------------------------------------
     def as_text(self, expression: str) -> str:
         return f"CAST({expression} AS VARCHAR)"
@@ -220,12 +227,13 @@ class Dialect:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
-
-    def normalized_column(self, expression: str, type_name: str) -> str | None:
-        return None  # not measured there yet: psycopg's values are normalized in Python
+    not_materialized = ""
 
     # A B-tree on disk: no memory cost, and it makes the upsert one statement.
     snapshot_primary_key = True
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        return None  # not measured there yet: psycopg's values are normalized in Python
 
     def upsert(
         self,
@@ -253,12 +261,13 @@ class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
-
-    def normalized_column(self, expression: str, type_name: str) -> str | None:
-        return None  # the connector's values are normalized in Python
+    not_materialized = ""
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
     snapshot_primary_key = True
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        return None  # the connector's values are normalized in Python
 
     # Snowflake recommends statements under 1 MB, parameters included (the connector binds
     # client-side, into the text); keep each batch's JSON well below that.

@@ -91,7 +91,7 @@ def diff_upserts(
         else f"WHERE snap.key IS NULL OR snap.fingerprint <> src.{FINGERPRINT_COLUMN} OR dup.n > 1"
     )
     sql = f"""
-        WITH src AS ({_source_rows(warehouse, model, bucket)}),
+        WITH src AS {warehouse.dialect.not_materialized}({_source_rows(warehouse, model, bucket)}),
         dup AS ({_duplicate_keys()}),
         snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
@@ -149,7 +149,7 @@ def _duplicate_keys() -> str:
 def _model_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
     """The model's rows with their key text, fingerprint and how many rows share the key."""
     return f"""
-        WITH src AS ({_source_rows(warehouse, model, bucket)}),
+        WITH src AS {warehouse.dialect.not_materialized}({_source_rows(warehouse, model, bucket)}),
         dup AS ({_duplicate_keys()})
         SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
         FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -23,6 +24,7 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.state import SnapshotRow, StateStore, snapshots
+from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
 from tests.conftest import (
     API_KEY,
     REPO,
@@ -508,3 +510,42 @@ def test_saving_snapshots_keeps_one_row_per_key(demo_engine: Engine) -> None:
         **{f"k{i}": "c" for i in range(140, 160)},
     }
     assert {v["run_id"] for v in snapshot.values() if v["fingerprint"] == "a"} == {"r1"}
+
+
+def _memory_limit(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(sa.text("SELECT current_setting('memory_limit')")).scalar_one())
+
+
+def test_duckdb_gets_a_default_memory_limit_and_the_url_wins(tmp_path: Path) -> None:
+    """DuckDB runs in our process: bounded by default so its joins spill instead of growing
+    our RSS; a URL's own memory_limit (or its alias max_memory) is kept."""
+    path = tmp_path / "w.duckdb"
+    expected = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT})
+    default = expected.execute("SELECT current_setting('memory_limit')").fetchone()
+    expected.close()
+    engine = create_engine(f"duckdb:///{path}")
+    assert (_memory_limit(engine),) == default
+    engine.dispose()
+    for query in ("memory_limit=2GB", "max_memory=2GB"):
+        engine = create_engine(f"duckdb:///{path}?{query}")
+        assert _memory_limit(engine) == "1.8 GiB"
+        engine.dispose()
+
+
+def test_default_memory_limit_does_not_clash_with_another_open_engine(tmp_path: Path) -> None:
+    """The limit is SET on connect, not given as a connect-time config: DuckDB refuses a
+    second connection to a file this process holds open with another configuration, such
+    as a plain SQLAlchemy engine of the user's own code."""
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    theirs = sa.create_engine(url)
+    try:
+        with theirs.connect() as held:
+            held.execute(sa.text("CREATE TABLE t AS SELECT 1 AS x"))
+            held.commit()
+            engine = create_engine(url)
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT x FROM t")).scalar_one() == 1
+            engine.dispose()
+    finally:
+        theirs.dispose()
