@@ -27,15 +27,20 @@ def pack(
 ) -> Iterator[list[tuple[T, bytes]]]:
     """Group ``(tag, item bytes)`` pairs into batches whose body stays within the limits."""
     batch: list[tuple[T, bytes]] = []
-    body = batch_body_size(0, 0)  # bytes of the batch body so far: envelope, items, commas
-    for tag, item in items:
-        if batch_body_size(len(item), 1) > max_bytes:
-            raise ValueError(f"an item of {len(item)} bytes cannot fit any batch of {max_bytes}")
-        grown = body + len(item) + (1 if batch else 0)
-        if batch and (len(batch) >= max_items or grown > max_bytes):
+    empty = batch_body_size(0, 0)  # the envelope alone
+    largest = max_bytes - empty  # the largest item a batch can hold by itself
+    body = empty  # bytes of the batch body so far: envelope, items, commas
+    for tag, item in items:  # once per item: plain arithmetic, no calls
+        size = len(item)
+        if size > largest:
+            raise ValueError(f"an item of {size} bytes cannot fit any batch of {max_bytes}")
+        if not batch:
+            body = empty + size
+        elif len(batch) >= max_items or body + size + 1 > max_bytes:
             yield batch
-            batch, grown = [], batch_body_size(len(item), 1)
+            batch, body = [], empty + size
+        else:
+            body += size + 1
         batch.append((tag, item))
-        body = grown
     if batch:
         yield batch

@@ -536,28 +536,36 @@ class _Sender:
         self._flush_if_full()
 
     def _operations(self, changes: Iterable[RowChange]) -> Iterator[tuple[Operation, bytes]]:
+        # Runs once per changed row: attributes looked up once, and the buffers checked for
+        # a flush only when this loop adds to them (batches check them too, _after_batch).
+        model, report, samples = self.model, self.report, self.report.samples
+        sample_size = self.run.options.sample_size
         for change in changes:
-            if change.change is Change.REFRESH:
+            kind = change.change
+            if kind is Change.REFRESH:
                 assert change.key is not None and change.fingerprint is not None
                 self._refresh.append((change.key, change.fingerprint))
+                self._flush_if_full()
                 continue
-            if change.change is Change.FORGET:
+            if kind is Change.FORGET:
                 assert change.key is not None
                 self._forget.append(change.key)
+                self._flush_if_full()
                 continue
-            self.report.planned += 1
-            if change.change is Change.REJECT:
+            report.planned += 1
+            if kind is Change.REJECT:
                 assert change.rejection is not None
                 self._reject(change.key, change.rejection, None)
+                self._flush_if_full()
                 continue
-            encoded = encode(self.model, change)
+            encoded = encode(model, change)
             if isinstance(encoded, Rejection):
                 self._reject(change.key, encoded, None)
+                self._flush_if_full()
                 continue
-            if len(self.report.samples) < self.run.options.sample_size:
-                self.report.samples.append(orjson.loads(encoded.item))
+            if len(samples) < sample_size:
+                samples.append(orjson.loads(encoded.item))
             yield encoded, encoded.item
-            self._flush_if_full()
 
     def _reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
         with self._lock:
