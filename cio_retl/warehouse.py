@@ -39,10 +39,9 @@ class Chunk(NamedTuple):
 
 
 # DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM).
-# Measured (bench/README.md): the 2M-row initial sync peaks at 774 MiB RSS with it, the
-# 10M-row diff at 677 MiB (3.8 GiB without). The limit bounds DuckDB's buffer manager, not
-# Python: RSS sits about 150-250 MiB above it. A larger limit buys little time on 2 cores
-# (10M-row count pass, same minutes, load 4: 11.2 s at 512MB, 8.5 s unbounded).
+# Measured (bench/README.md): the 2M-row initial sync peaks at 891 MiB RSS with it (1436
+# MiB without, 5% faster), the 10M-row diff at 673 MiB (3.8 GiB without). The limit bounds
+# DuckDB's buffer manager, not Python: RSS sits about 160-380 MiB above it.
 DUCKDB_MEMORY_LIMIT = "512MB"
 # Either name sets the limit in DuckDB; a URL giving one is the user's choice.
 _DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
