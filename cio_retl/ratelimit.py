@@ -129,15 +129,23 @@ class Gcra:
     def for_limit(
         cls, spec: RateSpec, share: float = SHARED_SHARE, headroom: float = SHARED_HEADROOM
     ) -> Gcra:
-        """At most ``(1 - headroom) x spec.requests`` grants in any window, ``share`` of them
-        as the sustained pace and the rest as a burst."""
+        """Fewer than ``(1 - headroom) x spec.requests`` grants in any window (so at most
+        its floor, and never fewer than one), ``share`` of them as the sustained pace and the
+        rest as a burst.
+
+        In a span ``d < window`` the rule grants ``n`` with ``(n - 1) x interval <= d +
+        tolerance``, so ``n < 1 + (window + tolerance) / interval = burst + rate x window``;
+        which is the target as long as the burst is at least the one request every grant is.
+        A limit too small to split (a target of one request or less) becomes one request per
+        window."""
         if not (0 < share < 1 and 0 <= headroom < 1):
             raise ValueError(f"share and headroom must be fractions, got {share}, {headroom}")
         target = spec.requests * (1 - headroom)
-        rate = share * target / spec.window
-        burst = target - rate * spec.window
-        interval = 1.0 / rate
-        return cls(interval, max(burst - 1, 0.0) * interval)
+        burst = max(target * (1 - share), 1.0)
+        if target - burst <= 0:
+            return cls(spec.window, 0.0)
+        interval = spec.window / (target - burst)
+        return cls(interval, (burst - 1) * interval)
 
     def grant(self, tat: float, now: float) -> float | None:
         """The new ``tat`` if a request may go at ``now``, else None."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
@@ -268,13 +268,17 @@ def test_bucket_locks(warehouse_url: str) -> None:
     clients=st.integers(1, 16),
     seed=st.integers(0, 2**16),
 )
+@example(requests=2, window=0.5, clients=1, seed=0)  # a burst under one request (found)
+@example(requests=1, window=1.0, clients=4, seed=0)  # too small to split
+@example(requests=3000, window=3.0, clients=16, seed=0)  # the real limit
 @hypothesis_settings(max_examples=60, deadline=None)
 def test_gcra_never_grants_more_than_the_limit_in_any_window(
     requests: int, window: float, clients: int, seed: int
 ) -> None:
     """The budget's rule, run on a fake clock with greedy clients that retry as soon as they
-    are told to wait: no window ever holds more than 98% of the limit, and the pace is at
-    least 85% of it (the sustained share, 90% of the 98%)."""
+    are told to wait: no window ever holds more than 98% of the limit (rounded down, at
+    least one request), and the pace is at least 85% of it (the sustained share, 90% of the
+    98%)."""
     gcra = Gcra.for_limit(RateSpec(requests, window))
     rng = random.Random(seed)
     tat, now, grants = 0.0, 0.0, []
