@@ -170,15 +170,18 @@ class SharedRateBudget:
     (each request carries up to 1000 items).
     """
 
+    # One statement, one round trip, in autocommit: the UPDATE grants or not, and the SELECT
+    # (which sees the row as it was before the UPDATE) says how long until the next grant.
     SQL_GRANT = """
-        UPDATE {table}
-        SET tat = GREATEST(tat, clock_timestamp()) + make_interval(secs => :interval)
-        WHERE workspace = :workspace
-          AND tat <= clock_timestamp() + make_interval(secs => :tolerance)
-        RETURNING 1
-    """
-    SQL_WAIT = """
-        SELECT EXTRACT(EPOCH FROM (tat - clock_timestamp())) - :tolerance
+        WITH granted AS (
+            UPDATE {table}
+            SET tat = GREATEST(tat, clock_timestamp()) + make_interval(secs => :interval)
+            WHERE workspace = :workspace
+              AND tat <= clock_timestamp() + make_interval(secs => :tolerance)
+            RETURNING 1
+        )
+        SELECT EXISTS (SELECT 1 FROM granted),
+               EXTRACT(EPOCH FROM (tat - clock_timestamp())) - :tolerance
         FROM {table} WHERE workspace = :workspace
     """
     SQL_CREATE = """
@@ -204,11 +207,10 @@ class SharedRateBudget:
         self.spec = spec or RateSpec()
         self.gcra = Gcra.for_limit(self.spec, share, headroom)
         self.workspace = workspace
-        self._state = state
+        self._engine = state.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sleep = sleep
         table = state.table(rate_budget)
         self._grant = sa.text(self.SQL_GRANT.format(table=table))
-        self._wait = sa.text(self.SQL_WAIT.format(table=table))
         self._params = {
             "workspace": workspace,
             "interval": self.gcra.interval,
@@ -219,10 +221,10 @@ class SharedRateBudget:
 
     def acquire(self) -> None:
         while True:
-            with self._state.engine.begin() as conn:
-                if conn.execute(self._grant, self._params).first() is not None:
-                    return
-                wait = conn.execute(self._wait, self._params).scalar_one()
+            with self._engine.connect() as conn:
+                granted, wait = conn.execute(self._grant, self._params).one()
+            if granted:
+                return
             # Sleep until the next grant is due; another worker may take it first, then the
             # next UPDATE fails and this one waits again.
             self._sleep(min(max(float(wait), 0.0005), self.spec.window))
