@@ -27,6 +27,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cio_retl.buckets import bucket_sql
 from cio_retl.errors import ConfigError
 from cio_retl.models import Model
 
@@ -79,6 +80,10 @@ class Dialect:
     # See PostgresDialect for why they exist; DuckDB's planner needs neither.
     diff_session: tuple[str, ...] = ()
     bucket_session: tuple[str, ...] = ()
+
+    def bucket(self, key: str, count: int) -> str:
+        """SQL of the key's hash bucket, equal to :func:`cio_retl.buckets.bucket_of`."""
+        return bucket_sql(key, count)
 
     # -- model SQL --------------------------------------------------------------------------
     def as_text(self, expression: str) -> str:
@@ -247,6 +252,11 @@ class PostgresDialect(Dialect):
     # quarter or sixteenth (100k rows, one bucket of 4: upserts 22-26 s, removals 145-158 s).
     # Hash and merge joins are right at every bucket size.
     bucket_session = ("SET LOCAL enable_nestloop = off",)
+
+    def bucket(self, key: str, count: int) -> str:
+        # The portable form computes the MD5 once per hex digit (PostgreSQL does not share
+        # the four calls); read as a bit string, once: 1M keys 2.08 -> 0.52 s.
+        return f"COALESCE(CAST(CAST('x' || SUBSTR(MD5({key}), 1, 4) AS BIT(16)) AS INTEGER) % {int(count)}, 0)"
 
     def normalized_column(self, expression: str, type_name: str) -> str | None:
         return None  # not measured there yet: psycopg's values are normalized in Python

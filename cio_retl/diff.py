@@ -22,8 +22,8 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cio_retl.buckets import Bucket, bucket_sql
-from cio_retl.dialects import dialect_for
+from cio_retl.buckets import Bucket
+from cio_retl.dialects import Dialect, dialect_for
 from cio_retl.errors import Rejection
 from cio_retl.models import Model, RemovedColumns
 from cio_retl.normalize import Attributes, Record, canonical_json, to_record
@@ -97,7 +97,7 @@ def diff_upserts(
         dup AS ({_duplicate_keys()}),
         snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket("s.key", bucket)}
+            WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
         ),
         c AS (
             SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
@@ -130,14 +130,14 @@ def _source_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> s
     """
     if bucket is None:
         return rows
-    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(f'b.{KEY_COLUMN}', bucket)}"
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
 
 
-def _in_bucket(key: str, bucket: Bucket | None) -> str:
+def _in_bucket(dialect: Dialect, key: str, bucket: Bucket | None) -> str:
     """``AND <key's bucket> = <index>``, or nothing when the run covers every key."""
     if bucket is None:
         return ""
-    return f" AND {bucket_sql(key, bucket.count)} = {bucket.index}"
+    return f" AND {dialect.bucket(key, bucket.count)} = {bucket.index}"
 
 
 def _duplicate_keys() -> str:
@@ -234,7 +234,7 @@ def diff_removals(
     d = warehouse.dialect
     sql = f"""
         SELECT s.key, s.identifiers FROM {state.snapshots} AS s
-        WHERE s.model = :model{_in_bucket("s.key", bucket)} AND NOT EXISTS (
+        WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)} AND NOT EXISTS (
             SELECT 1 FROM ({model_sql(model)}) AS m WHERE {d.key_expression(model, "m")} = s.key
         )
     """
@@ -290,7 +290,7 @@ def count_changes(
     sql = f"""
         WITH src AS ({_keys_and_fingerprints(warehouse, model, bucket)}), snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket("s.key", bucket)}
+            WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
         )
         {_COUNTS}
     """
@@ -307,7 +307,7 @@ def _keys_and_fingerprints(warehouse: Warehouse, model: Model, bucket: Bucket | 
     )
     if bucket is None:
         return rows
-    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket('b.k', bucket)}"
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, 'b.k', bucket)}"
 
 
 # -- the two diff forms -------------------------------------------------------------------
@@ -428,7 +428,7 @@ class CrossDatabaseDiff:
                 WHERE x.token = :token AND x.model = :model
             ), snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
-                WHERE s.model = :model{_in_bucket("s.key", self.bucket)}
+                WHERE s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)}
             )
             {_COUNTS}
         """
@@ -471,7 +471,7 @@ class CrossDatabaseDiff:
         self._stage(model)
         sql = f"""
             SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket("s.key", self.bucket)} AND NOT EXISTS (
+            WHERE s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
                 SELECT 1 FROM {self.state.staged_keys} AS x
                 WHERE x.token = :token AND x.model = :model AND x.key = s.key
             )

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.buckets import MAX_BUCKETS, Bucket, bucket_of, bucket_sql
 from cio_retl.config import Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
+from cio_retl.dialects import dialect_for
 from cio_retl.emulator import Emulator
 from cio_retl.errors import ConfigError, LockedError
 from cio_retl.ratelimit import Gcra, RateSpec, SharedRateBudget, budget_for
@@ -88,13 +89,20 @@ KEYS = [
 
 
 def _sql_buckets(conn: sa.Connection, keys: list[str | None], count: int) -> list[int]:
-    expr = bucket_sql("k", count)
-    return [
-        conn.execute(
-            sa.text(f"SELECT {expr} FROM (SELECT CAST(:k AS VARCHAR) AS k) AS t"), {"k": k}
-        ).scalar_one()
-        for k in keys
-    ]
+    """The bucket of each key by the portable SQL and by the dialect's own (which the diff
+    uses); they must agree with each other, as the test then checks them against Python."""
+    portable, own = bucket_sql("k", count), dialect_for(conn.engine.dialect).bucket("k", count)
+    got = []
+    for k in keys:
+        row = conn.execute(
+            sa.text(
+                f"SELECT {portable} AS p, {own} AS o FROM (SELECT CAST(:k AS VARCHAR) AS k) AS t"
+            ),
+            {"k": k},
+        ).one()
+        assert row[0] == row[1], (k, count, tuple(row))
+        got.append(row[0])
+    return got
 
 
 @pytest.mark.parametrize("count", [1, 16, 13])
@@ -106,14 +114,15 @@ def test_sql_buckets_equal_python_on_duckdb(count: int) -> None:
 
 
 @pytest.mark.postgres
-def test_sql_buckets_equal_python_on_postgres(postgres_url: str) -> None:
+@pytest.mark.parametrize("count", [1, 16, 13, MAX_BUCKETS])
+def test_sql_buckets_equal_python_on_postgres(postgres_url: str, count: int) -> None:
     engine = create_engine(postgres_url)
     try:
         with engine.connect() as conn:
-            got = _sql_buckets(conn, [*KEYS, None], 16)
+            got = _sql_buckets(conn, [*KEYS, None], count)
     finally:
         engine.dispose()
-    assert got == [bucket_of(k, 16) for k in [*KEYS, None]]
+    assert got == [bucket_of(k, count) for k in [*KEYS, None]]
 
 
 def test_sql_buckets_equal_python_on_fakesnow(fakesnow_url: str) -> None:
