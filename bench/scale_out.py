@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--change-pct", type=float, default=1.0)
     parser.add_argument("--rate-limit", default="300/3", help="the emulator's (scaled down)")
     parser.add_argument("--batch-size", type=int, default=10, help="items per request")
+    parser.add_argument("--plan-only", action="store_true", help="skip the send and capacity")
     args = parser.parse_args()
     limit_requests, limit_window = (float(x) for x in args.rate_limit.split("/"))
 
@@ -244,6 +245,16 @@ def main() -> None:
         with limited_emulator(args.rate_limit) as base:
             env = env_for(models, schema, base, args.rate_limit, "shared")
             whole, per_bucket = plans(env, args.buckets)
+            results.update(
+                changed=changed,
+                whole_plan=whole._asdict(),
+                bucket_plan_median_s=statistics.median(p.seconds for p in per_bucket),
+                bucket_plan_median_cpu_s=statistics.median(p.cpu_seconds for p in per_bucket),
+                bucket_plan_max_rss_mib=max(p.rss_mib for p in per_bucket),
+            )
+            if args.plan_only:
+                print(json.dumps(results))
+                return
 
             print(
                 f"2. send: {args.workers} workers, {args.buckets} bucket runs, shared budget,"
@@ -263,6 +274,11 @@ def main() -> None:
             f" (limit {limit_requests / limit_window:.1f}/s); busiest {limit_window:g} s"
             f" window {most} of {limit_requests:g}"
         )
+        first = min(arrivals, default=0.0)
+        windows = [0] * (int(span // limit_window) + 1)
+        for moment in arrivals:
+            windows[int((moment - first) // limit_window)] += 1
+        print(f"  requests per {limit_window:g} s window, in order: {windows}")
         print(
             f"  per bucket run: median {statistics.median(r.seconds for r in runs):.2f} s wall,"
             f" max RSS {max(r.rss_mib for r in runs):.0f} MiB"
@@ -282,17 +298,13 @@ def main() -> None:
             )
 
         results.update(
-            changed=changed,
-            whole_plan=whole._asdict(),
-            bucket_plan_median_s=statistics.median(p.seconds for p in per_bucket),
-            bucket_plan_median_cpu_s=statistics.median(p.cpu_seconds for p in per_bucket),
-            bucket_plan_max_rss_mib=max(p.rss_mib for p in per_bucket),
             send_requests=len(ok),
             send_items=items,
             send_refused=len(writes) - len(ok),
             send_span_s=span,
             send_wall_s=wall,
             busiest_window=most,
+            windows=windows,
             limit=args.rate_limit,
             sync_max_rss_mib=max(r.rss_mib for r in runs),
             capacity=cap,
