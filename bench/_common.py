@@ -27,7 +27,9 @@ _EMULATOR = """
 import sys, threading
 from cio_retl.emulator import Emulator
 from cio_retl.emulator.server import tune_gc_for_serving
-emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False)
+limit = tuple(sys.argv[4].split("/")) if len(sys.argv) > 4 else None
+emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False,
+               rate_limit=(int(limit[0]), float(limit[1])) if limit else None)
 tune_gc_for_serving()
 emu.start()
 threading.Event().wait()
@@ -56,10 +58,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def emulator_process() -> Iterator[str]:
-    """The emulator in a child process; yields its base URL."""
+def emulator_process(rate_limit: str | None = None) -> Iterator[str]:
+    """The emulator in a child process; yields its base URL. ``rate_limit`` ("300/3") makes
+    it refuse (429) what goes over that many requests per window."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port)])
+    limit = [rate_limit] if rate_limit else []
+    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port), *limit])
     base = f"http://127.0.0.1:{port}"
     EMULATOR_PIDS[base] = proc.pid
     try:

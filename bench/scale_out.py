@@ -31,8 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -40,22 +38,12 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, SITE_ID, Timed, free_port, machine, timed_run
+from _common import API_KEY, SITE_ID, Timed, emulator_process, machine, timed_run
 from sync_scale import MODEL, create_table, seed_snapshot
 
-URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from cio_retl.emulator import most_in_window
 
-_EMULATOR = """
-import sys, threading
-from cio_retl.emulator import Emulator
-from cio_retl.emulator.server import tune_gc_for_serving
-requests, window = sys.argv[4].split("/")
-emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]),
-               record_bodies=False, rate_limit=(int(requests), float(window)))
-tune_gc_for_serving()
-emu.start()
-threading.Event().wait()
-"""
+URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 _GREEDY = """
 import sys, threading, time
@@ -81,24 +69,6 @@ print(sum(counts))
 """
 
 
-@contextmanager
-def limited_emulator(limit: str) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port), limit])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(f"{base}/_emulator/requests", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
 def env_for(models: Path, schema: str, base: str, limit: str, budget: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -115,16 +85,6 @@ def env_for(models: Path, schema: str, base: str, limit: str, budget: str) -> di
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cio_retl", *args]
-
-
-def busiest(times: list[float], window: float) -> int:
-    times = sorted(times)
-    most = first = 0
-    for last, moment in enumerate(times):
-        while moment - times[first] >= window:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 def plans(env: dict[str, str], buckets: int) -> tuple[Timed, list[Timed]]:
@@ -242,7 +202,7 @@ def main() -> None:
         )
 
         print("1. plan (dry run: diff in SQL + changed rows through Python):")
-        with limited_emulator(args.rate_limit) as base:
+        with emulator_process(args.rate_limit) as base:
             env = env_for(models, schema, base, args.rate_limit, "shared")
             whole, per_bucket = plans(env, args.buckets)
             results.update(
@@ -267,7 +227,7 @@ def main() -> None:
         arrivals = [r["timestamp"] for r in ok]
         items = sum(r["n_items"] for r in ok)
         span = max(arrivals) - min(arrivals) if arrivals else 0.0
-        most = busiest(arrivals, limit_window)
+        most = most_in_window(arrivals, limit_window)
         print(
             f"  {len(ok)} requests, {items:,} items, {len(writes) - len(ok)} refused (429)"
             f" in {wall:.1f} s; send span {span:.1f} s = {len(ok) / span:.1f} req/s"

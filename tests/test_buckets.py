@@ -29,7 +29,7 @@ from cio_retl.buckets import MAX_BUCKETS, Bucket, bucket_of, bucket_sql
 from cio_retl.config import Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.dialects import dialect_for
-from cio_retl.emulator import Emulator
+from cio_retl.emulator import Emulator, most_in_window
 from cio_retl.errors import ConfigError, LockedError
 from cio_retl.ratelimit import Gcra, RateSpec, SharedRateBudget, budget_for
 from cio_retl.state import StateStore
@@ -301,11 +301,7 @@ def test_gcra_never_grants_more_than_the_limit_in_any_window(
                 tat = new
                 grants.append(now)
         now += rng.uniform(0, gcra.interval)  # requests arrive at random moments
-    start = busiest = 0
-    for end, moment in enumerate(grants):
-        while moment - grants[start] >= window:
-            start += 1
-        busiest = max(busiest, end - start + 1)
+    busiest = most_in_window(grants, window)
     assert busiest <= max(1, int(requests * 0.98 + 1e-9)) <= requests
     if requests >= 50:
         assert len(grants) >= 0.85 * requests * (horizon / window) * 0.98
@@ -365,12 +361,7 @@ def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -
             thread.join()
     finally:
         engine.dispose()
-    grants.sort()
-    busiest = first = 0
-    for last, moment in enumerate(grants):
-        while moment - grants[first] >= spec.window:
-            first += 1
-        busiest = max(busiest, last - first + 1)
+    busiest = most_in_window(grants, spec.window)
     print(f"{len(grants)} grants in 3 s; busiest 1 s window: {busiest}")
     assert busiest <= spec.requests
     assert len(grants) >= 3 * 0.9 * 196 * 0.95  # the sustained pace, 5% for the last partial

@@ -42,7 +42,7 @@ from cio_retl.emulator.rules import (
     FaultPlan,
     Rules,
 )
-from cio_retl.emulator.server import Emulator, RecordedRequest, serve
+from cio_retl.emulator.server import Emulator, RecordedRequest, most_in_window, serve
 from cio_retl.emulator.validation import InvalidItem
 from cio_retl.emulator.workspace import Person, Workspace
 
@@ -65,5 +65,6 @@ __all__ = [
     "RecordedRequest",
     "Rules",
     "Workspace",
+    "most_in_window",
     "serve",
 ]

@@ -207,6 +207,17 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def most_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` within any ``window`` seconds (a sliding window, half-open)."""
+    times = sorted(times)
+    most = start = 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= window:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
 class Emulator:
     """A loopback Customer.io Track API with an in-memory workspace and injectable faults.
 
@@ -398,13 +409,8 @@ class Emulator:
     def max_requests_in(self, window: float) -> int:
         """The most write requests that arrived within any `window` seconds (sliding)."""
         with self._rate_lock:
-            times = sorted(self.arrivals)
-        most = start = 0
-        for end, moment in enumerate(times):
-            while moment - times[start] >= window:
-                start += 1
-            most = max(most, end - start + 1)
-        return most
+            times = list(self.arrivals)
+        return most_in_window(times, window)
 
     @property
     def in_flight(self) -> int:
