@@ -6,7 +6,7 @@ relation the database can join (state-store writes and lookups), and the upsert 
 
 DuckDB and PostgreSQL share the array form (``unnest`` of one array per column, bound as
 parameters). PostgreSQL upserts with ``INSERT ... ON CONFLICT`` on the snapshot's primary
-key; DuckDB's snapshot table has no key index (:attr:`Dialect.snapshot_primary_key`), so it
+key; DuckDB's snapshot table has no key index (:attr:`Dialect.state_primary_keys`), so it
 deletes the keys being rewritten and inserts them. Snowflake has neither ``unnest`` nor
 ``ON CONFLICT``: a batch travels as one JSON array expanded by ``FLATTEN`` and the upsert is
 an UPDATE plus an INSERT of the absent keys. Its connector interpolates parameters into the
@@ -51,13 +51,14 @@ class Dialect:
 
     name = "duckdb"
 
-    # Whether the snapshot table carries its (model, key) primary key. Not on DuckDB: its
-    # ART index lives in memory and cannot spill to disk, so under a memory_limit inserts
-    # fail once the index outgrows it (measured: "Out of Memory" near 8.8M keys at 512MB),
-    # and without a limit it is part of our RSS. Without the index, uniqueness rests on
-    # :meth:`upsert` (delete the keys, then insert) and on one writer per model (the lock;
-    # a DuckDB file also admits one process).
-    snapshot_primary_key = False
+    # Whether the state tables that grow with a model (snapshots, rejections) carry their
+    # (model, key) primary key. Not on DuckDB: its ART index lives in memory and cannot
+    # spill to disk, so under a memory_limit inserts fail once the index outgrows it
+    # (measured: "Out of Memory" near 8.8M keys at 512MB), and without a limit it is part of
+    # our RSS. Without the index, uniqueness rests on the writes (delete the keys, then
+    # insert: :meth:`upsert`, StateStore.record_rejections) and on one writer per model (the
+    # lock; a DuckDB file also admits one process).
+    state_primary_keys = False
 
     def __init__(self, sa_dialect: sa.Dialect) -> None:
         self._preparer = sa_dialect.identifier_preparer
@@ -240,7 +241,7 @@ class PostgresDialect(Dialect):
     not_materialized = ""
 
     # A B-tree on disk: no memory cost, and it makes the upsert one statement.
-    snapshot_primary_key = True
+    state_primary_keys = True
 
     # A diff reads every row it plans through a server-side cursor, which PostgreSQL plans
     # for the first 10% of the rows (cursor_tuple_fraction): a nested loop that starts at
@@ -290,7 +291,7 @@ class SnowflakeDialect(Dialect):
     not_materialized = ""
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
-    snapshot_primary_key = True
+    state_primary_keys = True
 
     def normalized_column(self, expression: str, type_name: str) -> str | None:
         return None  # the connector's values are normalized in Python

@@ -121,10 +121,16 @@ def _without_primary_key(table: sa.Table, name: str) -> sa.Table:
     )
 
 
-# The snapshots table where the dialect keeps no key index (DuckDB, see
-# Dialect.snapshot_primary_key), and the name an older, keyed one is copied through.
-snapshots_unkeyed = _without_primary_key(snapshots, "snapshots")
-_snapshots_migrating = _without_primary_key(snapshots, "snapshots_unkeyed")
+# The tables that grow with a model, and so have no key index where the dialect keeps none
+# (DuckDB, see Dialect.state_primary_keys): each as created then, and the name an older,
+# keyed one is copied through.
+_UNKEYED = {
+    table: (
+        _without_primary_key(table, table.name),
+        _without_primary_key(table, f"{table.name}_unkeyed"),
+    )
+    for table in (snapshots, rejections)
+}
 
 SNAPSHOT_COLUMNS = (
     "model",
@@ -197,13 +203,14 @@ class StateStore:
                             f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
                         )
                     )
-                    if self.dialect.snapshot_primary_key:
+                    if self.dialect.state_primary_keys:
                         metadata.create_all(conn)
                     else:
-                        keyed = [t for t in metadata.sorted_tables if t is not snapshots]
+                        keyed = [t for t in metadata.sorted_tables if t not in _UNKEYED]
                         metadata.create_all(conn, tables=keyed)
-                        snapshots_unkeyed.create(conn, checkfirst=True)
-                        self._drop_snapshot_primary_key(conn)
+                        for table, (unkeyed, migrating) in _UNKEYED.items():
+                            unkeyed.create(conn, checkfirst=True)
+                            self._drop_primary_key(conn, table, migrating)
                 return
             except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 # Two processes creating the schema at once: DuckDB's optimistic concurrency
@@ -213,31 +220,33 @@ class StateStore:
                     raise
                 time.sleep(0.05 * 2**attempt)
 
-    def _drop_snapshot_primary_key(self, conn: Connection) -> None:
-        """Rebuild a snapshots table created with its primary key (cio-retl before the key
-        index was dropped on DuckDB) without it, rows unchanged, in the caller's
-        transaction. DuckDB cannot drop a primary key in place; this runs once per database,
-        and costs a copy of the table (seconds for millions of rows)."""
+    def _drop_primary_key(self, conn: Connection, table: sa.Table, interim: sa.Table) -> None:
+        """Rebuild ``table`` when an older cio-retl created it with its primary key (before
+        the key index was dropped on DuckDB) without it, rows unchanged, in the caller's
+        transaction. DuckDB cannot drop a primary key in place; this runs once per database
+        and table, and costs a copy of the table (seconds for millions of rows)."""
         keyed = conn.execute(
             sa.text(
                 "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()"
                 " AND schema_name = :schema"
                 " AND table_name = :table AND constraint_type = 'PRIMARY KEY'"
             ),
-            {"schema": self.schema, "table": snapshots.name},
+            {"schema": self.schema, "table": table.name},
         ).scalar_one()
         if not keyed:
             return
-        columns = ", ".join(self.dialect.quote(c) for c in SNAPSHOT_COLUMNS)
-        interim = self.table(_snapshots_migrating)
-        _snapshots_migrating.drop(conn, checkfirst=True)  # a copy an interrupted run left
-        _snapshots_migrating.create(conn)
+        columns = ", ".join(self.dialect.quote(c.name) for c in table.columns)
+        interim.drop(conn, checkfirst=True)  # a copy an interrupted run left
+        interim.create(conn)
         conn.execute(
-            sa.text(f"INSERT INTO {interim} ({columns}) SELECT {columns} FROM {self.snapshots}")
+            sa.text(
+                f"INSERT INTO {self.table(interim)} ({columns})"
+                f" SELECT {columns} FROM {self.table(table)}"
+            )
         )
-        conn.execute(sa.text(f"DROP TABLE {self.snapshots}"))
+        conn.execute(sa.text(f"DROP TABLE {self.table(table)}"))
         conn.execute(
-            sa.text(f"ALTER TABLE {interim} RENAME TO {self.dialect.quote(snapshots.name)}")
+            sa.text(f"ALTER TABLE {self.table(interim)} RENAME TO {self.dialect.quote(table.name)}")
         )
 
     # -- snapshots -------------------------------------------------------------------------

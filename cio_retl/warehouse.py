@@ -38,11 +38,15 @@ class Chunk(NamedTuple):
     json_columns: frozenset[int]
 
 
-# DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM).
-# Measured (bench/README.md): the 2M-row initial sync peaks at 891 MiB RSS with it (1436
-# MiB without, 5% faster), the 10M-row diff at 673 MiB (3.8 GiB without). The limit bounds
-# DuckDB's buffer manager, not Python: RSS sits about 160-380 MiB above it.
-DUCKDB_MEMORY_LIMIT = "512MB"
+# DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM). The
+# limit bounds DuckDB's buffer manager, not Python: RSS sits about 100-470 MiB above it.
+# Measured (bench/README.md, 2026-12-01): at 128MB the no-change diff peaks at 227 MiB RSS
+# for 1M rows and 243-249 MiB for 10M (memory flat in the model size), 4.1-4.8 s for the
+# 10M count pass; the 2M-row initial sync at 602 MiB. At 512MB: 270 -> 670 MiB from 1M to
+# 10M rows, the 2M initial sync at 912 MiB and 8% faster, a 2M 1,000-change rerun 1.9 s
+# instead of 3.5 s. Memory that stays flat is worth those seconds by default; a roomy
+# machine can say memory_limit=1GB in the URL.
+DUCKDB_MEMORY_LIMIT = "128MB"
 # Either name sets the limit in DuckDB; a URL giving one is the user's choice.
 _DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
 
@@ -53,9 +57,9 @@ def create_engine(url: str) -> Engine:
     DuckDB runs inside our process, so its operator memory is our RSS: unless the URL sets
     ``memory_limit``, each connection sets :data:`DUCKDB_MEMORY_LIMIT`, and the diff's
     joins and aggregates spill to DuckDB's temporary directory (beside the database file)
-    beyond it. This needs the snapshot table to have no key index on DuckDB (an index
-    cannot spill: with one, inserts failed near 8.8M keys at 512MB; see
-    ``Dialect.snapshot_primary_key``). It is a ``SET`` on connect, not a connect-time
+    beyond it. This needs the snapshot and rejection tables to have no key index on DuckDB
+    (an index cannot spill: with one, inserts failed near 8.8M keys at 512MB; see
+    ``Dialect.state_primary_keys``). It is a ``SET`` on connect, not a connect-time
     config: DuckDB refuses a second connection to a file that this process already holds
     open with another configuration, e.g. through a plain SQLAlchemy engine of the user's.
     """

@@ -23,7 +23,7 @@ from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
-from cio_retl.state import SnapshotRow, StateStore, snapshots
+from cio_retl.state import RejectionRow, SnapshotRow, StateStore, rejections, snapshots
 from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
 from tests.conftest import (
     API_KEY,
@@ -434,10 +434,11 @@ def _primary_keys(engine: Engine, table: str) -> int:
 def test_snapshot_table_has_no_primary_key_on_duckdb(
     settings: Settings, demo_engine: Engine, emulator: Emulator
 ) -> None:
-    """Its ART index cannot spill to disk (out of memory near 8.8M keys at 512MB); the
-    small state tables keep theirs."""
+    """Nor has the rejections table: an ART index cannot spill to disk (out of memory near
+    8.8M keys at 512MB); the small state tables keep theirs."""
     assert sync(settings).exit_code == 0
     assert _primary_keys(demo_engine, "snapshots") == 0
+    assert _primary_keys(demo_engine, "rejections") == 0
     assert _primary_keys(demo_engine, "locks") == 1
     with demo_engine.connect() as conn:
         nullable = dict(
@@ -457,15 +458,20 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     """State written by a version whose DuckDB snapshots had PRIMARY KEY (model, key): the
     next run copies it into an unkeyed table, keeps every row, and sends only the edits."""
     assert sync(settings).exit_code == 0
-    with demo_engine.begin() as conn:  # the table as the older version created it
-        conn.execute(sa.text("ALTER TABLE cio_retl.snapshots RENAME TO snapshots_before"))
-        snapshots.create(conn)
-        conn.execute(
-            sa.text("INSERT INTO cio_retl.snapshots SELECT * FROM cio_retl.snapshots_before")
-        )
-        conn.execute(sa.text("DROP TABLE cio_retl.snapshots_before"))
-    assert _primary_keys(demo_engine, "snapshots") == 1
     state = StateStore(demo_engine)
+    with demo_engine.begin() as conn:  # a rejection to carry over
+        state.record_rejections(
+            conn, "users", "old-run", [RejectionRow("u-gone", "a reason", "email", None, "{}")]
+        )
+    with demo_engine.begin() as conn:  # the tables as the older version created them
+        for table in (snapshots, rejections):
+            name = f"cio_retl.{table.name}"
+            conn.execute(sa.text(f"ALTER TABLE {name} RENAME TO {table.name}_before"))
+            table.create(conn)
+            conn.execute(sa.text(f"INSERT INTO {name} SELECT * FROM {name}_before"))
+            conn.execute(sa.text(f"DROP TABLE {name}_before"))
+    assert _primary_keys(demo_engine, "snapshots") == 1
+    assert _primary_keys(demo_engine, "rejections") == 1
     before_rows = {m: state.snapshot(m) for m in ("companies", "users", "memberships")}
     edits = edit_demo_warehouse(demo_engine)
     before = len(emulator.requests)
@@ -473,6 +479,8 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     assert sync(settings).exit_code == 0
 
     assert _primary_keys(demo_engine, "snapshots") == 0
+    assert _primary_keys(demo_engine, "rejections") == 0
+    assert [(r["key"], r["reason"]) for r in state.rejections("users")] == [("u-gone", "a reason")]
     assert len(batch_items(emulator, before)) == edits.entities
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
     after_rows = {m: state.snapshot(m) for m in before_rows}
