@@ -27,15 +27,15 @@ from sqlalchemy.engine import Engine
 
 from cio_retl.buckets import MAX_BUCKETS, Bucket, bucket_of, bucket_sql
 from cio_retl.config import Settings
-from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
+from cio_retl.demo import edit_demo_warehouse
 from cio_retl.dialects import dialect_for
 from cio_retl.emulator import Emulator, most_in_window
 from cio_retl.errors import ConfigError, LockedError
 from cio_retl.ratelimit import Gcra, RateSpec, SharedRateBudget, budget_for
 from cio_retl.state import StateStore
 from cio_retl.warehouse import create_engine
-from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, demo_models, sync
-from tests.test_postgres import expected_workspace as expected_on_postgres
+from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, sync
+from tests.test_postgres import demo_on_postgres
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 ENTITIES = ("users", "companies")
@@ -426,13 +426,7 @@ def test_four_processes_share_one_rate_budget_and_equal_one_run(
     """Four `cio-retl sync --bucket i/4` processes at once on PostgreSQL: the emulator, which
     enforces the limit and logs every request's arrival, never sees more than the limit in
     any window, and the workspace ends equal to the warehouse."""
-    engine = create_engine(pg_schemas.url)
-    try:
-        create_demo_warehouse(engine, schema=pg_schemas.warehouse)
-        expected = expected_on_postgres(engine, pg_schemas.warehouse)
-    finally:
-        engine.dispose()
-    models = demo_models(tmp_path / "models", pg_schemas.warehouse)
+    models, expected = demo_on_postgres(pg_schemas, tmp_path / "models")
     with Emulator(site_id=SITE_ID, api_key=API_KEY, rate_limit=LIMIT) as emulator:
         env = _pg_env(pg_schemas, models, emulator, "shared")
         for names in (ENTITIES, RELATIONSHIPS):  # relationships after every bucket of people
@@ -454,12 +448,7 @@ def test_without_the_shared_budget_four_processes_exceed_the_limit(
     pg_schemas: PgSchemas, tmp_path: Path
 ) -> None:
     """The control: each process keeping its own (exact) limit sends up to four times it."""
-    engine = create_engine(pg_schemas.url)
-    try:
-        create_demo_warehouse(engine, schema=pg_schemas.warehouse)
-    finally:
-        engine.dispose()
-    models = demo_models(tmp_path / "models", pg_schemas.warehouse)
+    models, _ = demo_on_postgres(pg_schemas, tmp_path / "models")
     with Emulator(site_id=SITE_ID, api_key=API_KEY) as emulator:  # logs, does not refuse
         env = _pg_env(pg_schemas, models, emulator, "local")
         for proc in _bucket_processes(env, ("users",), 4, batch=2):

@@ -21,14 +21,12 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from cio_retl.buckets import bucket_of
-from cio_retl.demo import create_demo_warehouse
 from cio_retl.emulator import Emulator
-from cio_retl.warehouse import create_engine
 from dagster_project.assets import OP_NAME, SyncConfig, build_model_assets
 from dagster_project.resources import CustomerIOResource, WarehouseResource
-from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, demo_models, sql_rows
+from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, sql_rows
 from tests.test_dagster import COMPANIES, NO_DELAY, USERS, metadata
-from tests.test_postgres import expected_workspace
+from tests.test_postgres import demo_on_postgres
 from tests.test_sync_duckdb import actual_workspace
 
 DEPLOY_YAML = REPO / "deploy" / "dagster.yaml"
@@ -71,13 +69,7 @@ def test_deploy_instance_keeps_a_bucket_run_in_postgres(
     monkeypatch.setenv("DAGSTER_PG_PORT", str(dagster_db.port or 5432))
 
     # Warehouse and state on PostgreSQL, as deployed: the rate budget is the shared one.
-    engine = create_engine(pg_schemas.url)
-    try:
-        create_demo_warehouse(engine, schema=pg_schemas.warehouse)
-        expected = expected_workspace(engine, pg_schemas.warehouse)
-    finally:
-        engine.dispose()
-    models = demo_models(tmp_path / "models", pg_schemas.warehouse)
+    models, expected = demo_on_postgres(pg_schemas, tmp_path / "models")
     assets = build_model_assets(models, retry_policy=NO_DELAY, buckets=BUCKETS)
     resources = {
         "customerio": CustomerIOResource(

@@ -46,6 +46,18 @@ def expected_workspace(engine: Engine, schema: str) -> dict[str, Any]:
     return expected_from_sql(engine, people_sql, objects_sql, relationships_sql)
 
 
+def demo_on_postgres(pg_schemas: PgSchemas, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The demo warehouse in the test's Postgres schema: its models' folder (written into
+    ``folder``) and the workspace a sync of them should leave."""
+    engine = create_engine(pg_schemas.url)
+    try:
+        create_demo_warehouse(engine, schema=pg_schemas.warehouse)
+        expected = expected_workspace(engine, pg_schemas.warehouse)
+    finally:
+        engine.dispose()
+    return demo_models(folder, pg_schemas.warehouse), expected
+
+
 @pytest.fixture
 def pg_engine(pg_schemas: PgSchemas) -> Any:
     engine = create_engine(pg_schemas.url)
