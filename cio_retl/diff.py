@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cio_retl.buckets import Bucket
-from cio_retl.dialects import Dialect, dialect_for
+from cio_retl.dialects import Dialect
 from cio_retl.errors import Rejection
 from cio_retl.models import Model, RemovedColumns
 from cio_retl.normalize import Attributes, Record, canonical_json, to_record
@@ -343,10 +343,11 @@ def differ_for(
 
 
 @contextmanager
-def _diff_connection(engine: sa.Engine, bucket: Bucket | None) -> Iterator[Connection]:
-    """A connection whose transaction carries the dialect's planner settings for a diff."""
-    dialect = dialect_for(engine.dialect)
-    with engine.connect() as conn:
+def _diff_connection(db: Warehouse | StateStore, bucket: Bucket | None) -> Iterator[Connection]:
+    """A connection to ``db`` whose transaction carries its dialect's planner settings for a
+    diff."""
+    dialect = db.dialect
+    with db.engine.connect() as conn:
         for statement in dialect.diff_session + (dialect.bucket_session if bucket else ()):
             conn.execute(sa.text(statement))
         yield conn
@@ -363,11 +364,11 @@ class PushDownDiff:
         self.bucket = bucket
 
     def count(self, model: Model) -> ChangeCounts:
-        with _diff_connection(self.warehouse.engine, self.bucket) as conn:
+        with _diff_connection(self.warehouse, self.bucket) as conn:
             return count_changes(conn, self.warehouse, self.state, model, self.bucket)
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
-        with _diff_connection(self.warehouse.engine, self.bucket) as conn:
+        with _diff_connection(self.warehouse, self.bucket) as conn:
             yield from diff_upserts(
                 conn,
                 self.warehouse,
@@ -378,7 +379,7 @@ class PushDownDiff:
             )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
-        with _diff_connection(self.warehouse.engine, self.bucket) as conn:
+        with _diff_connection(self.warehouse, self.bucket) as conn:
             yield from diff_removals(
                 conn, self.warehouse, self.state, model, delete=delete, bucket=self.bucket
             )
@@ -412,7 +413,7 @@ class CrossDatabaseDiff:
             return
         self.state.unstage_keys(self.token, model.name)
         sql = _keys_and_fingerprints(self.warehouse, model, self.bucket)
-        with _diff_connection(self.warehouse.engine, self.bucket) as conn:
+        with _diff_connection(self.warehouse, self.bucket) as conn:
             for chunk in self.warehouse.stream(conn, sql, rows=self.STAGE_ROWS):
                 with self.state.engine.begin() as state_conn:
                     self.state.stage_keys(
@@ -432,12 +433,12 @@ class CrossDatabaseDiff:
             )
             {_COUNTS}
         """
-        with _diff_connection(self.state.engine, self.bucket) as conn:
+        with _diff_connection(self.state, self.bucket) as conn:
             row = conn.execute(sa.text(sql), {"token": self.token, "model": model.name}).one()
         return ChangeCounts(*(int(v or 0) for v in row))
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
-        with _diff_connection(self.warehouse.engine, self.bucket) as conn:
+        with _diff_connection(self.warehouse, self.bucket) as conn:
             rows = _model_rows(self.warehouse, model, self.bucket)
             for chunk in self.warehouse.stream(conn, rows):
                 pairs = [
@@ -477,7 +478,7 @@ class CrossDatabaseDiff:
             )
         """
         params = {"token": self.token, "model": model.name}
-        with _diff_connection(self.state.engine, self.bucket) as conn:
+        with _diff_connection(self.state, self.bucket) as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(sql), params)
             while rows := result.fetchmany(FETCH_ROWS):
                 yield from _removals(rows, delete=delete)
