@@ -27,9 +27,13 @@ _EMULATOR = """
 import sys, threading
 from cio_retl.emulator import Emulator
 from cio_retl.emulator.server import tune_gc_for_serving
-limit = tuple(sys.argv[4].split("/")) if len(sys.argv) > 4 else None
+limit = None
+if len(sys.argv) > 4:
+    from cio_retl.ratelimit import RateSpec
+    spec = RateSpec.parse(sys.argv[4])
+    limit = (spec.requests, spec.window)
 emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False,
-               rate_limit=(int(limit[0]), float(limit[1])) if limit else None)
+               rate_limit=limit)
 tune_gc_for_serving()
 emu.start()
 threading.Event().wait()

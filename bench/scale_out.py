@@ -38,10 +38,11 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, SITE_ID, Timed, emulator_process, machine, timed_run
+from _common import Timed, emulator_process, machine, sync_env, timed_run
 from sync_scale import MODEL, create_table, seed_snapshot
 
 from cio_retl.emulator import most_in_window
+from cio_retl.ratelimit import RateSpec
 
 URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -71,13 +72,8 @@ print(sum(counts))
 
 def env_for(models: Path, schema: str, base: str, limit: str, budget: str) -> dict[str, str]:
     return {
-        **os.environ,
-        "CIO_RETL_WAREHOUSE_URL": URL,
+        **sync_env(URL, models, base),
         "CIO_RETL_STATE_SCHEMA": f"{schema}_state",
-        "CIO_RETL_MODELS_DIR": str(models),
-        "CIO_TRACK_API_URL": base,
-        "CIO_SITE_ID": SITE_ID,
-        "CIO_API_KEY": API_KEY,
         "CIO_RETL_RATE_LIMIT": limit,
         "CIO_RETL_RATE_BUDGET": budget,
     }
@@ -107,7 +103,7 @@ def plans(env: dict[str, str], buckets: int) -> tuple[Timed, list[Timed]]:
 
 
 def paced_send(
-    env: dict[str, str], base: str, buckets: int, workers: int, batch: int
+    env: dict[str, str], buckets: int, workers: int, batch: int
 ) -> tuple[list[Timed], float]:
     """``workers`` lanes, each syncing its share of buckets one after another."""
     timings: list[Timed] = []
@@ -164,7 +160,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10, help="items per request")
     parser.add_argument("--plan-only", action="store_true", help="skip the send and capacity")
     args = parser.parse_args()
-    limit_requests, limit_window = (float(x) for x in args.rate_limit.split("/"))
+    limit = RateSpec.parse(args.rate_limit)
 
     schema = f"scale_{os.getpid()}"
     workdir = Path(tempfile.mkdtemp(prefix="cio-retl-scale-"))
@@ -220,25 +216,25 @@ def main() -> None:
                 f"2. send: {args.workers} workers, {args.buckets} bucket runs, shared budget,"
                 f" emulator limit {args.rate_limit}:"
             )
-            runs, wall = paced_send(env, base, args.buckets, args.workers, args.batch_size)
+            runs, wall = paced_send(env, args.buckets, args.workers, args.batch_size)
             log = httpx.get(f"{base}/_emulator/requests", timeout=60).json()
         writes = [r for r in log if r["method"] == "POST"]
         ok = [r for r in writes if r["status"] != 429]
         arrivals = [r["timestamp"] for r in ok]
         items = sum(r["n_items"] for r in ok)
         span = max(arrivals) - min(arrivals) if arrivals else 0.0
-        most = most_in_window(arrivals, limit_window)
+        most = most_in_window(arrivals, limit.window)
         print(
             f"  {len(ok)} requests, {items:,} items, {len(writes) - len(ok)} refused (429)"
             f" in {wall:.1f} s; send span {span:.1f} s = {len(ok) / span:.1f} req/s"
-            f" (limit {limit_requests / limit_window:.1f}/s); busiest {limit_window:g} s"
-            f" window {most} of {limit_requests:g}"
+            f" (limit {limit.requests / limit.window:.1f}/s); busiest {limit.window:g} s"
+            f" window {most} of {limit.requests:g}"
         )
         first = min(arrivals, default=0.0)
-        windows = [0] * (int(span // limit_window) + 1)
+        windows = [0] * (int(span // limit.window) + 1)
         for moment in arrivals:
-            windows[int((moment - first) // limit_window)] += 1
-        print(f"  requests per {limit_window:g} s window, in order: {windows}")
+            windows[int((moment - first) // limit.window)] += 1
+        print(f"  requests per {limit.window:g} s window, in order: {windows}")
         print(
             f"  per bucket run: median {statistics.median(r.seconds for r in runs):.2f} s wall,"
             f" max RSS {max(r.rss_mib for r in runs):.0f} MiB"
