@@ -145,15 +145,16 @@ class Stack:
         """Until the run's process is gone: DuckDB admits one process per file, and the
         process lets go of it when it exits, after its last event is written."""
         deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
-        pid = None
+        pid, messages = None, []
         while pid is None or _alive(pid):
-            messages = self.run_messages(run_id)
-            started = [m for m in messages if m.startswith("Started process for run (pid:")]
-            if started:
-                pid = int(re.findall(r"\d+", started[0])[0])
+            if pid is None:  # the event log is read until it names the process
+                messages = self.run_messages(run_id)
+                started = [m for m in messages if m.startswith("Started process for run (pid:")]
+                if started:
+                    pid = int(re.findall(r"\d+", started[0])[0])
             assert time.monotonic() < deadline, (
                 f"run {run_id}'s process (pid {pid}) still alive after"
-                f" {RUN_TIMEOUT_MS / 1000:g} s; its last events: {messages[-5:]}"
+                f" {RUN_TIMEOUT_MS / 1000:g} s; its last events: {self.run_messages(run_id)[-5:]}"
             )
             time.sleep(0.2)
 
