@@ -19,6 +19,9 @@ class Kind(StrEnum):
     PERSON = "person"
     OBJECT = "object"
     RELATIONSHIP = "relationship"
+    EVENT = "event"  # append-only: each row one event, sent once
+    SUPPRESSION = "suppression"  # people who must not be messaged; mirrored
+    DEVICE = "device"  # a person's push devices; mirrored
 
 
 # RudderStack's ``mappedToDestination`` external id types; a table, as records ask per row.
@@ -28,6 +31,13 @@ EXTERNAL_ID_TYPES = {kind: f"CUSTOMERIO-{kind.value}" for kind in Kind}
 class Mode(StrEnum):
     UPSERT = "upsert"
     MIRROR = "mirror"
+    APPEND = "append"  # events: what was sent once is never sent again, nor deleted
+
+
+# The kinds whose mode is fixed: a ``-- mode:`` header naming another one is an error.
+FIXED_MODES = {Kind.EVENT: Mode.APPEND, Kind.SUPPRESSION: Mode.MIRROR, Kind.DEVICE: Mode.MIRROR}
+# The kinds a ``-- mode:`` header may choose for, and what they may choose.
+CHOSEN_MODES = (Mode.UPSERT, Mode.MIRROR)
 
 
 class RemovedColumns(StrEnum):
@@ -57,8 +67,25 @@ _KEYS_BY_KIND: dict[Kind, tuple[set[str], set[str]]] = {
     Kind.PERSON: ({"identifier", "key"}, set()),
     Kind.OBJECT: ({"key", "object_type_id"}, set()),
     Kind.RELATIONSHIP: ({"person_identifier", "person_key", "object_type_id", "object_key"}, set()),
+    # `name` or `name_column`: exactly one, checked below.
+    Kind.EVENT: (
+        {"identifier", "key", "event_key", "timestamp"},
+        {"name", "name_column", "lookback_days"},
+    ),
+    Kind.SUPPRESSION: ({"identifier", "key"}, set()),
+    Kind.DEVICE: ({"identifier", "key", "token", "platform"}, set()),
+}
+# Common keys that mean nothing for a kind: an event is never changed or deleted, and the
+# mirrored kinds send every field of a row (a device replaces the device).
+_NOT_FOR_KIND: dict[Kind, set[str]] = {
+    Kind.EVENT: {"max_delete_pct", "max_change_pct", "removed_columns"},
+    Kind.SUPPRESSION: {"removed_columns"},
+    Kind.DEVICE: {"removed_columns"},
 }
 ALL_HEADER_KEYS = _COMMON_KEYS.union(*(req | opt for req, opt in _KEYS_BY_KIND.values()))
+
+# Customer.io Track API: an event name is at most 100 bytes (its limits table, "Event Name").
+MAX_EVENT_NAME_BYTES = 100
 
 _HEADER_LINE = re.compile(r"^--\s*([a-z_]+)\s*:\s*(.*?)\s*$")
 _OBJECT_TYPE_ID = re.compile(r"^[0-9]+$")
@@ -80,6 +107,13 @@ class Model:
     person_identifier: str | None = None
     person_key: str | None = None
     object_key: str | None = None
+    event_key: str | None = None  # event: the column naming the event uniquely and stably
+    event_name: str | None = None  # event: the fixed name (`-- name:`) ...
+    name_column: str | None = None  # ... or the column holding a name per row
+    timestamp: str | None = None  # event: the column with the event's time
+    lookback_days: int | None = None  # event: older events are never read nor sent
+    token: str | None = None  # device: the column with the device token
+    platform: str | None = None  # device: the column with `ios` or `android`
     description: str = ""
     deps: tuple[str, ...] = ()  # upstream asset keys, e.g. ("analytics/users",), for lineage
     max_delete_pct: float = DEFAULT_MAX_DELETE_PCT
@@ -88,11 +122,42 @@ class Model:
 
     @property
     def key_columns(self) -> tuple[str, ...]:
+        """The columns whose values, as text, are the row's key in the state store."""
         if self.kind is Kind.RELATIONSHIP:
             assert self.person_key and self.object_key
             return (self.person_key, self.object_key)
+        if self.kind is Kind.EVENT:
+            assert self.event_key
+            return (self.event_key,)
+        if self.kind is Kind.DEVICE:
+            assert self.key and self.token
+            return (self.key, self.token)
         assert self.key
         return (self.key,)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Every column the header names: the result must have them all."""
+        named = (
+            self.key,
+            self.person_key,
+            self.object_key,
+            self.event_key,
+            self.timestamp,
+            self.name_column,
+            self.token,
+            self.platform,
+        )
+        return tuple(dict.fromkeys(c for c in named if c))
+
+    @property
+    def person_identifier_type(self) -> str | None:
+        """The person identifier type the model's rows carry (None for objects)."""
+        if self.kind is Kind.OBJECT:
+            return None
+        if self.kind is Kind.RELATIONSHIP:
+            return self.person_identifier
+        return self.identifier
 
     @property
     def external_id_type(self) -> str:
@@ -160,15 +225,11 @@ def parse_model(path: Path, text: str | None = None) -> Model:
     def get(name: str) -> str | None:
         return header[name][0] if name in header else None
 
-    mode_text, mode_line = header.get("mode", ("upsert", 1))
-    try:
-        mode = Mode(mode_text)
-    except ValueError:
+    for name in sorted(header.keys() & _NOT_FOR_KIND.get(kind, set())):
         raise ModelError(
-            str(path),
-            f"mode must be one of {[m.value for m in Mode]}, not {mode_text!r}",
-            mode_line,
-        ) from None
+            str(path), f"header key {name!r} does not apply to kind {kind}", header[name][1]
+        )
+    mode = _mode(path, kind, header.get("mode"))
     for name in ("identifier", "person_identifier"):
         if name in header and header[name][0] not in PERSON_IDENTIFIERS:
             raise ModelError(
@@ -208,6 +269,11 @@ def parse_model(path: Path, text: str | None = None) -> Model:
     deps = tuple(d.strip() for d in (get("deps") or "").split(",") if d.strip())
     if kind is Kind.RELATIONSHIP and get("person_key") == get("object_key"):
         raise ModelError(str(path), "person_key and object_key must be different columns", 1)
+    lookback_days = None
+    if kind is Kind.EVENT:
+        lookback_days = _check_event_header(path, header)
+    if kind is Kind.DEVICE:
+        _distinct_columns(path, header, ("key", "token", "platform"))
 
     return Model(
         name=path.stem,
@@ -222,12 +288,87 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         person_identifier=get("person_identifier"),
         person_key=get("person_key"),
         object_key=get("object_key"),
+        event_key=get("event_key"),
+        event_name=get("name"),
+        name_column=get("name_column"),
+        timestamp=get("timestamp"),
+        lookback_days=lookback_days,
+        token=get("token"),
+        platform=get("platform"),
         description=get("description") or " ".join(description).strip(),
         deps=deps,
         max_delete_pct=percents.get("max_delete_pct", DEFAULT_MAX_DELETE_PCT),
         max_change_pct=percents.get("max_change_pct", DEFAULT_MAX_CHANGE_PCT),
         removed_columns=removed_columns,
     )
+
+
+def _mode(path: Path, kind: Kind, given: tuple[str, int] | None) -> Mode:
+    """The model's mode: chosen by the header for people and objects, fixed for the others."""
+    fixed = FIXED_MODES.get(kind)
+    if given is None:
+        return fixed or Mode.UPSERT
+    text, line = given
+    if fixed is not None:
+        if text == fixed.value:
+            return fixed
+        raise ModelError(
+            str(path),
+            f"{'an' if kind is Kind.EVENT else 'a'} {kind} model is always {fixed.value};"
+            f" mode {text!r} does not apply",
+            line,
+        )
+    if text not in {m.value for m in CHOSEN_MODES}:
+        raise ModelError(
+            str(path), f"mode must be one of {[m.value for m in CHOSEN_MODES]}, not {text!r}", line
+        )
+    return Mode(text)
+
+
+def _check_event_header(path: Path, header: dict[str, tuple[str, int]]) -> int | None:
+    """An event's name (fixed or per row), its distinct columns and its lookback."""
+    if ("name" in header) == ("name_column" in header):
+        line = header["name_column"][1] if "name_column" in header else 1
+        raise ModelError(
+            str(path), "an event model needs exactly one of 'name' and 'name_column'", line
+        )
+    if "name" in header:
+        name, line = header["name"]
+        size = len(name.encode())
+        if size > MAX_EVENT_NAME_BYTES:
+            raise ModelError(
+                str(path),
+                f"event name is {size} bytes, over the {MAX_EVENT_NAME_BYTES}-byte limit",
+                line,
+            )
+    _distinct_columns(path, header, ("event_key", "timestamp", "name_column"))
+    _distinct_columns(path, header, ("key", "timestamp", "name_column"))
+    if "lookback_days" not in header:
+        return None
+    text, line = header["lookback_days"]
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ModelError(
+            str(path),
+            f"lookback_days must be a whole number of days, 1 or more, not {text!r}",
+            line,
+        )
+    return int(text)
+
+
+def _distinct_columns(path: Path, header: dict[str, tuple[str, int]], names: Sequence[str]) -> None:
+    """The header keys ``names`` (those given) must name different columns."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if name not in header:
+            continue
+        column, line = header[name]
+        if column in seen:
+            raise ModelError(
+                str(path),
+                f"{seen[column]} and {name} must be different columns (both are {column!r})",
+                line,
+            )
+        seen[column] = name
 
 
 def _strip_leading_comments(sql: str) -> str:
@@ -266,6 +407,15 @@ def load_models(models_dir: Path, names: Sequence[str] | None = None) -> list[Mo
 
 
 def ordered_for_sync(models: Iterable[Model]) -> list[Model]:
-    """Objects, then people, then relationships: what a relationship names must exist first."""
-    rank = {Kind.OBJECT: 0, Kind.PERSON: 1, Kind.RELATIONSHIP: 2}
+    """Objects, people, devices, relationships, events, suppressions: what an item names
+    exists before it (a run's phases, :class:`cio_retl.operations.Phase`, decide the order
+    of sending; this is the order of models within a phase and in reports)."""
+    rank = {
+        Kind.OBJECT: 0,
+        Kind.PERSON: 1,
+        Kind.DEVICE: 2,
+        Kind.RELATIONSHIP: 3,
+        Kind.EVENT: 4,
+        Kind.SUPPRESSION: 5,
+    }
     return sorted(models, key=lambda m: (rank[m.kind], m.name))

@@ -139,6 +139,9 @@ def run_sync(
     """
     options = options or SyncOptions()
     models = ordered_for_sync(load_models(settings.models_dir, names))
+    for model in models:  # parsed since the model format has them; sent by a later engine step
+        if model.kind in (Kind.EVENT, Kind.SUPPRESSION, Kind.DEVICE):
+            raise ModelError(str(model.path), f"kind {model.kind} is not synced yet", 1)
     try:
         rate = RateSpec.parse(settings.rate_limit)
     except ValueError as exc:

@@ -107,7 +107,8 @@ class Warehouse:
 
     def select_list(self, model: Model, alias: str) -> str:
         """The model's columns of ``alias``, under their own names, those the dialect can
-        normalize in SQL already normalized (key columns stay as they are)."""
+        normalize in SQL already normalized (the columns the header names stay as they are:
+        an event's timestamp keeps its milliseconds for the event's id)."""
         if model.name not in self._types:
             self.columns(model)
         parts, converted = [], False
@@ -115,7 +116,7 @@ class Warehouse:
             column = f"{alias}.{self.dialect.quote(name)}"
             sql = (
                 None
-                if name in model.key_columns
+                if name in model.required_columns
                 else self.dialect.normalized_column(column, type_name)
             )
             converted = converted or sql is not None
@@ -133,11 +134,12 @@ class Warehouse:
             raise ModelError(
                 str(model.path), f"SQL failed: {_db_message(exc)}", model.sql_line
             ) from None
-        missing = [c for c in model.key_columns if c not in columns]
+        missing = [c for c in model.required_columns if c not in columns]
         if missing:
+            what = "key column(s)" if set(missing) <= set(model.key_columns) else "column(s)"
             raise ModelError(
                 str(model.path),
-                f"key column(s) {missing} not in the result columns {columns}",
+                f"{what} {missing} not in the result columns {columns}",
                 model.sql_line,
             )
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
@@ -152,7 +154,7 @@ class Warehouse:
         reserved = sorted(INTERNAL_COLUMNS.intersection(columns))
         if reserved:
             raise ModelError(str(model.path), f"reserved column names {reserved}", model.sql_line)
-        if model.kind is not Kind.RELATIONSHIP:
+        if model.kind in (Kind.PERSON, Kind.OBJECT):
             clash = model.identifier if model.kind is Kind.PERSON else "object_id"
             if clash in columns and clash != model.key:
                 raise ModelError(

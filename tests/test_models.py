@@ -112,3 +112,161 @@ def test_unknown_model_name_and_empty_folder(tmp_path: Path) -> None:
         load_models(REPO / "sql", ["nope"])
     with pytest.raises(ModelError, match="models folder not found"):
         load_models(tmp_path / "missing")
+
+
+# -- event, suppression and device models ---------------------------------------------------
+
+EVENT = (
+    "-- kind: event\n-- identifier: id\n-- key: user_id\n-- event_key: order_id\n"
+    "-- name: order_completed\n-- timestamp: completed_at\n"
+)
+DEVICE = "-- kind: device\n-- identifier: id\n-- key: user_id\n-- token: t\n-- platform: p\n"
+
+
+def test_event_suppression_and_device_headers() -> None:
+    event = parse_model(Path("orders.sql"), EVENT + "-- lookback_days: 30\nselect 1")
+    assert event.kind is Kind.EVENT and event.mode is Mode.APPEND
+    assert (event.event_key, event.event_name, event.timestamp) == (
+        "order_id",
+        "order_completed",
+        "completed_at",
+    )
+    assert event.lookback_days == 30 and event.key_columns == ("order_id",)
+    assert event.required_columns == ("user_id", "order_id", "completed_at")
+    assert event.external_id_type == "CUSTOMERIO-event"
+    per_row = parse_model(
+        Path("e.sql"),
+        EVENT.replace("-- name: order_completed", "-- name_column: kind") + "select 1",
+    )
+    assert per_row.event_name is None and per_row.name_column == "kind"
+    assert per_row.lookback_days is None and "kind" in per_row.required_columns
+
+    suppression = parse("-- kind: suppression\n-- identifier: email\n-- key: email\nselect 1")
+    assert isinstance(suppression, type(event))
+    assert suppression.kind is Kind.SUPPRESSION and suppression.mode is Mode.MIRROR
+    assert suppression.key_columns == ("email",)
+
+    device = parse_model(Path("devices.sql"), DEVICE + "-- mode: mirror\nselect 1")
+    assert device.mode is Mode.MIRROR and device.key_columns == ("user_id", "t")
+    assert device.required_columns == ("user_id", "t", "p")
+
+    orders = parse_model(Path("orders.sql"), EVENT + "select 1")
+    others = [
+        parse_model(Path(f"{name}.sql"), text)
+        for name, text in (
+            ("users", "-- kind: person\n-- identifier: id\n-- key: k\nselect 1"),
+            ("gdpr", "-- kind: suppression\n-- identifier: id\n-- key: k\nselect 1"),
+            ("devices", DEVICE + "select 1"),
+            ("companies", "-- kind: object\n-- key: k\n-- object_type_id: 1\nselect 1"),
+        )
+    ]
+    assert [m.name for m in ordered_for_sync([orders, *others])] == [
+        "companies",
+        "users",
+        "devices",
+        "orders",
+        "gdpr",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        # event: every required key, one missing at a time
+        (EVENT.replace("-- event_key: order_id\n", "") + "select 1", "'event_key'", 1),
+        (EVENT.replace("-- timestamp: completed_at\n", "") + "select 1", "'timestamp'", 1),
+        (EVENT.replace("-- identifier: id\n", "") + "select 1", "'identifier'", 1),
+        (EVENT.replace("-- key: user_id\n", "") + "select 1", "'key'", 1),
+        # name: exactly one of name / name_column, at most 100 bytes
+        (
+            EVENT.replace("-- name: order_completed\n", "") + "select 1",
+            "exactly one of 'name' and 'name_column'",
+            1,
+        ),
+        (EVENT + "-- name_column: n\nselect 1", "exactly one of 'name' and 'name_column'", 7),
+        (
+            EVENT.replace("order_completed", "x" * 101) + "select 1",
+            "event name is 101 bytes, over the 100-byte limit",
+            5,
+        ),
+        (
+            EVENT.replace("order_completed", "é" * 51) + "select 1",
+            "event name is 102 bytes",
+            5,
+        ),
+        # lookback_days: a whole number of days, at least 1
+        (EVENT + "-- lookback_days: 0\nselect 1", "lookback_days must be a whole number", 7),
+        (EVENT + "-- lookback_days: 7d\nselect 1", "lookback_days must be a whole number", 7),
+        (EVENT + "-- lookback_days: -3\nselect 1", "lookback_days must be a whole number", 7),
+        # the event's columns must be distinct
+        (
+            EVENT.replace("-- timestamp: completed_at", "-- timestamp: order_id") + "select 1",
+            "event_key and timestamp must be different columns",
+            6,
+        ),
+        (
+            EVENT.replace("-- name: order_completed", "-- name_column: user_id") + "select 1",
+            "key and name_column must be different columns",
+            5,
+        ),
+        # an event is append-only: no other mode, no deletes, no changes
+        (EVENT + "-- mode: mirror\nselect 1", "an event model is always append", 7),
+        (EVENT + "-- mode: upsert\nselect 1", "mode 'upsert' does not apply", 7),
+        (EVENT + "-- max_delete_pct: 5\nselect 1", "'max_delete_pct' does not apply", 7),
+        (EVENT + "-- max_change_pct: 5\nselect 1", "'max_change_pct' does not apply", 7),
+        (EVENT + "-- removed_columns: keep\nselect 1", "'removed_columns' does not apply", 7),
+        (EVENT + "-- token: t\nselect 1", "'token' does not apply to kind event", 7),
+        (EVENT + "-- object_type_id: 1\nselect 1", "'object_type_id' does not apply", 7),
+        (
+            EVENT.replace("identifier: id", "identifier: phone") + "select 1",
+            "identifier must be one of",
+            2,
+        ),
+        # suppression
+        ("-- kind: suppression\n-- identifier: id\nselect 1", "'key' for kind suppression", 1),
+        ("-- kind: suppression\n-- key: k\nselect 1", "'identifier' for kind suppression", 1),
+        (
+            "-- kind: suppression\n-- identifier: id\n-- key: k\n-- mode: upsert\nselect 1",
+            "a suppression model is always mirror",
+            4,
+        ),
+        (
+            "-- kind: suppression\n-- identifier: id\n-- key: k\n-- name: x\nselect 1",
+            "'name' does not apply to kind suppression",
+            4,
+        ),
+        (
+            "-- kind: suppression\n-- identifier: id\n-- key: k\n-- removed_columns: keep\nselect 1",
+            "'removed_columns' does not apply",
+            4,
+        ),
+        # device
+        (DEVICE.replace("-- token: t\n", "") + "select 1", "'token' for kind device", 1),
+        (DEVICE.replace("-- platform: p\n", "") + "select 1", "'platform' for kind device", 1),
+        (DEVICE.replace("-- key: user_id\n", "") + "select 1", "'key' for kind device", 1),
+        (DEVICE.replace("-- identifier: id\n", "") + "select 1", "'identifier'", 1),
+        (DEVICE + "-- mode: upsert\nselect 1", "a device model is always mirror", 6),
+        (DEVICE + "-- timestamp: t\nselect 1", "'timestamp' does not apply to kind device", 6),
+        (
+            DEVICE.replace("-- platform: p", "-- platform: t") + "select 1",
+            "token and platform must be different columns",
+            5,
+        ),
+        (
+            DEVICE.replace("-- token: t", "-- token: user_id") + "select 1",
+            "key and token must be different columns",
+            4,
+        ),
+        # people and objects cannot choose the events' mode
+        (
+            "-- kind: person\n-- identifier: id\n-- key: k\n-- mode: append\nselect 1",
+            "mode must be one of ['upsert', 'mirror']",
+            4,
+        ),
+    ],
+)
+def test_event_suppression_device_header_errors(text: str, message: str, line: int) -> None:
+    with pytest.raises(ModelError) as caught:
+        parse(text)
+    assert message in str(caught.value)
+    assert str(caught.value).startswith(f"m.sql:{line}: ")
