@@ -19,7 +19,7 @@ from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import ModelError
 from cio_retl.warehouse import create_engine
-from dagster_project.assets import (
+from dagster_cio_retl.assets import (
     GUARDRAILS,
     MODEL_VALID,
     NO_STUCK_ROWS,
@@ -29,14 +29,14 @@ from dagster_project.assets import (
     SyncConfig,
     build_model_assets,
 )
-from dagster_project.definitions import (
+from dagster_cio_retl.definitions import (
     AUTOMATION_SENSOR_NAME,
     JOB_NAME,
     build_definitions,
     group_job_name,
     group_schedule_name,
 )
-from dagster_project.resources import PROJECT_ROOT, CustomerIOResource, WarehouseResource
+from dagster_cio_retl.resources import PROJECT_ROOT, CustomerIOResource, WarehouseResource
 from tests.conftest import sql_rows, sql_run
 
 pytestmark = pytest.mark.dagster

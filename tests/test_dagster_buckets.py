@@ -11,8 +11,8 @@ import pytest
 
 from cio_retl.errors import ConfigError
 from cio_retl.warehouse import create_engine
-from dagster_project.assets import OP_NAME, RELATIONSHIPS_OP_NAME, SyncConfig, build_model_assets
-from dagster_project.definitions import STAGE_JOBS, build_definitions
+from dagster_cio_retl.assets import OP_NAME, RELATIONSHIPS_OP_NAME, SyncConfig, build_model_assets
+from dagster_cio_retl.definitions import STAGE_JOBS, build_definitions
 from tests.test_dagster import COMPANIES, MEMBERSHIPS, NO_DELAY, SQL_DIR, USERS, Env, metadata
 from tests.test_dagster import env as env  # the fixture
 from tests.test_sync_duckdb import actual_workspace, expected_workspace

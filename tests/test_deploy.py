@@ -22,8 +22,8 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 
 from cio_retl.buckets import bucket_of
 from cio_retl.emulator import Emulator
-from dagster_project.assets import OP_NAME, SyncConfig, build_model_assets
-from dagster_project.resources import CustomerIOResource, WarehouseResource
+from dagster_cio_retl.assets import OP_NAME, SyncConfig, build_model_assets
+from dagster_cio_retl.resources import CustomerIOResource, WarehouseResource
 from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, sql_rows
 from tests.test_dagster import COMPANIES, NO_DELAY, USERS, metadata
 from tests.test_postgres import demo_on_postgres

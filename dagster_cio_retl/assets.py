@@ -44,8 +44,8 @@ from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
-from dagster_project.project_config import ProjectConfig, load_project_config
-from dagster_project.resources import (
+from dagster_cio_retl.project_config import ProjectConfig, load_project_config
+from dagster_cio_retl.resources import (
     PROJECT_ROOT,
     CustomerIOResource,
     WarehouseResource,
