@@ -276,7 +276,7 @@ INVALID_ITEMS: list[tuple[str, Any, str]] = [
     ("not an object", ["x"], "item"),
     ("missing type", {"action": "identify", "identifiers": {"id": "u"}}, "type"),
     ("missing action", {"type": "person", "identifiers": {"id": "u"}}, "action"),
-    ("out of scope action", person({"id": "u"}, action="event"), "action"),
+    ("out of scope action", person({"id": "u"}, action="page"), "action"),
     ("merge out of scope", person({"id": "u"}, action="merge"), "action"),
     ("unknown action", person({"id": "u"}, action="upsert"), "action"),
     ("action not a string", person({"id": "u"}, action=["identify"]), "action"),  # type: ignore[arg-type]
@@ -380,8 +380,8 @@ def test_invalid_items_are_refused_with_their_field(
 
 
 def test_out_of_scope_actions_say_so(client: httpx.Client, emu: Emulator) -> None:
-    (error,) = errors(batch(client, person({"id": "u"}, action="event")))
-    assert error["message"] == "action 'event' is not emulated (out of scope)"
+    (error,) = errors(batch(client, person({"id": "u"}, action="screen")))
+    assert error["message"] == "action 'screen' is not emulated (out of scope)"
 
 
 # -- malformed requests ------------------------------------------------------------------
@@ -889,7 +889,15 @@ def test_emulator_endpoints(emu: Emulator) -> None:
 
         assert anonymous.post("/_emulator/reset").status_code == 200
         assert emu.faults == FaultPlan()
-        assert emu.snapshot() == {"people": [], "objects": [], "relationships": []}
+        assert emu.snapshot() == {
+            "people": [],
+            "objects": [],
+            "relationships": [],
+            "events": [],
+            "devices": [],
+            "suppressed": [],
+            "duplicate_events": 0,
+        }
         assert emu.requests == [] and emu.invalid_items == []
         assert anonymous.get("/_emulator/requests").json() == []
 
@@ -1036,3 +1044,209 @@ def test_serve_prints_its_url_and_stops_on_ctrl_c() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- events, devices and suppressions -----------------------------------------------------
+
+ULID_A = "01JDQ7Z8X9ABCDEFGHJKMNPQRS"
+ULID_B = "01JDQ7Z8X9ABCDEFGHJKMNPQRT"
+
+
+def event(ident: dict[str, Any], name: str = "order_completed", **fields: Any) -> dict[str, Any]:
+    return {"type": "person", "action": "event", "identifiers": ident, "name": name, **fields}
+
+
+def device(ident: dict[str, Any], action: str = "add_device", **fields: Any) -> dict[str, Any]:
+    return {"type": "person", "action": action, "identifiers": ident, "device": fields}
+
+
+def test_events_are_kept_per_person_and_deduplicated_by_id(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    first = event({"id": "u1"}, id=ULID_A, timestamp=1_700_000_000, attributes={"total": 9.5})
+    response = batch(
+        client,
+        first,
+        first,  # the same id twice in one batch: one event
+        event({"id": "u1"}, id=ULID_A.lower()),  # ULIDs decode either case alike
+        event({"id": "u1"}, "trial_ended", id=ULID_B),
+        event({"email": "a@x.io"}, "no_id"),
+        event({"email": "a@x.io"}, "no_id"),  # without an id, two events
+    )
+    assert response.status_code == 200, response.text
+    events = emu.workspace.events("id")
+    assert events == {
+        "u1": [
+            {
+                "id": ULID_A,
+                "name": "order_completed",
+                "timestamp": 1_700_000_000,
+                "attributes": {"total": 9.5},
+            },
+            {"id": ULID_B, "name": "trial_ended", "timestamp": None, "attributes": {}},
+        ]
+    }
+    assert [e["name"] for e in emu.workspace.events("email")["a@x.io"]] == ["no_id", "no_id"]
+    assert emu.workspace.duplicate_events == 2
+    assert emu.snapshot()["duplicate_events"] == 2
+    # A resend in a later request is dropped too; deleting the person keeps the ids seen.
+    assert batch(client, first).status_code == 200
+    assert emu.workspace.duplicate_events == 3
+    assert batch(client, person({"id": "u1"}, action="delete"), first).status_code == 200
+    assert emu.workspace.events("id") == {} and emu.workspace.duplicate_events == 4
+
+
+def test_devices_are_added_replaced_and_deleted(client: httpx.Client, emu: Emulator) -> None:
+    ident = {"id": "u1"}
+    response = batch(
+        client,
+        device(ident, token="t1", platform="ios", last_used=1_700_000_000),
+        device(ident, token="t2", platform="android", attributes={"push_enabled": "true"}),
+    )
+    assert response.status_code == 200, response.text
+    assert emu.workspace.devices("id") == {
+        "u1": {
+            "t1": {"token": "t1", "platform": "ios", "last_used": 1_700_000_000},
+            "t2": {"token": "t2", "platform": "android", "attributes": {"push_enabled": "true"}},
+        }
+    }
+    # add_device replaces the device: fields it no longer carries are gone.
+    assert batch(client, device(ident, token="t1", platform="android")).status_code == 200
+    assert emu.workspace.devices("id")["u1"]["t1"] == {"token": "t1", "platform": "android"}
+    assert batch(client, device(ident, "delete_device", token="t2")).status_code == 200
+    assert batch(client, device(ident, "delete_device", token="never-added")).status_code == 200
+    assert set(emu.workspace.devices("id")["u1"]) == {"t1"}
+    assert emu.snapshot()["devices"] == [
+        {
+            "person": {"cio_id": "cio_1", "id": "u1", "email": None},
+            "token": "t1",
+            "platform": "android",
+        }
+    ]
+
+
+def test_a_suppressed_person_cannot_be_identified_again(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    assert batch(client, person({"id": "u1"}, {"email": "a@x.io"})).status_code == 200
+    assert batch(client, person({"id": "u1"}, action="suppress")).status_code == 200
+    assert emu.workspace.is_suppressed("id", "u1")
+    (error,) = errors(batch(client, person({"id": "ok"}), person({"id": "u1"}, {"plan": "pro"})))
+    assert error["batch_index"] == 1 and error["field"] == "identifiers"
+    assert "suppressed" in error["message"]
+    assert emu.workspace.people_by("id") == {"u1": {"email": "a@x.io"}, "ok": {}}
+    # Suppressing before the person exists holds too; unsuppress lets them back in.
+    assert batch(client, person({"email": "b@x.io"}, action="suppress")).status_code == 200
+    assert len(errors(batch(client, person({"email": "b@x.io"})))) == 1
+    assert emu.snapshot()["suppressed"] == [
+        {"identifier": "cio_id", "value": "cio_1"},
+        {"identifier": "email", "value": "b@x.io"},
+        {"identifier": "id", "value": "u1"},
+    ]
+    response = batch(
+        client,
+        person({"id": "u1"}, action="unsuppress"),
+        person({"id": "u1"}, {"plan": "pro"}),
+    )
+    assert response.status_code == 200, response.text
+    assert emu.workspace.people_by("id")["u1"] == {"email": "a@x.io", "plan": "pro"}
+    assert not emu.workspace.is_suppressed("id", "u1")
+    assert emu.workspace.is_suppressed("email", "b@x.io")
+
+
+LIFE_ITEM_ERRORS: list[tuple[str, Any, str, str]] = [
+    ("event without a name", event({"id": "u"}, name=None), "name", "must be a non-empty"),
+    (
+        "event name over 100 bytes",
+        event({"id": "u"}, "x" * 101),
+        "name",
+        "is 101 bytes, limit 100",
+    ),
+    ("event id not a ULID", event({"id": "u"}, id="order-1"), "id", "valid ULID"),
+    ("event id with a U", event({"id": "u"}, id="01JDQ7Z8X9ABCDEFGHJKMNPQRU"), "id", "ULID"),
+    ("event id over 128 bits", event({"id": "u"}, id="8" + ULID_A[1:]), "id", "ULID"),
+    ("event timestamp as text", event({"id": "u"}, timestamp="2024-01-01"), "timestamp", "integer"),
+    ("event timestamp a float", event({"id": "u"}, timestamp=1.5), "timestamp", "integer"),
+    ("event timestamp a bool", event({"id": "u"}, timestamp=True), "timestamp", "integer"),
+    ("event data a list", event({"id": "u"}, attributes=[1]), "attributes", "must be an object"),
+    ("event unknown field", event({"id": "u"}, device={}), "device", "not allowed"),
+    (
+        "add_device without device",
+        {"type": "person", "action": "add_device", "identifiers": {"id": "u"}},
+        "device",
+        "is required",
+    ),
+    ("device without token", device({"id": "u"}, platform="ios"), "device.token", "required"),
+    ("device empty token", device({"id": "u"}, token="", platform="ios"), "device.token", ""),
+    ("device no platform", device({"id": "u"}, token="t"), "device.platform", "ios, android"),
+    (
+        "device platform web",
+        device({"id": "u"}, token="t", platform="web"),
+        "device.platform",
+        "ios, android",
+    ),
+    (
+        "device last_used text",
+        device({"id": "u"}, token="t", platform="ios", last_used="today"),
+        "device.last_used",
+        "integer",
+    ),
+    (
+        "device attribute not a string",
+        device({"id": "u"}, token="t", platform="ios", attributes={"push_enabled": True}),
+        "device.attributes.push_enabled",
+        "must be a string",
+    ),
+    (
+        "device unknown field",
+        device({"id": "u"}, token="t", platform="ios", model="x"),
+        "device.model",
+        "not allowed",
+    ),
+    (
+        "delete_device with a platform",
+        device({"id": "u"}, "delete_device", token="t", platform="ios"),
+        "device.platform",
+        "not allowed",
+    ),
+    (
+        "suppress with attributes",
+        person({"id": "u"}, {"a": 1}, action="suppress"),
+        "attributes",
+        "not allowed",
+    ),
+    (
+        "event on an object",
+        {**obj("o"), "action": "event", "name": "x"},
+        "action",
+        "is a person action",
+    ),
+    (
+        "suppress two identifiers",
+        person({"id": "u", "email": "a@x.io"}, action="suppress"),
+        "identifiers",
+        "",
+    ),
+    (
+        "event for an unknown cio_id",
+        event({"cio_id": "cio_404"}),
+        "identifiers.cio_id",
+        "not found",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("item", "field", "message"),
+    [case[1:] for case in LIFE_ITEM_ERRORS],
+    ids=[case[0] for case in LIFE_ITEM_ERRORS],
+)
+def test_life_actions_are_validated_to_the_schema(
+    client: httpx.Client, emu: Emulator, item: Any, field: str, message: str
+) -> None:
+    (error,) = errors(batch(client, person({"id": "ok"}), item))
+    assert (error["batch_index"], error["field"]) == (1, field)
+    assert message in error["message"]
+    snapshot = emu.snapshot()
+    assert snapshot["events"] == [] and snapshot["devices"] == [] and snapshot["suppressed"] == []
+    assert emu.workspace.people_by("id") == {"ok": {}}

@@ -8,6 +8,7 @@ broke.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,17 +26,38 @@ Ref = tuple[str, str | int]
 """A person: (identifier type, value); an object: (object_type_id, object_id)."""
 
 PERSON_IDENTIFIERS = ("id", "email", "cio_id")
-ACTIONS = frozenset({"identify", "delete", "add_relationships", "delete_relationships"})
-OUT_OF_SCOPE_ACTIONS = frozenset(
-    {"event", "page", "screen", "merge", "add_device", "delete_device", "suppress", "unsuppress"}
+# The person actions beyond people, objects and relationships, each as the official OpenAPI
+# document of the Track API (1.0.0) declares it for `/api/v2/batch` items of type person:
+# `event` (PersonEvent), `add_device` (PersonAddDevice), `delete_device` (PersonDeleteDevice),
+# `suppress` (PersonSuppress) and `unsuppress` (PersonUnsuppress).
+PERSON_ONLY_ACTIONS = frozenset({"event", "add_device", "delete_device", "suppress", "unsuppress"})
+ACTIONS = (
+    frozenset({"identify", "delete", "add_relationships", "delete_relationships"})
+    | PERSON_ONLY_ACTIONS
 )
+OUT_OF_SCOPE_ACTIONS = frozenset({"page", "screen", "merge"})
 _BASE_KEYS = frozenset({"type", "action", "identifiers"})
 ITEM_KEYS: dict[str, frozenset[str]] = {
     "identify": _BASE_KEYS | {"attributes", "cio_relationships"},
     "delete": _BASE_KEYS,
     "add_relationships": _BASE_KEYS | {"cio_relationships"},
     "delete_relationships": _BASE_KEYS | {"cio_relationships"},
+    "event": _BASE_KEYS | {"id", "name", "timestamp", "attributes"},
+    "add_device": _BASE_KEYS | {"device"},
+    "delete_device": _BASE_KEYS | {"device"},
+    "suppress": _BASE_KEYS,
+    "unsuppress": _BASE_KEYS,
 }
+# PersonAddDevice's `device`: token and platform required; PersonDeleteDevice's: token only.
+ADD_DEVICE_KEYS = frozenset({"token", "platform", "last_used", "attributes"})
+DEVICE_PLATFORMS = ("ios", "android")
+MAX_EVENT_NAME_BYTES = 100
+"""An event name [doc: the Track API limits table, "Event Name"]."""
+# The reference also bounds an event's data at 100,000 bytes ("Event Data"); a v2 item is
+# at most MAX_ITEM_BYTES (32 KB) whole, so that bound is never the one an item meets.
+# PersonEvent `id`: "a valid ULID used to deduplicate events" (format ULID): 26 characters of
+# Crockford's base32, the first at most 7 (128 bits); the ULID spec decodes either case.
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
 RELATIONSHIP_KEYS = frozenset({"identifiers", "relationship_attributes"})
 
 
@@ -66,6 +88,23 @@ class Relationship(NamedTuple):
     attributes: dict[str, Any] | None
 
 
+class Event(NamedTuple):
+    """A validated `event` item's own fields (its data is the Op's attributes)."""
+
+    name: str
+    id: str | None
+    timestamp: int | None
+
+
+class Device(NamedTuple):
+    """A validated `device`: `add_device` carries every field, `delete_device` the token."""
+
+    token: str
+    platform: str | None = None
+    last_used: int | None = None
+    attributes: dict[str, str] | None = None
+
+
 class Op(NamedTuple):
     """A validated item, ready to apply."""
 
@@ -74,6 +113,8 @@ class Op(NamedTuple):
     ref: Ref
     attributes: dict[str, Any] | None
     relationships: tuple[Relationship, ...]
+    event: Event | None = None
+    device: Device | None = None
 
     @property
     def identifier_value(self) -> str:
@@ -225,6 +266,8 @@ def validate_item(item: Any, rules: Rules) -> Op:
         if isinstance(action, str) and action in OUT_OF_SCOPE_ACTIONS:
             raise ItemError("action", f"action {action!r} is not emulated (out of scope)")
         raise ItemError("action", f"unknown action {action!r}")
+    if kind != "person" and action in PERSON_ONLY_ACTIONS:
+        raise ItemError("action", f"{action!r} is a person action, not an {kind} one")
     allowed = ITEM_KEYS[action]
     if not allowed.issuperset(item):
         key = next(k for k in item if k not in allowed)
@@ -232,6 +275,8 @@ def validate_item(item: Any, rules: Rules) -> Op:
     if "identifiers" not in item:
         raise ItemError("identifiers", "is required")
     ref = (person_ref if kind == "person" else object_ref)(item["identifiers"], "identifiers")
+    if action in PERSON_ONLY_ACTIONS:
+        return _person_action(item, action, ref)
     attrs = None
     if "attributes" in item:
         attrs = attributes(item["attributes"], "attributes", rules)
@@ -241,3 +286,70 @@ def validate_item(item: Any, rules: Rules) -> Op:
     elif action != "identify" and action != "delete":
         raise ItemError("cio_relationships", f"is required for {action}")
     return Op(kind, action, ref, attrs, rels)
+
+
+def _person_action(item: dict[str, Any], action: str, ref: Ref) -> Op:
+    """`event`, `add_device`, `delete_device`, `suppress`, `unsuppress` (keys already checked)."""
+    if action == "event":
+        return Op("person", action, ref, _event_data(item), (), event=_event(item))
+    if action in ("add_device", "delete_device"):
+        if "device" not in item:
+            raise ItemError("device", f"is required for {action}")
+        return Op("person", action, ref, None, (), device=_device(item["device"], action))
+    return Op("person", action, ref, None, ())
+
+
+def _event(item: dict[str, Any]) -> Event:
+    if "name" not in item:
+        raise ItemError("name", "is required for an event")
+    name = item["name"]
+    if not isinstance(name, str) or not name:
+        raise ItemError("name", "must be a non-empty string")
+    size = utf8_len(name)
+    if size > MAX_EVENT_NAME_BYTES:
+        raise ItemError("name", f"is {size} bytes, limit {MAX_EVENT_NAME_BYTES}")
+    event_id = item.get("id")
+    if "id" in item and (not isinstance(event_id, str) or not _ULID.fullmatch(event_id)):
+        raise ItemError("id", "must be a valid ULID (26 characters of Crockford base32)")
+    timestamp = item.get("timestamp")
+    if "timestamp" in item and (not isinstance(timestamp, int) or isinstance(timestamp, bool)):
+        raise ItemError("timestamp", "must be an integer (Unix seconds)")
+    return Event(name, event_id, timestamp)
+
+
+def _event_data(item: dict[str, Any]) -> dict[str, Any] | None:
+    if "attributes" not in item:
+        return None
+    data = item["attributes"]
+    if not isinstance(data, dict):
+        raise ItemError("attributes", "must be an object")
+    return data
+
+
+def _device(value: Any, action: str) -> Device:
+    if not isinstance(value, dict):
+        raise ItemError("device", "must be an object")
+    allowed = ADD_DEVICE_KEYS if action == "add_device" else frozenset({"token"})
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ItemError(f"device.{unknown[0]}", f"field not allowed in the device of {action}")
+    token = value.get("token")
+    if not isinstance(token, str) or not token:
+        raise ItemError("device.token", "is required: a non-empty string")
+    if action == "delete_device":
+        return Device(token)
+    platform = value.get("platform")
+    if platform not in DEVICE_PLATFORMS:
+        raise ItemError("device.platform", f"is required: one of {', '.join(DEVICE_PLATFORMS)}")
+    last_used = value.get("last_used")
+    if "last_used" in value and (not isinstance(last_used, int) or isinstance(last_used, bool)):
+        raise ItemError("device.last_used", "must be an integer (Unix seconds)")
+    attrs = value.get("attributes")
+    if "attributes" in value:
+        # PersonAddDevice: `attributes` is a map of strings (push_enabled is "true"/"false").
+        if not isinstance(attrs, dict):
+            raise ItemError("device.attributes", "must be an object")
+        for name, val in attrs.items():
+            if not isinstance(val, str):
+                raise ItemError(f"device.attributes.{name}", "must be a string")
+    return Device(token, platform, last_used, attrs)

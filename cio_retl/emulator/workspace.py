@@ -5,6 +5,17 @@ removes an attribute, deleting removes the record and its relationships, adding 
 creates a missing person or object as an empty record. A person is found by `id`, by `email`
 (the email it was identified by) or by the emulator's own `cio_id`.
 
+Events, devices and suppressions: an `event` is appended to its person's events, unless an
+event with the same `id` arrived before (the schema's "a valid ULID used to deduplicate
+events"): then it is dropped and counted in `duplicate_events`. `add_device` adds or
+replaces the device with that token, `delete_device` removes it. An event or a device for
+a person who does not exist creates the person, as adding a relationship does [open: the
+reference does not say]. `suppress` marks the person's identifiers suppressed and
+`unsuppress` clears them; the schema says a suppressed person cannot be "added back", which
+we read as: an `identify` naming a suppressed identifier is an item error (reason
+"invalid", field `identifiers`), and the person's data is kept [open: whether Customer.io
+also deletes the profile on suppress].
+
 `apply` checks everything that depends on state before changing anything, so an invalid item
 leaves no trace. Callers hold `lock` around `apply` and around reads that must be consistent.
 """
@@ -24,12 +35,18 @@ RelationshipKey = tuple[str, ObjectKey]
 
 @dataclass(slots=True)
 class Person:
-    """One person. `id`/`email` are the identifiers it was identified by, if any."""
+    """One person. `id`/`email` are the identifiers it was identified by, if any.
+
+    `events` are the person's events in the order they arrived (each `{"id", "name",
+    "timestamp", "attributes"}`); `devices` maps a token to its device.
+    """
 
     cio_id: str
     id: str | int | None
     email: str | None
     attributes: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _merged(current: dict[str, Any], updates: dict[str, Any], rules: Rules) -> dict[str, Any]:
@@ -61,6 +78,10 @@ class Workspace:
     _rels_of_person: dict[str, set[ObjectKey]] = field(default_factory=dict, repr=False)
     _rels_of_object: dict[ObjectKey, set[str]] = field(default_factory=dict, repr=False)
     _next_cio_id: int = field(default=1, repr=False)
+    # Suppressed identifiers as (identifier type, value as text).
+    suppressed: set[tuple[str, str]] = field(default_factory=set)
+    duplicate_events: int = 0  # events dropped because their `id` had been seen
+    _event_ids: set[str] = field(default_factory=set, repr=False)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -88,10 +109,46 @@ class Workspace:
                     out[key] = dict(p.attributes)
             return out
 
+    def events(self, identifier: str) -> dict[str | int, list[dict[str, Any]]]:
+        """{identifier value: events in arrival order} of every person with events."""
+        with self.lock:
+            return {
+                key: [dict(e) for e in p.events]
+                for p in self.people.values()
+                if p.events and (key := getattr(p, identifier)) is not None
+            }
+
+    def devices(self, identifier: str) -> dict[str | int, dict[str, dict[str, Any]]]:
+        """{identifier value: {token: device}} of every person with devices."""
+        with self.lock:
+            return {
+                key: {t: dict(d) for t, d in p.devices.items()}
+                for p in self.people.values()
+                if p.devices and (key := getattr(p, identifier)) is not None
+            }
+
+    def is_suppressed(self, identifier: str, value: str | int) -> bool:
+        with self.lock:
+            return (identifier, str(value)) in self.suppressed
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able copy of the workspace (what `GET /_emulator/workspace` answers)."""
         with self.lock:
             return {
+                "events": [
+                    {"person": self._person_summary(p.cio_id), **e}
+                    for p in self.people.values()
+                    for e in p.events
+                ],
+                "devices": [
+                    {"person": self._person_summary(p.cio_id), **d}
+                    for p in self.people.values()
+                    for d in p.devices.values()
+                ],
+                "suppressed": [
+                    {"identifier": kind, "value": value} for kind, value in sorted(self.suppressed)
+                ],
+                "duplicate_events": self.duplicate_events,
                 "people": [
                     {
                         "cio_id": p.cio_id,
@@ -131,6 +188,9 @@ class Workspace:
             self._rels_of_person.clear()
             self._rels_of_object.clear()
             self._next_cio_id = 1
+            self.suppressed.clear()
+            self._event_ids.clear()
+            self.duplicate_events = 0
 
     # -- applying ------------------------------------------------------------------------
 
@@ -178,6 +238,9 @@ class Workspace:
 
     def _apply_person(self, op: Op, rules: Rules) -> None:
         person = self._find(op.ref)
+        if op.action in _LIFE_ACTIONS:
+            self._apply_life(op, person)
+            return
         if op.action == "delete":
             if person is not None:
                 self._delete_person(person)
@@ -189,6 +252,10 @@ class Workspace:
             return
         if person is None and op.ref[0] == "cio_id":
             raise ItemError("identifiers.cio_id", "person not found")
+        if op.action == "identify" and self._suppressed(op.ref, person):
+            raise ItemError(
+                "identifiers", "this person is suppressed: a suppressed person cannot be added back"
+            )
         email = person.email if person is not None else None
         if person is None and op.ref[0] == "email":
             email = str(op.ref[1])
@@ -209,6 +276,67 @@ class Workspace:
         person.attributes = merged
         for rel in op.relationships:
             self._relate(person.cio_id, _object_key(rel.ref), rel.attributes, rules)
+
+    def _identifiers_of(self, ref: Ref, person: Person | None) -> set[tuple[str, str]]:
+        """Every identifier of the person `ref` names: the given one and, if the person
+        exists, the id, email and cio_id it has."""
+        out = {(ref[0], str(ref[1]))}
+        if person is not None:
+            out.add(("cio_id", person.cio_id))
+            if person.id is not None:
+                out.add(("id", str(person.id)))
+            if person.email is not None:
+                out.add(("email", person.email))
+        return out
+
+    def _suppressed(self, ref: Ref, person: Person | None) -> bool:
+        return bool(self.suppressed) and not self.suppressed.isdisjoint(
+            self._identifiers_of(ref, person)
+        )
+
+    def _apply_life(self, op: Op, person: Person | None) -> None:
+        """`suppress`, `unsuppress`, `event`, `add_device`, `delete_device`."""
+        if op.action == "suppress":
+            self.suppressed |= self._identifiers_of(op.ref, person)
+            return
+        if op.action == "unsuppress":
+            self.suppressed -= self._identifiers_of(op.ref, person)
+            return
+        if op.action == "delete_device":
+            assert op.device is not None
+            if person is not None:
+                person.devices.pop(op.device.token, None)
+            return
+        if person is None:
+            self._require(op.ref, "identifiers.cio_id")
+            person = self._create(op.ref)
+        if op.action == "add_device":
+            device = op.device
+            assert device is not None
+            # PersonAddDevice replaces the device with this token: every field is sent.
+            record: dict[str, Any] = {"token": device.token, "platform": device.platform}
+            if device.last_used is not None:
+                record["last_used"] = device.last_used
+            if device.attributes is not None:
+                record["attributes"] = dict(device.attributes)
+            person.devices[device.token] = record
+            return
+        event = op.event
+        assert event is not None and op.action == "event"
+        if event.id is not None:
+            canonical = event.id.upper()  # the ULID spec decodes either case alike
+            if canonical in self._event_ids:
+                self.duplicate_events += 1
+                return
+            self._event_ids.add(canonical)
+        person.events.append(
+            {
+                "id": event.id,
+                "name": event.name,
+                "timestamp": event.timestamp,
+                "attributes": dict(op.attributes or {}),
+            }
+        )
 
     def _apply_object(self, op: Op, rules: Rules) -> None:
         key = _object_key(op.ref)
@@ -269,6 +397,9 @@ class Workspace:
             del self.relationships[(cio_id, key)]
             self._rels_of_person[cio_id].discard(key)
         del self.objects[key]
+
+
+_LIFE_ACTIONS = frozenset({"suppress", "unsuppress", "event", "add_device", "delete_device"})
 
 
 def _object_key(ref: Ref) -> ObjectKey:
