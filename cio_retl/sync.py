@@ -427,11 +427,16 @@ class _Sender:
 
     FLUSH_EVERY = 1000
     MAX_PENDING_WRITES = 8  # back-pressure: acknowledgments waiting for the state writer
-    # Acknowledged rows are written to the snapshot this many at a time (several batches per
-    # statement and transaction). A snapshot upsert has a fixed cost per statement: on DuckDB
-    # 100k rows took 2.8 s of CPU in 1000-row statements and 1.1 s in 5000-row ones. Holding
-    # acknowledgments a little longer only means a killed run resends a few more rows.
+    # Acknowledged rows go to the snapshot several batches per statement and transaction (a
+    # snapshot upsert has a fixed cost per statement), but never later than ACK_SECONDS
+    # after the oldest of them was acknowledged, and at once whenever the sender would wait
+    # for a batch in flight anyway: a run killed at any moment resends only what was in
+    # flight or acknowledged in its last second.
     ACK_ROWS = 5000
+    ACK_SECONDS = 1.0
+    # Rows read from the diff between two checks of the ACK_SECONDS deadline: a slow diff
+    # (a warehouse streaming its result) must not hold acknowledgments back.
+    TICK_ROWS = 256
 
     def __init__(self, run: _Run, model: Model, report: ModelReport) -> None:
         self.run = run
@@ -448,6 +453,8 @@ class _Sender:
         self._writes: deque[Future[None]] = deque()
         self._acked: list[tuple[list[Operation], SendResult]] = []  # not yet handed to the writer
         self._acked_rows = 0
+        self._acked_since = 0.0  # time.monotonic() of the oldest batch in ``_acked``
+        self._in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
 
     def send(self, changes: Iterator[RowChange]) -> None:
         """Up to ``max_in_flight`` batches travel at once; their acknowledgments are written
@@ -464,7 +471,7 @@ class _Sender:
             return
         client = self.run.client
         assert client is not None
-        in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
+        in_flight = self._in_flight
         failure: CioRetlError | None = None
         self._writer = ThreadPoolExecutor(1, "cio-state")
         try:
@@ -473,6 +480,7 @@ class _Sender:
                     for batch in pack(
                         self._operations(changes), max_items=self.run.options.batch_items
                     ):
+                        self._settle_done()
                         if len(in_flight) >= self.run.options.max_in_flight:
                             self._settle(*in_flight.popleft())
                         items = [item for _, item in batch]
@@ -513,7 +521,17 @@ class _Sender:
         while self._writes:
             self._writes.popleft().result()
 
+    def _settle_done(self) -> None:
+        """Settle the batches at the head of the queue that are already answered (in batch
+        order, without waiting), and write the acknowledgments that are due."""
+        while self._in_flight and self._in_flight[0][1].done():
+            self._settle(*self._in_flight.popleft())
+        if self._acked and time.monotonic() - self._acked_since >= self.ACK_SECONDS:
+            self._write_acknowledged()
+
     def _settle(self, operations: list[Operation], future: Future[SendResult]) -> None:
+        if not future.done():  # the sender waits anyway: save what is acknowledged first
+            self._write_acknowledged()
         try:
             result = future.result()
         except RetriableError as exc:
@@ -521,9 +539,14 @@ class _Sender:
                 self.report.requests += exc.attempts
                 self.report.bytes_sent += exc.bytes_sent
             raise
+        if not self._acked:
+            self._acked_since = time.monotonic()
         self._acked.append((operations, result))
         self._acked_rows += len(operations)
-        if self._acked_rows >= self.ACK_ROWS:
+        if (
+            self._acked_rows >= self.ACK_ROWS
+            or time.monotonic() - self._acked_since >= self.ACK_SECONDS
+        ):
             self._write_acknowledged()
         self._after_batch(len(operations))
 
@@ -543,7 +566,13 @@ class _Sender:
         # a flush only when this loop adds to them (batches check them too, _after_batch).
         model, report, samples = self.model, self.report, self.report.samples
         sample_size = self.run.options.sample_size
+        tick = 0 if self.dry_run else self.TICK_ROWS
         for change in changes:
+            if tick:
+                tick -= 1
+                if not tick:
+                    tick = self.TICK_ROWS
+                    self._settle_done()
             kind = change.change
             if kind is Change.REFRESH:
                 assert change.key is not None and change.fingerprint is not None

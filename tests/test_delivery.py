@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -91,13 +92,23 @@ def test_fault_storm_then_clean_run_converges(
     assert state.rejections("users") == []
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize(("seed", "hold"), [(1, False), (2, True), (3, False), (4, True)])
 def test_sigkill_at_random_points_then_rerun_is_exact(
-    settings: Settings, demo_engine: Engine, emulator: Emulator, warehouse_url: str, seed: int
+    settings: Settings,
+    demo_engine: Engine,
+    emulator: Emulator,
+    warehouse_url: str,
+    seed: int,
+    hold: bool,
 ) -> None:
-    """Kill -9 anywhere in a run (slow emulator, small batches), rerun, compare everything."""
+    """Kill -9 anywhere in a run (slow emulator, small batches), rerun, compare everything.
+
+    With ``hold`` the emulator stops answering at the kill point and the kill comes 1.5 s
+    later: every acknowledgment is then over a second old, so the snapshot holds all of them
+    but at most one batch."""
     demo_engine.dispose()
-    kill_after_batches(warehouse_url, emulator, random.Random(seed).randint(1, 40))
+    batches = random.Random(seed).randint(1, 40)
+    killed_after = kill_after_batches(warehouse_url, emulator, batches, hold=1.5 if hold else 0)
 
     engine = create_engine(warehouse_url)
     state = StateStore(engine)
@@ -109,14 +120,20 @@ def test_sigkill_at_random_points_then_rerun_is_exact(
     assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))
     assert resent == total - acknowledged  # at most (here: exactly) the unacknowledged rows
+    if hold:  # ... and the snapshot lags what Customer.io acknowledged by one batch at most
+        assert total - killed_after <= resent <= total - killed_after + 25
     assert actual_workspace(emulator) == expected_workspace(engine)
     assert duplicate_snapshot_keys(engine) == []
     engine.dispose()
 
 
-def kill_after_batches(warehouse_url: str, emulator: Emulator, batches: int, *options: str) -> None:
+def kill_after_batches(
+    warehouse_url: str, emulator: Emulator, batches: int, *options: str, hold: float = 0
+) -> int:
     """Start ``cio-retl sync --batch-size 25 [options]`` against a slow emulator and kill -9
-    it once ``batches`` requests reached the emulator (or it ended first)."""
+    it once ``batches`` requests reached the emulator (or it ended first); returns how many
+    items the emulator had acknowledged by then. With ``hold``, the emulator answers nothing
+    more from that point and the kill comes ``hold`` seconds later."""
     emulator.faults = FaultPlan(delay_seconds=0.02)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25", *options],
@@ -130,9 +147,78 @@ def kill_after_batches(warehouse_url: str, emulator: Emulator, batches: int, *op
     while len(emulator.requests) - start + emulator.in_flight < batches and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    if hold:
+        emulator.faults = FaultPlan(delay_seconds=600)
+        time.sleep(hold)
+    acknowledged = acknowledged_items(emulator, start)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     emulator.faults = FaultPlan()
+    return acknowledged
+
+
+def acknowledged_items(emulator: Emulator, since: int = 0) -> int:
+    """Items of the batches the emulator answered 200 to: what the client saw acknowledged."""
+    return sum(
+        r.n_items
+        for r in emulator.requests[since:]
+        if r.path == "/api/v2/batch" and r.status == 200
+    )
+
+
+def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """20,000 people in batches of 500: once about 3,000 are acknowledged the emulator holds
+    every further request, and the run is killed -9 a second and a half later, waiting for
+    its batches in flight. Every acknowledgment is older than a second by then, so the rerun
+    sends at most the rows never acknowledged (plus one batch); the sender that held
+    acknowledgments until 5,000 rows piled up resent all 20,000."""
+    total, batch = 20_000, 500
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "people.sql").write_text(
+        "-- kind: person\n-- identifier: email\n-- key: email\n"
+        f"select 'p' || i || '@example.com' as email, i % 7 as tier from range({total}) t(i)\n"
+    )
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    env = {**os.environ, **cli_env(url, emulator.url), "CIO_RETL_MODELS_DIR": str(models)}
+    emulator.faults = FaultPlan(delay_seconds=0.05)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cio_retl", "sync", "--batch-size", str(batch)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while acknowledged_items(emulator) < 2_500:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        emulator.faults = FaultPlan(delay_seconds=600)  # from now on nothing is answered
+        time.sleep(1.5)
+        assert proc.poll() is None and emulator.in_flight_on("/api/v2/batch") > 0
+        acknowledged = acknowledged_items(emulator)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # Under 5,000 (the old buffer), and at least one batch beyond the trigger was in flight.
+    assert 2_500 <= acknowledged < 5_000
+    emulator.faults = FaultPlan()
+    before = len(emulator.requests)
+    settings = Settings(
+        warehouse_url=url,
+        state_url=url,
+        models_dir=models,
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+    )
+    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    resent = len(batch_items(emulator, before))
+    assert total - acknowledged <= resent <= total - acknowledged + batch
+    assert len(emulator.workspace.people) == total
 
 
 @pytest.mark.parametrize("seed", [1, 2])
