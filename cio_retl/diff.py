@@ -11,6 +11,7 @@ the acknowledged attributes, so a changed row sends only what changed.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ from sqlalchemy.engine import Connection
 from cio_retl.buckets import Bucket
 from cio_retl.dialects import Dialect
 from cio_retl.errors import Rejection
-from cio_retl.models import Model, RemovedColumns
-from cio_retl.normalize import Attributes, Record, canonical_json, to_record
+from cio_retl.models import Kind, Model, RemovedColumns
+from cio_retl.normalize import Attributes, Event, Record, canonical_json, to_event, to_record
 from cio_retl.state import StateStore
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
@@ -34,6 +35,7 @@ from cio_retl.warehouse import (
     FINGERPRINT_COLUMN,
     KEY_COLUMN,
     PREVIOUS_COLUMN,
+    Chunk,
     RowReader,
     Warehouse,
     model_sql,
@@ -67,6 +69,7 @@ class RowChange(NamedTuple):
     send: Attributes | None = None  # the attributes to send (changed ones, "" to remove)
     identifiers: dict[str, Any] | None = None  # for deletes: from the snapshot
     rejection: Rejection | None = None
+    event: Event | None = None  # an event to send (a CREATE without a record)
 
 
 def diff_upserts(
@@ -77,11 +80,13 @@ def diff_upserts(
     *,
     full_resync: bool = False,
     bucket: Bucket | None = None,
+    suppressions: Sequence[Model] = (),
 ) -> Iterator[RowChange]:
     """Rows to create or update (and rows to reject), streamed in chunks.
 
     Push-down form: warehouse and state share ``conn``'s database, so the join with the
-    snapshot runs there and only new, changed and duplicated rows reach Python.
+    snapshot runs there and only new, changed and duplicated rows reach Python. People that
+    ``suppressions`` hold are left out: they are never identified.
     """
     # Memory: the join that decides what changed carries only (key, fingerprint) of the
     # snapshot, and duplicates come from a GROUP BY of keys; the acknowledged attributes are
@@ -93,7 +98,9 @@ def diff_upserts(
         else f"WHERE snap.key IS NULL OR snap.fingerprint <> src.{FINGERPRINT_COLUMN} OR dup.n > 1"
     )
     sql = f"""
-        WITH src AS {warehouse.dialect.not_materialized}({_source_rows(warehouse, model, bucket)}),
+        WITH src AS {warehouse.dialect.not_materialized}({
+        _without_suppressed(warehouse, _source_rows(warehouse, model, bucket), suppressions)
+    }),
         dup AS ({_duplicate_keys()}),
         snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
@@ -148,10 +155,17 @@ def _duplicate_keys() -> str:
     )
 
 
-def _model_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
-    """The model's rows with their key text, fingerprint and how many rows share the key."""
+def _model_rows(
+    warehouse: Warehouse,
+    model: Model,
+    bucket: Bucket | None,
+    suppressions: Sequence[Model] = (),
+) -> str:
+    """The model's rows with their key text, fingerprint and how many rows share the key
+    (but the people ``suppressions`` hold)."""
+    rows = _without_suppressed(warehouse, _source_rows(warehouse, model, bucket), suppressions)
     return f"""
-        WITH src AS {warehouse.dialect.not_materialized}({_source_rows(warehouse, model, bucket)}),
+        WITH src AS {warehouse.dialect.not_materialized}({rows}),
         dup AS ({_duplicate_keys()})
         SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
         FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
@@ -310,6 +324,194 @@ def _keys_and_fingerprints(warehouse: Warehouse, model: Model, bucket: Bucket | 
     return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, 'b.k', bucket)}"
 
 
+# -- events: append-only -------------------------------------------------------------------
+
+
+def lookback_cutoff(model: Model, now: dt.datetime | None = None) -> dt.datetime | None:
+    """The oldest event time a run reads (naive UTC, as warehouses store timestamps), or None.
+
+    Compared in SQL with the timestamp column, which must then be a timestamp or a date
+    (an integer of Unix seconds can be converted in the model's SELECT).
+    """
+    if model.lookback_days is None:
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    return now.replace(tzinfo=None) - dt.timedelta(days=model.lookback_days)
+
+
+def _in_lookback(warehouse: Warehouse, model: Model, alias: str) -> str:
+    """``AND`` the row's time within the lookback. A NULL time passes, to be rejected."""
+    if model.lookback_days is None:
+        return ""
+    assert model.timestamp
+    column = f"{alias}.{warehouse.dialect.quote(model.timestamp)}"
+    return f" AND ({column} IS NULL OR {column} >= :cutoff)"
+
+
+def _event_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
+    """The event rows within the lookback (of one bucket), with their key text and how many
+    rows share the key."""
+    d = warehouse.dialect
+    rows = f"""
+        SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN}, {warehouse.select_list(model, "m")}
+        FROM ({model_sql(model)}) AS m WHERE TRUE{_in_lookback(warehouse, model, "m")}
+    """
+    if bucket is not None:
+        rows = f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
+    return f"""
+        WITH src AS {d.not_materialized}({rows}), dup AS ({_duplicate_keys()})
+        SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
+        FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
+    """
+
+
+def _event_params(model: Model) -> dict[str, Any]:
+    return {"model": model.name, "cutoff": lookback_cutoff(model)}
+
+
+def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowChange:
+    """One unsent event row: the event to send, or why it cannot be."""
+    key = row[columns.index[KEY_COLUMN]]
+    if key is None:
+        assert model.event_key
+        return RowChange(
+            Change.REJECT,
+            None,
+            rejection=Rejection(f"key is NULL ({model.event_key})", model.event_key),
+        )
+    duplicates = row[columns.index[DUPLICATES_COLUMN]]
+    if duplicates > 1:
+        return RowChange(
+            Change.REJECT,
+            key,
+            rejection=Rejection(
+                f"{duplicates} rows share this event key; none of them is sent",
+                ",".join(model.key_columns),
+            ),
+        )
+    event = to_event(model, key, columns.values(row))
+    if isinstance(event, Rejection):
+        return RowChange(Change.REJECT, key, rejection=event)
+    return RowChange(Change.CREATE, key, event=event)
+
+
+def diff_events(
+    conn: Connection,
+    warehouse: Warehouse,
+    state: StateStore,
+    model: Model,
+    bucket: Bucket | None = None,
+) -> Iterator[RowChange]:
+    """Events not acknowledged yet, within the lookback: an anti-join in SQL with the sent
+    events, so only new events travel to Python, however long the history. Whatever else
+    changed in a row, a sent event is never planned again (nor by ``--full-resync``)."""
+    sql = f"""
+        SELECT r.* FROM ({_event_rows(warehouse, model, bucket)}) AS r
+        WHERE r.{KEY_COLUMN} IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {state.sent_events} AS e
+            WHERE e.model = :model AND e.key = r.{KEY_COLUMN}
+        )
+    """
+    for chunk in warehouse.stream(conn, sql, _event_params(model)):
+        if not chunk.rows:
+            continue
+        columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+        for row in chunk.rows:
+            yield _event_change(model, columns, row)
+
+
+def count_events(
+    conn: Connection,
+    warehouse: Warehouse,
+    state: StateStore,
+    model: Model,
+    bucket: Bucket | None = None,
+) -> ChangeCounts:
+    """Rows within the lookback, events acknowledged so far, and rows not yet sent."""
+    d = warehouse.dialect
+    keys = (
+        f"SELECT {d.key_expression(model, 'm')} AS k FROM ({model_sql(model)}) AS m"
+        f" WHERE TRUE{_in_lookback(warehouse, model, 'm')}"
+    )
+    sql = f"""
+        WITH src AS ({keys}), sent AS (
+            SELECT e.key FROM {state.sent_events} AS e WHERE e.model = :model
+        )
+        SELECT COUNT(*), SUM(CASE WHEN sent.key IS NULL THEN 1 ELSE 0 END)
+        FROM src LEFT JOIN sent ON sent.key = src.k
+        WHERE TRUE{_in_bucket(d, "src.k", bucket)}
+    """
+    rows, new = conn.execute(sa.text(sql), _event_params(model)).one()
+    acknowledged = conn.execute(
+        sa.text(
+            f"SELECT COUNT(*) FROM {state.sent_events} AS e"
+            f" WHERE e.model = :model{_in_bucket(state.dialect, 'e.key', bucket)}"
+        ),
+        {"model": model.name},
+    ).scalar_one()
+    return ChangeCounts(int(rows or 0), int(acknowledged or 0), int(new or 0), 0, 0)
+
+
+def _before_lookback(warehouse: Warehouse, model: Model) -> str:
+    """Event keys older than the lookback: rows no run reads any more."""
+    assert model.timestamp
+    d = warehouse.dialect
+    column = f"m.{d.quote(model.timestamp)}"
+    return (
+        f"SELECT {d.key_expression(model, 'm')} AS k FROM ({model_sql(model)}) AS m"
+        f" WHERE {column} < :cutoff"
+    )
+
+
+# -- people a suppression model holds --------------------------------------------------------
+
+
+def _suppressed(warehouse: Warehouse, key: str, suppressions: Sequence[Model]) -> str:
+    """SQL true when the person key text ``key`` is a row of one of ``suppressions``."""
+    d = warehouse.dialect
+    return " OR ".join(
+        f"EXISTS (SELECT 1 FROM ({model_sql(s)}) AS sup WHERE {d.key_expression(s, 'sup')} = {key})"
+        for s in suppressions
+    )
+
+
+def _without_suppressed(warehouse: Warehouse, rows: str, suppressions: Sequence[Model]) -> str:
+    """``rows`` (with KEY_COLUMN) but the people a suppression model holds."""
+    if not suppressions:
+        return rows
+    held = _suppressed(warehouse, f"r.{KEY_COLUMN}", suppressions)
+    return f"SELECT * FROM ({rows}) AS r WHERE NOT ({held})"
+
+
+def count_suppressed(
+    conn: Connection,
+    warehouse: Warehouse,
+    model: Model,
+    suppressions: Sequence[Model],
+    bucket: Bucket | None = None,
+) -> int:
+    """Rows of a person model that no run identifies: suppression models hold them."""
+    if not suppressions:
+        return 0
+    d = warehouse.dialect
+    key = d.key_expression(model, "m")
+    sql = (
+        f"SELECT COUNT(*) FROM ({model_sql(model)}) AS m"
+        f" WHERE ({_suppressed(warehouse, key, suppressions)}){_in_bucket(d, key, bucket)}"
+    )
+    return int(conn.execute(sa.text(sql)).scalar_one() or 0)
+
+
+def suppressions_for(model: Model, suppressions: Sequence[Model]) -> list[Model]:
+    """The suppression models that keep ``model``'s people from being identified: a person
+    model's, of the same identifier type."""
+    if model.kind is not Kind.PERSON:
+        return []
+    return [
+        s for s in suppressions if s.kind is Kind.SUPPRESSION and s.identifier == model.identifier
+    ]
+
+
 # -- the two diff forms -------------------------------------------------------------------
 
 
@@ -322,6 +524,14 @@ class Differ(Protocol):
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]: ...
 
+    def skipped(self, model: Model) -> int:
+        """Rows of a person model that suppression models hold (never identified)."""
+        ...
+
+    def unsent_before_lookback(self, model: Model) -> int:
+        """Rows of an event model older than its lookback that were never sent."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -331,15 +541,18 @@ def differ_for(
     *,
     same_database: bool,
     bucket: Bucket | None = None,
+    suppressions: Sequence[Model] = (),
 ) -> Differ:
     """Push the diff down when one database holds both; otherwise stage keys in the state.
 
     With a ``bucket``, every query of the diff (model rows and snapshot rows alike) keeps
     only the keys of that bucket, so a run plans and sends one bucket of each model.
+    ``suppressions`` are every suppression model (selected for the run or not): the people
+    they hold are left out of person models' upserts.
     """
     if same_database:
-        return PushDownDiff(warehouse, state, bucket)
-    return CrossDatabaseDiff(warehouse, state, bucket)
+        return PushDownDiff(warehouse, state, bucket, suppressions)
+    return CrossDatabaseDiff(warehouse, state, bucket, suppressions)
 
 
 @contextmanager
@@ -353,22 +566,43 @@ def _diff_connection(db: Warehouse | StateStore, bucket: Bucket | None) -> Itera
         yield conn
 
 
-class PushDownDiff:
-    """Warehouse and state in one database: every comparison is one SQL statement there."""
+class _Differ:
+    """What both diff forms share: the suppression models, and counts in the warehouse."""
 
     def __init__(
-        self, warehouse: Warehouse, state: StateStore, bucket: Bucket | None = None
+        self,
+        warehouse: Warehouse,
+        state: StateStore,
+        bucket: Bucket | None = None,
+        suppressions: Sequence[Model] = (),
     ) -> None:
         self.warehouse = warehouse
         self.state = state
         self.bucket = bucket
+        self.suppressions = tuple(suppressions)
+
+    def skipped(self, model: Model) -> int:
+        held = suppressions_for(model, self.suppressions)
+        if not held:
+            return 0
+        with _diff_connection(self.warehouse, self.bucket) as conn:
+            return count_suppressed(conn, self.warehouse, model, held, self.bucket)
+
+
+class PushDownDiff(_Differ):
+    """Warehouse and state in one database: every comparison is one SQL statement there."""
 
     def count(self, model: Model) -> ChangeCounts:
         with _diff_connection(self.warehouse, self.bucket) as conn:
+            if model.kind is Kind.EVENT:
+                return count_events(conn, self.warehouse, self.state, model, self.bucket)
             return count_changes(conn, self.warehouse, self.state, model, self.bucket)
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
         with _diff_connection(self.warehouse, self.bucket) as conn:
+            if model.kind is Kind.EVENT:  # --full-resync never resends an event
+                yield from diff_events(conn, self.warehouse, self.state, model, self.bucket)
+                return
             yield from diff_upserts(
                 conn,
                 self.warehouse,
@@ -376,7 +610,21 @@ class PushDownDiff:
                 model,
                 full_resync=full_resync,
                 bucket=self.bucket,
+                suppressions=suppressions_for(model, self.suppressions),
             )
+
+    def unsent_before_lookback(self, model: Model) -> int:
+        if model.lookback_days is None:
+            return 0
+        sql = f"""
+            SELECT COUNT(*) FROM ({_before_lookback(self.warehouse, model)}) AS old
+            WHERE NOT EXISTS (
+                SELECT 1 FROM {self.state.sent_events} AS e
+                WHERE e.model = :model AND e.key = old.k
+            ){_in_bucket(self.warehouse.dialect, "old.k", self.bucket)}
+        """
+        with _diff_connection(self.warehouse, self.bucket) as conn:
+            return int(conn.execute(sa.text(sql), _event_params(model)).scalar_one() or 0)
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
         with _diff_connection(self.warehouse, self.bucket) as conn:
@@ -388,7 +636,7 @@ class PushDownDiff:
         pass
 
 
-class CrossDatabaseDiff:
+class CrossDatabaseDiff(_Differ):
     """Warehouse and state in different databases, with memory flat in the model size.
 
     Counting streams each model row's (key, fingerprint) from the warehouse into the state
@@ -400,13 +648,50 @@ class CrossDatabaseDiff:
     STAGE_ROWS = 20_000
 
     def __init__(
-        self, warehouse: Warehouse, state: StateStore, bucket: Bucket | None = None
+        self,
+        warehouse: Warehouse,
+        state: StateStore,
+        bucket: Bucket | None = None,
+        suppressions: Sequence[Model] = (),
     ) -> None:
-        self.warehouse = warehouse
-        self.state = state
-        self.bucket = bucket
+        super().__init__(warehouse, state, bucket, suppressions)
         self.token = uuid.uuid4().hex
         self._staged: set[str] = set()
+
+    def _unsent_keys(self, model: Model, sql: str) -> Iterator[tuple[Chunk, set[str]]]:
+        """Chunks of an event query's rows and which of their keys were sent (looked up in
+        the state store, one chunk at a time)."""
+        with _diff_connection(self.warehouse, self.bucket) as conn:
+            for chunk in self.warehouse.stream(conn, sql, _event_params(model)):
+                keys = [row._mapping[KEY_COLUMN] for row in chunk.rows]
+                sent = self.state.sent_event_keys(model.name, [k for k in keys if k is not None])
+                yield chunk, sent
+
+    def _events_sql(self, model: Model, *, old: bool = False) -> str:
+        if old:
+            sql = f"SELECT k AS {KEY_COLUMN} FROM ({_before_lookback(self.warehouse, model)}) AS o"
+            if self.bucket is None:
+                return sql
+            return f"{sql} WHERE TRUE{_in_bucket(self.warehouse.dialect, 'o.k', self.bucket)}"
+        return _event_rows(self.warehouse, model, self.bucket)
+
+    def _count_events(self, model: Model) -> ChangeCounts:
+        rows = new = 0
+        for chunk, sent in self._unsent_keys(model, self._events_sql(model)):
+            rows += len(chunk.rows)
+            new += sum(1 for row in chunk.rows if row._mapping[KEY_COLUMN] not in sent)
+        acknowledged = (
+            self.state.event_summary(model.name)[0] if self.bucket is None else rows - new
+        )
+        return ChangeCounts(rows, acknowledged, new, 0, 0)
+
+    def unsent_before_lookback(self, model: Model) -> int:
+        if model.lookback_days is None:
+            return 0
+        return sum(
+            sum(1 for row in chunk.rows if row._mapping[KEY_COLUMN] not in sent)
+            for chunk, sent in self._unsent_keys(model, self._events_sql(model, old=True))
+        )
 
     def _stage(self, model: Model) -> None:
         if model.name in self._staged:
@@ -422,6 +707,8 @@ class CrossDatabaseDiff:
         self._staged.add(model.name)
 
     def count(self, model: Model) -> ChangeCounts:
+        if model.kind is Kind.EVENT:
+            return self._count_events(model)
         self._stage(model)
         sql = f"""
             WITH src AS (
@@ -438,8 +725,19 @@ class CrossDatabaseDiff:
         return ChangeCounts(*(int(v or 0) for v in row))
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
+        if model.kind is Kind.EVENT:  # --full-resync never resends an event
+            for chunk, sent in self._unsent_keys(model, self._events_sql(model)):
+                if not chunk.rows:
+                    continue
+                reader = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+                for row in chunk.rows:
+                    if row._mapping[KEY_COLUMN] not in sent:
+                        yield _event_change(model, reader, row)
+            return
         with _diff_connection(self.warehouse, self.bucket) as conn:
-            rows = _model_rows(self.warehouse, model, self.bucket)
+            rows = _model_rows(
+                self.warehouse, model, self.bucket, suppressions_for(model, self.suppressions)
+            )
             for chunk in self.warehouse.stream(conn, rows):
                 pairs = [
                     (row._mapping[KEY_COLUMN], row._mapping[FINGERPRINT_COLUMN])

@@ -21,7 +21,8 @@ import orjson
 
 from cio_retl.errors import Rejection
 from cio_retl.limits import check_identifier
-from cio_retl.models import Kind, Model
+from cio_retl.models import MAX_EVENT_NAME_BYTES, Kind, Model
+from cio_retl.ulid import event_ulid
 
 Attributes: TypeAlias = dict[str, Any]
 
@@ -227,6 +228,10 @@ class Record(NamedTuple):
 def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Rejection:
     """Build the record of one row, or say why the row cannot be sent."""
     try:
+        if model.kind is Kind.SUPPRESSION:
+            return _suppression_record(model, key, row)
+        if model.kind is Kind.DEVICE:
+            return _device_record(model, key, row)
         if model.kind is Kind.RELATIONSHIP:
             assert model.person_identifier and model.person_key and model.object_key
             person_id = _identifier_value(model.person_identifier, row[model.person_key])
@@ -286,3 +291,164 @@ def _identifier_value(id_type: str, raw: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if id_type == "id" else str(value)
     return value  # str, or anything else for check_identifier to reject with its type
+
+
+def _person_identifiers(model: Model, row: Mapping[str, Any]) -> dict[str, Any] | Rejection:
+    """``{<identifier type>: value}`` of the row's person, or why it cannot be sent."""
+    assert model.identifier and model.key
+    value = _identifier_value(model.identifier, row[model.key])
+    return check_identifier(model.identifier, value) or {model.identifier: value}
+
+
+def _suppression_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Rejection:
+    """A person to suppress: identifiers only (``suppress`` carries nothing else), so a
+    change in the row's other columns sends nothing."""
+    identifiers = _person_identifiers(model, row)
+    if isinstance(identifiers, Rejection):
+        return identifiers
+    ((id_type, value),) = identifiers.items()
+    return Record(
+        key=key,
+        external_id={"type": model.external_id_type, "identifierType": id_type, "id": value},
+        identifiers=identifiers,
+        attributes={},
+    )
+
+
+DEVICE_PLATFORMS = ("ios", "android")  # Track API OpenAPI 1.0.0, PersonAddDevice `platform`
+
+
+def _device_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Rejection:
+    """A device as ``add_device`` sends it whole: its attributes ARE the item's ``device``.
+
+    Track API OpenAPI 1.0.0, PersonAddDevice ``device``: ``token`` and ``platform`` ("ios" |
+    "android") required, ``last_used`` an integer Unix timestamp, ``attributes`` a map of
+    strings. So a platform is sent in lower case, and every other column becomes a string
+    attribute: booleans as ``"true"``/``"false"`` (the schema's ``push_enabled`` form),
+    numbers and nested values as their JSON text.
+    """
+    assert model.token and model.platform and model.key
+    person = _person_identifiers(model, row)
+    if isinstance(person, Rejection):
+        return person
+    token = row[model.token]
+    if not isinstance(token, str) or not token.strip():
+        return Rejection(f"device token ({model.token}) must be a non-empty string", model.token)
+    platform = row[model.platform]
+    if not isinstance(platform, str) or platform.lower() not in DEVICE_PLATFORMS:
+        shown = platform if isinstance(platform, str | None) else type(platform).__name__
+        return Rejection(
+            f"device platform ({model.platform}) must be ios or android, not {shown!r}",
+            model.platform,
+        )
+    device: Attributes = {"token": token, "platform": platform.lower()}
+    extra = normalize_attributes(row, (model.key, model.token, model.platform))
+    last_used = extra.pop("last_used", None)
+    if last_used is not None:
+        if not isinstance(last_used, int) or isinstance(last_used, bool):
+            return Rejection(
+                "device last_used must be a timestamp or Unix seconds (an integer)", "last_used"
+            )
+        device["last_used"] = last_used
+    if extra:
+        device["attributes"] = {name: _as_text(value) for name, value in extra.items()}
+    ((id_type, value),) = person.items()
+    return Record(
+        key=key,
+        external_id={"type": model.external_id_type, "identifierType": id_type, "id": value},
+        identifiers={"person": person, "token": token},
+        attributes=device,
+    )
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return orjson.dumps(value).decode()
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+class Event(NamedTuple):
+    """One event row as the ``event`` item carries it (see :mod:`cio_retl.ulid` for ``id``)."""
+
+    key: str  # the event key, as text: what the state of sent events records
+    identifiers: dict[str, Any]
+    name: str
+    timestamp: int  # Unix seconds (PersonEvent `timestamp` is an integer)
+    id: str
+    data: Attributes
+
+
+def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejection:
+    """Build the event of one row, or say why it cannot be sent (no timestamp, a name over
+    MAX_EVENT_NAME_BYTES, a bad identifier or value)."""
+    assert model.timestamp and model.key and model.event_key
+    try:
+        identifiers = _person_identifiers(model, row)
+        if isinstance(identifiers, Rejection):
+            return identifiers
+        raw_time = row[model.timestamp]
+        if raw_time is None:
+            return Rejection(f"timestamp ({model.timestamp}) is NULL", model.timestamp)
+        milliseconds = _milliseconds(raw_time)
+        if milliseconds is None:
+            return Rejection(
+                f"timestamp ({model.timestamp}) must be a timestamp, a date or Unix seconds,"
+                f" not {type(raw_time).__name__}",
+                model.timestamp,
+            )
+        name = model.event_name
+        if model.name_column:
+            name = row[model.name_column]
+            if not isinstance(name, str) or not name.strip():
+                return Rejection(
+                    f"event name ({model.name_column}) must be a non-empty string",
+                    model.name_column,
+                )
+        assert name is not None
+        size = len(name.encode())
+        if size > MAX_EVENT_NAME_BYTES:
+            return Rejection(
+                f"event name is {size} bytes, over the {MAX_EVENT_NAME_BYTES}-byte limit",
+                model.name_column or "name",
+            )
+        try:
+            event_id = event_ulid(milliseconds, model.name, key)
+        except ValueError as exc:
+            return Rejection(f"timestamp ({model.timestamp}): {exc}", model.timestamp)
+        skip = (model.key, model.event_key, model.timestamp, model.name_column)
+        return Event(
+            key=key,
+            identifiers=identifiers,
+            name=name,
+            timestamp=milliseconds // 1000,  # floored, as every timestamp (normalize_value)
+            id=event_id,
+            data=normalize_attributes(row, {c for c in skip if c}),
+        )
+    except UnsupportedValue as exc:
+        return Rejection(str(exc), "attributes")
+
+
+_MILLISECOND = dt.timedelta(milliseconds=1)
+
+
+def _milliseconds(value: Any) -> int | None:
+    """Milliseconds since 1970 of a timestamp, a date or a number of Unix seconds, floored
+    like :func:`normalize_value` floors seconds; None for any other type."""
+    if isinstance(value, dt.datetime):
+        epoch = _EPOCH if value.tzinfo is None else _EPOCH_UTC
+        return (value - epoch) // _MILLISECOND
+    if isinstance(value, dt.date):
+        return _normalize_date(value) * 1000
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float | Decimal):
+        number = Decimal(value) if isinstance(value, float) else value
+        if isinstance(number, Decimal) and not number.is_finite():
+            return None
+        return math.floor(number * 1000)
+    return None

@@ -1,8 +1,8 @@
 """Row changes as ``/api/v2/batch`` items, one item per row so every answer maps to one row.
 
-Shapes follow ../shared/spec/customerio-track-api.md. The order of a run's changeset is
-fixed here too (:data:`PHASES`): what a relationship names must exist before it, and
-deletes come last.
+Shapes follow the Track API's reference and its official OpenAPI document. The order of a
+run's changeset is fixed here too (:class:`Phase`): what a relationship names must exist
+before it, and deletes come last.
 """
 
 from __future__ import annotations
@@ -16,27 +16,41 @@ from cio_retl.diff import Change, RowChange
 from cio_retl.errors import Rejection
 from cio_retl.limits import check_attributes, check_item_size
 from cio_retl.models import Kind, Model
-from cio_retl.normalize import canonical_json
+from cio_retl.normalize import Event, canonical_json
 
 
 class Phase(IntEnum):
-    """The order of one run: object identifies, person identifies, relationship adds,
-    relationship deletes, then deletes of people and objects (mirror mode)."""
+    """The order of one run's changeset, across every kind of model.
 
-    OBJECT_IDENTIFY = 1
-    PERSON_IDENTIFY = 2
-    RELATIONSHIP_ADD = 3
-    RELATIONSHIP_DELETE = 4
-    DELETE = 5
+    Unsuppressions first, so a person who was unsuppressed can be identified again in the
+    same run; what a relationship or an event names exists before it; suppressions after
+    everything that may still be sent to the person; deletes last.
+    """
+
+    UNSUPPRESS = 1
+    OBJECT_IDENTIFY = 2
+    PERSON_IDENTIFY = 3
+    DEVICE_ADD = 4
+    RELATIONSHIP_ADD = 5
+    RELATIONSHIP_DELETE = 6
+    EVENT = 7
+    SUPPRESS = 8
+    DELETE = 9  # people and objects (mirror mode) and devices
 
 
-def phases_of(model: Model) -> tuple[Phase, Phase]:
-    """The (upsert, removal) phases a model takes part in."""
-    if model.kind is Kind.OBJECT:
-        return Phase.OBJECT_IDENTIFY, Phase.DELETE
-    if model.kind is Kind.PERSON:
-        return Phase.PERSON_IDENTIFY, Phase.DELETE
-    return Phase.RELATIONSHIP_ADD, Phase.RELATIONSHIP_DELETE
+_PHASES: dict[Kind, tuple[Phase, Phase | None]] = {
+    Kind.OBJECT: (Phase.OBJECT_IDENTIFY, Phase.DELETE),
+    Kind.PERSON: (Phase.PERSON_IDENTIFY, Phase.DELETE),
+    Kind.RELATIONSHIP: (Phase.RELATIONSHIP_ADD, Phase.RELATIONSHIP_DELETE),
+    Kind.DEVICE: (Phase.DEVICE_ADD, Phase.DELETE),
+    Kind.EVENT: (Phase.EVENT, None),  # append-only: nothing is ever removed
+    Kind.SUPPRESSION: (Phase.SUPPRESS, Phase.UNSUPPRESS),
+}
+
+
+def phases_of(model: Model) -> tuple[Phase, Phase | None]:
+    """The (upsert, removal) phases a model takes part in; None: it removes nothing."""
+    return _PHASES[model.kind]
 
 
 class Operation(NamedTuple):
@@ -64,9 +78,20 @@ class Operation(NamedTuple):
 
 def build_item(model: Model, change: RowChange) -> dict[str, Any]:
     """The batch item for one row change (never for REFRESH, FORGET or REJECT)."""
+    if change.event is not None:
+        return event_item(change.event)
     if change.change is Change.DELETE:
         identifiers = change.identifiers
         assert identifiers is not None
+        if model.kind is Kind.SUPPRESSION:
+            return {"type": "person", "action": "unsuppress", "identifiers": identifiers}
+        if model.kind is Kind.DEVICE:
+            return {
+                "type": "person",
+                "action": "delete_device",
+                "identifiers": identifiers["person"],
+                "device": {"token": identifiers["token"]},
+            }
         if model.kind is Kind.RELATIONSHIP:
             return {
                 "type": "person",
@@ -78,6 +103,16 @@ def build_item(model: Model, change: RowChange) -> dict[str, Any]:
 
     record = change.record
     assert record is not None and change.send is not None
+    if model.kind is Kind.SUPPRESSION:
+        return {"type": "person", "action": "suppress", "identifiers": record.identifiers}
+    if model.kind is Kind.DEVICE:
+        # add_device replaces the device: a changed row sends every field, not the changed.
+        return {
+            "type": "person",
+            "action": "add_device",
+            "identifiers": record.identifiers["person"],
+            "device": record.attributes,
+        }
     if model.kind is Kind.RELATIONSHIP:
         relationship: dict[str, Any] = {"identifiers": record.identifiers["object"]}
         if change.send:
@@ -106,6 +141,22 @@ _IDENTIFY_HEAD = {
 }
 
 
+def event_item(event: Event) -> dict[str, Any]:
+    """Track API OpenAPI 1.0.0, PersonEvent: name, the deterministic ULID id, the
+    timestamp as Unix seconds, the event's data as its attributes."""
+    item: dict[str, Any] = {
+        "type": "person",
+        "action": "event",
+        "identifiers": event.identifiers,
+        "id": event.id,
+        "name": event.name,
+        "timestamp": event.timestamp,
+    }
+    if event.data:
+        item["attributes"] = event.data
+    return item
+
+
 def encode(model: Model, change: RowChange) -> Operation | Rejection:
     """Build, check against every API limit, and serialize; a row over a limit is rejected.
 
@@ -114,17 +165,20 @@ def encode(model: Model, change: RowChange) -> Operation | Rejection:
     embeds the canonical attributes the snapshot will store, so they are encoded once.
     """
     record = change.record
-    if record is None:  # deletes
+    if record is None:  # deletes and events
         item = orjson.dumps(build_item(model, change))
         return check_item_size(item) or Operation(change, item)
     attributes = canonical_json(record.attributes)
+    checked = (
+        record.attributes.get("attributes", {}) if model.kind is Kind.DEVICE else record.attributes
+    )
     rejection = check_attributes(
-        record.attributes, is_person=model.kind is Kind.PERSON, serialized_size=len(attributes)
+        checked, is_person=model.kind is Kind.PERSON, serialized_size=len(attributes)
     )
     if rejection:
         return rejection
     head = _IDENTIFY_HEAD.get(model.kind)
-    if head is None:  # relationships
+    if head is None:  # relationships, suppressions, devices
         item = orjson.dumps(build_item(model, change))
     else:
         send = change.send
@@ -152,7 +206,7 @@ def redact(item: bytes) -> str:
             return [shape(v) for v in value]
         return f"<{type(value).__name__}>"
 
-    for section in ("attributes",):
+    for section in ("attributes", "device"):  # a device's token is a secret of the person
         if section in data:
             data[section] = shape(data[section])
     for relationship in data.get("cio_relationships", []):

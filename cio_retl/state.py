@@ -59,6 +59,21 @@ rejections = sa.Table(
     sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# The events Customer.io acknowledged, one row per (model, event key): an event model is
+# append-only, so this is all its state (no attributes: an event is never changed or
+# deleted, and once here it is never sent again). ``event_id`` is the ULID it was sent with
+# and ``event_time`` its timestamp in Unix seconds (the newest sent, for reports).
+sent_events = sa.Table(
+    "sent_events",
+    metadata,
+    sa.Column("model", sa.String, primary_key=True),
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("event_id", sa.String, nullable=False),
+    sa.Column("event_time", sa.BigInteger, nullable=False),
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 runs = sa.Table(
     "runs",
     metadata,
@@ -129,7 +144,7 @@ _UNKEYED = {
         _without_primary_key(table, table.name),
         _without_primary_key(table, f"{table.name}_unkeyed"),
     )
-    for table in (snapshots, rejections)
+    for table in (snapshots, rejections, sent_events)
 }
 
 SNAPSHOT_COLUMNS = (
@@ -189,6 +204,7 @@ class StateStore:
         )
         self.snapshots = self.table(snapshots)
         self.staged_keys = self.table(staged_keys)
+        self.sent_events = self.table(sent_events)
 
     def table(self, table: sa.Table) -> str:
         """The quoted, schema-qualified name of a state table, for text SQL."""
@@ -341,6 +357,70 @@ class StateStore:
                 for key, fingerprint, attrs in result:
                     found[key] = (fingerprint, attrs)
         return found
+
+    # -- sent events -----------------------------------------------------------------------
+    def save_events(
+        self, conn: Connection, model: str, run_id: str, rows: Sequence[tuple[str, str, int]]
+    ) -> None:
+        """Record acknowledged events, as (event key, ULID, Unix seconds).
+
+        The keys are absent (the diff plans only events not recorded here, one run per
+        model holds the lock, and a run plans each key once), so this is an insert:
+        the dialect's upsert of absent keys."""
+        unique = {key: (key, event_id, str(at)) for key, event_id, at in rows}
+        if not unique:
+            return
+        source = (
+            "SELECT CAST(:model AS VARCHAR) AS model, u.key, u.event_id,"
+            " CAST(u.event_time AS BIGINT) AS event_time, CAST(:run_id AS VARCHAR) AS run_id,"
+            f" :now AS sent_at FROM {ROWS} AS u"
+        )
+        insert = self.dialect.upsert(
+            self.sent_events,
+            ("model", "key"),
+            ("model", "key", "event_id", "event_time", "run_id", "sent_at"),
+            source,
+            absent=True,
+        )
+        self.dialect.execute_rows(
+            conn,
+            insert,
+            ("key", "event_id", "event_time"),
+            list(unique.values()),
+            {"model": model, "run_id": run_id, "now": utcnow()},
+        )
+
+    def sent_event_keys(self, model: str, keys: Sequence[str]) -> set[str]:
+        """Which of these event keys were acknowledged (the cross-database diff's lookup)."""
+        found: set[str] = set()
+        if not keys:
+            return found
+        template = (
+            f"SELECT e.key FROM {self.sent_events} AS e JOIN {ROWS} AS u ON e.key = u.key"
+            " WHERE e.model = :model"
+        )
+        with self.engine.connect() as conn:
+            for relation, params in self.dialect.batches(("key",), [(k,) for k in keys]):
+                result = conn.execute(
+                    sa.text(template.replace(ROWS, relation)), {"model": model, **params}
+                )
+                found.update(key for (key,) in result)
+        return found
+
+    def event_summary(self, model: str) -> tuple[int, int | None]:
+        """(events acknowledged, the newest one's Unix seconds) of an event model."""
+        query = sa.select(sa.func.count(), sa.func.max(sent_events.c.event_time)).where(
+            sent_events.c.model == model
+        )
+        with self.engine.connect() as conn:
+            count, newest = conn.execute(query).one()
+        return int(count or 0), None if newest is None else int(newest)
+
+    def sent_events_of(self, model: str) -> dict[str, dict[str, Any]]:
+        """Every acknowledged event of one model; for tests and small inspections only."""
+        with self.engine.connect() as conn:
+            result = conn.execute(sa.select(sent_events).where(sent_events.c.model == model))
+            return {row.key: dict(row._mapping) for row in result}
 
     # -- staged keys (the cross-database diff) --------------------------------------------
     def stage_keys(

@@ -1,9 +1,10 @@
 """One run: models -> diff -> operations -> batches -> Track API -> acknowledged snapshot.
 
 This module only sequences the steps that live in their own modules. It guarantees the
-run-level promises of DESIGN.md: model errors stop the run before anything is sent; the
-changeset goes in phase order (objects, people, relationship adds, relationship deletes,
-deletes); a snapshot row is written only after its item was acknowledged; one run per model.
+run-level promises: model errors stop the run before anything is sent; the
+changeset goes in phase order (:class:`~cio_retl.operations.Phase`: unsuppressions, objects,
+people, devices, relationship adds and deletes, events, suppressions, deletes); a snapshot row
+(or a sent event) is written only after its item was acknowledged; one run per model.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class ModelReport:
     error: str | None = None
     guardrail: str | None = None  # why a guardrail stops (or, in a dry run, would stop) it
     planned: int = 0  # rows with something to send (or reject): the run's changeset
+    skipped: int = 0  # people a suppression model holds: never identified
+    newest_event: int | None = None  # events: Unix seconds of the newest event sent
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[tuple[str | None, str]] = field(default_factory=list)
 
@@ -138,10 +141,11 @@ def run_sync(
     ran out are reported in the returned :class:`RunReport` instead.
     """
     options = options or SyncOptions()
-    models = ordered_for_sync(load_models(settings.models_dir, names))
-    for model in models:  # parsed since the model format has them; sent by a later engine step
-        if model.kind in (Kind.EVENT, Kind.SUPPRESSION, Kind.DEVICE):
-            raise ModelError(str(model.path), f"kind {model.kind} is not synced yet", 1)
+    every_model = load_models(settings.models_dir)
+    models = ordered_for_sync(load_models(settings.models_dir, names) if names else every_model)
+    # Every suppression model keeps its people from being identified, selected or not, so
+    # `cio-retl sync users` never undoes an erasure request either.
+    suppressions = [m for m in every_model if m.kind is Kind.SUPPRESSION]
     try:
         rate = RateSpec.parse(settings.rate_limit)
     except ValueError as exc:
@@ -155,8 +159,8 @@ def run_sync(
         state = StateStore(state_engine, settings.state_schema)
         for db in {engine, state_engine}:
             check_reachable(db)
-        for model in models:  # every model error surfaces before anything is sent
-            problem = column_name_problem(warehouse.columns(model))
+        for model in dict.fromkeys([*models, *suppressions]):  # every model error surfaces
+            problem = column_name_problem(warehouse.columns(model))  # before anything is sent
             if problem:
                 raise ModelError(str(model.path), problem, model.sql_line)
         client: TrackClient | None = None
@@ -176,10 +180,16 @@ def run_sync(
                     state,
                 )
             differ = differ_for(
-                warehouse, state, same_database=settings.state_is_warehouse, bucket=options.bucket
+                warehouse,
+                state,
+                same_database=settings.state_is_warehouse,
+                bucket=options.bucket,
+                suppressions=suppressions,
             )
             with fewer_collections():
-                return _Run(differ, warehouse, state, client, models, options, progress).execute()
+                return _Run(
+                    differ, warehouse, state, client, models, options, progress, every_model
+                ).execute()
         finally:
             if client is not None:
                 client.close()
@@ -253,6 +263,7 @@ class _Run:
         models: list[Model],
         options: SyncOptions,
         progress: Progress | None,
+        every_model: Sequence[Model] = (),
     ) -> None:
         self.differ = differ
         self.warehouse = warehouse
@@ -266,6 +277,7 @@ class _Run:
         if self.bucket is not None:  # runs of one bucket are told apart in `cio-retl status`
             self.run_id += f"-b{self.bucket.index}of{self.bucket.count}"
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
+        self.every_model = every_model or models  # the run's and the unselected ones
         self._last_heartbeat = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -330,7 +342,12 @@ class _Run:
         for model in self.models:
             counts[model.name] = self.differ.count(model)
             self.reports[model.name].rows = counts[model.name].rows
+            self.reports[model.name].skipped = self.differ.skipped(model)
         return counts
+
+    def people_models(self, identifier: str | None) -> list[Model]:
+        """The person models identifying people by ``identifier`` (selected or not)."""
+        return [m for m in self.every_model if m.kind is Kind.PERSON and m.identifier == identifier]
 
     def _check_guardrails(self) -> None:
         """Stop before sending anything if a model would delete or change too much of what
@@ -378,7 +395,7 @@ class _Run:
         if removal and counts.removed == 0:
             return  # the counts already proved there is nothing to do: skip the scan
         if not removal and not counts.has_upserts and not self.options.full_resync:
-            report.unchanged = counts.rows
+            report.unchanged = max(counts.rows - report.skipped, 0)
             return
         if removal:
             delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
@@ -388,7 +405,7 @@ class _Run:
         with contextlib.closing(changes):  # releases the diff's connection even on errors
             _Sender(self, model, report).send(changes)
         if not removal:
-            report.unchanged = max(report.rows - report.planned, 0)
+            report.unchanged = max(report.rows - report.planned - report.skipped, 0)
 
 
 def guardrail_problem(model: Model, counts: ChangeCounts) -> str | None:
@@ -641,10 +658,23 @@ class _Sender:
                 self._reject(op.key, rejection, op.item)
         upserted = [snapshot_row(op) for op in acked if op.change.record is not None]
         deleted = [op.key for op in acked if op.change.change is Change.DELETE]
+        events = [
+            (op.key, op.change.event.id, op.change.event.timestamp)
+            for op in acked
+            if op.change.event is not None
+        ]
         state = self.run.state
         with state.engine.begin() as conn:
             state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             state.delete_snapshots(conn, self.model.name, deleted)
+            state.save_events(conn, self.model.name, self.run.run_id, events)
+            if self.model.kind is Kind.SUPPRESSION and upserted:
+                # A suppressed person is no longer what the person models' snapshots say
+                # [open: whether Customer.io deletes the profile on suppress; its v1
+                # reference speaks of deleting it]: forget them there, so that once
+                # unsuppressed they are identified again in full, as new people.
+                for people in self.run.people_models(self.model.identifier):
+                    state.delete_snapshots(conn, people.name, [row.key for row in upserted])
             if self._had_rejections:
                 state.clear_rejections(conn, self.model.name, [op.key for op in acked])
             state.record_rejections(conn, self.model.name, self.run.run_id, self._take_rejections())
@@ -653,6 +683,9 @@ class _Sender:
                 self.report.requests += result.requests
                 self.report.bytes_sent += result.bytes_sent
                 self.report.items_sent += len(operations)
+            if events:
+                newest = max(at for _, _, at in events)
+                self.report.newest_event = max(newest, self.report.newest_event or newest)
         self._count_acked(acked)
         self.run.heartbeat()
 
