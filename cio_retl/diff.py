@@ -27,7 +27,15 @@ from cio_retl.buckets import Bucket
 from cio_retl.dialects import Dialect
 from cio_retl.errors import Rejection
 from cio_retl.models import Kind, Model, RemovedColumns
-from cio_retl.normalize import Attributes, Event, Record, canonical_json, to_event, to_record
+from cio_retl.normalize import (
+    Attributes,
+    Event,
+    Record,
+    canonical_json,
+    to_event,
+    to_record,
+    upgrade_previous,
+)
 from cio_retl.state import StateStore
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
@@ -204,7 +212,7 @@ def _upsert_change(
     if previous_json is None:
         # send IS the record's attributes: the encoder then reuses their canonical JSON.
         return RowChange(Change.CREATE, key, fingerprint, record, send=record.attributes)
-    previous: Attributes = orjson.loads(previous_json)
+    previous: Attributes = upgrade_previous(model, orjson.loads(previous_json))
     send = changed_attributes(previous, record.attributes)
     if model.removed_columns is RemovedColumns.KEEP:
         # A column that left the model leaves its attribute alone; a NULL still removes.

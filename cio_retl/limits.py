@@ -1,6 +1,9 @@
 """Every Track API limit, checked before anything is sent.
 
-The numbers come from ../shared/spec/customerio-track-api.md. A row that breaks one is
+The numbers are Customer.io's published Track API limits (the "Track API limits" section of
+the Customer.io Track API OpenAPI 1.0.0 document: 150-byte ids and attribute names, 1000-byte
+attribute values, 300 unique attributes per person, object or relationship, 32 KB per
+``/api/v2/entity`` item and 500 KB per ``/api/v2/batch`` request). A row that breaks one is
 rejected alone, with a reason naming the limit; Customer.io never sees an invalid item.
 """
 
@@ -19,7 +22,9 @@ MAX_ITEM_BYTES = 32_768  # "32 KB" per item
 MAX_IDENTIFIER_BYTES = 150
 MAX_ATTRIBUTE_NAME_BYTES = 150
 MAX_ATTRIBUTE_VALUE_BYTES = 1000  # [open] a nested value is counted as its compact JSON text
-MAX_PERSON_ATTRIBUTES = 300  # [open] whether objects share it: we only apply it to people
+# "Max number of attributes allowed per person or Identify call", and "per object or
+# relationship" (OpenAPI 1.0.0, "Track API limits"): one number for all three.
+MAX_ATTRIBUTES = 300
 
 _BATCH_ENVELOPE = len(b'{"batch":[]}')
 # Up to these many characters a string cannot break a byte limit (UTF-8: 4 bytes at most).
@@ -34,13 +39,15 @@ def batch_body_size(item_sizes_total: int, n_items: int) -> int:
 
 
 def check_identifier(name: str, value: Any) -> Rejection | None:
+    """An identifier value as the wire carries it: text (an integer column arrives as its
+    decimal text), within the byte limit, without control characters."""
     if value is None:
         return Rejection(f"identifier {name} is NULL", name)
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if not isinstance(value, str):
         return Rejection(
-            f"identifier {name} must be a string or integer, got {type(value).__name__}", name
+            f"identifier {name} must be text or an integer, got {type(value).__name__}", name
         )
-    text = value if type(value) is str else str(value)
+    text = value
     if not text.strip():
         return Rejection(f"identifier {name} is empty", name)
     # Runs for every changed row: a text this short is within the limit in any encoding.
@@ -77,9 +84,10 @@ def column_name_problem(columns: list[str]) -> str | None:
 
 
 def check_attributes(
-    attributes: dict[str, Any], *, is_person: bool, serialized_size: int | None = None
+    attributes: dict[str, Any], *, serialized_size: int | None = None
 ) -> Rejection | None:
-    """Every attribute value against its byte limit, and the attribute count of a person.
+    """Every attribute value against its byte limit, and the attribute count of the row
+    (a person, an object or a relationship: the limit is the same).
 
     Attribute names are the model's column names (plus the identifier's), checked once per
     model by :func:`column_name_problem`, not per row. Runs once per changed row: strings
@@ -91,9 +99,10 @@ def check_attributes(
     nested value's JSON text are each part of that text (orjson writes UTF-8 as is and only
     escapes quotes, backslashes and control characters, which lengthens them).
     """
-    if is_person and len(attributes) > MAX_PERSON_ATTRIBUTES:
+    if len(attributes) > MAX_ATTRIBUTES:
         return Rejection(
-            f"{len(attributes)} attributes, over the {MAX_PERSON_ATTRIBUTES}-attribute limit per person",
+            f"{len(attributes)} attributes, over the {MAX_ATTRIBUTES}-attribute limit"
+            " per person, object or relationship",
             "attributes",
         )
     if serialized_size is not None and serialized_size <= MAX_ATTRIBUTE_VALUE_BYTES:

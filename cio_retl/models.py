@@ -88,7 +88,8 @@ ALL_HEADER_KEYS = _COMMON_KEYS.union(*(req | opt for req, opt in _KEYS_BY_KIND.v
 MAX_EVENT_NAME_BYTES = 100
 
 _HEADER_LINE = re.compile(r"^--\s*([a-z_]+)\s*:\s*(.*?)\s*$")
-_OBJECT_TYPE_ID = re.compile(r"^[0-9]+$")
+# "Object type IDs are string-formatted integers that begin at 1" (Track API OpenAPI 1.0.0).
+_OBJECT_TYPE_ID = re.compile(r"^[1-9][0-9]*$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Values as Customer.io should see them, and a hash that is the same on every run.
 
 Normalization happens before hashing *and* before sending, so what we compare is exactly
-what we send. Rules (DESIGN.md): timestamps and dates become Unix seconds, decimals become
+what we send. Rules: timestamps and dates become Unix seconds, decimals become
 JSON numbers, booleans stay booleans, nested values stay nested, NaN becomes NULL, bytes are
 rejected. NULL attributes are dropped from the normalized row: an attribute that is absent
 now but was present in the snapshot is the API's "remove" case.
@@ -206,8 +206,11 @@ class Record(NamedTuple):
 
     ``external_id`` follows RudderStack's ``mappedToDestination`` convention
     (``{"type": "CUSTOMERIO-person", "identifierType": "email", "id": ...}``); the identifier
-    goes into ``identifiers`` and into ``attributes`` alike. For a relationship
-    ``identifiers`` holds both sides: ``{"person": {...}, "object": {...}}``.
+    goes into ``identifiers`` and into ``attributes`` alike, as the same text everywhere: the
+    attribute copy is the person's (or object's) own identifier attribute in Customer.io,
+    which the schema types as a string, so a number there would be a second, different
+    value of it. For a relationship ``identifiers`` holds both sides:
+    ``{"person": {...}, "object": {...}}``.
 
     A NamedTuple, not a frozen dataclass: one is built per changed row, and a frozen
     dataclass's __init__ (one object.__setattr__ per field) was the largest single item of
@@ -281,7 +284,14 @@ def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Reject
 
 
 def _identifier_value(id_type: str, raw: Any) -> Any:
-    """Person ``id`` keeps its JSON type (as RudderStack does); every other identifier is text."""
+    """Every identifier as text: a warehouse integer 42 becomes ``"42"``.
+
+    Customer.io Track API OpenAPI 1.0.0 (``Trackv2SendMultipleRequestsRequest`` and
+    ``Trackv2CreateEntityRequest``): the person identifiers ``id``, ``email`` and ``cio_id``
+    and the object identifiers ``object_type_id`` and ``object_id`` are all ``type: string``,
+    in ``identifiers`` and in ``cio_relationships`` alike. (RudderStack passes numeric person
+    ids through as numbers; that does not match the schema.)
+    """
     if type(raw) is str:  # nearly every key: nothing to normalize
         return raw
     try:
@@ -289,7 +299,7 @@ def _identifier_value(id_type: str, raw: Any) -> Any:
     except UnsupportedValue as exc:
         raise UnsupportedValue(f"identifier {id_type}: {exc}") from None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value if id_type == "id" else str(value)
+        return str(value)
     return value  # str, or anything else for check_identifier to reject with its type
 
 
@@ -452,3 +462,37 @@ def _milliseconds(value: Any) -> int | None:
             return None
         return math.floor(number * 1000)
     return None
+
+
+def text_identifiers(identifiers: Mapping[str, Any]) -> dict[str, Any]:
+    """Identifiers as the wire carries them: integer values (as snapshots written before
+    identifiers were sent as text hold them) become their decimal text.
+
+    Deletes are built from the identifiers kept in the snapshot, which may be that old form;
+    nested maps (a relationship's ``person`` and ``object``) are converted too.
+    """
+    out: dict[str, Any] = {}
+    for name, value in identifiers.items():
+        if isinstance(value, Mapping):
+            out[name] = text_identifiers(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[name] = str(value)
+        else:
+            out[name] = value
+    return out
+
+
+def upgrade_previous(model: Model, previous: Attributes) -> Attributes:
+    """Acknowledged attributes in today's form, so an upgrade sends no spurious change.
+
+    The identifier copied into a person's or object's attributes (see :class:`Record`) was
+    kept as a JSON number for an integer person ``id`` before identifiers became text; read
+    back, it equals the text the row now carries and must not count as a change.
+    """
+    if model.kind is Kind.RELATIONSHIP:
+        return previous
+    name = (model.identifier if model.kind is Kind.PERSON else "object_id") or ""
+    value = previous.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        previous[name] = str(value)
+    return previous

@@ -1,8 +1,9 @@
 """Row changes as ``/api/v2/batch`` items, one item per row so every answer maps to one row.
 
-Shapes follow the Track API's reference and its official OpenAPI document. The order of a
-run's changeset is fixed here too (:class:`Phase`): what a relationship names must exist
-before it, and deletes come last.
+Shapes follow the Track API's item schemas (Customer.io Track API OpenAPI 1.0.0,
+``Trackv2SendMultipleRequestsRequest``); every identifier value is a JSON string. The order
+of a run's changeset is fixed here too (:class:`Phase`): what a relationship names must
+exist before it, and deletes come last.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cio_retl.diff import Change, RowChange
 from cio_retl.errors import Rejection
 from cio_retl.limits import check_attributes, check_item_size
 from cio_retl.models import Kind, Model
-from cio_retl.normalize import Event, canonical_json
+from cio_retl.normalize import Event, canonical_json, text_identifiers
 
 
 class Phase(IntEnum):
@@ -81,8 +82,9 @@ def build_item(model: Model, change: RowChange) -> dict[str, Any]:
     if change.event is not None:
         return event_item(change.event)
     if change.change is Change.DELETE:
-        identifiers = change.identifiers
-        assert identifiers is not None
+        assert change.identifiers is not None
+        # From the snapshot, which a version that sent integer ids as numbers may have written.
+        identifiers = text_identifiers(change.identifiers)
         if model.kind is Kind.SUPPRESSION:
             return {"type": "person", "action": "unsuppress", "identifiers": identifiers}
         if model.kind is Kind.DEVICE:
@@ -125,7 +127,7 @@ def build_item(model: Model, change: RowChange) -> dict[str, Any]:
         }
     # The record's attributes hold the identifier too (RudderStack's mappedToDestination), so
     # a created row, or a full resync, sends it in the attributes; an update sends only what
-    # changed (DESIGN.md), and the identifier attribute, unchanged since Customer.io
+    # changed, and the identifier attribute, unchanged since Customer.io
     # acknowledged it, travels in ``identifiers`` alone.
     return {
         "type": model.kind.value,
@@ -172,9 +174,7 @@ def encode(model: Model, change: RowChange) -> Operation | Rejection:
     checked = (
         record.attributes.get("attributes", {}) if model.kind is Kind.DEVICE else record.attributes
     )
-    rejection = check_attributes(
-        checked, is_person=model.kind is Kind.PERSON, serialized_size=len(attributes)
-    )
+    rejection = check_attributes(checked, serialized_size=len(attributes))
     if rejection:
         return rejection
     head = _IDENTIFY_HEAD.get(model.kind)

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
@@ -213,7 +213,7 @@ class StateStore:
     def ensure_schema(self) -> None:
         for attempt in range(5):
             try:
-                with _SCHEMA_LOCK, self.engine.begin() as conn:
+                with _SCHEMA_LOCK, self._ddl_transaction() as conn:
                     conn.execute(
                         sa.text(
                             f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
@@ -235,6 +235,30 @@ class StateStore:
                 if attempt == 4:
                     raise
                 time.sleep(0.05 * 2**attempt)
+
+    @contextlib.contextmanager
+    def _ddl_transaction(self) -> Iterator[Connection]:
+        """A transaction for DDL whose connection goes back to the pool only with the session
+        it came with.
+
+        Snowflake's CREATE SCHEMA also makes the new schema the session's current schema
+        (Snowflake SQL reference, CREATE SCHEMA, usage notes; fakesnow does the same). When
+        the state lives in the warehouse, that pooled connection would then resolve a
+        model's unqualified names (``select ... from companies``) in the state schema. So
+        the current schema is read before and after, and a connection whose schema moved
+        (or that could not be read) is invalidated: closed, never reused. Postgres's and
+        DuckDB's CREATE SCHEMA change neither ``search_path`` nor the current schema, so
+        their connection is kept. Restoring the schema instead is not possible in general:
+        a Snowflake session may have had none.
+        """
+        with self.engine.connect() as conn:
+            before = _session_schema(conn)
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                if before is _UNKNOWN or _session_schema(conn) != before:
+                    conn.invalidate()
 
     def _drop_primary_key(self, conn: Connection, table: sa.Table, interim: sa.Table) -> None:
         """Rebuild ``table`` when an older cio-retl created it with its primary key (before
@@ -679,6 +703,21 @@ def _owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+_UNKNOWN = object()
+
+
+def _session_schema(conn: Connection) -> object:
+    """The connection's current schema (``_UNKNOWN`` if it cannot be read), outside any
+    transaction."""
+    try:
+        value: object = conn.execute(sa.text("SELECT CURRENT_SCHEMA()")).scalar()
+    except sa.exc.DBAPIError:
+        value = _UNKNOWN
+    with contextlib.suppress(sa.exc.DBAPIError):
+        conn.rollback()
+    return value
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:

@@ -27,7 +27,7 @@ def item(i: int, size: int) -> bytes:
         {
             "type": "person",
             "action": "identify",
-            "identifiers": {"id": i},
+            "identifiers": {"id": str(i)},
             "attributes": {"p": "x" * size},
         }
     )
@@ -127,7 +127,7 @@ def test_429_waits_retry_after_then_succeeds(emulator: Emulator) -> None:
         emulator.faults = FaultPlan(fail_first=2)
         result = c.send_batch([item(1, 1), item(2, 1)])
     assert result.acked == [0, 1] and result.requests == 3
-    assert emulator.workspace.person(id=1) is not None
+    assert emulator.workspace.person(id="1") is not None
 
 
 def test_dropped_connections_are_retried(emulator: Emulator) -> None:
@@ -156,7 +156,7 @@ def test_207_maps_errors_to_items(emulator: Emulator) -> None:
         {
             "type": "person",
             "action": "identify",
-            "identifiers": {"id": 3},
+            "identifiers": {"id": "3"},
             "attributes": {"x" * 151: 1},
         }
     )
@@ -164,7 +164,7 @@ def test_207_maps_errors_to_items(emulator: Emulator) -> None:
         result = c.send_batch([item(1, 1), item(2, 1), bad_name, item(4, 1)])
     assert result.acked == [0, 3]
     assert set(result.rejected) == {1, 2} and result.rejected[2].status == 207
-    assert set(emulator.workspace.people_by("id")) == {1, 4}
+    assert set(emulator.workspace.people_by("id")) == {"1", "4"}
 
 
 def test_bad_credentials_are_fatal(emulator: Emulator) -> None:

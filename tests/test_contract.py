@@ -345,7 +345,7 @@ def test_identifier_semantics(
         conn.execute(sa.text("UPDATE main.u SET email = 'new@x.io'"))
     report = {m.model: m for m in sync(s).models}
     assert report["by_id"].updated == 1 and report["by_id"].created == 0
-    assert emulator.workspace.person(id=1).attributes["email"] == "new@x.io"  # type: ignore[union-attr]
+    assert emulator.workspace.person(id="1").attributes["email"] == "new@x.io"  # type: ignore[union-attr]
     assert report["by_email"].created == 1 and report["by_email"].deleted == 1
     assert emulator.workspace.person(email="new@x.io") is not None
     assert emulator.workspace.person(email="old@x.io") is None

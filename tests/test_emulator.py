@@ -20,11 +20,11 @@ import pytest
 from cio_retl.emulator import (
     MAX_ATTRIBUTE_NAME_BYTES,
     MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_ATTRIBUTES,
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_ITEMS,
     MAX_IDENTIFIER_BYTES,
     MAX_ITEM_BYTES,
-    MAX_PERSON_ATTRIBUTES,
     Emulator,
     FaultPlan,
     Rules,
@@ -186,14 +186,14 @@ def test_batch_of_valid_items_is_200_and_applied(client: httpx.Client, emu: Emul
         client,
         person({"id": "u1"}, {"plan": "pro", "created_at": 1700000000}),
         person({"email": "ada@example.com"}, {"name": "Ada"}),
-        person({"id": 42}, {"tags": ["a", "b"], "address": {"city": "Paris"}}),
+        person({"id": "42"}, {"tags": ["a", "b"], "address": {"city": "Paris"}}),
         obj("acme", {"name": "Acme"}),
     )
     assert response.status_code == 200
     assert response.json() == {}
     assert emu.workspace.people_by("id") == {
         "u1": {"plan": "pro", "created_at": 1700000000},
-        42: {"tags": ["a", "b"], "address": {"city": "Paris"}},
+        "42": {"tags": ["a", "b"], "address": {"city": "Paris"}},
     }
     assert emu.workspace.people_by("email") == {
         "ada@example.com": {"email": "ada@example.com", "name": "Ada"}
@@ -223,9 +223,40 @@ def test_identify_merges_and_finds_people_by_each_identifier(
     assert len(emu.workspace.people) == 2
 
 
-def test_integer_and_string_ids_name_the_same_person(client: httpx.Client, emu: Emulator) -> None:
-    batch(client, person({"id": 7}, {"a": 1}), person({"id": "7"}, {"b": 2}))
-    assert emu.workspace.people_by("id") == {"7": {"a": 1, "b": 2}}
+def test_numbers_where_the_schema_says_string_are_refused(
+    client: httpx.Client, emu: Emulator
+) -> None:
+    """Track API OpenAPI 1.0.0: person `id`, `email`, `cio_id`, `object_type_id` and
+    `object_id` are `type: string`, in `identifiers` and in `cio_relationships` alike; a
+    number is an item error (207 naming its index), and the string form of it is fine."""
+    response = batch(
+        client,
+        person({"id": 7}, {"a": 1}),
+        person({"id": "7"}, {"b": 2}),
+        person({"id": "8"}, rels=[{"identifiers": {"object_type_id": "1", "object_id": 5}}]),
+        obj("o", rels=[to_person({"id": 9})]),
+        {**obj("o"), "identifiers": {"object_type_id": 1, "object_id": "o"}},
+        person({"cio_id": 3}),
+    )
+    assert [(e["batch_index"], e["field"]) for e in errors(response)] == [
+        (0, "identifiers.id"),
+        (2, "cio_relationships[0].identifiers.object_id"),
+        (3, "cio_relationships[0].identifiers.id"),
+        (4, "identifiers.object_type_id"),
+        (5, "identifiers.cio_id"),
+    ]
+    assert errors(response)[0]["message"] == "must be a string (the schema's type), not a number"
+    assert emu.workspace.people_by("id") == {"7": {"b": 2}}
+    assert emu.workspace.objects == {}
+
+
+def test_the_entity_endpoint_refuses_a_number_with_400(client: httpx.Client, emu: Emulator) -> None:
+    response = client.post("/api/v2/entity", json=person({"id": 42}, {"a": 1}))
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "identifiers.id"
+    assert emu.workspace.people == {}
+    assert client.post("/api/v2/entity", json=person({"id": "42"}, {"a": 1})).status_code == 200
+    assert emu.workspace.people_by("id") == {"42": {"a": 1}}
 
 
 def test_items_in_a_batch_apply_in_order(client: httpx.Client, emu: Emulator) -> None:
@@ -293,6 +324,7 @@ INVALID_ITEMS: list[tuple[str, Any, str]] = [
     ("no identifier", person({}), "identifiers"),
     ("unknown identifier", person({"user_id": "u"}), "identifiers"),
     ("identifiers not a dict", person(["u"]), "identifiers"),  # type: ignore[arg-type]
+    ("integer id", person({"id": 42}), "identifiers.id"),
     ("float id", person({"id": 1.5}), "identifiers.id"),
     ("bool id", person({"id": True}), "identifiers.id"),
     ("integer email", person({"email": 5}), "identifiers.email"),
@@ -304,6 +336,14 @@ INVALID_ITEMS: list[tuple[str, Any, str]] = [
         "identifiers.object_type_id",
     ),
     ("non-digit object_type_id", obj("o", type_id="companies"), "identifiers.object_type_id"),
+    ("object_type_id 0", obj("o", type_id="0"), "identifiers.object_type_id"),
+    ("delivery out of scope", {**person({"id": "u"}), "type": "delivery"}, "type"),
+    ("identify_anonymous out of scope", obj("o", action="identify_anonymous"), "action"),
+    (
+        "integer id in an object's relationship",
+        obj("o", rels=[to_person({"id": 1})]),
+        "cio_relationships[0].identifiers.id",
+    ),
     (
         "integer object_id",
         {**obj("o"), "identifiers": {"object_type_id": "1", "object_id": 5}},
@@ -512,8 +552,8 @@ def test_identifier_limit(client: httpx.Client, emu: Emulator, make: Any, field:
     assert "151 bytes" in error["message"]
 
 
-def test_integer_id_counts_its_digits(client: httpx.Client, emu: Emulator) -> None:
-    assert batch(client, person({"id": 10**17})).status_code == 200
+def test_long_numeric_id_text_is_accepted(client: httpx.Client, emu: Emulator) -> None:
+    assert batch(client, person({"id": str(10**17)})).status_code == 200
 
 
 def test_attribute_name_limit(client: httpx.Client, emu: Emulator) -> None:
@@ -546,7 +586,7 @@ def test_attribute_value_limit(
 
 
 def test_person_attribute_count_limit(client: httpx.Client, emu: Emulator) -> None:
-    attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES)}
+    attrs = {f"a{i}": i for i in range(MAX_ATTRIBUTES)}
     assert batch(client, person({"id": "u"}, attrs)).status_code == 200
     (error,) = errors(batch(client, person({"id": "u"}, {"one_more": 1})))
     assert error["field"] == "attributes"
@@ -554,29 +594,38 @@ def test_person_attribute_count_limit(client: httpx.Client, emu: Emulator) -> No
     # Replacing and removing keep the count; nothing of the refused item was applied.
     assert batch(client, person({"id": "u"}, {"a0": "x", "a1": "", "new": 1})).status_code == 200
     stored = emu.workspace.people_by("id")["u"]
-    assert len(stored) == MAX_PERSON_ATTRIBUTES
+    assert len(stored) == MAX_ATTRIBUTES
     assert "one_more" not in stored
     # The email attribute of an email-identified person counts too.
-    email_attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES - 1)}
+    email_attrs = {f"a{i}": i for i in range(MAX_ATTRIBUTES - 1)}
     assert batch(client, person({"email": "e@x"}, email_attrs)).status_code == 200
     (error,) = errors(batch(client, person({"email": "f@x"}, attrs)))
     assert emu.workspace.person(email="f@x") is None
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_object_attribute_limit_reading(share: bool) -> None:
-    with (
-        Emulator(rules=Rules(objects_share_attribute_limit=share)) as emu,
-        httpx.Client(base_url=emu.url, auth=AUTH) as client,
-    ):
-        attrs = {f"a{i}": i for i in range(MAX_PERSON_ATTRIBUTES + 1)}
-        response = batch(client, obj("o", attrs))
-        if share:
-            assert errors(response)[0]["field"] == "attributes"
-            assert emu.workspace.objects == {}
-        else:
-            assert response.status_code == 200
-            assert len(emu.workspace.objects[("1", "o")]) == MAX_PERSON_ATTRIBUTES + 1
+def test_object_and_relationship_attribute_limits(client: httpx.Client, emu: Emulator) -> None:
+    """Track API OpenAPI 1.0.0, "Track API limits": 300 unique attributes and 100 KB in all
+    per object or relationship, as for a person; counted after the item is merged."""
+    at_limit = {f"a{i}": i for i in range(MAX_ATTRIBUTES)}
+    assert batch(client, obj("o", at_limit)).status_code == 200
+    (error,) = errors(batch(client, obj("o", {"one_more": 1})))
+    assert error["field"] == "attributes"
+    assert len(emu.workspace.objects[("1", "o")]) == MAX_ATTRIBUTES
+
+    (error,) = errors(batch(client, person({"id": "u"}, rels=[to_object("p", **at_limit, x=1)])))
+    assert error["field"] == "cio_relationships[0].relationship_attributes"
+    assert emu.workspace.relationships == {} and emu.workspace.person(id="u") is None
+
+    # 101 values of 990 bytes: each under the value limit, together over 100 KB.
+    big = {f"v{i}": "x" * 990 for i in range(101)}
+    first, rest = dict(list(big.items())[:30]), dict(list(big.items())[30:])
+    assert batch(client, obj("big", first)).status_code == 200
+    for part in (dict(list(rest.items())[:30]), dict(list(rest.items())[30:60])):
+        assert batch(client, obj("big", part)).status_code == 200
+    (error,) = errors(batch(client, obj("big", dict(list(rest.items())[60:]))))
+    assert error["field"] == "attributes"
+    assert "limit 100000" in error["message"]
+    assert len(emu.workspace.objects[("1", "big")]) == 90
 
 
 def test_nested_values_per_leaf_reading() -> None:
@@ -828,7 +877,7 @@ def test_in_flight_counts_held_requests_and_stop_abandons_them() -> None:
 def test_reject_identifiers(client: httpx.Client, emu: Emulator) -> None:
     emu.faults = FaultPlan(reject_identifiers=frozenset({"u2", "42", "acme"}))
     response = batch(
-        client, person({"id": "u1"}), person({"id": "u2"}), person({"id": 42}), obj("acme")
+        client, person({"id": "u1"}), person({"id": "u2"}), person({"id": "42"}), obj("acme")
     )
     assert errors(response) == [
         {

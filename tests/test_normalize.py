@@ -22,7 +22,9 @@ from cio_retl.normalize import (
     attributes_hash,
     normalize_attributes,
     normalize_value,
+    text_identifiers,
     to_record,
+    upgrade_previous,
 )
 
 UTC = dt.UTC
@@ -89,6 +91,11 @@ PERSON = parse_model(
     Path("users.sql"), "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1"
 )
 OBJECT = parse_model(Path("co.sql"), "-- kind: object\n-- object_type_id: 2\n-- key: cid\nselect 1")
+REL_BY_ID = parse_model(
+    Path("r.sql"),
+    "-- kind: relationship\n-- person_identifier: id\n-- person_key: uid\n"
+    "-- object_type_id: 2\n-- object_key: cid\nselect 1",
+)
 REL = parse_model(
     Path("m.sql"),
     "-- kind: relationship\n-- person_identifier: email\n-- person_key: email\n"
@@ -97,11 +104,50 @@ REL = parse_model(
 
 
 def test_person_record_follows_mapped_to_destination() -> None:
+    """An integer id travels as its text everywhere (Track API OpenAPI 1.0.0: person `id` is
+    `type: string`): in identifiers, in the external id and in the attribute copy."""
     record = to_record(PERSON, "42", {"user_id": 42, "plan": "pro", "gone": None})
     assert isinstance(record, Record)
-    assert record.external_id == {"type": "CUSTOMERIO-person", "identifierType": "id", "id": 42}
-    assert record.identifiers == {"id": 42}  # person ids keep their JSON type
-    assert record.attributes == {"plan": "pro", "id": 42}
+    assert record.external_id == {"type": "CUSTOMERIO-person", "identifierType": "id", "id": "42"}
+    assert record.identifiers == {"id": "42"}
+    assert record.attributes == {"plan": "pro", "id": "42"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (42, "42"),
+        (-7, "-7"),
+        (2**60, str(2**60)),
+        (Decimal("1205"), "1205"),
+        (Decimal("12345678901234567890123"), "12345678901234567890123"),
+        (3.0, "3"),
+        (uuid.UUID(int=5), str(uuid.UUID(int=5))),
+        ("u-1", "u-1"),
+    ],
+)
+def test_every_identifier_is_text(raw: Any, text: str) -> None:
+    person = to_record(PERSON, text, {"user_id": raw})
+    obj = to_record(OBJECT, text, {"cid": raw})
+    rel = to_record(REL_BY_ID, text, {"uid": raw, "cid": raw})
+    assert isinstance(person, Record) and isinstance(obj, Record) and isinstance(rel, Record)
+    assert person.identifiers == {"id": text} and person.external_id["id"] == text
+    assert obj.identifiers == {"object_type_id": "2", "object_id": text}
+    assert rel.identifiers == {
+        "person": {"id": text},
+        "object": {"object_type_id": "2", "object_id": text},
+    }
+    assert rel.external_id["id"] == text
+
+
+def test_identifiers_kept_in_an_old_snapshot_become_text() -> None:
+    assert text_identifiers({"id": 42}) == {"id": "42"}
+    assert text_identifiers(
+        {"person": {"id": 7}, "object": {"object_type_id": "1", "object_id": "a"}}
+    ) == {"person": {"id": "7"}, "object": {"object_type_id": "1", "object_id": "a"}}
+    assert text_identifiers({"email": "a@x.io"}) == {"email": "a@x.io"}
+    assert upgrade_previous(PERSON, {"id": 42, "n": 1}) == {"id": "42", "n": 1}
+    assert upgrade_previous(PERSON, {"id": "42", "n": 1}) == {"id": "42", "n": 1}
 
 
 def test_object_and_relationship_records_use_strings() -> None:
@@ -125,7 +171,8 @@ def test_object_and_relationship_records_use_strings() -> None:
         ({"user_id": ""}, "is empty"),
         ({"user_id": "x" * 151}, "151 bytes, over the 150-byte limit"),
         ({"user_id": "a\nb"}, "control characters"),
-        ({"user_id": True}, "must be a string or integer"),
+        ({"user_id": True}, "must be text or an integer, got bool"),
+        ({"user_id": 1.5}, "must be text or an integer, got float"),
         ({"user_id": 1, "photo": b"\x89PNG"}, "binary"),
     ],
 )

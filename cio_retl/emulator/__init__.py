@@ -2,7 +2,7 @@
 
 It serves `/api/v2/batch`, `/api/v2/entity`, `GET /api/v1/accounts/region` and the v1 person
 endpoints (`PUT`/`DELETE /api/v1/customers/{id}`) with HTTP Basic auth, validates items as
-strictly as `spec/customerio-track-api.md`, keeps the workspace in memory and injects faults::
+strictly as the Track API's OpenAPI schemas, keeps the workspace in memory and injects faults::
 
     with Emulator() as emu:                      # site-id / api-key, a free port
         emu.faults = FaultPlan(throttle_rate=0.2, retry_after=0.01, seed=1)
@@ -30,14 +30,14 @@ Its `batch()` builds its https URL from `host`/`port` directly and cannot be red
 from cio_retl.emulator.rules import (
     MAX_ATTRIBUTE_NAME_BYTES,
     MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_ATTRIBUTES,
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_ITEMS,
     MAX_IDENTIFIER_BYTES,
     MAX_ITEM_BYTES,
-    MAX_PERSON_ATTRIBUTES,
+    MAX_OBJECT_ATTRIBUTES_BYTES,
     NESTED_VALUE_SIZE,
     NULL_REMOVES_ATTRIBUTE,
-    OBJECTS_SHARE_ATTRIBUTE_LIMIT,
     OVERSIZE_BODY_STATUS,
     FaultPlan,
     Rules,
@@ -47,16 +47,16 @@ from cio_retl.emulator.validation import InvalidItem
 from cio_retl.emulator.workspace import Person, Workspace
 
 __all__ = [
+    "MAX_ATTRIBUTES",
     "MAX_ATTRIBUTE_NAME_BYTES",
     "MAX_ATTRIBUTE_VALUE_BYTES",
     "MAX_BATCH_BODY_BYTES",
     "MAX_BATCH_ITEMS",
     "MAX_IDENTIFIER_BYTES",
     "MAX_ITEM_BYTES",
-    "MAX_PERSON_ATTRIBUTES",
+    "MAX_OBJECT_ATTRIBUTES_BYTES",
     "NESTED_VALUE_SIZE",
     "NULL_REMOVES_ATTRIBUTE",
-    "OBJECTS_SHARE_ATTRIBUTE_LIMIT",
     "OVERSIZE_BODY_STATUS",
     "Emulator",
     "FaultPlan",

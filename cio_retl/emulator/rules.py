@@ -23,15 +23,18 @@ MAX_ATTRIBUTE_NAME_BYTES = 150
 """An attribute name, UTF-8."""
 MAX_ATTRIBUTE_VALUE_BYTES = 1000
 """An attribute value: a string counts its UTF-8 bytes, a nested value per NESTED_VALUE_SIZE."""
-MAX_PERSON_ATTRIBUTES = 300
-"""Unique attributes on one person, counted after the identify is merged."""
+MAX_ATTRIBUTES = 300
+"""Unique attributes on one person, object or relationship, counted after the item is merged
+("Track API limits" of the Track API OpenAPI 1.0.0 document: "per person or Identify call"
+and "per object or relationship")."""
+MAX_OBJECT_ATTRIBUTES_BYTES = 100_000
+"""All attributes of one object or relationship together ("Total attribute size: 100
+Kilobytes", same section), measured as their merged compact JSON [open: how it is measured]."""
 MAX_READ_BYTES = 64 * 1024 * 1024
 """Bodies beyond this are not even read: 413 and the connection is closed."""
 
 NULL_REMOVES_ATTRIBUTE = True
 """[open] Whether `null` removes an attribute like `""` does. The engine sends `""`."""
-OBJECTS_SHARE_ATTRIBUTE_LIMIT = False
-"""[open] Whether objects are held to MAX_PERSON_ATTRIBUTES too."""
 NESTED_VALUE_SIZE: Literal["json_text", "per_leaf"] = "json_text"
 """[open] How a nested (object/array) attribute value is sized against MAX_ATTRIBUTE_VALUE_BYTES:
 "json_text" = its compact JSON text as a whole; "per_leaf" = each string leaf on its own."""
@@ -44,7 +47,6 @@ class Rules:
     """The emulator's reading of the [open] points; defaults are the module constants."""
 
     null_removes_attribute: bool = NULL_REMOVES_ATTRIBUTE
-    objects_share_attribute_limit: bool = OBJECTS_SHARE_ATTRIBUTE_LIMIT
     nested_value_size: Literal["json_text", "per_leaf"] = NESTED_VALUE_SIZE
     oversize_body_status: int = OVERSIZE_BODY_STATUS
 

@@ -4,11 +4,18 @@ Everything that does not depend on the workspace is checked here, outside the wo
 so concurrent requests only serialize on the (cheap) apply step. Errors carry a dotted `field`
 path (e.g. `cio_relationships[0].identifiers.object_id`) so a rejected row says exactly what
 broke.
+
+The rules follow the Customer.io Track API OpenAPI 1.0.0 document's item schemas (the
+`Person` and `Object` branches of `Trackv2SendMultipleRequestsRequest.batch` and of
+`Trackv2CreateEntityRequest`): required fields, `type: string` identifiers, the
+`identifiers` `oneOf`, relationship shapes. Each accepted `(type, action)` is one entry of
+:data:`ACTION_RULES`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,32 +29,20 @@ from cio_retl.emulator.rules import (
     Rules,
 )
 
-Ref = tuple[str, str | int]
+Ref = tuple[str, str]
 """A person: (identifier type, value); an object: (object_type_id, object_id)."""
 
 PERSON_IDENTIFIERS = ("id", "email", "cio_id")
+TYPES = ("person", "object")
+# Actions of the schema's Person and Object items (and its Delivery type) that the emulator
+# does not model: refused with a message that says so, never silently accepted.
+OUT_OF_SCOPE_TYPES = frozenset({"delivery"})
+OUT_OF_SCOPE_ACTIONS = frozenset({"page", "screen", "merge", "identify_anonymous"})
 # The person actions beyond people, objects and relationships, each as the official OpenAPI
 # document of the Track API (1.0.0) declares it for `/api/v2/batch` items of type person:
 # `event` (PersonEvent), `add_device` (PersonAddDevice), `delete_device` (PersonDeleteDevice),
 # `suppress` (PersonSuppress) and `unsuppress` (PersonUnsuppress).
 PERSON_ONLY_ACTIONS = frozenset({"event", "add_device", "delete_device", "suppress", "unsuppress"})
-ACTIONS = (
-    frozenset({"identify", "delete", "add_relationships", "delete_relationships"})
-    | PERSON_ONLY_ACTIONS
-)
-OUT_OF_SCOPE_ACTIONS = frozenset({"page", "screen", "merge"})
-_BASE_KEYS = frozenset({"type", "action", "identifiers"})
-ITEM_KEYS: dict[str, frozenset[str]] = {
-    "identify": _BASE_KEYS | {"attributes", "cio_relationships"},
-    "delete": _BASE_KEYS,
-    "add_relationships": _BASE_KEYS | {"cio_relationships"},
-    "delete_relationships": _BASE_KEYS | {"cio_relationships"},
-    "event": _BASE_KEYS | {"id", "name", "timestamp", "attributes"},
-    "add_device": _BASE_KEYS | {"device"},
-    "delete_device": _BASE_KEYS | {"device"},
-    "suppress": _BASE_KEYS,
-    "unsuppress": _BASE_KEYS,
-}
 # PersonAddDevice's `device`: token and platform required; PersonDeleteDevice's: token only.
 ADD_DEVICE_KEYS = frozenset({"token", "platform", "last_used", "attributes"})
 DEVICE_PLATFORMS = ("ios", "android")
@@ -136,7 +131,14 @@ def _identifier_text(value: str, field: str) -> None:
 
 
 def person_ref(value: Any, field: str) -> Ref:
-    """Validate person identifiers: exactly one of id (string or integer), email, cio_id."""
+    """Person identifiers: exactly one of ``id``, ``email``, ``cio_id``, a non-empty string.
+
+    Customer.io Track API OpenAPI 1.0.0, the person items' ``identifiers``: a ``oneOf`` of
+    ``{id}``, ``{email}`` and ``{cio_id}`` ("You cannot pass multiple identifiers"), each
+    ``type: string`` (the example id is ``'42'``). A number is refused, as the schema says.
+    In an object's ``cio_relationships`` the schema's options lack ``required``; the emulator
+    holds them to the same rule (an entry naming nobody cannot be applied).
+    """
     if not isinstance(value, dict):
         raise ItemError(field, "must be an object holding exactly one of id, email, cio_id")
     if len(value) != 1:
@@ -145,28 +147,49 @@ def person_ref(value: Any, field: str) -> Ref:
     if key not in PERSON_IDENTIFIERS:
         raise ItemError(field, f"unknown person identifier {key!r}: use id, email or cio_id")
     sub = f"{field}.{key}"
-    if key == "id" and isinstance(ident, int) and not isinstance(ident, bool):
-        _identifier_text(str(ident), sub)
-        return (key, ident)
     if not isinstance(ident, str):
-        kinds = "a string or an integer" if key == "id" else "a string"
-        raise ItemError(sub, f"must be {kinds}")
+        raise ItemError(sub, f"must be a string (the schema's type), not {_json_type(ident)}")
     _identifier_text(ident, sub)
     return (key, ident)
 
 
 def object_ref(value: Any, field: str) -> Ref:
-    """Validate object identifiers: exactly {object_type_id: "<digits>", object_id: "<text>"}."""
+    """Object identifiers: exactly ``{object_type_id: "<digits>", object_id: "<text>"}``.
+
+    Customer.io Track API OpenAPI 1.0.0, the object items' ``identifiers``: both required,
+    ``type: string``, ``nullable: false``; object type ids are "string-formatted integers
+    that begin at 1".
+    """
     if not isinstance(value, dict) or set(value) != {"object_type_id", "object_id"}:
         raise ItemError(field, "must be exactly {object_type_id, object_id}")
     type_id = value["object_type_id"]
     if not isinstance(type_id, str) or not (type_id.isascii() and type_id.isdigit()):
         raise ItemError(f"{field}.object_type_id", 'must be a string of digits, e.g. "1"')
+    if type_id.startswith("0"):
+        raise ItemError(f"{field}.object_type_id", 'object type ids begin at "1"')
     object_id = value["object_id"]
     if not isinstance(object_id, str):
-        raise ItemError(f"{field}.object_id", "must be a string")
+        raise ItemError(
+            f"{field}.object_id",
+            f"must be a string (the schema's type), not {_json_type(object_id)}",
+        )
     _identifier_text(object_id, f"{field}.object_id")
     return (type_id, object_id)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
 
 
 def _leaf_strings_fit(value: Any) -> bool:
@@ -228,6 +251,7 @@ def _relationships(value: Any, kind: str, required: bool, rules: Rules) -> tuple
         raise ItemError("cio_relationships", "must be a list")
     if required and not value:
         raise ItemError("cio_relationships", "must name at least one relationship")
+    # A person's entries name objects; an object's entries name people.
     other_ref = object_ref if kind == "person" else person_ref
     out: list[Relationship] = []
     for i, entry in enumerate(value):
@@ -247,56 +271,39 @@ def _relationships(value: Any, kind: str, required: bool, rules: Rules) -> tuple
     return tuple(out)
 
 
-def validate_item(item: Any, rules: Rules) -> Op:
-    """Check one item against the spec; raise ItemError naming the first problem."""
-    if not isinstance(item, dict):
-        raise ItemError("item", "each item must be a JSON object")
-    size = len(orjson.dumps(item))
-    if size > MAX_ITEM_BYTES:
-        raise ItemError("item", f"item is {size} bytes as compact JSON, limit {MAX_ITEM_BYTES}")
-    kind = item.get("type")
-    if kind is None:
-        raise ItemError("type", "is required")
-    if kind != "person" and kind != "object":
-        raise ItemError("type", f"unsupported type {kind!r}: use person or object")
-    action = item.get("action")
-    if action is None:
-        raise ItemError("action", "is required")
-    if not isinstance(action, str) or action not in ACTIONS:
-        if isinstance(action, str) and action in OUT_OF_SCOPE_ACTIONS:
-            raise ItemError("action", f"action {action!r} is not emulated (out of scope)")
-        raise ItemError("action", f"unknown action {action!r}")
-    if kind != "person" and action in PERSON_ONLY_ACTIONS:
-        raise ItemError("action", f"{action!r} is a person action, not an {kind} one")
-    allowed = ITEM_KEYS[action]
-    if not allowed.issuperset(item):
-        key = next(k for k in item if k not in allowed)
-        raise ItemError(key, f"field not allowed for a {kind} {action} item")
-    if "identifiers" not in item:
-        raise ItemError("identifiers", "is required")
-    ref = (person_ref if kind == "person" else object_ref)(item["identifiers"], "identifiers")
-    if action in PERSON_ONLY_ACTIONS:
-        return _person_action(item, action, ref)
-    attrs = None
-    if "attributes" in item:
-        attrs = attributes(item["attributes"], "attributes", rules)
+# -- one rule per (type, action) ---------------------------------------------------------
+
+
+def _ref(kind: str, item: dict[str, Any]) -> Ref:
+    return (person_ref if kind == "person" else object_ref)(item["identifiers"], "identifiers")
+
+
+def _read_identify(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
+    ref = _ref(kind, item)
+    attrs = attributes(item["attributes"], "attributes", rules) if "attributes" in item else None
     rels: tuple[Relationship, ...] = ()
     if "cio_relationships" in item:
-        rels = _relationships(item["cio_relationships"], kind, action != "identify", rules)
-    elif action != "identify" and action != "delete":
-        raise ItemError("cio_relationships", f"is required for {action}")
+        rels = _relationships(item["cio_relationships"], kind, False, rules)
     return Op(kind, action, ref, attrs, rels)
 
 
-def _person_action(item: dict[str, Any], action: str, ref: Ref) -> Op:
-    """`event`, `add_device`, `delete_device`, `suppress`, `unsuppress` (keys already checked)."""
-    if action == "event":
-        return Op("person", action, ref, _event_data(item), (), event=_event(item))
-    if action in ("add_device", "delete_device"):
-        if "device" not in item:
-            raise ItemError("device", f"is required for {action}")
-        return Op("person", action, ref, None, (), device=_device(item["device"], action))
-    return Op("person", action, ref, None, ())
+def _read_identifiers(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
+    """Items that carry identifiers only: delete, suppress, unsuppress."""
+    return Op(kind, action, _ref(kind, item), None, ())
+
+
+def _read_relationships(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
+    ref = _ref(kind, item)
+    return Op(kind, action, ref, None, _relationships(item["cio_relationships"], kind, True, rules))
+
+
+def _read_event(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
+    return Op(kind, action, _ref(kind, item), _event_data(item), (), event=_event(item))
+
+
+def _read_device(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
+    device = _device(item["device"], action)
+    return Op(kind, action, _ref(kind, item), None, (), device=device)
 
 
 def _event(item: dict[str, Any]) -> Event:
@@ -353,3 +360,111 @@ def _device(value: Any, action: str) -> Device:
             if not isinstance(val, str):
                 raise ItemError(f"device.attributes.{name}", "must be a string")
     return Device(token, platform, last_used, attrs)
+
+
+Reader = Callable[[str, str, dict[str, Any], Rules], Op]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRule:
+    """What one ``(type, action)`` item must and may hold, and how its fields are read.
+
+    ``schema`` names the element of the Customer.io Track API OpenAPI 1.0.0 document the rule
+    follows (under ``Trackv2SendMultipleRequestsRequest`` / ``Trackv2CreateEntityRequest``).
+    ``required`` is checked in order, so the first missing field is the one reported.
+    """
+
+    schema: str
+    required: tuple[str, ...]
+    optional: frozenset[str]
+    read: Reader
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return frozenset(self.required) | self.optional
+
+
+_BASE = ("type", "action", "identifiers")
+
+ACTION_RULES: dict[tuple[str, str], ActionRule] = {
+    ("person", "identify"): ActionRule(
+        "Person > identify", _BASE, frozenset({"attributes", "cio_relationships"}), _read_identify
+    ),
+    ("person", "delete"): ActionRule("Person > delete", _BASE, frozenset(), _read_identifiers),
+    ("person", "add_relationships"): ActionRule(
+        "Person > add_relationships",
+        (*_BASE, "cio_relationships"),
+        frozenset(),
+        _read_relationships,
+    ),
+    ("person", "delete_relationships"): ActionRule(
+        "Person > delete_relationships",
+        (*_BASE, "cio_relationships"),
+        frozenset(),
+        _read_relationships,
+    ),
+    ("person", "event"): ActionRule(
+        "PersonEvent", _BASE, frozenset({"id", "name", "timestamp", "attributes"}), _read_event
+    ),
+    ("person", "add_device"): ActionRule(
+        "PersonAddDevice", (*_BASE, "device"), frozenset(), _read_device
+    ),
+    ("person", "delete_device"): ActionRule(
+        "PersonDeleteDevice", (*_BASE, "device"), frozenset(), _read_device
+    ),
+    ("person", "suppress"): ActionRule("PersonSuppress", _BASE, frozenset(), _read_identifiers),
+    ("person", "unsuppress"): ActionRule("PersonUnsuppress", _BASE, frozenset(), _read_identifiers),
+    ("object", "identify"): ActionRule(
+        "Object > identify", _BASE, frozenset({"attributes", "cio_relationships"}), _read_identify
+    ),
+    ("object", "delete"): ActionRule("Object > delete", _BASE, frozenset(), _read_identifiers),
+    ("object", "add_relationships"): ActionRule(
+        "Object > add_relationships",
+        (*_BASE, "cio_relationships"),
+        frozenset(),
+        _read_relationships,
+    ),
+    ("object", "delete_relationships"): ActionRule(
+        "Object > delete_relationships",
+        (*_BASE, "cio_relationships"),
+        frozenset(),
+        _read_relationships,
+    ),
+}
+"""Every item the emulator accepts; a new action is one more entry (and its reader)."""
+
+ACTIONS = frozenset(action for _, action in ACTION_RULES)
+
+
+def validate_item(item: Any, rules: Rules) -> Op:
+    """Check one item against its schema; raise ItemError naming the first problem."""
+    if not isinstance(item, dict):
+        raise ItemError("item", "each item must be a JSON object")
+    size = len(orjson.dumps(item))
+    if size > MAX_ITEM_BYTES:
+        raise ItemError("item", f"item is {size} bytes as compact JSON, limit {MAX_ITEM_BYTES}")
+    kind = item.get("type")
+    if kind is None:
+        raise ItemError("type", "is required")
+    if kind not in TYPES:
+        if isinstance(kind, str) and kind in OUT_OF_SCOPE_TYPES:
+            raise ItemError("type", f"type {kind!r} is not emulated (out of scope)")
+        raise ItemError("type", f"unsupported type {kind!r}: use person or object")
+    action = item.get("action")
+    if action is None:
+        raise ItemError("action", "is required")
+    rule = ACTION_RULES.get((kind, action)) if isinstance(action, str) else None
+    if rule is None:
+        if isinstance(action, str) and action in OUT_OF_SCOPE_ACTIONS:
+            raise ItemError("action", f"action {action!r} is not emulated (out of scope)")
+        if kind != "person" and action in PERSON_ONLY_ACTIONS:
+            raise ItemError("action", f"{action!r} is a person action, not an {kind} one")
+        raise ItemError("action", f"unknown action {action!r} for a {kind}")
+    allowed = rule.allowed
+    if not allowed.issuperset(item):
+        key = next(k for k in item if k not in allowed)
+        raise ItemError(key, f"field not allowed for a {kind} {action} item")
+    for name in rule.required:
+        if name not in item:
+            raise ItemError(name, f"is required for {action}")
+    return rule.read(kind, action, item, rules)

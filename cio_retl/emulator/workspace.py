@@ -26,7 +26,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from cio_retl.emulator.rules import MAX_PERSON_ATTRIBUTES, Rules
+import orjson
+
+from cio_retl.emulator.rules import MAX_ATTRIBUTES, MAX_OBJECT_ATTRIBUTES_BYTES, Rules
 from cio_retl.emulator.validation import ItemError, Op, Ref
 
 ObjectKey = tuple[str, str]
@@ -42,7 +44,7 @@ class Person:
     """
 
     cio_id: str
-    id: str | int | None
+    id: str | None
     email: str | None
     attributes: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -86,7 +88,7 @@ class Workspace:
     # -- reading -------------------------------------------------------------------------
 
     def person(
-        self, *, id: str | int | None = None, email: str | None = None, cio_id: str | None = None
+        self, *, id: str | None = None, email: str | None = None, cio_id: str | None = None
     ) -> Person | None:
         """The person with this identifier (give exactly one), or None."""
         given = [
@@ -97,12 +99,12 @@ class Workspace:
         with self.lock:
             return self._find(given[0])
 
-    def people_by(self, identifier: str) -> dict[str | int, dict[str, Any]]:
+    def people_by(self, identifier: str) -> dict[str, dict[str, Any]]:
         """{identifier value: attributes} for every person having that identifier."""
         if identifier not in ("id", "email", "cio_id"):
             raise ValueError("identifier must be id, email or cio_id")
         with self.lock:
-            out: dict[str | int, dict[str, Any]] = {}
+            out: dict[str, dict[str, Any]] = {}
             for p in self.people.values():
                 key = getattr(p, identifier)
                 if key is not None:
@@ -264,11 +266,22 @@ class Workspace:
         if email is not None:
             # The email a person is identified by stays its `email` attribute.
             merged["email"] = email
-        if len(merged) > MAX_PERSON_ATTRIBUTES:
+        if len(merged) > MAX_ATTRIBUTES:
             raise ItemError(
-                "attributes",
-                f"person would have {len(merged)} attributes, limit {MAX_PERSON_ATTRIBUTES}",
+                "attributes", f"person would have {len(merged)} attributes, limit {MAX_ATTRIBUTES}"
             )
+        for i, rel in enumerate(op.relationships):
+            if rel.attributes:
+                current_rel = (
+                    self.relationships.get((person.cio_id, _object_key(rel.ref)))
+                    if person is not None
+                    else None
+                )
+                _check_group_attributes(
+                    _merged(current_rel or {}, rel.attributes, rules),
+                    f"cio_relationships[{i}].relationship_attributes",
+                    "relationship",
+                )
         if person is None:
             person = self._create(op.ref)
         elif op.ref[0] == "id":
@@ -355,11 +368,18 @@ class Workspace:
         for i, rel in enumerate(op.relationships):
             self._require(rel.ref, f"cio_relationships[{i}].identifiers.cio_id")
         merged = _merged(current or {}, op.attributes or {}, rules)
-        if rules.objects_share_attribute_limit and len(merged) > MAX_PERSON_ATTRIBUTES:
-            raise ItemError(
-                "attributes",
-                f"object would have {len(merged)} attributes, limit {MAX_PERSON_ATTRIBUTES}",
-            )
+        _check_group_attributes(merged, "attributes", "object")
+        for i, rel in enumerate(op.relationships):
+            if rel.attributes:
+                person = self._find(rel.ref)
+                current_rel = (
+                    self.relationships.get((person.cio_id, key)) if person is not None else None
+                )
+                _check_group_attributes(
+                    _merged(current_rel or {}, rel.attributes, rules),
+                    f"cio_relationships[{i}].relationship_attributes",
+                    "relationship",
+                )
         self.objects[key] = merged
         for rel in op.relationships:
             person = self._find_or_create(rel.ref)
@@ -400,6 +420,19 @@ class Workspace:
 
 
 _LIFE_ACTIONS = frozenset({"suppress", "unsuppress", "event", "add_device", "delete_device"})
+
+
+def _check_group_attributes(merged: dict[str, Any], field: str, what: str) -> None:
+    """An object's or relationship's merged attributes against the count and total limits."""
+    if len(merged) > MAX_ATTRIBUTES:
+        raise ItemError(
+            field, f"{what} would have {len(merged)} attributes, limit {MAX_ATTRIBUTES}"
+        )
+    size = len(orjson.dumps(merged))
+    if size > MAX_OBJECT_ATTRIBUTES_BYTES:
+        raise ItemError(
+            field, f"{what}'s attributes would be {size} bytes, limit {MAX_OBJECT_ATTRIBUTES_BYTES}"
+        )
 
 
 def _object_key(ref: Ref) -> ObjectKey:

@@ -1,0 +1,269 @@
+"""What reaches the wire and the warehouse session, held against outside references.
+
+- Identifier values are JSON strings (Customer.io Track API OpenAPI 1.0.0: person `id`,
+  `email`, `cio_id` and `object_type_id`, `object_id` are `type: string`), and a state
+  written when integer ids went out as numbers upgrades without resending anything.
+- cio-retl never leaves a pooled connection with another current schema / search path than it
+  had: Snowflake's CREATE SCHEMA makes the new schema the session's current one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cio_retl.config import Settings
+from cio_retl.emulator import Emulator
+from cio_retl.normalize import canonical_json, digest
+from cio_retl.state import StateStore
+from cio_retl.warehouse import create_engine
+from tests.conftest import PgSchemas, sync
+from tests.test_sync_duckdb import batch_items
+
+# -- identifiers on the wire, and the upgrade of an older state ---------------------------
+
+INTEGER_ID_MODELS = {
+    "users": "-- kind: person\n-- identifier: id\n-- key: user_id\n-- mode: mirror\n"
+    "-- max_delete_pct: 100\n-- max_change_pct: 100\nselect user_id, plan from main.users\n",
+    "companies": "-- kind: object\n-- object_type_id: 1\n-- key: company_id\n"
+    "select company_id, name from main.companies\n",
+    "members": "-- kind: relationship\n-- person_identifier: id\n-- person_key: user_id\n"
+    "-- object_type_id: 1\n-- object_key: company_id\n-- max_delete_pct: 100\n"
+    "-- max_change_pct: 100\nselect user_id, company_id, role from main.members\n",
+}
+
+
+@pytest.fixture
+def integer_ids(settings: Settings, models_dir: Path) -> Iterator[Engine]:
+    """A warehouse whose people, objects and relationships are keyed by INTEGER columns."""
+    for name, text in INTEGER_ID_MODELS.items():
+        (models_dir / f"{name}.sql").write_text(text)
+    engine = create_engine(settings.warehouse_url)
+    with engine.begin() as conn:
+        for statement in (
+            "CREATE TABLE main.users (user_id INTEGER, plan VARCHAR)",
+            "INSERT INTO main.users VALUES (1, 'pro'), (2, 'free'), (3, 'pro')",
+            "CREATE TABLE main.companies (company_id BIGINT, name VARCHAR)",
+            "INSERT INTO main.companies VALUES (10, 'Acme'), (20, 'Globex')",
+            "CREATE TABLE main.members (user_id INTEGER, company_id BIGINT, role VARCHAR)",
+            "INSERT INTO main.members VALUES (1, 10, 'admin'), (3, 10, 'member'), (3, 20, 'owner')",
+        ):
+            conn.execute(sa.text(statement))
+    yield engine
+    engine.dispose()
+
+
+def identifier_values(item: dict[str, Any]) -> list[Any]:
+    values = list(item["identifiers"].values())
+    for rel in item.get("cio_relationships", []):
+        values.extend(rel["identifiers"].values())
+    return values
+
+
+def as_written_before(state: StateStore) -> None:
+    """Rewrite every snapshot row as cio-retl wrote it while integer person ids went out as
+    JSON numbers: ``{"id": 1}`` in the identifiers (a relationship's ``person`` too) and in
+    the attribute copy, and the attributes' hash over that JSON. Object ids were already
+    text then."""
+
+    def old(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: int(v) if k == "id" and isinstance(v, str) else old(v) for k, v in value.items()
+            }
+        return value
+
+    with state.engine.begin() as conn:
+        rows = conn.execute(
+            sa.text(f"SELECT model, key, identifiers, attributes FROM {state.snapshots}")
+        ).all()
+        for model, key, identifiers, attributes in rows:
+            old_attributes = canonical_json(old(orjson.loads(attributes)))
+            conn.execute(
+                sa.text(
+                    f"UPDATE {state.snapshots} SET identifiers = :i, attributes = :a,"
+                    " attrs_hash = :h WHERE model = :m AND key = :k"
+                ),
+                {
+                    "i": canonical_json(old(orjson.loads(identifiers))).decode(),
+                    "a": old_attributes.decode(),
+                    "h": digest(old_attributes),
+                    "m": model,
+                    "k": key,
+                },
+            )
+    with state.engine.connect() as conn:
+        written = conn.execute(
+            sa.text(f"SELECT identifiers FROM {state.snapshots} WHERE model = 'users'")
+        ).scalars()
+        assert {orjson.loads(i)["id"] for i in written} == {1, 2, 3}  # the old form, really
+
+
+@pytest.mark.parametrize("state_apart", [False, True], ids=["push-down", "cross-database"])
+def test_identifiers_are_strings_and_an_old_state_upgrades_without_resending(
+    settings: Settings,
+    models_dir: Path,
+    integer_ids: Engine,
+    emulator: Emulator,
+    tmp_path: Path,
+    state_apart: bool,
+) -> None:
+    settings = replace(settings, models_dir=models_dir)
+    if state_apart:
+        settings = replace(settings, state_url=f"duckdb:///{tmp_path / 'state.duckdb'}")
+    first = sync(settings)
+    assert first.exit_code == 0, first
+    items = batch_items(emulator)
+    assert len(items) == 2 + 3 + 3
+    assert {type(v) for item in items for v in identifier_values(item)} == {str}
+    person = next(i for i in items if i["type"] == "person" and i["action"] == "identify")
+    assert person["identifiers"]["id"] == person["attributes"]["id"]  # one value, one type
+    assert emulator.invalid_items == []
+    assert set(emulator.workspace.people_by("id")) == {"1", "2", "3"}
+    assert len(emulator.workspace.relationships) == 3
+
+    state_engine = create_engine(settings.state_url)
+    try:
+        as_written_before(StateStore(state_engine))
+    finally:
+        state_engine.dispose()
+
+    before = len(emulator.requests)
+    unchanged = sync(settings)
+    assert unchanged.exit_code == 0
+    assert batch_items(emulator, before) == []  # 0 items after the upgrade
+
+    with integer_ids.begin() as conn:
+        conn.execute(sa.text("UPDATE main.users SET plan = 'max' WHERE user_id = 1"))
+    before = len(emulator.requests)
+    assert sync(settings).exit_code == 0
+    assert batch_items(emulator, before) == [
+        {
+            "type": "person",
+            "action": "identify",
+            "identifiers": {"id": "1"},
+            "attributes": {"plan": "max"},  # not a spurious "id": "1"
+        }
+    ]
+
+    # Deletes are built from the old snapshot rows: their identifiers go out as text too.
+    with integer_ids.begin() as conn:
+        conn.execute(sa.text("DELETE FROM main.users WHERE user_id = 2"))
+        conn.execute(sa.text("DELETE FROM main.members WHERE user_id = 3 AND company_id = 20"))
+    before = len(emulator.requests)
+    assert sync(settings).exit_code == 0
+    deletes = sorted(batch_items(emulator, before), key=lambda i: i["action"])
+    assert deletes == [
+        {"type": "person", "action": "delete", "identifiers": {"id": "2"}},
+        {
+            "type": "person",
+            "action": "delete_relationships",
+            "identifiers": {"id": "3"},
+            "cio_relationships": [{"identifiers": {"object_type_id": "1", "object_id": "20"}}],
+        },
+    ]
+    assert emulator.invalid_items == []
+    assert set(emulator.workspace.people_by("id")) == {"1", "3"}
+    assert len(emulator.workspace.relationships) == 2
+
+
+# -- the session's current schema ---------------------------------------------------------
+
+FRESH_MODELS = {
+    "companies": "-- kind: object\n-- object_type_id: 1\n-- key: company_id\n"
+    "select company_id, name from companies\n",
+    "users": "-- kind: person\n-- identifier: id\n-- key: user_id\nselect user_id, plan from users\n",
+}
+
+
+def test_snowflake_first_sync_on_a_fresh_database_with_unqualified_names(
+    fakesnow_url: str, emulator: Emulator, settings: Settings, models_dir: Path
+) -> None:
+    """No state schema yet, models written the natural way (`from companies`): the first
+    sync creates the state schema and still finds the tables where the session looks."""
+    for name, text in FRESH_MODELS.items():
+        (models_dir / f"{name}.sql").write_text(text)
+    engine = create_engine(fakesnow_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE companies (company_id VARCHAR, name VARCHAR)"))
+            conn.execute(sa.text("INSERT INTO companies VALUES ('c1', 'Acme'), ('c2', 'Globex')"))
+            conn.execute(sa.text("CREATE TABLE users (user_id INTEGER, plan VARCHAR)"))
+            conn.execute(sa.text("INSERT INTO users VALUES (1, 'pro'), (2, 'free')"))
+            schemas = conn.execute(sa.text("SHOW SCHEMAS")).all()
+        assert not [s for s in schemas if "CIO_RETL" in str(s).upper()]
+    finally:
+        engine.dispose()
+    settings = replace(
+        settings, warehouse_url=fakesnow_url, state_url=fakesnow_url, models_dir=models_dir
+    )
+    report = sync(settings)
+    assert report.exit_code == 0, report
+    assert {m.model: m.created for m in report.models} == {"companies": 2, "users": 2}
+    assert set(emulator.workspace.people_by("id")) == {"1", "2"}
+    assert set(emulator.workspace.objects) == {("1", "c1"), ("1", "c2")}
+
+
+def _current(conn: sa.Connection, dialect: str) -> tuple[Any, ...]:
+    schema = conn.execute(sa.text("SELECT CURRENT_SCHEMA()")).scalar()
+    if dialect == "postgresql":
+        return (schema, conn.execute(sa.text("SHOW search_path")).scalar())
+    return (schema,)
+
+
+@pytest.fixture(params=["duckdb", "postgresql", "snowflake"])
+def one_connection_warehouse(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Engine, str]]:
+    """An engine whose pool holds one connection (so a connection cio-retl used is the one
+    the next query gets, unless it was discarded), over a warehouse with ``companies``
+    reachable unqualified; and the state schema to create."""
+    if request.param == "duckdb":
+        url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+        table, state_schema = "companies", "cio_retl"
+    elif request.param == "postgresql":
+        pg: PgSchemas = request.getfixturevalue("pg_schemas")
+        url = f"{pg.url}?options=-csearch_path%3D{pg.warehouse}"
+        table, state_schema = f"{pg.warehouse}.companies", pg.state
+        setup = create_engine(pg.url)
+        with setup.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {pg.warehouse}"))
+        setup.dispose()
+    else:
+        url = request.getfixturevalue("fakesnow_url")
+        table, state_schema = "companies", "cio_retl"
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {table} (company_id VARCHAR)"))
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES ('c1')"))
+    yield engine, state_schema
+    engine.dispose()
+
+
+def test_creating_the_state_schema_leaves_the_session_alone(
+    one_connection_warehouse: tuple[Engine, str],
+) -> None:
+    """Snowflake: CREATE SCHEMA sets the session's current schema; Postgres: search_path;
+    DuckDB: the current schema. None of them may differ after cio-retl's DDL on the
+    connection that model SQL runs on next."""
+    engine, state_schema = one_connection_warehouse
+    dialect = engine.dialect.name
+    with engine.connect() as conn:
+        before = _current(conn, dialect)
+        first = conn.connection.dbapi_connection
+    state = StateStore(engine, state_schema)
+    state.ensure_schema()
+    state.ensure_schema()  # a second run finds everything there
+    with engine.connect() as conn:
+        assert _current(conn, dialect) == before
+        assert conn.execute(sa.text("SELECT company_id FROM companies")).scalars().all() == ["c1"]
+        kept = conn.connection.dbapi_connection is first
+    # Only a connection whose session moved is given up; the others stay pooled.
+    assert kept is (dialect != "snowflake")
