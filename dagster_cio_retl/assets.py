@@ -32,7 +32,7 @@ annotations (config and resource classes) as real types when the asset is define
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 from pydantic import Field
@@ -44,15 +44,15 @@ from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
-from dagster_cio_retl.project_config import ProjectConfig, load_project_config
+from dagster_cio_retl.project_config import DEFAULT_GROUP, ProjectConfig, load_project_config
 from dagster_cio_retl.resources import (
     PROJECT_ROOT,
     CustomerIOResource,
     WarehouseResource,
     engine_settings,
 )
+from dagster_cio_retl.translator import CustomerIOTranslator
 
-KEY_PREFIX = "customerio"
 OP_NAME = "cio_retl_sync"
 RELATIONSHIPS_OP_NAME = f"{OP_NAME}_relationships"  # partitioned mode's second multi-asset
 POOL = "cio_retl"
@@ -108,14 +108,8 @@ class SyncConfig(dg.Config):
 
 
 def asset_key(model: Model) -> dg.AssetKey:
-    """``customerio/<file stem>``: the key DESIGN.md promises for each model file."""
-    return dg.AssetKey([KEY_PREFIX, model.name])
-
-
-def upstream_key(dep: str) -> dg.AssetKey:
-    """A ``-- deps:`` entry as an asset key: ``analytics/users`` -> ``["analytics", "users"]``,
-    the key dagster-dbt gives the dbt model ``users`` in schema-less default naming."""
-    return dg.AssetKey([part.strip() for part in dep.split("/") if part.strip()])
+    """``customerio/<file stem>``: each model file's key under the default translation."""
+    return CustomerIOTranslator().get_asset_key(model)
 
 
 def bucket_partitions(buckets: int) -> dg.StaticPartitionsDefinition:
@@ -124,28 +118,53 @@ def bucket_partitions(buckets: int) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([f"{i:0{width}d}" for i in range(buckets)])
 
 
+class ExecuteFn(Protocol):
+    """What the sync op calls once its resources are read: plan, check, send, report.
+
+    :func:`sync_models` by default; ``CustomerIOComponent.execute`` in a component, so a
+    subclass can wrap or replace it.
+    """
+
+    def __call__(
+        self,
+        context: dg.AssetExecutionContext,
+        settings: Settings,
+        models: Sequence[Model],
+        config: SyncConfig,
+        bucket: Bucket | None,
+        keys: Mapping[str, dg.AssetKey],
+    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]: ...
+
+
 def build_model_assets(
     models_dir: Path,
     project: ProjectConfig | None = None,
     *,
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
     buckets: int = 1,
+    translator: CustomerIOTranslator | None = None,
+    execute: ExecuteFn | None = None,
+    root: Path = PROJECT_ROOT,
 ) -> list[dg.AssetsDefinition]:
     """The sync multi-asset(s) for the models in ``models_dir`` (a list, for ``Definitions``).
 
     One multi-asset without buckets; with ``buckets > 1``, one for people and objects and
     one for relationships, both partitioned by bucket. Raises the engine's ModelError for a
-    bad model file, so the code location fails loading with the file and line.
+    bad model file, so the code location fails loading with the file and line. ``root`` is
+    what the ``model_path`` metadata is shown relative to.
     """
     models = load_models(models_dir)
     project = project or load_project_config(models_dir)
-    if buckets <= 1:
-        return [_sync_asset(OP_NAME, models, models, project, retry_policy, None)]
-    partitions = bucket_partitions(buckets)
+    translator = translator or CustomerIOTranslator()
+    partitions = bucket_partitions(buckets) if buckets > 1 else None
+    specs = _specs(models, project, translator, root, partitioned=partitions is not None)
+    run = execute or sync_models
+    if partitions is None:
+        return [_sync_asset(OP_NAME, models, specs, retry_policy, None, run)]
     entities = [m for m in models if m.kind is not Kind.RELATIONSHIP]
     relationships = [m for m in models if m.kind is Kind.RELATIONSHIP]
     return [
-        _sync_asset(name, selected, models, project, retry_policy, partitions)
+        _sync_asset(name, selected, specs, retry_policy, partitions, run)
         for name, selected in ((OP_NAME, entities), (RELATIONSHIPS_OP_NAME, relationships))
         if selected
     ]
@@ -154,18 +173,19 @@ def build_model_assets(
 def _sync_asset(
     name: str,
     own: Sequence[Model],
-    models: Sequence[Model],
-    project: ProjectConfig,
+    specs: Mapping[str, dg.AssetSpec],
     retry_policy: dg.RetryPolicy | None,
     partitions: dg.StaticPartitionsDefinition | None,
+    execute: ExecuteFn,
 ) -> dg.AssetsDefinition:
-    by_key = {asset_key(model): model for model in own}
+    keys = {model.name: specs[model.name].key for model in own}
+    by_key = {keys[model.name]: model for model in own}
     buckets = len(partitions.get_partition_keys()) if partitions else 1
 
     @dg.multi_asset(
         name=name,
-        specs=[_spec(model, models, project, partitioned=partitions is not None) for model in own],
-        check_specs=[spec for model in own for spec in _check_specs(model)],
+        specs=[specs[model.name] for model in own],
+        check_specs=[spec for model in own for spec in _check_specs(model, keys[model.name])],
         can_subset=True,
         pool=POOL,
         retry_policy=retry_policy,
@@ -190,45 +210,83 @@ def _sync_asset(
         except CioRetlError as exc:
             raise _failure(exc) from None
         bucket = Bucket(int(context.partition_key), buckets) if partitions else None
-        yield from sync_models(context, settings, selected, config, bucket)
+        yield from execute(context, settings, selected, config, bucket, keys)
 
     return _sync
 
 
-def _spec(
-    model: Model, models: Sequence[Model], project: ProjectConfig, *, partitioned: bool = False
+def _specs(
+    models: Sequence[Model],
+    project: ProjectConfig,
+    translator: CustomerIOTranslator,
+    root: Path,
+    *,
+    partitioned: bool,
+) -> dict[str, dg.AssetSpec]:
+    """Every model's spec, by model name: the translator's, then what the sync needs."""
+    translated = {
+        model.name: translator.get_asset_spec(model, _base_spec(model, project, translator, root))
+        for model in models
+    }
+    keys = {name: spec.key for name, spec in translated.items()}
+    return {
+        model.name: _with_sync_needs(
+            model, translated[model.name], models, keys, project, partitioned=partitioned
+        )
+        for model in models
+    }
+
+
+def _base_spec(
+    model: Model, project: ProjectConfig, translator: CustomerIOTranslator, root: Path
 ) -> dg.AssetSpec:
-    upstream = [upstream_key(dep) for dep in model.deps]
-    first: list[dg.AssetKey | dg.AssetDep] = list(_synced_first(model, models))
-    if partitioned:  # a relationship of any bucket may name a person of any bucket
-        first = [
-            dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
-            for key in _synced_first(model, models)
-        ]
     tags = {"cio_retl/kind": model.kind.value, "cio_retl/mode": model.mode.value}
     if model.object_type_id:
         tags["cio_retl/object_type_id"] = model.object_type_id
     text = model.path.read_text(encoding="utf-8")
     return dg.AssetSpec(
-        key=asset_key(model),
-        group_name=project.group_of(model),
+        key=translator.get_asset_key(model),
+        group_name=translator.get_group_name(model, project),
         description=model.description or f"Customer.io {model.kind.value}s from {model.path.name}.",
-        deps=[*upstream, *first],
+        deps=[translator.get_upstream_key(dep) for dep in model.deps],
         kinds={"customerio", "sql"},
         tags=tags,
         owners=project.owners_of(model),
-        metadata=_definition_metadata(model),
+        metadata=_definition_metadata(model, root),
         code_version=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+def _with_sync_needs(
+    model: Model,
+    spec: dg.AssetSpec,
+    models: Sequence[Model],
+    keys: Mapping[str, dg.AssetKey],
+    project: ProjectConfig,
+    *,
+    partitioned: bool,
+) -> dg.AssetSpec:
+    upstream = [dep.asset_key for dep in spec.deps]
+    first: list[dg.AssetKey | dg.AssetDep] = list(_synced_first(model, models, keys))
+    if partitioned:  # a relationship of any bucket may name a person of any bucket
+        first = [
+            dg.AssetDep(key, partition_mapping=dg.AllPartitionMapping())
+            for key in _synced_first(model, models, keys)
+        ]
+    return spec.replace_attributes(
+        deps=[*spec.deps, *first],
         skippable=True,  # nothing is materialized when a blocking check stops the send
         automation_condition=(
-            _on_cron_after_upstream(project, model, upstream)
+            _on_cron_after_upstream(project, spec.group_name, upstream)
             if partitioned
             else _on_upstream_update(upstream)
         ),
     )
 
 
-def _synced_first(model: Model, models: Sequence[Model]) -> list[dg.AssetKey]:
+def _synced_first(
+    model: Model, models: Sequence[Model], keys: Mapping[str, dg.AssetKey]
+) -> list[dg.AssetKey]:
     """What must be synced first: a relationship needs its people and objects to exist.
 
     That is every person model (any identifier may name the same people) and the object
@@ -237,7 +295,7 @@ def _synced_first(model: Model, models: Sequence[Model]) -> list[dg.AssetKey]:
     if model.kind is not Kind.RELATIONSHIP:
         return []
     return [
-        asset_key(other)
+        keys[other.name]
         for other in models
         if other.kind is Kind.PERSON
         or (other.kind is Kind.OBJECT and other.object_type_id == model.object_type_id)
@@ -263,12 +321,12 @@ def _on_upstream_update(
 
 
 def _on_cron_after_upstream(
-    project: ProjectConfig, model: Model, upstream: Sequence[dg.AssetKey]
+    project: ProjectConfig, group: str | None, upstream: Sequence[dg.AssetKey]
 ) -> dg.AutomationCondition[Any]:
     """Partitioned mode's schedule: every bucket on the group's cron, once everything it
     depends on (for a relationship: every bucket of its people and objects) was updated
     since the tick; and, as without buckets, eagerly when a ``-- deps:`` table updates."""
-    schedule = project.schedule_of(project.group_of(model))
+    schedule = project.schedule_of(group or DEFAULT_GROUP)
     tick: dg.AutomationCondition[Any] = dg.AutomationCondition.cron_tick_passed(
         schedule.cron, schedule.timezone
     )
@@ -286,8 +344,7 @@ def _on_cron_after_upstream(
     return condition | eager if eager is not None else condition
 
 
-def _check_specs(model: Model) -> list[dg.AssetCheckSpec]:
-    key = asset_key(model)
+def _check_specs(model: Model, key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     return [
         dg.AssetCheckSpec(
             MODEL_VALID,
@@ -318,10 +375,10 @@ def _check_specs(model: Model) -> list[dg.AssetCheckSpec]:
     ]
 
 
-def _definition_metadata(model: Model) -> dict[str, dg.MetadataValue]:
+def _definition_metadata(model: Model, root: Path) -> dict[str, dg.MetadataValue]:
     """Static facts shown on the asset page: where the model lives and what it selects."""
     try:
-        shown = model.path.resolve().relative_to(PROJECT_ROOT)
+        shown = model.path.resolve().relative_to(root.resolve())
     except ValueError:
         shown = model.path
     metadata: dict[str, dg.MetadataValue] = {
@@ -349,8 +406,13 @@ def sync_models(
     models: Sequence[Model],
     config: SyncConfig,
     bucket: Bucket | None = None,
+    keys: Mapping[str, dg.AssetKey] | None = None,
 ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
-    """Plan, check, and (unless a dry run or a blocking check failed) send; report it all."""
+    """Plan, check, and (unless a dry run or a blocking check failed) send; report it all.
+
+    ``keys``: each model's asset key by model name (default ``customerio/<name>``).
+    """
+    keys = keys or {m.name: asset_key(m) for m in models}
     names = [m.name for m in models]
     try:
         plan = run_sync(
@@ -364,7 +426,7 @@ def sync_models(
             ),
         )
     except ModelError as exc:
-        yield from _invalid_model(models, exc)
+        yield from _invalid_model(models, exc, keys)
         return  # Dagster fails the step on the failed blocking check; nothing was sent
     except CioRetlError as exc:
         raise _failure(exc) from None
@@ -372,7 +434,7 @@ def sync_models(
     blocked = []
     for model in models:
         planned = _only(plan, model.name)
-        for result in _pre_send_checks(model, planned, config.force):
+        for result in _pre_send_checks(model, keys[model.name], planned, config.force):
             if not result.passed and result.severity is dg.AssetCheckSeverity.ERROR:
                 blocked.append(f"{model.name}: {result.check_name}")
             yield result
@@ -381,7 +443,7 @@ def sync_models(
         for model in models:
             planned = _only(plan, model.name)
             yield dg.MaterializeResult(
-                asset_key=asset_key(model), metadata=report_metadata(plan, planned)
+                asset_key=keys[model.name], metadata=report_metadata(plan, planned)
             )
             context.log.info(_summary(plan, planned))
         return
@@ -408,18 +470,17 @@ def sync_models(
         model_report = _only(report, model.name)
         if not report.error:
             yield dg.MaterializeResult(
-                asset_key=asset_key(model), metadata=report_metadata(report, model_report)
+                asset_key=keys[model.name], metadata=report_metadata(report, model_report)
             )
             context.log.info(_summary(report, model_report))
-        yield _stuck_check(model, model_report, stuck, config.max_stuck_pct)
+        yield _stuck_check(model, keys[model.name], model_report, stuck, config.max_stuck_pct)
     if report.error:  # retries ran out: what was acknowledged is kept; the rest goes next run
         raise dg.Failure(description=report.error, metadata=_failure_metadata(report))
 
 
 def _pre_send_checks(
-    model: Model, planned: ModelReport, force: bool
+    model: Model, key: dg.AssetKey, planned: ModelReport, force: bool
 ) -> Iterator[dg.AssetCheckResult]:
-    key = asset_key(model)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=MODEL_VALID,
@@ -465,14 +526,16 @@ def _pre_send_checks(
     )
 
 
-def _invalid_model(models: Sequence[Model], exc: ModelError) -> Iterator[dg.AssetCheckResult]:
+def _invalid_model(
+    models: Sequence[Model], exc: ModelError, keys: Mapping[str, dg.AssetKey]
+) -> Iterator[dg.AssetCheckResult]:
     """A failing ``model_valid`` check for the model the error names."""
     named = [m for m in models if str(m.path) == exc.path or str(m.path.resolve()) == exc.path]
     if not named:
         raise _failure(exc)
     for model in named:
         yield dg.AssetCheckResult(
-            asset_key=asset_key(model), check_name=MODEL_VALID, passed=False, description=str(exc)
+            asset_key=keys[model.name], check_name=MODEL_VALID, passed=False, description=str(exc)
         )
 
 
@@ -491,6 +554,7 @@ def _stuck_rows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
 
 def _stuck_check(
     model: Model,
+    key: dg.AssetKey,
     report: ModelReport,
     stuck: Mapping[str, list[dict[str, Any]]],
     max_pct: float,
@@ -513,7 +577,7 @@ def _stuck_check(
             _rejections_markdown(sample, total=len(rejected))
         )
     return dg.AssetCheckResult(
-        asset_key=asset_key(model),
+        asset_key=key,
         check_name=NO_STUCK_ROWS,
         passed=pct <= max_pct,
         severity=dg.AssetCheckSeverity.WARN,
