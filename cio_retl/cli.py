@@ -1,30 +1,33 @@
 """``cio-retl``: sync, plan, status, emulator, demo.
 
-Exit status (DESIGN.md): 0 all operations acknowledged; 1 some rows rejected (recorded, the
-rest synced) or left pending for the next run; 2 configuration or model error (nothing
-sent); 3 stopped by a guardrail or another run's lock (nothing sent).
+Exit status, mapped here and nowhere else from the engine's outcome or exception: 0 all
+operations acknowledged; 1 some rows rejected (recorded, the rest synced); 2 configuration
+or model error (nothing sent); 3 stopped by a guardrail or another run's lock (nothing
+sent); 4 a host could not be reached or kept failing after the retries (transient: what
+was acknowledged is kept, the rest goes on the next run).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cio_retl import _cli_startup  # noqa: F401  (first: before anything imports httpx)
 from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
-from cio_retl.errors import CioRetlError
+from cio_retl.errors import CioRetlError, GuardrailError, TransientError
 from cio_retl.limits import MAX_BATCH_ITEMS
 from cio_retl.state import StateStore
-from cio_retl.sync import RunReport, SyncOptions, run_sync
-from cio_retl.warehouse import create_engine
+from cio_retl.sync import Outcome, RunReport, SyncOptions, run_sync
+from cio_retl.warehouse import check_reachable, create_engine
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -34,14 +37,33 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, soft_wrap=True)  # errors stay one line each: grep-able in logs
 
 
+EXIT_SYNCED, EXIT_REJECTED, EXIT_CONFIG, EXIT_STOPPED, EXIT_TRANSIENT = 0, 1, 2, 3, 4
+EXIT_STATUS = {
+    Outcome.SYNCED: EXIT_SYNCED,
+    Outcome.REJECTED: EXIT_REJECTED,
+    Outcome.STOPPED: EXIT_STOPPED,
+    Outcome.INTERRUPTED: EXIT_TRANSIENT,
+}
+
+
+def exit_status(error: CioRetlError) -> int:
+    """3 for guardrails and locks, 4 for transient failures, 2 for everything else (a
+    configuration, model or credential problem: retrying cannot fix it)."""
+    if isinstance(error, GuardrailError):
+        return EXIT_STOPPED
+    if isinstance(error, TransientError):
+        return EXIT_TRANSIENT
+    return EXIT_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
     except CioRetlError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return exc.exit_code
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return exit_status(exc)
     except KeyboardInterrupt:
         err.print("interrupted: unacknowledged rows are resent by the next run")
         return 130
@@ -73,17 +95,17 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
     plan.add_argument("models", nargs="*", metavar="MODEL")
-    plan.add_argument("--samples", type=int, default=3, help="sample items per model")
+    plan.add_argument("--samples", type=_whole_number(0), default=3, help="sample items per model")
     plan.add_argument("--bucket", **_BUCKET_ARGUMENT)
     plan.set_defaults(handler=_plan)
 
     status = commands.add_parser("status", help="last runs, pending and rejected rows")
-    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("--limit", type=_whole_number(1), default=20)
     status.set_defaults(handler=_status)
 
     emulator = commands.add_parser("emulator", help="serve the local Track API emulator")
     emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8765)
+    emulator.add_argument("--port", type=_whole_number(0, 65535), default=8765)
     emulator.set_defaults(handler=_emulator)
 
     demo = commands.add_parser("demo", help="embedded warehouse + emulator + two syncs")
@@ -96,7 +118,9 @@ def _bucket(text: str) -> Bucket:
     try:
         return Bucket.parse(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(
+            f"{exc}; allowed: INDEX/COUNT, 0 <= INDEX < COUNT"
+        ) from None
 
 
 _BUCKET_ARGUMENT: dict[str, Any] = {
@@ -108,11 +132,26 @@ _BUCKET_ARGUMENT: dict[str, Any] = {
 }
 
 
-def _batch_size(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_BATCH_ITEMS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH_ITEMS}")
-    return value
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number within [low, high], or an error saying what is
+    allowed (a plain ``int`` prints only "invalid int value")."""
+    allowed = f"a whole number from {low} to {high}" if high else f"a whole number, {low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number; allowed: {allowed}"
+            ) from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: {allowed}")
+        return value
+
+    return parse
+
+
+_batch_size = _whole_number(1, MAX_BATCH_ITEMS)
 
 
 @contextmanager
@@ -156,7 +195,7 @@ def _sync(args: argparse.Namespace) -> int:
     )
     report = _run(Settings.from_env(), args.models, options)
     print_report(report)
-    return report.exit_code
+    return EXIT_STATUS[report.outcome]
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -170,7 +209,7 @@ def _plan(args: argparse.Namespace) -> int:
         for sample in model.samples:
             out.print(f"[dim]{model.model}:[/]", highlight=False)
             out.print_json(orjson.dumps(sample).decode())
-    return report.exit_code
+    return EXIT_STATUS[report.outcome]
 
 
 def print_report(report: RunReport, console: Console = out) -> None:
@@ -208,19 +247,25 @@ def print_report(report: RunReport, console: Console = out) -> None:
     console.print(table)
     for m in report.models:
         if m.guardrail:
-            console.print(f"[bold yellow]guardrail[/] {m.model}: {m.guardrail}", highlight=False)
+            console.print(
+                f"[bold yellow]guardrail[/] {m.model}: {escape(m.guardrail)}", highlight=False
+            )
         for key, reason in m.rejections:
-            console.print(f"[yellow]rejected[/] {m.model} key={key!r}: {reason}", highlight=False)
+            console.print(
+                f"[yellow]rejected[/] {m.model} key={escape(repr(key))}: {escape(reason)}",
+                highlight=False,
+            )
         if m.rejected > len(m.rejections):
             console.print(f"[yellow]... and {m.rejected - len(m.rejections)} more in {m.model}[/]")
     if report.error:
-        err.print(f"[bold red]run stopped:[/] {report.error}", highlight=False)
+        err.print(f"[bold red]run stopped:[/] {escape(report.error)}", highlight=False)
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    engine = create_engine(settings.state_url)
+    engine = create_engine(settings.state_url, "CIO_RETL_STATE_URL")
     try:
+        check_reachable(engine)
         state = StateStore(engine, settings.state_schema)
         state.ensure_schema()
         runs = Table(title="last runs", title_justify="left")

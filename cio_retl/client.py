@@ -56,6 +56,13 @@ class RetryPolicy:
         return rng.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
+def host_label(base_url: str) -> str:
+    """``scheme://host[:port]`` of a base URL, without user info or path: safe to print."""
+    url = httpx.URL(base_url)
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{url.host}{port}"
+
+
 def _needs_tls(base_url: str) -> bool:
     """False for plain HTTP on loopback (the emulator), where no TLS ever happens (redirects
     are not followed): httpx then skips loading the CA bundle, 0.15 s of every run's start.
@@ -84,6 +91,7 @@ class TrackClient:
             headers={"User-Agent": f"cio-retl/{__version__}", "Content-Type": "application/json"},
             verify=_needs_tls(base_url),
         )
+        self.host = host_label(base_url)
         self.retry = retry or RetryPolicy()
         self.limiter = limiter or workspace_limiter(base_url, site_id)
         self._sleep = sleep
@@ -103,7 +111,10 @@ class TrackClient:
         response, _, _ = self._request("GET", "/api/v1/accounts/region", None)
         self._raise_if_fatal(response)
         if response.status_code != 200:
-            raise FatalSendError(f"credential check answered HTTP {response.status_code}")
+            raise FatalSendError(
+                f"the Track API at {self.host} answered the credential check with "
+                f"HTTP {response.status_code}"
+            )
         data: dict[str, Any] = response.json()
         return data
 
@@ -126,7 +137,7 @@ class TrackClient:
                 result.merge(self.send_batch(items[:middle]), 0)
                 result.merge(self.send_batch(items[middle:]), middle)
         else:
-            raise RetriableError(f"unexpected HTTP {status} from the Track API")
+            raise RetriableError(f"unexpected HTTP {status} from the Track API at {self.host}")
         return result
 
     def _read_207(self, response: httpx.Response, n_items: int, result: SendResult) -> None:
@@ -177,10 +188,17 @@ class TrackClient:
                     attempts = attempt.retry_state.attempt_number
             return response, attempts, attempts * size
         except (_Retriable, httpx.TransportError) as exc:  # the last attempt failed too
-            last = f"HTTP {exc.status}" if isinstance(exc, _Retriable) else type(exc).__name__
+            if isinstance(exc, _Retriable):
+                what = f"kept failing (last: HTTP {exc.status})"
+            else:  # httpx's message is the OS's ("[Errno 111] Connection refused"): no URL
+                detail = str(exc).strip()
+                what = f"could not be reached ({type(exc).__name__}" + (
+                    f": {detail})" if detail else ")"
+                )
             raise RetriableError(
-                f"the Track API did not accept {path} after {self.retry.max_attempts} attempts "
-                f"(last: {last}); unacknowledged rows are resent on the next run",
+                f"the Track API at {self.host} {what}: {method} {path} failed "
+                f"after {self.retry.max_attempts} attempts; what was acknowledged is kept and "
+                "unacknowledged rows are resent on the next run",
                 attempts=self.retry.max_attempts,
                 bytes_sent=self.retry.max_attempts * size,
             ) from None
@@ -190,17 +208,17 @@ class TrackClient:
         retry_after = error.retry_after if isinstance(error, _Retriable) else None
         return self.retry.delay(state.attempt_number - 1, retry_after, self._rng)
 
-    @staticmethod
-    def _raise_if_fatal(response: httpx.Response) -> None:
+    def _raise_if_fatal(self, response: httpx.Response) -> None:
         if response.status_code in (401, 403):
             raise FatalSendError(
-                f"Customer.io refused the credentials (HTTP {response.status_code}): check "
-                "CIO_SITE_ID, CIO_API_KEY and CIO_REGION; nothing was acknowledged"
+                f"Customer.io ({self.host}) refused the credentials (HTTP "
+                f"{response.status_code}): check CIO_SITE_ID, CIO_API_KEY and CIO_REGION; "
+                "nothing was acknowledged"
             )
         if response.status_code in (404, 405):
             raise FatalSendError(
-                f"the Track API answered HTTP {response.status_code} for {response.request.url.path}: "
-                "check CIO_TRACK_API_URL / CIO_REGION"
+                f"the Track API at {self.host} answered HTTP {response.status_code} for "
+                f"{response.request.url.path}: check CIO_TRACK_API_URL / CIO_REGION"
             )
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from cio_retl.config import Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator
-from cio_retl.sync import run_sync
+from cio_retl.sync import Outcome, run_sync
 from cio_retl.warehouse import create_engine
 
 DEMO_SITE_ID = "demo-site"
@@ -74,8 +74,8 @@ def run_demo(directory: str | None, console: Console) -> int:
         sent_third = sum(m.items_sent for m in third.models)
         console.print(f"   sent {sent_third} items")
     ok = (
-        first.exit_code == 0
-        and second.exit_code == 0
+        first.outcome is Outcome.SYNCED
+        and second.outcome is Outcome.SYNCED
         and len(items) == edits.entities
         and sent_third == 0
     )

@@ -1,8 +1,11 @@
 """The error taxonomy: what stops a run, what is retried, and what rejects one row.
 
-Exit codes follow DESIGN.md: 2 for configuration/model errors, 3 for guardrails. A rejected
-row is not an exception at all: it is a value (:class:`Rejection`) recorded and reported,
-so one bad row never stops the others.
+Four kinds of stop, each a base class here: configuration or model errors (:class:`ConfigError`,
+and :class:`FatalSendError` when Customer.io refuses the credentials), guardrails and locks
+(:class:`GuardrailError`), and transient failures (:class:`TransientError`: a host that could
+not be reached or kept failing; the next run may well succeed). The exceptions carry no exit
+status: the command line maps each kind to one. A rejected row is not an exception at all: it
+is a value (:class:`Rejection`) recorded and reported, so one bad row never stops the others.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ class CioRetlError(Exception):
     before it (a ``cio_retl.sync.RunReport``), for adapters to show.
     """
 
-    exit_code = 2
     report: Any = None
 
 
@@ -39,8 +41,6 @@ class ModelError(ConfigError):
 class GuardrailError(CioRetlError):
     """A guardrail stopped the run before anything was sent."""
 
-    exit_code = 3
-
 
 class LockedError(GuardrailError):
     """Another run holds the model's lock; like a guardrail, it stops before sending."""
@@ -49,16 +49,25 @@ class LockedError(GuardrailError):
 class FatalSendError(CioRetlError):
     """Customer.io refused the whole run (bad credentials, forbidden workspace)."""
 
-    exit_code = 2
+
+class TransientError(CioRetlError):
+    """A host (the Track API, a database) could not be reached or kept failing: what was
+    acknowledged is kept, and a later run may succeed. The message names the host, never
+    a credential."""
 
 
-class RetriableError(CioRetlError):
-    """A request's outcome is unknown or throttled; the same items may be sent again."""
+class RetriableError(TransientError):
+    """A request's outcome is unknown or throttled and the retries ran out; the same items
+    may be sent again."""
 
     def __init__(self, message: str, *, attempts: int = 0, bytes_sent: int = 0) -> None:
         self.attempts = attempts
         self.bytes_sent = bytes_sent
         super().__init__(message)
+
+
+class UnreachableError(TransientError):
+    """A database did not answer (refused, timed out, name not resolved)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ no new component is needed. :func:`budget_for` picks one from the settings.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from typing import Protocol
 
 import sqlalchemy as sa
 
+from cio_retl.config import RATE_BUDGETS, RATE_SPEC
 from cio_retl.errors import ConfigError
 from cio_retl.state import StateStore, rate_budget
 
@@ -28,7 +28,7 @@ RATE_LIMIT_WINDOW = 3.0
 SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
 SHARED_HEADROOM = 0.02  # of the limit kept free for jitter between a grant and the arrival
 
-_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*s?\s*$")
+_SPEC = RATE_SPEC  # the form Settings.from_env checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +230,7 @@ class SharedRateBudget:
             self._sleep(min(max(float(wait), 0.0005), self.spec.window))
 
 
-BUDGETS = ("auto", "local", "shared")
+BUDGETS = RATE_BUDGETS
 
 
 def budget_for(

@@ -10,6 +10,7 @@ people, devices, relationship adds and deletes, events, suppressions, deletes); 
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import threading
 import time
@@ -21,8 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
 from cio_retl.batching import pack
 from cio_retl.buckets import Bucket
@@ -33,7 +32,6 @@ from cio_retl.errors import (
     CioRetlError,
     ConfigError,
     GuardrailError,
-    LockedError,
     ModelError,
     Rejection,
     RetriableError,
@@ -44,7 +42,7 @@ from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.ratelimit import RateSpec, budget_for
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
-from cio_retl.warehouse import Warehouse, create_engine
+from cio_retl.warehouse import Warehouse, check_reachable, create_engine
 
 Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
 
@@ -108,23 +106,34 @@ class ModelReport:
         }
 
 
+class Outcome(enum.Enum):
+    """How a run that returned a report ended; the command line maps each to an exit status."""
+
+    SYNCED = "synced"  # every operation acknowledged (or, in a dry run, nothing in the way)
+    REJECTED = "rejected"  # some rows rejected and recorded, the rest synced
+    STOPPED = "stopped"  # a guardrail stopped (or, in a dry run, would stop) the run
+    INTERRUPTED = "interrupted"  # a transient failure: the rest goes on the next run
+
+
 @dataclass(slots=True)
 class RunReport:
     run_id: str
     dry_run: bool
     models: list[ModelReport]
-    error: str | None = None
+    error: str | None = None  # the transient failure that ended the run early
     bucket: str | None = None  # "3/16" when the run covered one hash bucket
 
     @property
-    def exit_code(self) -> int:
-        """0 all acknowledged; 1 rows rejected or left pending (the next run resends them);
-        3 a guardrail stopped (or, in a dry run, would stop) the run."""
+    def outcome(self) -> Outcome:
+        """A guardrail first (nothing was sent), then a transient failure (the run must be
+        retried even if it also rejected rows), then rejections."""
         if any(m.guardrail for m in self.models):
-            return 3
-        if self.error or any(m.rejected or m.error for m in self.models):
-            return 1
-        return 0
+            return Outcome.STOPPED
+        if self.error or any(m.error for m in self.models):
+            return Outcome.INTERRUPTED
+        if any(m.rejected for m in self.models):
+            return Outcome.REJECTED
+        return Outcome.SYNCED
 
 
 def run_sync(
@@ -150,9 +159,13 @@ def run_sync(
         rate = RateSpec.parse(settings.rate_limit)
     except ValueError as exc:
         raise ConfigError(f"CIO_RETL_RATE_LIMIT: {exc}") from None
-    engine = create_engine(settings.warehouse_url)
+    engine = create_engine(settings.warehouse_url, "CIO_RETL_WAREHOUSE_URL")
     # The same database: the diff runs there as SQL. Another one: the cross-database diff.
-    state_engine = engine if settings.state_is_warehouse else create_engine(settings.state_url)
+    state_engine = (
+        engine
+        if settings.state_is_warehouse
+        else create_engine(settings.state_url, "CIO_RETL_STATE_URL")
+    )
     differ: Differ | None = None
     try:
         warehouse = Warehouse(engine)
@@ -234,23 +247,6 @@ def fewer_collections() -> Iterator[None]:
             if _GC_USERS == 0:
                 gc.set_threshold(*_GC_SAVED)
                 gc.unfreeze()
-
-
-def check_reachable(engine: Engine) -> None:
-    """Connect once, so "database busy or down" is not mistaken for a model's SQL error."""
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        if "Could not set lock on file" in message:  # DuckDB: one writing process per file
-            raise LockedError(
-                f"the DuckDB database is in use by another process ({message.split(': ', 1)[-1]}); "
-                "one run at a time: try again when it ends"
-            ) from None
-        raise ConfigError(
-            f"cannot connect to the {engine.dialect.name} database: {message}"
-        ) from None
 
 
 class _Run:

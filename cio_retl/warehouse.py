@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from cio_retl.dialects import KEY_SEPARATOR as KEY_SEPARATOR  # re-exported
 from cio_retl.dialects import Dialect as Dialect  # re-exported
 from cio_retl.dialects import dialect_for
-from cio_retl.errors import ConfigError, ModelError
+from cio_retl.errors import CioRetlError, ConfigError, LockedError, ModelError, UnreachableError
 from cio_retl.models import Kind, Model
 
 # Columns the diff adds to a model's rows; a model may not use these names.
@@ -51,7 +51,15 @@ DUCKDB_MEMORY_LIMIT = "128MB"
 _DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
 
 
-def create_engine(url: str) -> Engine:
+# The driver each backend's URL form needs, and the extra of cio-retl that installs it.
+_DRIVER_EXTRAS = {
+    "postgresql": ("postgresql+psycopg://", "psycopg", "postgres"),
+    "snowflake": ("snowflake://", "snowflake-sqlalchemy", "snowflake"),
+}
+URL_SETTINGS = "CIO_RETL_WAREHOUSE_URL / CIO_RETL_STATE_URL"
+
+
+def create_engine(url: str, setting: str = URL_SETTINGS) -> Engine:
     """An engine for ``url``; errors name the variable, never the URL (it may hold a password).
 
     DuckDB runs inside our process, so its operator memory is our RSS: unless the URL sets
@@ -64,11 +72,12 @@ def create_engine(url: str) -> Engine:
     open with another configuration, e.g. through a plain SQLAlchemy engine of the user's.
     """
     try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        engine = sa.create_engine(url)  # imports the URL's driver (its DBAPI module) now
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(_driver_problem(url, setting, exc)) from None
+    except sa.exc.ArgumentError as exc:
         raise ConfigError(
-            f"cannot use the database URL ({type(exc).__name__}: {_redact(str(exc), url)}); "
-            "check CIO_RETL_WAREHOUSE_URL / CIO_RETL_STATE_URL and the installed extras"
+            f"{setting}: cannot use the database URL ({_redact(str(exc), url)})"
         ) from None
     if engine.dialect.name == "duckdb" and not _DUCKDB_MEMORY_SETTINGS & {
         k.lower() for k in engine.url.query
@@ -80,6 +89,97 @@ def create_engine(url: str) -> Engine:
 def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:
     # A global setting: it bounds the database instance every connection of ours shares.
     dbapi_connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+
+
+def _driver_problem(url: str, setting: str, exc: Exception) -> str:
+    """Which URL form and extra to use when the URL's driver is not installed."""
+    parsed = sa.engine.make_url(url)  # it parsed once already: create_engine got this far
+    # Read from the URL's text: asking SQLAlchemy for the driver would load it again.
+    backend, _, driver = parsed.drivername.partition("+")
+    driver = driver or {"postgresql": "psycopg2"}.get(backend, backend)
+    missing = _redact(str(exc), url)
+    if backend not in _DRIVER_EXTRAS:
+        return f"{setting}: {parsed.drivername}:// cannot be loaded ({missing})"
+    form, package, extra = _DRIVER_EXTRAS[backend]
+    install = f"pip install 'cio-retl[{extra}]' (or: uv sync --extra {extra})"
+    if backend == "postgresql" and driver != "psycopg":
+        return (
+            f"{setting}: {parsed.drivername}:// needs the {driver} driver, which is not "
+            f"installed ({missing}); use {form}... with the `{extra}` extra: {install}"
+        )
+    return (
+        f"{setting}: {form} needs {package}, which is not installed ({missing}); "
+        f"install the `{extra}` extra: {install}"
+    )
+
+
+def database_error(engine: Engine, exc: sa.exc.DBAPIError) -> CioRetlError:
+    """The engine's error for a database that refused or failed a connection.
+
+    A server that cannot be reached (refused, timed out, name not resolved, shutting down,
+    too many connections) is transient; wrong credentials or a database that does not
+    exist are configuration errors, told apart by the SQLSTATE class the server reports
+    (PostgreSQL docs, Appendix A "Error Codes": 28 invalid authorization, 3D invalid
+    catalog name). Snowflake's connector raises OperationalError for network failures and
+    ProgrammingError for a refused login. DuckDB is a local file: nothing to reach, except
+    that one process at a time may write it. Messages name the host, never the password.
+    """
+    url = engine.url
+    message = _db_message(exc)
+    if url.password:
+        message = message.replace(str(url.password), "***")
+    name = engine.dialect.name
+    if name == "duckdb":
+        if "Could not set lock on file" in message:
+            return LockedError(
+                f"the DuckDB database is in use by another process "
+                f"({message.split(': ', 1)[-1]}); one run at a time: try again when it ends"
+            )
+        return ConfigError(f"cannot open the DuckDB database {url.database}: {message}")
+    host = url.host or "localhost"
+    where = f"{host}:{url.port}" if url.port else host
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not _refused(
+        exc, message
+    ):
+        return UnreachableError(
+            f"cannot reach the {name} database at {where}: {message} "
+            "(nothing was sent; try again when it is back)"
+        )
+    return ConfigError(f"cannot connect to the {name} database at {where}: {message}")
+
+
+# Server answers that mean "try again later" (PostgreSQL docs, Appendix A: 57P03
+# cannot_connect_now, 53300 too_many_connections), as libpq words them.
+_BUSY_SERVER = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "too many connections",
+    "remaining connection slots are reserved",
+)
+
+
+def _refused(exc: sa.exc.DBAPIError, message: str) -> bool:
+    """The server answered and refused: bad credentials, no such database or role.
+
+    A driver that reports the SQLSTATE gives class 28 (invalid authorization) or 3D
+    (invalid catalog name); libpq does not at connect time (psycopg's ``sqlstate`` is None
+    there), but prefixes what the server said with its severity, ``FATAL:``, which a
+    refused TCP connection or a timeout never has.
+    """
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    if sqlstate:
+        return sqlstate.startswith(("28", "3D"))
+    return "FATAL:" in message and not any(busy in message for busy in _BUSY_SERVER)
+
+
+def check_reachable(engine: Engine) -> None:
+    """Connect once, so "database busy or down" is not mistaken for a model's SQL error."""
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        raise database_error(engine, exc) from None
 
 
 def _redact(message: str, url: str) -> str:

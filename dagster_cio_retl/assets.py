@@ -39,7 +39,7 @@ from pydantic import Field
 
 from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
-from cio_retl.errors import CioRetlError, LockedError, ModelError, RetriableError
+from cio_retl.errors import CioRetlError, LockedError, ModelError, TransientError
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
@@ -593,15 +593,12 @@ def _failure(exc: CioRetlError) -> dg.Failure:
     started, a lock held by another run); configuration, model, credential and guardrail
     errors are not, since retrying cannot fix them.
     """
+    transient = isinstance(exc, LockedError | TransientError)
     metadata: dict[str, dg.MetadataValue] = {
         "error_type": dg.MetadataValue.text(type(exc).__name__),
-        "exit_code": dg.MetadataValue.int(exc.exit_code),
+        "transient": dg.MetadataValue.bool(transient),
     }
-    return dg.Failure(
-        description=str(exc),
-        metadata=metadata,
-        allow_retries=isinstance(exc, LockedError | RetriableError),
-    )
+    return dg.Failure(description=str(exc), metadata=metadata, allow_retries=transient)
 
 
 def _failure_metadata(report: RunReport) -> dict[str, dg.MetadataValue]:

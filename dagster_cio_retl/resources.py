@@ -116,7 +116,10 @@ def buckets_from_env(environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     text = (environ.get("CIO_RETL_BUCKETS") or "1").strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_BUCKETS:
-        raise ConfigError(f"CIO_RETL_BUCKETS must be a whole number 1..{MAX_BUCKETS}, not {text!r}")
+        raise ConfigError(
+            f"CIO_RETL_BUCKETS={text!r} is not a bucket count; "
+            f"allowed: a whole number 1 to {MAX_BUCKETS}"
+        )
     return int(text)
 
 

@@ -19,6 +19,7 @@ from cio_retl.config import Settings
 from cio_retl.emulator import Emulator
 from cio_retl.errors import GuardrailError, ModelError
 from cio_retl.state import StateStore
+from cio_retl.sync import Outcome
 from tests.conftest import sync
 
 # (key, SQL expression of the `note` column, expected: None = accepted, else a reason fragment)
@@ -101,7 +102,7 @@ def test_bad_rows_corpus(
     people = report.models[0]
     reasons = dict(people.rejections)
     expected_rejected = {k for k, _, why in ROWS if why}
-    assert report.exit_code == 1
+    assert report.outcome is Outcome.REJECTED
     assert set(reasons) == expected_rejected | {None}  # None: the NULL key
     assert "is NULL" in reasons[None]
     for key, _, why in ROWS:
@@ -369,7 +370,7 @@ def test_change_guardrail_counts_real_changes_not_moved_fingerprints(
     write(models_dir, "g", header + "select n, plan, k from main.g\n")  # same data, new shape
     before = len(emulator.requests)
     reordered = sync(s)
-    assert reordered.exit_code == 0 and reordered.models[0].guardrail is None
+    assert reordered.outcome is Outcome.SYNCED and reordered.models[0].guardrail is None
     assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
     assert sync(s).models[0].planned == 0  # the fingerprints were refreshed
     with demo_engine.begin() as conn:

@@ -22,12 +22,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from cio_retl.cli import exit_status
 from cio_retl.client import RetryPolicy
 from cio_retl.config import Secret, Settings
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import LockedError
 from cio_retl.state import StateStore
-from cio_retl.sync import SyncOptions, run_sync
+from cio_retl.sync import Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, REPO, SITE_ID, cli_env, duplicate_snapshot_keys
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
@@ -64,7 +65,7 @@ def test_fault_storm_then_clean_run_converges(
     report = run_sync(settings, None, SyncOptions(retry=PATIENT, max_in_flight=3, batch_items=10))
     statuses = {r.status for r in emulator.requests}
     assert {0, 429, 207} <= statuses and statuses & {500, 502, 503}
-    assert report.exit_code == 1 and report.error is None
+    assert report.outcome is Outcome.REJECTED and report.error is None
     users = next(m for m in report.models if m.model == "users")
     assert users.rejected == 7 and users.created == 490 - 7
     state = StateStore(demo_engine)
@@ -81,7 +82,7 @@ def test_fault_storm_then_clean_run_converges(
     emulator.faults = FaultPlan()
     before = len(emulator.requests)
     again = patient_sync(settings)
-    assert again.exit_code == 0  # type: ignore[attr-defined]
+    assert again.outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     resent = {
         i["identifiers"].get("email")
         for i in batch_items(emulator, before)
@@ -117,7 +118,7 @@ def test_sigkill_at_random_points_then_rerun_is_exact(
     assert duplicate_snapshot_keys(engine) == []
     total = 40 + 490 + 506
     before = len(emulator.requests)
-    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))
     assert resent == total - acknowledged  # at most (here: exactly) the unacknowledged rows
     if hold:  # ... and the snapshot lags what Customer.io acknowledged by one batch at most
@@ -215,7 +216,7 @@ def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
         site_id=SITE_ID,
         api_key=Secret(API_KEY),
     )
-    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))
     assert total - acknowledged <= resent <= total - acknowledged + batch
     assert len(emulator.workspace.people) == total
@@ -228,7 +229,7 @@ def test_kills_while_rewriting_snapshots_leave_each_key_once(
     """Runs killed while they replace existing snapshot rows (updates, then a full resync)
     and a run bringing back users who left: each (model, key) stays one row on DuckDB,
     whose snapshot table has no primary key, and the rerun is exact."""
-    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     with demo_engine.begin() as conn:
         conn.execute(
             sa.text("UPDATE demo.users SET plan = :p WHERE user_id % 2 = 0"), {"p": f"kill{seed}"}
@@ -245,7 +246,7 @@ def test_kills_while_rewriting_snapshots_leave_each_key_once(
     kill_after_batches(warehouse_url, emulator, rng.randint(2, 30), "--full-resync")
     engine = create_engine(warehouse_url)
     assert duplicate_snapshot_keys(engine) == []
-    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     assert duplicate_snapshot_keys(engine) == []
     expected = expected_workspace(engine)
     assert actual_workspace(emulator) == expected
@@ -277,9 +278,9 @@ def test_two_runs_at_once_in_one_process(
         t.join()
     locked = [o for o in outcomes if isinstance(o, LockedError)]
     assert len(locked) == 1 and "being synced by another run" in str(locked[0])
-    assert locked[0].exit_code == 3
+    assert exit_status(locked[0]) == 3
     emulator.faults = FaultPlan()
-    assert patient_sync(settings).exit_code == 0  # type: ignore[attr-defined]
+    assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
 
 
@@ -390,7 +391,7 @@ def test_random_mutations_under_random_faults_converge(
             assert duplicate_snapshot_keys(engine) == []
         emu.faults = FaultPlan()
         final = run_sync(settings, None, SyncOptions(retry=PATIENT, force=True))
-        assert final.exit_code == 0, final
+        assert final.outcome is Outcome.SYNCED, final
         assert actual_workspace(emu) == expected_workspace(engine)
         assert duplicate_snapshot_keys(engine) == []
     engine.dispose()

@@ -18,6 +18,7 @@ from cio_retl.config import Secret, Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator
 from cio_retl.state import StateStore
+from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, PgSchemas, demo_models, sync
 from tests.test_sync_duckdb import actual_workspace, batch_items
@@ -85,7 +86,7 @@ def test_demo_syncs_then_sends_only_the_edits(
     pg_settings: Settings, pg_schemas: PgSchemas, pg_engine: Engine, emulator: Emulator
 ) -> None:
     first = sync(pg_settings)
-    assert first.exit_code == 0, first
+    assert first.outcome is Outcome.SYNCED, first
     expected = expected_workspace(pg_engine, pg_schemas.warehouse)
     assert actual_workspace(emulator) == expected
     assert len(expected["people"]) == 490 and emulator.invalid_items == []
@@ -97,7 +98,7 @@ def test_demo_syncs_then_sends_only_the_edits(
     edits = edit_demo_warehouse(pg_engine, schema=pg_schemas.warehouse)
     before = len(emulator.requests)
     second = sync(pg_settings)
-    assert second.exit_code == 0
+    assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
     assert len(items) == edits.entities == 6
     people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
@@ -113,7 +114,7 @@ def test_demo_syncs_then_sends_only_the_edits(
 
     before = len(emulator.requests)
     third = sync(pg_settings)
-    assert third.exit_code == 0 and sum(m.items_sent for m in third.models) == 0
+    assert third.outcome is Outcome.SYNCED and sum(m.items_sent for m in third.models) == 0
     assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
 
 
@@ -152,7 +153,7 @@ def test_mirror_deletes_and_rejections(
     )
     first = sync(pg_settings)
     people = first.models[0]
-    assert first.exit_code == 1
+    assert first.outcome is Outcome.REJECTED
     assert people.created == 3 and people.rejected == 5
     reasons = dict(people.rejections)
     assert "2 rows share this key" in reasons["dup"]

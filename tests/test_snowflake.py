@@ -22,6 +22,7 @@ from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.dialects import SnowflakeDialect
 from cio_retl.emulator import Emulator
 from cio_retl.state import SnapshotRow, StateStore
+from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, REPO, SITE_ID, sync
 from tests.test_postgres import sorted_items
@@ -65,7 +66,7 @@ def test_demo_syncs_then_sends_only_the_edits(
     sf_settings: Settings, sf_engine: Engine, emulator: Emulator, tmp_path: Path
 ) -> None:
     first = sync(sf_settings)
-    assert first.exit_code == 0, first
+    assert first.outcome is Outcome.SYNCED, first
     assert {m.model: m.created for m in first.models}["users"] == 490
     assert actual_workspace(emulator) == duckdb_expected(tmp_path)
     assert emulator.invalid_items == []
@@ -73,7 +74,7 @@ def test_demo_syncs_then_sends_only_the_edits(
     edits = edit_demo_warehouse(sf_engine)
     before = len(emulator.requests)
     second = sync(sf_settings)
-    assert second.exit_code == 0
+    assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
     assert len(items) == edits.entities == 6
     cleared = next(i for i in items if "first_name" in i["attributes"])

@@ -19,11 +19,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cio_retl.cli import exit_status
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore, rejections, snapshots
+from cio_retl.sync import Outcome
 from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
 from tests.conftest import (
     API_KEY,
@@ -100,7 +102,7 @@ def test_first_sync_equals_warehouse(
     settings: Settings, demo_engine: Engine, emulator: Emulator
 ) -> None:
     report = sync(settings)
-    assert report.exit_code == 0, report
+    assert report.outcome is Outcome.SYNCED, report
     expected = expected_workspace(demo_engine)
     actual = actual_workspace(emulator)
     assert actual["objects"] == expected["objects"]
@@ -124,13 +126,13 @@ def test_first_sync_equals_warehouse(
 def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
     settings: Settings, demo_engine: Engine, emulator: Emulator
 ) -> None:
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     edits = edit_demo_warehouse(demo_engine)
     before = len(emulator.requests)
 
     second = sync(settings)
 
-    assert second.exit_code == 0
+    assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
     assert len(items) == edits.entities == 6
     people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
@@ -155,7 +157,7 @@ def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
 
     before = len(emulator.requests)
     third = sync(settings)
-    assert third.exit_code == 0
+    assert third.outcome is Outcome.SYNCED
     assert emulator.requests[before:] == [] or all(
         r.path != "/api/v2/batch" for r in emulator.requests[before:]
     )
@@ -168,7 +170,7 @@ def test_unacknowledged_rows_stay_out_of_the_snapshot(
 ) -> None:
     emulator.faults = FaultPlan(error_rate=1.0)
     report = sync(settings)
-    assert report.exit_code == 1
+    assert report.outcome is Outcome.INTERRUPTED
     assert report.error and "resent on the next run" in report.error
     assert emulator.workspace.people == {}
     state = StateStore(demo_engine)
@@ -176,7 +178,7 @@ def test_unacknowledged_rows_stay_out_of_the_snapshot(
     assert state.snapshot("users") == {}
 
     emulator.faults = FaultPlan()
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
 
 
@@ -187,7 +189,7 @@ def test_item_rejected_by_customerio_is_recorded_and_retried(
     emulator.faults = FaultPlan(reject_identifiers=frozenset({bad}))
     report = sync(settings, "users")
     users = report.models[0]
-    assert report.exit_code == 1 and report.error is None
+    assert report.outcome is Outcome.REJECTED and report.error is None
     assert users.rejected == 1 and users.created == 489
     assert users.rejections == [(bad, "invalid: rejected by fault plan [identifiers] (HTTP 207)")]
     state = StateStore(demo_engine)
@@ -199,7 +201,7 @@ def test_item_rejected_by_customerio_is_recorded_and_retried(
     emulator.faults = FaultPlan()
     before = len(emulator.requests)
     retry = sync(settings, "users")
-    assert retry.exit_code == 0
+    assert retry.outcome is Outcome.SYNCED
     assert [i["identifiers"]["email"] for i in batch_items(emulator, before)] == [bad]
     assert state.rejections("users") == []
     assert bad in state.snapshot("users")
@@ -295,12 +297,12 @@ def test_rows_leaving_a_model(
         before = len(emulator.requests)
         with pytest.raises(GuardrailError) as caught:
             sync(s)
-        assert caught.value.exit_code == 3
+        assert exit_status(caught.value) == 3
         assert "1 of 3 synced rows (33.3%) would be deleted, over max_delete_pct 10" in str(
             caught.value
         )
         assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
-        assert sync(s, dry_run=True).exit_code == 3  # a plan shows it too
+        assert sync(s, dry_run=True).outcome is Outcome.STOPPED  # a plan shows it too
         report = sync(s, force=True)
     else:
         report = sync(s)
@@ -337,7 +339,7 @@ def test_bad_rows_are_rejected_alone(
     )
     report = sync(with_models(settings, models_dir))
     people = report.models[0]
-    assert report.exit_code == 1
+    assert report.outcome is Outcome.REJECTED
     assert people.created == 2
     assert people.rejected == 5
     reasons = dict(people.rejections)
@@ -381,10 +383,10 @@ def test_a_held_lock_stops_the_run(
     state.acquire_lock("users", "other-run")
     with pytest.raises(LockedError) as caught:
         sync(settings, "users")
-    assert "being synced by another run" in str(caught.value) and caught.value.exit_code == 3
+    assert "being synced by another run" in str(caught.value) and exit_status(caught.value) == 3
     assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
     state.release_lock("users", "other-run")
-    assert sync(settings, "users").exit_code == 0
+    assert sync(settings, "users").outcome is Outcome.SYNCED
 
 
 def test_sigkill_mid_send_loses_nothing(
@@ -414,7 +416,7 @@ def test_sigkill_mid_send_loses_nothing(
     engine = demo_engine.engine
     state = StateStore(engine)
     assert state.snapshot("companies") == {}  # nothing was acknowledged
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert actual_workspace(emulator) == expected_workspace(engine)
 
 
@@ -436,7 +438,7 @@ def test_snapshot_table_has_no_primary_key_on_duckdb(
 ) -> None:
     """Nor has the rejections table: an ART index cannot spill to disk (out of memory near
     8.8M keys at 512MB); the small state tables keep theirs."""
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert _primary_keys(demo_engine, "snapshots") == 0
     assert _primary_keys(demo_engine, "rejections") == 0
     assert _primary_keys(demo_engine, "locks") == 1
@@ -457,7 +459,7 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
 ) -> None:
     """State written by a version whose DuckDB snapshots had PRIMARY KEY (model, key): the
     next run copies it into an unkeyed table, keeps every row, and sends only the edits."""
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     state = StateStore(demo_engine)
     with demo_engine.begin() as conn:  # a rejection to carry over
         state.record_rejections(
@@ -476,7 +478,7 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     edits = edit_demo_warehouse(demo_engine)
     before = len(emulator.requests)
 
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
 
     assert _primary_keys(demo_engine, "snapshots") == 0
     assert _primary_keys(demo_engine, "rejections") == 0
@@ -490,7 +492,7 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     }
     assert duplicate_snapshot_keys(demo_engine) == []
     before = len(emulator.requests)
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert batch_items(emulator, before) == []
 
 

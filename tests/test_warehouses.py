@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.config import Secret, Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator
+from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, demo_models, sync
 from tests.test_postgres import sorted_items
@@ -97,12 +98,12 @@ def test_same_end_state_whichever_warehouse(
     reference = reference_workspace(tmp_path_factory)
     settings = settings_for(warehouse, emulator)
     first = sync(settings)
-    assert first.exit_code == 0
+    assert first.outcome is Outcome.SYNCED
     assert [m.created for m in first.models] == reference["created"]
     assert actual_workspace(emulator) == reference["first"]
     edit_demo_warehouse(warehouse.engine, schema=warehouse.schema)
     before = len(emulator.requests)
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert sorted_items(emulator, before) == reference["edits"]  # byte for byte the same items
     assert actual_workspace(emulator) == reference["second"]
     assert emulator.invalid_items == []
@@ -178,6 +179,6 @@ def test_model_sql_with_colons_and_percent_signs(warehouse: Warehouse, emulator:
         "where email like 'grace.%' and created_at > CAST('2024-01-01 00:00:00' AS TIMESTAMP)\n"
     )
     report = sync(settings_for(warehouse, emulator))
-    assert report.exit_code == 0 and report.models[0].created > 0
+    assert report.outcome is Outcome.SYNCED and report.models[0].created > 0
     person = next(iter(emulator.workspace.people_by("email").values()))
     assert person["slot"] == "10:00" and person["tag"] == "a:b" and person["pct"] == "100%"

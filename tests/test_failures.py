@@ -1,0 +1,248 @@
+"""Failures a user can act on: every setting checked when read (exit 2 naming the variable
+and what is allowed), transient failures (exit 4 naming the host, never a secret), and
+driver problems naming the URL form and the extra to install."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from cio_retl.cli import EXIT_STATUS, exit_status, main
+from cio_retl.config import Settings
+from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.errors import ConfigError, TransientError
+from cio_retl.sync import Outcome, SyncOptions, run_sync
+from tests.conftest import API_KEY, FAST_RETRY, REPO, SITE_ID, cli_env, sync
+
+PASSWORD = "pw-7c1d9e"  # distinctive, so tests can assert it never leaks
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, emulator: Emulator, warehouse_url: str) -> dict[str, str]:
+    values = cli_env(warehouse_url, emulator.url)
+    for name in os.environ:
+        if name.startswith(("CIO_", "CIO_RETL_")):
+            monkeypatch.delenv(name)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+BAD_SETTINGS = [
+    ("CIO_REGION", "mars", "us, eu"),
+    ("CIO_RETL_RATE_LIMIT", "fast", "REQUESTS/SECONDS"),
+    ("CIO_RETL_RATE_LIMIT", "0/1", "REQUESTS/SECONDS"),
+    ("CIO_RETL_RATE_BUDGET", "bogus", "auto, local, shared"),
+    ("CIO_TRACK_API_URL", "track.customer.io", "https://HOST"),
+    ("CIO_TRACK_API_URL", "ftp://track.customer.io", "https://HOST"),
+    ("CIO_TRACK_API_URL", "https://track.customer.io:99999", "https://HOST"),
+    ("CIO_TRACK_API_URL", f"https://me:{PASSWORD}@proxy.example", "https://HOST"),
+    ("CIO_TRACK_API_URL", "https://track.customer.io/?x=1", "https://HOST"),
+    ("CIO_RETL_WAREHOUSE_URL", "not a url", "postgresql+psycopg://"),
+    ("CIO_RETL_WAREHOUSE_URL", f"mysql://me:{PASSWORD}@db/x", "postgresql+psycopg://"),
+    ("CIO_RETL_STATE_URL", f"postgres://me:{PASSWORD}@db/x", "postgresql+psycopg://"),
+    ("CIO_RETL_STATE_SCHEMA", "cio-retl", "letters, digits and underscores"),
+    ("CIO_SITE_ID", "site id", "exactly as Customer.io shows it"),
+    ("CIO_API_KEY", f"{API_KEY}\n", "exactly as Customer.io shows it"),
+]
+
+
+@pytest.mark.parametrize("command", [["plan"], ["sync", "--dry-run"], ["sync"]])
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_SETTINGS)
+def test_a_bad_setting_is_exit_2_naming_it_before_anything_runs(
+    env: dict[str, str],
+    demo_engine: Engine,
+    emulator: Emulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    variable: str,
+    value: str,
+    allowed: str,
+) -> None:
+    demo_engine.dispose()
+    monkeypatch.setenv(variable, value)
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    error = captured.err
+    assert variable in error and "allowed: " in error and allowed in error, error
+    assert PASSWORD not in error + captured.out and API_KEY not in error + captured.out
+    assert emulator.requests == []  # not even the credential check
+
+
+@pytest.mark.parametrize(
+    ("argv", "allowed"),
+    [
+        (["sync", "--batch-size", "abc"], "a whole number from 1 to 1000"),
+        (["sync", "--batch-size", "0"], "a whole number from 1 to 1000"),
+        (["sync", "--batch-size", "1001"], "a whole number from 1 to 1000"),
+        (["sync", "--bucket", "three"], "INDEX/COUNT"),
+        (["plan", "--bucket", "3/2"], "INDEX/COUNT"),
+        (["plan", "--bucket", "0/0"], "INDEX/COUNT"),
+        (["plan", "--samples", "-1"], "a whole number, 0 or more"),
+        (["status", "--limit", "x"], "a whole number, 1 or more"),
+        (["emulator", "--port", "70000"], "a whole number from 0 to 65535"),
+    ],
+)
+def test_a_bad_flag_is_exit_2_saying_what_is_allowed(
+    capsys: pytest.CaptureFixture[str], argv: list[str], allowed: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    flag = next(a for a in argv if a.startswith("--"))
+    assert f"argument {flag}:" in error and f"allowed: {allowed}" in error, error
+    assert "invalid" not in error  # argparse's "invalid _batch_size value"
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-2", "4097", "2.5"])
+def test_cio_retl_buckets_is_checked_when_read(value: str) -> None:
+    resources = pytest.importorskip("dagster_cio_retl.resources")
+    with pytest.raises(ConfigError, match=r"CIO_RETL_BUCKETS.*allowed: a whole number 1 to 4096"):
+        resources.buckets_from_env({"CIO_RETL_BUCKETS": value})
+    assert resources.buckets_from_env({"CIO_RETL_BUCKETS": " 16 "}) == 16
+
+
+@pytest.mark.parametrize(
+    ("url", "absent", "expected"),
+    [
+        (
+            f"postgresql://me:{PASSWORD}@127.0.0.1/test",
+            "psycopg2",
+            ["needs the psycopg2 driver", "use postgresql+psycopg://", "cio-retl[postgres]"],
+        ),
+        (
+            f"postgresql+psycopg://me:{PASSWORD}@127.0.0.1/test",
+            "psycopg",
+            ["needs psycopg", "`postgres` extra", "cio-retl[postgres]"],
+        ),
+        (
+            f"snowflake://me:{PASSWORD}@account/db/public?warehouse=wh",
+            "snowflake",
+            ["needs snowflake-sqlalchemy", "`snowflake` extra", "cio-retl[snowflake]"],
+        ),
+    ],
+)
+def test_a_missing_driver_names_the_url_form_and_the_extra(
+    env: dict[str, str], url: str, absent: str, expected: list[str]
+) -> None:
+    """A process in which the driver's package cannot be imported, as without the extra."""
+    code = (
+        f"import sys; sys.modules[{absent!r}] = None\n"
+        "from cio_retl.cli import main\n"
+        "sys.exit(main(['plan']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env, "CIO_RETL_WAREHOUSE_URL": url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "CIO_RETL_WAREHOUSE_URL" in done.stderr
+    for text in expected:
+        assert text in done.stderr, done.stderr
+    assert PASSWORD not in done.stderr + done.stdout
+
+
+def test_an_unreachable_track_api_is_transient_and_names_the_host(
+    settings: Settings, demo_engine: Engine
+) -> None:
+    port = closed_port()
+    dead = replace(settings, track_api_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(TransientError) as caught:
+        run_sync(dead, None, SyncOptions(retry=FAST_RETRY))
+    message = str(caught.value)
+    assert f"the Track API at http://127.0.0.1:{port} could not be reached" in message
+    assert "ConnectError" in message and "Connection refused" in message
+    assert exit_status(caught.value) == 4
+    assert API_KEY not in message and SITE_ID not in message
+
+
+def test_a_track_api_that_keeps_failing_is_exit_4(
+    env: dict[str, str],
+    demo_engine: Engine,
+    emulator: Emulator,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Throttled on every attempt (Retry-After: 0, so the test does not wait): before any
+    batch (the credential check), then on the batches; exit 4 both times, host named."""
+    demo_engine.dispose()
+    emulator.faults = FaultPlan(status_override=429, retry_after=0)
+    assert main(["sync"]) == 4
+    error = capsys.readouterr().err
+    assert f"the Track API at {emulator.url} kept failing (last: HTTP 429)" in error, error
+    assert "GET /api/v1/accounts/region" in error and API_KEY not in error
+
+    emulator.faults = FaultPlan(throttle_rate=1.0, retry_after=0)
+    assert main(["sync"]) == 4
+    captured = capsys.readouterr()
+    assert "POST /api/v2/batch" in captured.err and "resent on the next run" in captured.err
+    assert API_KEY not in captured.err + captured.out
+
+
+def test_rows_acknowledged_before_a_transient_failure_are_kept(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """The run report of a run cut short: outcome INTERRUPTED (exit 4), the first model's
+    rows acknowledged and kept, the rest sent by the next run."""
+    emulator.faults = FaultPlan(fail_first=0, throttle_rate=0.0)
+    first = sync(settings, "companies")
+    assert first.outcome is Outcome.SYNCED
+    emulator.faults = FaultPlan(throttle_rate=1.0, retry_after=0)
+    cut = sync(settings)
+    assert cut.outcome is Outcome.INTERRUPTED and EXIT_STATUS[cut.outcome] == 4
+    assert cut.error and emulator.url in cut.error
+    emulator.faults = FaultPlan()
+    assert sync(settings).outcome is Outcome.SYNCED
+    assert len(emulator.workspace.people) == 490
+
+
+@pytest.mark.parametrize("command", [["plan"], ["sync"], ["status"]])
+def test_an_unreachable_database_is_exit_4_naming_the_host(
+    env: dict[str, str],
+    emulator: Emulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    pytest.importorskip("psycopg")
+    port = closed_port()
+    url = f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:{port}/test?connect_timeout=5"
+    monkeypatch.setenv("CIO_RETL_WAREHOUSE_URL", url)
+    assert main(command) == 4
+    error = capsys.readouterr().err
+    assert f"cannot reach the postgresql database at 127.0.0.1:{port}" in error, error
+    assert PASSWORD not in error and API_KEY not in error
+    assert emulator.requests == []
+
+
+def test_a_database_that_does_not_exist_is_a_configuration_error(
+    env: dict[str, str],
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers: SQLSTATE 3D000 (invalid catalog name) is not worth retrying."""
+    monkeypatch.setenv("CIO_RETL_WAREHOUSE_URL", postgres_url.rsplit("/", 1)[0] + "/no_such_db")
+    assert main(["plan"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot connect to the postgresql database at 127.0.0.1" in error
+    assert "no_such_db" in error
