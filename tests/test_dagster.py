@@ -516,7 +516,7 @@ def test_transient_failures_are_retried_and_report_what_was_acknowledged(
     failure = result.get_step_failure_events()[-1]
     data = failure.step_failure_data
     assert data.user_failure_data is not None and data.user_failure_data.description
-    assert "did not accept /api/v2/batch" in data.user_failure_data.description
+    assert "kept failing (last: HTTP 429): POST /api/v2/batch" in data.user_failure_data.description
     failed_meta = {k: v.value for k, v in data.user_failure_data.metadata.items()}
     assert failed_meta["rows"] == 40 and failed_meta["created"] == 0
     stuck = [e for e in result.get_asset_check_evaluations() if e.check_name == NO_STUCK_ROWS]
