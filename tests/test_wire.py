@@ -23,6 +23,7 @@ from cio_retl.config import Settings
 from cio_retl.emulator import Emulator
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.state import StateStore
+from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import PgSchemas, sync
 from tests.test_sync_duckdb import batch_items
@@ -119,7 +120,7 @@ def test_identifiers_are_strings_and_an_old_state_upgrades_without_resending(
     if state_apart:
         settings = replace(settings, state_url=f"duckdb:///{tmp_path / 'state.duckdb'}")
     first = sync(settings)
-    assert first.exit_code == 0, first
+    assert first.outcome is Outcome.SYNCED, first
     items = batch_items(emulator)
     assert len(items) == 2 + 3 + 3
     assert {type(v) for item in items for v in identifier_values(item)} == {str}
@@ -137,13 +138,13 @@ def test_identifiers_are_strings_and_an_old_state_upgrades_without_resending(
 
     before = len(emulator.requests)
     unchanged = sync(settings)
-    assert unchanged.exit_code == 0
+    assert unchanged.outcome is Outcome.SYNCED
     assert batch_items(emulator, before) == []  # 0 items after the upgrade
 
     with integer_ids.begin() as conn:
         conn.execute(sa.text("UPDATE main.users SET plan = 'max' WHERE user_id = 1"))
     before = len(emulator.requests)
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     assert batch_items(emulator, before) == [
         {
             "type": "person",
@@ -158,7 +159,7 @@ def test_identifiers_are_strings_and_an_old_state_upgrades_without_resending(
         conn.execute(sa.text("DELETE FROM main.users WHERE user_id = 2"))
         conn.execute(sa.text("DELETE FROM main.members WHERE user_id = 3 AND company_id = 20"))
     before = len(emulator.requests)
-    assert sync(settings).exit_code == 0
+    assert sync(settings).outcome is Outcome.SYNCED
     deletes = sorted(batch_items(emulator, before), key=lambda i: i["action"])
     assert deletes == [
         {"type": "person", "action": "delete", "identifiers": {"id": "2"}},
@@ -205,7 +206,7 @@ def test_snowflake_first_sync_on_a_fresh_database_with_unqualified_names(
         settings, warehouse_url=fakesnow_url, state_url=fakesnow_url, models_dir=models_dir
     )
     report = sync(settings)
-    assert report.exit_code == 0, report
+    assert report.outcome is Outcome.SYNCED, report
     assert {m.model: m.created for m in report.models} == {"companies": 2, "users": 2}
     assert set(emulator.workspace.people_by("id")) == {"1", "2"}
     assert set(emulator.workspace.objects) == {("1", "c1"), ("1", "c2")}
