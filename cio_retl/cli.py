@@ -10,6 +10,7 @@ was acknowledged is kept, the rest goes on the next run).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -216,35 +217,32 @@ def print_report(report: RunReport, console: Console = out) -> None:
     title = f"run {report.run_id}" + (f", bucket {report.bucket}" if report.bucket else "")
     title += " (dry run: nothing sent)" if report.dry_run else ""
     table = Table(title=title, title_justify="left")
-    for column in (
-        "model",
-        "kind",
-        "rows",
-        "created",
-        "updated",
-        "deleted",
-        "unchanged",
-        "rejected",
-        "requests",
-        "status",
-    ):
+    # People that suppression models hold are never identified: a column only when some are.
+    skipping = any(m.skipped for m in report.models)
+    columns = ["model", "kind", "rows", "created", "updated", "deleted", "unchanged"]
+    columns += ["skipped"] * skipping + ["rejected", "requests", "status"]
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("model", "kind", "status") else "right"
         )
     for m in report.models:
-        table.add_row(
-            m.model,
-            m.kind,
-            f"{m.rows:,}",
-            f"{m.created:,}",
-            f"{m.updated:,}",
-            f"{m.deleted:,}",
-            f"{m.unchanged:,}",
-            f"{m.rejected:,}",
-            f"{m.requests:,}",
-            m.status,
-        )
+        cells = [m.model, m.kind, f"{m.rows:,}", f"{m.created:,}", f"{m.updated:,}"]
+        cells += [f"{m.deleted:,}", f"{m.unchanged:,}"] + [f"{m.skipped:,}"] * skipping
+        table.add_row(*cells, f"{m.rejected:,}", f"{m.requests:,}", m.status)
     console.print(table)
+    for m in report.models:
+        if m.skipped:
+            console.print(
+                f"[dim]skipped[/] {m.model}: {m.skipped:,} suppressed people are not identified",
+                highlight=False,
+            )
+        if m.newest_event is not None:
+            newest = dt.datetime.fromtimestamp(m.newest_event, dt.UTC)
+            console.print(
+                f"[dim]events[/] {m.model}: {m.created:,} sent, the newest from"
+                f" {newest:%Y-%m-%d %H:%M:%S} UTC",
+                highlight=False,
+            )
     for m in report.models:
         if m.guardrail:
             console.print(
@@ -305,6 +303,13 @@ def _status(args: argparse.Namespace) -> int:
                 seconds,
             )
         out.print(runs)
+        for model, (count, newest) in sorted(state.event_summaries().items()):
+            when = dt.datetime.fromtimestamp(newest, dt.UTC) if newest is not None else None
+            out.print(
+                f"events sent by {model}: {count:,}"
+                + (f", the newest from {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""),
+                highlight=False,
+            )
         rejected = state.rejections(limit=args.limit)
         counts = state.rejection_counts()
         out.print(

@@ -440,6 +440,17 @@ class StateStore:
             count, newest = conn.execute(query).one()
         return int(count or 0), None if newest is None else int(newest)
 
+    def event_summaries(self) -> dict[str, tuple[int, int | None]]:
+        """{event model: (events acknowledged, the newest one's Unix seconds)}, for status."""
+        query = sa.select(
+            sent_events.c.model, sa.func.count(), sa.func.max(sent_events.c.event_time)
+        ).group_by(sent_events.c.model)
+        with self.engine.connect() as conn:
+            return {
+                model: (int(n), None if newest is None else int(newest))
+                for model, n, newest in conn.execute(query)
+            }
+
     def sent_events_of(self, model: str) -> dict[str, dict[str, Any]]:
         """Every acknowledged event of one model; for tests and small inspections only."""
         with self.engine.connect() as conn:

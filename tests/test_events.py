@@ -509,3 +509,57 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
         assert emulator.invalid_items == []
 
     check()
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_plan_sync_and_status_cover_the_new_kinds(
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cio_retl.cli import main
+
+    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA app"))
+    for table in _tables("app"):
+        table.create(engine)
+    at = NOW - DAY
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO app.users VALUES ('u1', 'pro'), ('u2', 'free')"))
+        conn.execute(sa.text("INSERT INTO app.orders VALUES ('o1', 'u1', :t, 3)"), {"t": at})
+        conn.execute(sa.text("INSERT INTO app.devices VALUES ('u1', 't1', 'ios', NULL, '1')"))
+        conn.execute(sa.text("INSERT INTO app.erasures VALUES ('u2')"))
+    engine.dispose()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name, text in MODELS.items():
+        (folder / name).write_text(text.format(s="app"))
+    for name, value in {
+        "CIO_RETL_WAREHOUSE_URL": url,
+        "CIO_RETL_MODELS_DIR": str(folder),
+        "CIO_TRACK_API_URL": emulator.url,
+        "CIO_SITE_ID": SITE_ID,
+        "CIO_API_KEY": API_KEY,
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("CIO_RETL_STATE_URL", "CIO_REGION", "CIO_RETL_STATE_SCHEMA"):
+        monkeypatch.delenv(name, raising=False)
+
+    assert main(["plan", "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped users: 1 suppressed people are not identified" in out
+    assert '"action": "event"' in out and '"action": "add_device"' in out
+    assert '"action": "suppress"' in out
+    assert batch_items(emulator) == []
+    assert main(["sync"]) == 0
+    out = capsys.readouterr().out
+    assert f"events orders: 1 sent, the newest from {at:%Y-%m-%d %H:%M:%S} UTC" in out
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"events sent by orders: 1, the newest from {at:%Y-%m-%d %H:%M:%S} UTC" in out
+    assert API_KEY not in out
