@@ -15,10 +15,13 @@ from urllib.parse import urlsplit
 
 from cio_retl.errors import ConfigError
 
+# The workspace limit of Customer.io's current Track API reference: 1000 requests per second
+# (the same as cio_retl.ratelimit.RateSpec's default).
+DEFAULT_RATE_LIMIT = "1000/1"
+
 TRACK_HOSTS = {"us": "https://track.customer.io", "eu": "https://track-eu.customer.io"}
 DEFAULT_WAREHOUSE_FILE = "cio_retl.duckdb"
 STATE_SCHEMA = "cio_retl"
-DEFAULT_RATE_LIMIT = "3000/3"
 RATE_BUDGETS = ("auto", "local", "shared")  # see cio_retl.ratelimit.budget_for
 
 

@@ -1,4 +1,9 @@
-"""The workspace rate limit: 3000 Track API requests per 3 seconds, all senders together.
+"""The workspace rate limit: 1000 Track API requests per second, all senders together.
+
+Customer.io's current Track API reference states 1000 requests per second for a workspace,
+v1 and v2 together; older pages (and RudderStack) say 3000 per 3 seconds, which lets 3000
+through inside one second. The limit counts requests as they arrive at the API, so every
+budget here aims a little under it (HEADROOM) for the jitter between a grant and an arrival.
 
 Two budgets keep a run under it. :class:`RateLimiter` is exact for the threads of one
 process. :class:`SharedRateBudget` is for several processes or machines sending to one
@@ -23,10 +28,14 @@ from cio_retl.config import RATE_BUDGETS, RATE_SPEC
 from cio_retl.errors import ConfigError
 from cio_retl.state import StateStore, rate_budget
 
-RATE_LIMIT_REQUESTS = 3000  # per RATE_LIMIT_WINDOW seconds, for the whole workspace
-RATE_LIMIT_WINDOW = 3.0
+RATE_LIMIT_REQUESTS = 1000  # per RATE_LIMIT_WINDOW seconds, for the whole workspace
+RATE_LIMIT_WINDOW = 1.0
 SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
-SHARED_HEADROOM = 0.02  # of the limit kept free for jitter between a grant and the arrival
+HEADROOM = 0.02  # of the limit kept free for jitter between a grant and the arrival
+SHARED_HEADROOM = HEADROOM
+# A process's own limiter also spaces the grants a window apart plus this much: a request
+# granted at the end of one window and delayed (threads, network) still arrives outside it.
+ARRIVAL_MARGIN = 0.05
 
 _SPEC = RATE_SPEC  # the form Settings.from_env checks
 
@@ -44,10 +53,10 @@ class RateSpec:
 
     @classmethod
     def parse(cls, text: str) -> RateSpec:
-        """``"3000/3"``: 3000 requests per 3 seconds."""
+        """``"1000/1"``: 1000 requests per second."""
         match = _SPEC.match(text)
         if not match:
-            raise ValueError(f"a rate limit is REQUESTS/SECONDS, e.g. 3000/3; got {text!r}")
+            raise ValueError(f"a rate limit is REQUESTS/SECONDS, e.g. 1000/1; got {text!r}")
         return cls(int(match.group(1)), float(match.group(2)))
 
     @property
@@ -62,11 +71,11 @@ class RateBudget(Protocol):
 
 
 class RateLimiter:
-    """At most ``requests`` per ``window`` seconds, over *every* window: 3000 per 3 s.
+    """At most ``requests`` per ``window`` seconds, over *every* window.
 
     A sliding log of the last ``requests`` send times: a request may go once the oldest of
     them is a full window old. A token bucket would allow its burst plus its refill inside
-    one window (3000 + rate x 3 s), over the workspace limit. Shared by all threads of one
+    one window (burst + rate x window), over the workspace limit. Shared by all threads of one
     process; memory is one float per allowed request.
     """
 
@@ -77,9 +86,10 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        margin: float = 0.0,
     ) -> None:
         self.requests = requests
-        self.window = window
+        self.window = window + margin
         self._sent: deque[float] = deque(maxlen=requests)
         self._clock = clock
         self._sleep = sleep
@@ -101,11 +111,20 @@ _LIMITERS_LOCK = threading.Lock()
 
 
 def workspace_limiter(base_url: str, site_id: str, spec: RateSpec | None = None) -> RateLimiter:
-    """The one limiter of a workspace in this process: every client and thread shares it."""
+    """The one limiter of a workspace in this process: every client and thread shares it.
+
+    The limit counts requests as they arrive, so it grants with a margin: HEADROOM fewer
+    requests (980 of 1000; at least one) in every window ARRIVAL_MARGIN longer than the
+    limit's (1.05 s), about 933 requests/s at the default. A request granted just before a
+    window ends and delayed by up to that margin on its way still arrives in a window that
+    holds fewer than the limit.
+    """
     spec = spec or RateSpec()
+    requests = max(1, int(spec.requests * (1 - HEADROOM) + 1e-9))
     with _LIMITERS_LOCK:
         return _LIMITERS.setdefault(
-            (base_url, site_id, spec), RateLimiter(spec.requests, spec.window)
+            (base_url, site_id, spec),
+            RateLimiter(requests, spec.window, margin=ARRIVAL_MARGIN),
         )
 
 
@@ -163,10 +182,10 @@ class SharedRateBudget:
     the row lock, on the database's clock, so workers on machines with skewed clocks agree.
 
     In any ``window`` at most ``burst + rate x window`` requests are granted. The budget
-    aims at 98% of the limit (2940 per 3 s) and the rest is headroom: a request granted at
+    aims at 98% of the limit (980 per second) and the rest is headroom: a request granted at
     the end of one window may arrive in the next one (network and thread jitter). Of those
-    2940, 90% is the sustained pace (2646 per 3 s, 882 requests/s) and 10% the burst that
-    may go at once after a pause. The price is one round trip to the database per request
+    980, 90% is the sustained pace (882 requests/s) and 10% the burst that may go at once
+    after a pause. The price is one round trip to the database per request
     (each request carries up to 1000 items).
     """
 

@@ -142,7 +142,7 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
     rate_limit: Annotated[
         str | None,
         dg.Resolver.default(
-            description="The workspace's request limit, REQUESTS/SECONDS; unset = 3000/3.",
+            description="The workspace's request limit, REQUESTS/SECONDS; unset = 1000/1.",
             json_schema_extra={"pattern": r"^\d+/\d+(\.\d+)?$|" + _TEMPLATE_PATTERN},
         ),
     ] = None

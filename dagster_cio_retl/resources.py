@@ -46,7 +46,7 @@ class CustomerIOResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     rate_limit: str | None = Field(
         default=None,
         description="The workspace's request limit, REQUESTS/SECONDS (CIO_RETL_RATE_LIMIT); "
-        "unset = 3000/3.",
+        "unset = 1000/1.",
     )
     rate_budget: str | None = Field(
         default=None,

@@ -81,19 +81,19 @@ class FakeClock:
 
 def test_rate_limiter_never_exceeds_the_workspace_limit() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)  # the default: 1000 per second
     stamps = []
     for _ in range(10_000):
         limiter.acquire()
         stamps.append(clock.now)
-    # Over any 3-second window at most 3000 requests.
+    # Over any 1-second window at most 1000 requests.
     j = 0
     for i, t in enumerate(stamps):
-        while stamps[j] <= t - 3.0:
+        while stamps[j] <= t - 1.0:
             j += 1
-        assert i - j + 1 <= 3000
-    assert stamps[2999] == 0.0  # the first 3000 go at once
-    assert stamps[3000] == 3.0 and stamps[-1] == 9.0  # then the next 3000 a window later
+        assert i - j + 1 <= 1000
+    assert stamps[999] == 0.0  # the first 1000 go at once
+    assert stamps[1000] == 1.0 and stamps[-1] == 9.0  # then the next 1000 a second later
 
 
 def test_retry_policy_honours_retry_after_and_caps_backoff() -> None:

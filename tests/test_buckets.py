@@ -370,7 +370,7 @@ def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -
 
 LIMIT = (40, 1.0)  # requests per second: small, so four processes hit it within seconds
 # The processes are told 38/1 s. The budget keeps 2% of a limit free for the jitter between a
-# grant and the request's arrival: at the real limit (3000/3 s) that is 60 requests, 60 ms of
+# grant and the request's arrival: at the old limit (3000/3 s) that was 60 requests, 60 ms of
 # the pace; at 40/s it would be 0.8 of a request. Two requests (50 ms at this pace) give the
 # test the time margin the real limit has, on a loaded 2-core machine.
 BUDGET = "38/1"

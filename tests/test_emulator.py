@@ -162,7 +162,7 @@ def test_bad_credentials_are_401_and_apply_nothing(
 def test_region_answers_for_valid_credentials(client: httpx.Client, emu: Emulator) -> None:
     response = client.get("/api/v1/accounts/region")
     assert response.status_code == 200
-    assert response.json() == {"url": emu.url, "data_center": "us", "environment_id": 1}
+    assert response.json() == {"url": emu.url, "region": "us", "environment_id": 1}
 
 
 def test_inspection_needs_no_auth_and_unknown_paths_404_wrong_methods_405(emu: Emulator) -> None:

@@ -477,7 +477,9 @@ class Emulator:
         if forced is not None:
             return forced
         if path == "/api/v1/accounts/region":
-            return _Reply(200, {"url": self.url, "data_center": "us", "environment_id": 1})
+            # Track API OpenAPI 1.0.0, TrackRegionFindAccountRegionResponse: `url`, `region`
+            # ("us" | "eu") and `environment_id` (an integer, the workspace).
+            return _Reply(200, {"url": self.url, "region": "us", "environment_id": 1})
         if customer_id is not None:
             return self._v1(method, customer_id, headers, body)
         return self._v2(path == "/api/v2/entity", headers, body)
