@@ -393,7 +393,7 @@ def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowCh
             Change.REJECT,
             key,
             rejection=Rejection(
-                f"{duplicates} rows share this event key; none of them is sent",
+                f"{duplicates} rows share this key; none of them is sent",
                 ",".join(model.key_columns),
             ),
         )

@@ -87,6 +87,8 @@ class ModelReport:
     planned: int = 0  # rows with something to send (or reject): the run's changeset
     skipped: int = 0  # people a suppression model holds: never identified
     newest_event: int | None = None  # events: Unix seconds of the newest event sent
+    # Events older than the model's lookback_days never acknowledged: no run sends them now.
+    unsent_before_lookback: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[tuple[str | None, str]] = field(default_factory=list)
 
@@ -339,6 +341,10 @@ class _Run:
             counts[model.name] = self.differ.count(model)
             self.reports[model.name].rows = counts[model.name].rows
             self.reports[model.name].skipped = self.differ.skipped(model)
+            if model.kind is Kind.EVENT and model.lookback_days is not None:
+                self.reports[
+                    model.name
+                ].unsent_before_lookback = self.differ.unsent_before_lookback(model)
         return counts
 
     def people_models(self, identifier: str | None) -> list[Model]:

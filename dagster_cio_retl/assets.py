@@ -75,6 +75,7 @@ MODEL_VALID = "model_valid"
 GUARDRAILS = "guardrails"
 UNIQUE_KEYS = "unique_keys"
 NO_STUCK_ROWS = "no_stuck_rows"
+EVENTS_IN_LOOKBACK = "events_sent_within_lookback"  # event models with lookback_days
 PRE_SEND_CHECKS = (MODEL_VALID, GUARDRAILS, UNIQUE_KEYS)
 _KEY_PROBLEMS = ("rows share this key", "key is NULL")  # the engine's reasons (cio_retl.diff)
 STUCK_SAMPLE = 10
@@ -287,11 +288,19 @@ def _with_sync_needs(
 def _synced_first(
     model: Model, models: Sequence[Model], keys: Mapping[str, dg.AssetKey]
 ) -> list[dg.AssetKey]:
-    """What must be synced first: a relationship needs its people and objects to exist.
+    """What must be synced first: a relationship needs its people and objects to exist, an
+    event or a device its person.
 
-    That is every person model (any identifier may name the same people) and the object
-    models of the relationship's object type; people and objects need nothing before them.
+    For a relationship that is every person model (any identifier may name the same people)
+    and the object models of its object type; for events and devices the person models of
+    their identifier type. People, objects and suppressions need nothing before them.
     """
+    if model.kind in (Kind.EVENT, Kind.DEVICE):  # a person's events and devices: after them
+        return [
+            keys[other.name]
+            for other in models
+            if other.kind is Kind.PERSON and other.identifier == model.identifier
+        ]
     if model.kind is not Kind.RELATIONSHIP:
         return []
     return [
@@ -345,7 +354,20 @@ def _on_cron_after_upstream(
 
 
 def _check_specs(model: Model, key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    events = (
+        [
+            dg.AssetCheckSpec(
+                EVENTS_IN_LOOKBACK,
+                asset=key,
+                description=f"Every event older than lookback_days ({model.lookback_days}) was "
+                "sent before it left the window: no run sends those any more.",
+            )
+        ]
+        if model.kind is Kind.EVENT and model.lookback_days is not None
+        else []
+    )
     return [
+        *events,
         dg.AssetCheckSpec(
             MODEL_VALID,
             asset=key,
@@ -390,10 +412,22 @@ def _definition_metadata(model: Model, root: Path) -> dict[str, dg.MetadataValue
         "max_delete_pct": dg.MetadataValue.float(model.max_delete_pct),
         "sql": dg.MetadataValue.md(f"```sql\n{model.sql}\n```"),
     }
-    for name in ("identifier", "object_type_id", "person_identifier"):
+    for name in (
+        "identifier",
+        "object_type_id",
+        "person_identifier",
+        "event_key",
+        "event_name",
+        "name_column",
+        "timestamp",
+        "token",
+        "platform",
+    ):
         value = getattr(model, name)
         if value:
             metadata[name] = dg.MetadataValue.text(value)
+    if model.lookback_days is not None:
+        metadata["lookback_days"] = dg.MetadataValue.int(model.lookback_days)
     return metadata
 
 
@@ -474,6 +508,8 @@ def sync_models(
             )
             context.log.info(_summary(report, model_report))
         yield _stuck_check(model, keys[model.name], model_report, stuck, config.max_stuck_pct)
+        if model.kind is Kind.EVENT and model.lookback_days is not None:
+            yield _lookback_check(model, keys[model.name], model_report)
     if report.error:  # retries ran out: what was acknowledged is kept; the rest goes next run
         raise dg.Failure(description=report.error, metadata=_failure_metadata(report))
 
@@ -586,6 +622,27 @@ def _stuck_check(
     )
 
 
+def _lookback_check(model: Model, key: dg.AssetKey, report: ModelReport) -> dg.AssetCheckResult:
+    """Warns when rows older than the lookback were never sent: the window is too short for
+    how late they arrive in the warehouse, or the syncs stopped for longer than it."""
+    missed = report.unsent_before_lookback
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=EVENTS_IN_LOOKBACK,
+        passed=missed == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"{missed:,} events older than {model.lookback_days} days were never sent"
+            if missed
+            else f"every event older than {model.lookback_days} days was sent"
+        ),
+        metadata={
+            "events_never_sent": dg.MetadataValue.int(missed),
+            "lookback_days": dg.MetadataValue.int(model.lookback_days or 0),
+        },
+    )
+
+
 def _failure(exc: CioRetlError) -> dg.Failure:
     """The engine's message (it names the problem, never a secret) as a step failure.
 
@@ -643,6 +700,12 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
             round(model.rows / model.duration_s, 1) if model.duration_s > 0 else 0.0
         ),
     }
+    if model.skipped:  # people a suppression model holds: never identified
+        metadata["skipped_suppressed"] = dg.MetadataValue.int(model.skipped)
+    if model.kind == Kind.EVENT.value:
+        metadata["events_sent"] = dg.MetadataValue.int(0 if report.dry_run else model.created)
+        if model.newest_event is not None:
+            metadata["newest_event_sent"] = dg.MetadataValue.timestamp(float(model.newest_event))
     if report.dry_run:
         # In a dry run created/updated/deleted count what WOULD be sent; these are the items.
         metadata["plan"] = dg.MetadataValue.md(_plan_markdown(model))
