@@ -250,6 +250,21 @@ def test_numbers_where_the_schema_says_string_are_refused(
     assert emu.workspace.objects == {}
 
 
+def test_subscription_preferences_follow_the_schema(client: httpx.Client, emu: Emulator) -> None:
+    """Track API OpenAPI 1.0.0, Person > identify: `cio_subscription_preferences.topics` maps
+    `topic_<id>` to a boolean, nested or in dot notation; an empty value reverts a topic."""
+    response = batch(
+        client,
+        person({"id": "a"}, {"cio_subscription_preferences": {"topics": {"topic_1": True}}}),
+        person({"id": "b"}, {"cio_subscription_preferences.topics.topic_2": False}),
+        person({"id": "c"}, {"cio_subscription_preferences": {"topics": {"topic_3": ""}}}),
+        # The form of the document's own request examples: topics directly in it.
+        person({"id": "d"}, {"cio_subscription_preferences": {"topic_1": True, "topic_2": False}}),
+    )
+    assert response.status_code == 200, response.text
+    assert emu.invalid_items == []
+
+
 def test_the_entity_endpoint_refuses_a_number_with_400(client: httpx.Client, emu: Emulator) -> None:
     response = client.post("/api/v2/entity", json=person({"id": 42}, {"a": 1}))
     assert response.status_code == 400
@@ -325,6 +340,26 @@ INVALID_ITEMS: list[tuple[str, Any, str]] = [
     ("unknown identifier", person({"user_id": "u"}), "identifiers"),
     ("identifiers not a dict", person(["u"]), "identifiers"),  # type: ignore[arg-type]
     ("integer id", person({"id": 42}), "identifiers.id"),
+    (
+        "subscription preferences not an object",
+        person({"id": "u"}, {"cio_subscription_preferences": "all"}),
+        "attributes.cio_subscription_preferences",
+    ),
+    (
+        "subscription preferences with another key",
+        person({"id": "u"}, {"cio_subscription_preferences": {"email": True}}),
+        "attributes.cio_subscription_preferences.email",
+    ),
+    (
+        "subscription topic not a boolean",
+        person({"id": "u"}, {"cio_subscription_preferences": {"topics": {"topic_1": "yes"}}}),
+        "attributes.cio_subscription_preferences.topics.topic_1",
+    ),
+    (
+        "subscription topic misnamed (dot notation)",
+        person({"id": "u"}, {"cio_subscription_preferences.topics.news": True}),
+        "attributes.cio_subscription_preferences.topics.news",
+    ),
     ("float id", person({"id": 1.5}), "identifiers.id"),
     ("bool id", person({"id": True}), "identifiers.id"),
     ("integer email", person({"email": 5}), "identifiers.email"),
@@ -459,7 +494,12 @@ def test_malformed_batch_is_400(
 ) -> None:
     response = client.post("/api/v2/batch", content=body, headers=headers)
     assert response.status_code == 400
-    assert response.json()["meta"]["error"]
+    answer = response.json()
+    assert answer["meta"]["error"]
+    # Track API OpenAPI 1.0.0, Trackv2SendMultipleRequests400Response: errors of
+    # {reason, field, message}.
+    (error,) = answer["errors"]
+    assert set(error) == {"reason", "field", "message"} and error["message"]
     assert emu.workspace.people == {}
 
 

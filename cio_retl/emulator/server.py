@@ -87,6 +87,19 @@ def _error(status: int, message: str, **kwargs: Any) -> _Reply:
     return _Reply(status, {"meta": {"error": message}}, **kwargs)
 
 
+def _bad_request(message: str, status: int = 400) -> _Reply:
+    """A refused ``/api/v2`` request: the schema's body for it (Track API OpenAPI 1.0.0,
+    ``Trackv2SendMultipleRequests400Response``: ``errors`` of ``{reason, field, message}``),
+    with the v1 form's ``meta.error`` kept beside it for clients that read that."""
+    return _Reply(
+        status,
+        {
+            "meta": {"error": message},
+            "errors": [{"reason": "invalid", "field": "body", "message": message}],
+        },
+    )
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -487,15 +500,15 @@ class Emulator:
     def _parse(self, headers: Any, body: bytes, limit: int) -> tuple[Any, _Reply | None]:
         content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            return None, _error(400, "Content-Type must be application/json")
+            return None, _bad_request("Content-Type must be application/json")
         if len(body) > limit:
-            return None, _error(
-                self.rules.oversize_body_status, f"body is {len(body)} bytes, limit {limit}"
+            return None, _bad_request(
+                f"body is {len(body)} bytes, limit {limit}", self.rules.oversize_body_status
             )
         try:
             return orjson.loads(body), None
         except orjson.JSONDecodeError as exc:
-            return None, _error(400, f"body is not valid JSON: {exc}")
+            return None, _bad_request(f"body is not valid JSON: {exc}")
 
     def _v2(self, entity: bool, headers: Any, body: bytes) -> _Reply:
         limit = MAX_ITEM_BYTES if entity else MAX_BATCH_BODY_BYTES
@@ -504,18 +517,18 @@ class Emulator:
             return problem
         if entity:
             if not isinstance(data, dict):
-                return _error(400, "the entity body must be one item (a JSON object)")
+                return _bad_request("the entity body must be one item (a JSON object)")
             items = [data]
         else:
             if not isinstance(data, dict) or set(data) != {"batch"}:
-                return _error(400, 'the body must be {"batch": [item, ...]}')
+                return _bad_request('the body must be {"batch": [item, ...]}')
             items = data["batch"]
             if not isinstance(items, list):
-                return _error(400, '"batch" must be a list of items')
+                return _bad_request('"batch" must be a list of items')
             if not items:
-                return _error(400, '"batch" must not be empty')
+                return _bad_request('"batch" must not be empty')
             if len(items) > MAX_BATCH_ITEMS:
-                return _error(400, f"batch has {len(items)} items, limit {MAX_BATCH_ITEMS}")
+                return _bad_request(f"batch has {len(items)} items, limit {MAX_BATCH_ITEMS}")
         return _Reply(
             200, {}, body=data, n_items=len(items), ops=self._validate(items), entity=entity
         )
@@ -561,6 +574,10 @@ class Emulator:
                     except ItemError as exc:
                         op = exc
             self.invalid_items.append(InvalidItem(i, "invalid", op.field, op.message, item))
+            # [open] The Track API OpenAPI 1.0.0 document's 207 body
+            # (Trackv2SendMultipleRequestsResponse) lists reason, field and message only;
+            # `batch_index` is what RudderStack's handler reads from the live API [seen]. A
+            # 207 without a usable batch_index acknowledges nothing in the client.
             errors.append(
                 {"batch_index": i, "reason": "invalid", "field": op.field, "message": op.message}
             )

@@ -278,9 +278,50 @@ def _ref(kind: str, item: dict[str, Any]) -> Ref:
     return (person_ref if kind == "person" else object_ref)(item["identifiers"], "identifiers")
 
 
+SUBSCRIPTION_PREFERENCES = "cio_subscription_preferences"
+_TOPIC_PATH = f"{SUBSCRIPTION_PREFERENCES}.topics."
+
+
+def _subscription_preferences(attrs: dict[str, Any]) -> None:
+    """The reserved person attribute's shape (Track API OpenAPI 1.0.0, Person > identify >
+    ``attributes.cio_subscription_preferences``): the schema nests the topics under
+    ``topics`` (``topic_<id>``: boolean), while the same document's request examples put
+    ``topic_<id>`` keys directly in it; both forms are accepted, and the dot-notation form
+    ``"cio_subscription_preferences.topics.topic_<id>": <boolean>`` too. An empty value
+    reverts a topic to its default, so ``""`` and ``null`` are accepted where a boolean is.
+    """
+    field = f"attributes.{SUBSCRIPTION_PREFERENCES}"
+    if SUBSCRIPTION_PREFERENCES in attrs:
+        value = attrs[SUBSCRIPTION_PREFERENCES]
+        if value in ("", None):
+            return
+        if not isinstance(value, dict):
+            raise ItemError(field, "must be an object of topics")
+        for name, flag in value.items():
+            if name == "topics":
+                if not isinstance(flag, dict):
+                    raise ItemError(f"{field}.topics", "must be an object of topic_<id>: boolean")
+                for topic, topic_flag in flag.items():
+                    _topic(f"{field}.topics.{topic}", topic, topic_flag)
+            else:
+                _topic(f"{field}.{name}", name, flag)
+    for name, flag in attrs.items():
+        if name.startswith(_TOPIC_PATH):
+            _topic(f"attributes.{name}", name[len(_TOPIC_PATH) :], flag)
+
+
+def _topic(field: str, name: str, flag: Any) -> None:
+    if not (name.startswith("topic_") and name[6:].isascii() and name[6:].isdigit()):
+        raise ItemError(field, "topics are named topic_<id>")
+    if not isinstance(flag, bool) and flag not in ("", None):
+        raise ItemError(field, "must be a boolean")
+
+
 def _read_identify(kind: str, action: str, item: dict[str, Any], rules: Rules) -> Op:
     ref = _ref(kind, item)
     attrs = attributes(item["attributes"], "attributes", rules) if "attributes" in item else None
+    if attrs and kind == "person":
+        _subscription_preferences(attrs)
     rels: tuple[Relationship, ...] = ()
     if "cio_relationships" in item:
         rels = _relationships(item["cio_relationships"], kind, False, rules)
