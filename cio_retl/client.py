@@ -44,6 +44,40 @@ class SendResult:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountRegion:
+    """What ``GET /api/v1/accounts/region`` says about the credentials' workspace.
+
+    Customer.io Track API OpenAPI 1.0.0, ``TrackRegionFindAccountRegionResponse`` (operation
+    ``getRegion``): ``url`` (the Track API host), ``region`` (``us`` or ``eu``) and
+    ``environment_id`` (an integer naming the workspace the credentials belong to); all
+    three optional in the schema.
+    """
+
+    region: str | None
+    environment_id: int | None
+    url: str | None = None
+
+    @classmethod
+    def read(cls, answer: Any) -> AccountRegion:
+        if not isinstance(answer, dict):
+            return cls(None, None)
+        # ``data_center`` is how some client libraries' fixtures spell the region; the
+        # official schema says ``region``, which wins when both are there.
+        region = answer.get("region", answer.get("data_center"))
+        environment_id = answer.get("environment_id")
+        url = answer.get("url")
+        return cls(
+            region=str(region).strip().lower() if region else None,
+            environment_id=(
+                environment_id
+                if isinstance(environment_id, int) and not isinstance(environment_id, bool)
+                else None
+            ),
+            url=str(url) if url else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int = 8
     base_delay: float = 0.5

@@ -225,6 +225,25 @@ class Dialect:
             insert,
         ]
 
+    def add_workspace_column(
+        self, table: str, name: str, type_sql: str, fill: str, key: Sequence[str] | None
+    ) -> list[str]:
+        """Statements giving an older state ``table`` (unqualified ``name``) its ``workspace``
+        column, every existing row holding ``fill``; with ``key``, the column is NOT NULL and
+        leads the primary key ``key`` where the dialect keeps one.
+
+        DuckDB: the tables that would carry the key have none (see state_primary_keys), so
+        NOT NULL is all there is to add.
+        """
+        column = self.quote("workspace")
+        statements = [
+            f"ALTER TABLE {table} ADD COLUMN {column} {type_sql} DEFAULT '{fill}'",
+            f"ALTER TABLE {table} ALTER COLUMN {column} DROP DEFAULT",
+        ]
+        if key:
+            statements.append(f"ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL")
+        return statements
+
     def insert_absent(
         self, table: str, conflict: Sequence[str], columns: Sequence[str], source: str
     ) -> str:
@@ -278,6 +297,27 @@ class PostgresDialect(Dialect):
             f"INSERT INTO {table} ({names}) {source}"
             f" ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {updates}"
         ]
+
+    def add_workspace_column(
+        self, table: str, name: str, type_sql: str, fill: str, key: Sequence[str] | None
+    ) -> list[str]:
+        # ADD COLUMN with a constant DEFAULT rewrites no rows (PostgreSQL 11+); the primary key
+        # is rebuilt with the column leading, as the diff's join reads it. The old key is
+        # found by what it is, not by name (SQLAlchemy left it unnamed: usually
+        # <table>_pkey, but a name already taken makes PostgreSQL pick another).
+        statements = super().add_workspace_column(table, name, type_sql, fill, key)
+        if key:
+            literal = table.replace("'", "''")
+            statements += [
+                "DO $$ DECLARE old_key text; BEGIN"
+                " SELECT conname INTO old_key FROM pg_constraint"
+                f" WHERE conrelid = CAST('{literal}' AS regclass) AND contype = 'p';"
+                " IF old_key IS NOT NULL THEN"
+                f" EXECUTE format('ALTER TABLE {literal} DROP CONSTRAINT %I', old_key);"
+                " END IF; END $$",
+                f"ALTER TABLE {table} ADD PRIMARY KEY ({', '.join(key)})",
+            ]
+        return statements
 
     def row_fingerprint(self, alias: str, signature: str) -> str:
         # row_to_json names every column and renders every type deterministically.

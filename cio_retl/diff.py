@@ -112,7 +112,9 @@ def diff_upserts(
         dup AS ({_duplicate_keys()}),
         snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
+            WHERE s.workspace = :workspace AND s.model = :model{
+        _in_bucket(state.dialect, "s.key", bucket)
+    }
         ),
         c AS (
             SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
@@ -123,9 +125,9 @@ def diff_upserts(
         )
         SELECT c.*, s.attributes AS {PREVIOUS_COLUMN}
         FROM c LEFT JOIN {state.snapshots} AS s
-          ON s.model = :model AND s.key = c.{KEY_COLUMN}
+          ON s.workspace = :workspace AND s.model = :model AND s.key = c.{KEY_COLUMN}
     """
-    for chunk in warehouse.stream(conn, sql, {"model": model.name}):
+    for chunk in warehouse.stream(conn, sql, state.scope(model.name)):
         if not chunk.rows:
             continue
         columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
@@ -256,11 +258,11 @@ def diff_removals(
     d = warehouse.dialect
     sql = f"""
         SELECT s.key, s.identifiers FROM {state.snapshots} AS s
-        WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)} AND NOT EXISTS (
+        WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(state.dialect, "s.key", bucket)} AND NOT EXISTS (
             SELECT 1 FROM ({model_sql(model)}) AS m WHERE {d.key_expression(model, "m")} = s.key
         )
     """
-    for chunk in warehouse.stream(conn, sql, {"model": model.name}):
+    for chunk in warehouse.stream(conn, sql, state.scope(model.name)):
         yield from _removals(chunk.rows, delete=delete)
 
 
@@ -312,11 +314,11 @@ def count_changes(
     sql = f"""
         WITH src AS ({_keys_and_fingerprints(warehouse, model, bucket)}), snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
+            WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
         )
         {_COUNTS}
     """
-    row = conn.execute(sa.text(sql), {"model": model.name}).one()
+    row = conn.execute(sa.text(sql), state.scope(model.name)).one()
     return ChangeCounts(*(int(v or 0) for v in row))
 
 
@@ -373,8 +375,8 @@ def _event_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> st
     """
 
 
-def _event_params(model: Model) -> dict[str, Any]:
-    return {"model": model.name, "cutoff": lookback_cutoff(model)}
+def _event_params(state: StateStore, model: Model) -> dict[str, Any]:
+    return {**state.scope(model.name), "cutoff": lookback_cutoff(model)}
 
 
 def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowChange:
@@ -417,10 +419,10 @@ def diff_events(
         SELECT r.* FROM ({_event_rows(warehouse, model, bucket)}) AS r
         WHERE r.{KEY_COLUMN} IS NULL OR NOT EXISTS (
             SELECT 1 FROM {state.sent_events} AS e
-            WHERE e.model = :model AND e.key = r.{KEY_COLUMN}
+            WHERE e.workspace = :workspace AND e.model = :model AND e.key = r.{KEY_COLUMN}
         )
     """
-    for chunk in warehouse.stream(conn, sql, _event_params(model)):
+    for chunk in warehouse.stream(conn, sql, _event_params(state, model)):
         if not chunk.rows:
             continue
         columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
@@ -443,19 +445,19 @@ def count_events(
     )
     sql = f"""
         WITH src AS ({keys}), sent AS (
-            SELECT e.key FROM {state.sent_events} AS e WHERE e.model = :model
+            SELECT e.key FROM {state.sent_events} AS e WHERE e.workspace = :workspace AND e.model = :model
         )
         SELECT COUNT(*), SUM(CASE WHEN sent.key IS NULL THEN 1 ELSE 0 END)
         FROM src LEFT JOIN sent ON sent.key = src.k
         WHERE TRUE{_in_bucket(d, "src.k", bucket)}
     """
-    rows, new = conn.execute(sa.text(sql), _event_params(model)).one()
+    rows, new = conn.execute(sa.text(sql), _event_params(state, model)).one()
     acknowledged = conn.execute(
         sa.text(
             f"SELECT COUNT(*) FROM {state.sent_events} AS e"
-            f" WHERE e.model = :model{_in_bucket(state.dialect, 'e.key', bucket)}"
+            f" WHERE e.workspace = :workspace AND e.model = :model{_in_bucket(state.dialect, 'e.key', bucket)}"
         ),
-        {"model": model.name},
+        state.scope(model.name),
     ).scalar_one()
     return ChangeCounts(int(rows or 0), int(acknowledged or 0), int(new or 0), 0, 0)
 
@@ -628,11 +630,13 @@ class PushDownDiff(_Differ):
             SELECT COUNT(*) FROM ({_before_lookback(self.warehouse, model)}) AS old
             WHERE NOT EXISTS (
                 SELECT 1 FROM {self.state.sent_events} AS e
-                WHERE e.model = :model AND e.key = old.k
+                WHERE e.workspace = :workspace AND e.model = :model AND e.key = old.k
             ){_in_bucket(self.warehouse.dialect, "old.k", self.bucket)}
         """
         with _diff_connection(self.warehouse, self.bucket) as conn:
-            return int(conn.execute(sa.text(sql), _event_params(model)).scalar_one() or 0)
+            return int(
+                conn.execute(sa.text(sql), _event_params(self.state, model)).scalar_one() or 0
+            )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
         with _diff_connection(self.warehouse, self.bucket) as conn:
@@ -670,7 +674,7 @@ class CrossDatabaseDiff(_Differ):
         """Chunks of an event query's rows and which of their keys were sent (looked up in
         the state store, one chunk at a time)."""
         with _diff_connection(self.warehouse, self.bucket) as conn:
-            for chunk in self.warehouse.stream(conn, sql, _event_params(model)):
+            for chunk in self.warehouse.stream(conn, sql, _event_params(self.state, model)):
                 keys = [row._mapping[KEY_COLUMN] for row in chunk.rows]
                 sent = self.state.sent_event_keys(model.name, [k for k in keys if k is not None])
                 yield chunk, sent
@@ -724,12 +728,13 @@ class CrossDatabaseDiff(_Differ):
                 WHERE x.token = :token AND x.model = :model
             ), snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
-                WHERE s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)}
+                WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)}
             )
             {_COUNTS}
         """
         with _diff_connection(self.state, self.bucket) as conn:
-            row = conn.execute(sa.text(sql), {"token": self.token, "model": model.name}).one()
+            params = {"token": self.token, **self.state.scope(model.name)}
+            row = conn.execute(sa.text(sql), params).one()
         return ChangeCounts(*(int(v or 0) for v in row))
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
@@ -778,12 +783,12 @@ class CrossDatabaseDiff(_Differ):
         self._stage(model)
         sql = f"""
             SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
-            WHERE s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
+            WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
                 SELECT 1 FROM {self.state.staged_keys} AS x
                 WHERE x.token = :token AND x.model = :model AND x.key = s.key
             )
         """
-        params = {"token": self.token, "model": model.name}
+        params = {"token": self.token, **self.state.scope(model.name)}
         with _diff_connection(self.state, self.bucket) as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(sql), params)
             while rows := result.fetchmany(FETCH_ROWS):

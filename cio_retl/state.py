@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from cio_retl.buckets import Bucket
 from cio_retl.config import STATE_SCHEMA
 from cio_retl.dialects import ROWS, dialect_for
-from cio_retl.errors import LockedError
+from cio_retl.errors import ConfigError, LockedError
 
 STALE_LOCK_AFTER = dt.timedelta(minutes=30)
 # Staged keys older than this belong to runs that died before cleaning up.
@@ -33,9 +33,17 @@ STALE_STAGING_AFTER = dt.timedelta(days=1)
 
 metadata = sa.MetaData(schema=STATE_SCHEMA)
 
+# Rows from before state was kept per workspace carry this workspace until the first sync with
+# credentials takes them over (StateStore.enter_workspace). No Site ID is empty.
+LEGACY_WORKSPACE = ""
+
+# Snapshots and rejections are keyed by workspace (the Site ID), then model and key: the diff
+# reads one workspace's rows of one model and joins them on key, so on PostgreSQL the primary
+# key's B-tree serves that join with equality on its leading columns.
 snapshots = sa.Table(
     "snapshots",
     metadata,
+    sa.Column("workspace", sa.String, primary_key=True),
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("key", sa.String, primary_key=True),
     sa.Column("fingerprint", sa.String, nullable=False),
@@ -49,6 +57,7 @@ snapshots = sa.Table(
 rejections = sa.Table(
     "rejections",
     metadata,
+    sa.Column("workspace", sa.String, primary_key=True),
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("key", sa.String, primary_key=True),
     sa.Column("run_id", sa.String, nullable=False),
@@ -66,6 +75,7 @@ rejections = sa.Table(
 sent_events = sa.Table(
     "sent_events",
     metadata,
+    sa.Column("workspace", sa.String, primary_key=True),  # events sent to one workspace
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("key", sa.String, primary_key=True),
     sa.Column("event_id", sa.String, nullable=False),
@@ -92,8 +102,37 @@ runs = sa.Table(
     sa.Column("requests", sa.Integer, nullable=False, default=0),
     sa.Column("bytes_sent", sa.BigInteger, nullable=False, default=0),
     sa.Column("error", sa.String),
+    # The Site ID whose state the run read and wrote (LEGACY_WORKSPACE: a plan over rows from
+    # before workspaces; NULL: a plan with no workspace to name), and what
+    # GET /api/v1/accounts/region reported for it (for a dry run: at its last sync).
+    sa.Column("workspace", sa.String),
+    sa.Column("environment_id", sa.BigInteger),
+    sa.Column("region", sa.String),
 )
 
+# Every workspace this state store has synced to, one row each: what a plan without
+# credentials chooses from, and where the takeover of rows from before workspaces is
+# recorded (once: the adopted_* columns of the workspace that took them).
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("site_id", sa.String, primary_key=True),
+    sa.Column("environment_id", sa.BigInteger),
+    sa.Column("region", sa.String),
+    sa.Column("first_synced_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_synced_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("adopted_run_id", sa.String),
+    sa.Column("adopted_at", sa.DateTime(timezone=True)),
+    sa.Column("adopted_snapshots", sa.BigInteger),
+    sa.Column("adopted_rejections", sa.BigInteger),
+    sa.Column("adopted_events", sa.BigInteger),
+)
+
+# Locks are per model, not per workspace: DESIGN's rule is one run per model at a time, and it
+# also covers what two workspaces share, the warehouse side of a run (a DuckDB file admits one
+# writing process anyway) and the takeover of rows from before workspaces, which two runs to
+# different workspaces must not race for. A sync to staging and one to production of the same
+# model therefore run one after the other.
 locks = sa.Table(
     "locks",
     metadata,
@@ -148,6 +187,7 @@ _UNKEYED = {
 }
 
 SNAPSHOT_COLUMNS = (
+    "workspace",
     "model",
     "key",
     "fingerprint",
@@ -182,6 +222,54 @@ class SnapshotRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Workspace:
+    """The destination of a run: whose state rows it reads and writes, and what it records.
+
+    ``site_id`` is the Site ID (not a secret; the API key is never stored). ``reads`` is the
+    workspace value of the rows a plan diffs against when they are not yet ``site_id``'s
+    own: LEGACY_WORKSPACE before rows from before workspaces were taken over.
+    """
+
+    site_id: str | None  # None: a plan with no workspace to name (an empty state store)
+    environment_id: int | None = None
+    region: str | None = None
+    reads: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The ``workspace`` value of the state rows this run reads and writes."""
+        if self.reads is not None:
+            return self.reads
+        return LEGACY_WORKSPACE if self.site_id is None else self.site_id
+
+    @property
+    def label(self) -> str:
+        """How reports and ``status`` name it."""
+        if self.site_id is None:
+            return "(none yet)"
+        return self.site_id or "(from before workspaces)"
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """Rows from before workspaces that a workspace took over, at its first sync after the
+    upgrade."""
+
+    site_id: str
+    run_id: str
+    snapshots: int
+    rejections: int
+    events: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"state from before workspaces ({self.snapshots:,} snapshot rows, "
+            f"{self.rejections:,} rejections, {self.events:,} sent events) now belongs to "
+            f"workspace {self.site_id}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RejectionRow:
     key: str
     reason: str
@@ -191,20 +279,44 @@ class RejectionRow:
 
 
 class StateStore:
-    """The state tables in ``schema`` of the database behind ``engine``."""
+    """The state tables in ``schema`` of the database behind ``engine``.
 
-    def __init__(self, engine: Engine, schema: str = STATE_SCHEMA) -> None:
+    Snapshots and rejections belong to a workspace: a store bound to one (:meth:`bound`)
+    reads and writes only that workspace's rows. An unbound store serves what spans them
+    (``status``, the choice of workspace for a plan, tests' inspections).
+    """
+
+    def __init__(
+        self, engine: Engine, schema: str = STATE_SCHEMA, workspace: Workspace | None = None
+    ) -> None:
         self.schema = schema
         self.dialect = dialect_for(engine.dialect)
+        self._engine = engine
         # The Table objects name STATE_SCHEMA; this engine renders them in ``schema``.
         self.engine = (
             engine
             if schema == STATE_SCHEMA
             else engine.execution_options(schema_translate_map={STATE_SCHEMA: schema})
         )
+        self.workspace = workspace
         self.snapshots = self.table(snapshots)
         self.staged_keys = self.table(staged_keys)
         self.sent_events = self.table(sent_events)
+
+    def bound(self, workspace: Workspace) -> StateStore:
+        """This store, reading and writing only ``workspace``'s rows."""
+        return StateStore(self._engine, self.schema, workspace)
+
+    @property
+    def workspace_key(self) -> str:
+        """The ``workspace`` value of the rows this store reads and writes."""
+        if self.workspace is None:
+            raise RuntimeError("the state store is not bound to a workspace")  # a bug, not input
+        return self.workspace.key
+
+    def scope(self, model: str) -> dict[str, str]:
+        """Bind parameters ``:workspace`` and ``:model`` of the SQL reading one model's rows."""
+        return {"workspace": self.workspace_key, "model": model}
 
     def table(self, table: sa.Table) -> str:
         """The quoted, schema-qualified name of a state table, for text SQL."""
@@ -214,6 +326,7 @@ class StateStore:
         for attempt in range(5):
             try:
                 with _SCHEMA_LOCK, self._ddl_transaction() as conn:
+                    upgraded: set[sa.Table] = set()  # tables given LEGACY_WORKSPACE rows
                     conn.execute(
                         sa.text(
                             f"CREATE SCHEMA IF NOT EXISTS {self.dialect.quote_schema(self.schema)}"
@@ -226,7 +339,9 @@ class StateStore:
                         metadata.create_all(conn, tables=keyed)
                         for table, (unkeyed, migrating) in _UNKEYED.items():
                             unkeyed.create(conn, checkfirst=True)
-                            self._drop_primary_key(conn, table, migrating)
+                            if self._drop_primary_key(conn, table, migrating):
+                                upgraded.add(table)
+                    self._add_workspace_columns(conn, upgraded)
                 return
             except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 # Two processes creating the schema at once: DuckDB's optimistic concurrency
@@ -260,7 +375,69 @@ class StateStore:
                 if before is _UNKNOWN or _session_schema(conn) != before:
                     conn.invalidate()
 
-    def _drop_primary_key(self, conn: Connection, table: sa.Table, interim: sa.Table) -> None:
+    def _columns(self, conn: Connection, table: sa.Table) -> set[str]:
+        """The column names ``table`` has in the database (lower case: Snowflake says upper)."""
+        names = conn.execute(sa.text(f"SELECT * FROM {self.table(table)} WHERE 1 = 0")).keys()
+        return {str(name).lower() for name in list(names)}
+
+    def _add_workspace_columns(self, conn: Connection, upgraded: set[sa.Table]) -> None:
+        """Upgrade tables an older cio-retl wrote, before state was kept per workspace.
+
+        Their snapshot and rejection rows get LEGACY_WORKSPACE, and, if there are any, the
+        workspaces table a row for it: the first sync with credentials takes them over
+        (:meth:`enter_workspace`). Past runs get it too, and go with them. One statement set
+        per table, once per database; the caller's transaction holds it (not on Snowflake,
+        where DDL commits: a second attempt finds what the first added).
+        """
+        for table in (snapshots, rejections, sent_events, runs):
+            present = self._columns(conn, table)
+            name = self.table(table)
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                type_sql = column.type.compile(dialect=conn.dialect)
+                if column.name == "workspace":
+                    key = [c.name for c in table.primary_key.columns]
+                    statements = self.dialect.add_workspace_column(
+                        name,
+                        table.name,
+                        type_sql,
+                        LEGACY_WORKSPACE,
+                        key if "workspace" in key else None,
+                    )
+                else:
+                    statements = [
+                        f"ALTER TABLE {name} ADD COLUMN {self.dialect.quote(column.name)} {type_sql}"
+                    ]
+                for statement in statements:
+                    conn.execute(sa.text(statement))
+                if column.name == "workspace":
+                    upgraded.add(table)
+        legacy_rows = any(
+            conn.execute(
+                sa.text(f"SELECT 1 FROM {self.table(t)} WHERE workspace = :legacy LIMIT 1"),
+                {"legacy": LEGACY_WORKSPACE},
+            ).first()
+            is not None
+            for t in upgraded
+            if t is not runs
+        )
+        if legacy_rows:
+            now = utcnow()
+            conn.execute(
+                sa.text(
+                    self.dialect.insert_absent(
+                        self.table(workspaces),
+                        ("site_id",),
+                        ("site_id", "first_synced_at", "last_synced_at"),
+                        "SELECT CAST(:site AS VARCHAR) AS site_id, :now AS first_synced_at,"
+                        " :now AS last_synced_at",
+                    )
+                ),
+                {"site": LEGACY_WORKSPACE, "now": now},
+            )
+
+    def _drop_primary_key(self, conn: Connection, table: sa.Table, interim: sa.Table) -> bool:
         """Rebuild ``table`` when an older cio-retl created it with its primary key (before
         the key index was dropped on DuckDB) without it, rows unchanged, in the caller's
         transaction. DuckDB cannot drop a primary key in place; this runs once per database
@@ -274,20 +451,28 @@ class StateStore:
             {"schema": self.schema, "table": table.name},
         ).scalar_one()
         if not keyed:
-            return
+            return False
+        present = self._columns(conn, table)
         columns = ", ".join(self.dialect.quote(c.name) for c in table.columns)
+        # A table that old also predates workspaces: its rows get LEGACY_WORKSPACE here, and
+        # _add_workspace_columns records them.
+        values = ", ".join(
+            self.dialect.quote(c.name) if c.name in present else f"'{LEGACY_WORKSPACE}'"
+            for c in table.columns
+        )
         interim.drop(conn, checkfirst=True)  # a copy an interrupted run left
         interim.create(conn)
         conn.execute(
             sa.text(
                 f"INSERT INTO {self.table(interim)} ({columns})"
-                f" SELECT {columns} FROM {self.table(table)}"
+                f" SELECT {values} FROM {self.table(table)}"
             )
         )
         conn.execute(sa.text(f"DROP TABLE {self.table(table)}"))
         conn.execute(
             sa.text(f"ALTER TABLE {self.table(interim)} RENAME TO {self.dialect.quote(table.name)}")
         )
+        return "workspace" not in present
 
     # -- snapshots -------------------------------------------------------------------------
     def save_snapshots(
@@ -304,11 +489,11 @@ class StateStore:
         if len(unique) < len(rows):  # never expected; written as existing keys, to be safe
             unique = {k: replace(r, new=False) for k, r in unique.items()}
         source = (
-            "SELECT CAST(:model AS VARCHAR) AS model, u.key, u.fingerprint, u.attrs_hash,"
-            " u.identifiers, u.attributes, CAST(:run_id AS VARCHAR) AS run_id,"
-            f" :now AS synced_at FROM {ROWS} AS u"
+            "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
+            " u.key, u.fingerprint, u.attrs_hash, u.identifiers, u.attributes,"
+            f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at FROM {ROWS} AS u"
         )
-        params = {"model": model, "run_id": run_id, "now": utcnow()}
+        params = {**self.scope(model), "run_id": run_id, "now": utcnow()}
         for new in (True, False):
             group = [r for r in unique.values() if r.new is new]
             if not group:
@@ -316,7 +501,11 @@ class StateStore:
             self.dialect.execute_rows(
                 conn,
                 self.dialect.upsert(
-                    self.snapshots, ("model", "key"), SNAPSHOT_COLUMNS, source, absent=new
+                    self.snapshots,
+                    ("workspace", "model", "key"),
+                    SNAPSHOT_COLUMNS,
+                    source,
+                    absent=new,
                 ),
                 ("key", "fingerprint", "attrs_hash", "identifiers", "attributes"),
                 [(r.key, r.fingerprint, r.attrs_hash, r.identifiers, r.attributes) for r in group],
@@ -333,10 +522,11 @@ class StateStore:
         self.dialect.execute_rows(
             conn,
             f"UPDATE {table} SET fingerprint = u.fp FROM {ROWS} AS u"
-            f" WHERE {table}.model = :model AND {table}.key = u.key",
+            f" WHERE {table}.workspace = :workspace AND {table}.model = :model"
+            f" AND {table}.key = u.key",
             ("key", "fp"),
             pairs,
-            {"model": model},
+            self.scope(model),
         )
 
     def delete_snapshots(self, conn: Connection, model: str, keys: Sequence[str]) -> None:
@@ -347,10 +537,11 @@ class StateStore:
             return
         self.dialect.execute_rows(
             conn,
-            f"DELETE FROM {table} WHERE model = :model AND key IN (SELECT u.key FROM {ROWS} AS u)",
+            f"DELETE FROM {table} WHERE workspace = :workspace AND model = :model"
+            f" AND key IN (SELECT u.key FROM {ROWS} AS u)",
             ("key",),
             [(k,) for k in keys],
-            {"model": model},
+            self.scope(model),
         )
 
     def lookup_snapshots(
@@ -371,12 +562,13 @@ class StateStore:
         )
         template = (
             f"SELECT s.key, s.fingerprint, {attributes} FROM {self.snapshots} AS s"
-            f" JOIN {ROWS} AS u ON s.key = u.key WHERE s.model = :model"
+            f" JOIN {ROWS} AS u ON s.key = u.key"
+            " WHERE s.workspace = :workspace AND s.model = :model"
         )
         with self.engine.connect() as conn:
             for relation, params in self.dialect.batches(("key", "fp"), pairs):
                 result = conn.execute(
-                    sa.text(template.replace(ROWS, relation)), {"model": model, **params}
+                    sa.text(template.replace(ROWS, relation)), {**self.scope(model), **params}
                 )
                 for key, fingerprint, attrs in result:
                     found[key] = (fingerprint, attrs)
@@ -395,14 +587,14 @@ class StateStore:
         if not unique:
             return
         source = (
-            "SELECT CAST(:model AS VARCHAR) AS model, u.key, u.event_id,"
-            " CAST(u.event_time AS BIGINT) AS event_time, CAST(:run_id AS VARCHAR) AS run_id,"
-            f" :now AS sent_at FROM {ROWS} AS u"
+            "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
+            " u.key, u.event_id, CAST(u.event_time AS BIGINT) AS event_time,"
+            f" CAST(:run_id AS VARCHAR) AS run_id, :now AS sent_at FROM {ROWS} AS u"
         )
         insert = self.dialect.upsert(
             self.sent_events,
-            ("model", "key"),
-            ("model", "key", "event_id", "event_time", "run_id", "sent_at"),
+            ("workspace", "model", "key"),
+            ("workspace", "model", "key", "event_id", "event_time", "run_id", "sent_at"),
             source,
             absent=True,
         )
@@ -411,7 +603,7 @@ class StateStore:
             insert,
             ("key", "event_id", "event_time"),
             list(unique.values()),
-            {"model": model, "run_id": run_id, "now": utcnow()},
+            {**self.scope(model), "run_id": run_id, "now": utcnow()},
         )
 
     def sent_event_keys(self, model: str, keys: Sequence[str]) -> set[str]:
@@ -421,12 +613,12 @@ class StateStore:
             return found
         template = (
             f"SELECT e.key FROM {self.sent_events} AS e JOIN {ROWS} AS u ON e.key = u.key"
-            " WHERE e.model = :model"
+            " WHERE e.workspace = :workspace AND e.model = :model"
         )
         with self.engine.connect() as conn:
             for relation, params in self.dialect.batches(("key",), [(k,) for k in keys]):
                 result = conn.execute(
-                    sa.text(template.replace(ROWS, relation)), {"model": model, **params}
+                    sa.text(template.replace(ROWS, relation)), {**self.scope(model), **params}
                 )
                 found.update(key for (key,) in result)
         return found
@@ -434,7 +626,7 @@ class StateStore:
     def event_summary(self, model: str) -> tuple[int, int | None]:
         """(events acknowledged, the newest one's Unix seconds) of an event model."""
         query = sa.select(sa.func.count(), sa.func.max(sent_events.c.event_time)).where(
-            sent_events.c.model == model
+            sent_events.c.workspace == self.workspace_key, sent_events.c.model == model
         )
         with self.engine.connect() as conn:
             count, newest = conn.execute(query).one()
@@ -452,10 +644,13 @@ class StateStore:
             }
 
     def sent_events_of(self, model: str) -> dict[str, dict[str, Any]]:
-        """Every acknowledged event of one model; for tests and small inspections only."""
+        """Every acknowledged event of one model (of every workspace, unless the store is
+        bound); for tests and small inspections only."""
+        query = sa.select(sent_events).where(sent_events.c.model == model)
+        if self.workspace is not None:
+            query = query.where(sent_events.c.workspace == self.workspace_key)
         with self.engine.connect() as conn:
-            result = conn.execute(sa.select(sent_events).where(sent_events.c.model == model))
-            return {row.key: dict(row._mapping) for row in result}
+            return {row.key: dict(row._mapping) for row in conn.execute(query)}
 
     # -- staged keys (the cross-database diff) --------------------------------------------
     def stage_keys(
@@ -481,10 +676,13 @@ class StateStore:
             )
 
     def snapshot(self, model: str) -> dict[str, dict[str, Any]]:
-        """The whole snapshot of one model; for tests and small inspections only."""
+        """The whole snapshot of one model (of every workspace, unless the store is bound);
+        for tests and small inspections only."""
+        query = sa.select(snapshots).where(snapshots.c.model == model)
+        if self.workspace is not None:
+            query = query.where(snapshots.c.workspace == self.workspace_key)
         with self.engine.connect() as conn:
-            result = conn.execute(sa.select(snapshots).where(snapshots.c.model == model))
-            return {row.key: dict(row._mapping) for row in result}
+            return {row.key: dict(row._mapping) for row in conn.execute(query)}
 
     # -- rejections ------------------------------------------------------------------------
     def record_rejections(
@@ -497,6 +695,7 @@ class StateStore:
             sa.insert(rejections),
             [
                 {
+                    "workspace": self.workspace_key,
                     "model": model,
                     "key": r.key,
                     "run_id": run_id,
@@ -514,21 +713,33 @@ class StateStore:
         self._delete_keys(conn, self.table(rejections), model, keys)
 
     def has_rejections(self, model: str) -> bool:
-        query = sa.select(rejections.c.key).where(rejections.c.model == model).limit(1)
+        query = (
+            sa.select(rejections.c.key)
+            .where(rejections.c.workspace == self.workspace_key, rejections.c.model == model)
+            .limit(1)
+        )
         with self.engine.connect() as conn:
             return conn.execute(query).first() is not None
 
+    def _rejections_of(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """``query`` kept to the bound workspace's rejections, or all of them if unbound."""
+        if self.workspace is None:
+            return query
+        return query.where(rejections.c.workspace == self.workspace_key)
+
     def rejections(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        query = sa.select(rejections).order_by(rejections.c.model, rejections.c.key).limit(limit)
+        query = sa.select(rejections).order_by(
+            rejections.c.workspace, rejections.c.model, rejections.c.key
+        )
         if model:
             query = query.where(rejections.c.model == model)
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [dict(r._mapping) for r in conn.execute(self._rejections_of(query).limit(limit))]
 
     def rejection_counts(self) -> dict[str, int]:
         query = sa.select(rejections.c.model, sa.func.count()).group_by(rejections.c.model)
         with self.engine.connect() as conn:
-            return {m: int(n) for m, n in conn.execute(query)}
+            return {m: int(n) for m, n in conn.execute(self._rejections_of(query))}
 
     # -- runs ------------------------------------------------------------------------------
     def start_run(self, run_id: str, model: str, *, dry_run: bool, full_resync: bool) -> None:
@@ -537,6 +748,11 @@ class StateStore:
                 sa.insert(runs).values(
                     run_id=run_id,
                     model=model,
+                    workspace=None if self.workspace is None else self.workspace.site_id,
+                    environment_id=None
+                    if self.workspace is None
+                    else self.workspace.environment_id,
+                    region=None if self.workspace is None else self.workspace.region,
                     started_at=utcnow(),
                     status="running",
                     dry_run=dry_run,
@@ -565,6 +781,123 @@ class StateStore:
         query = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    # -- workspaces ------------------------------------------------------------------------
+    def known_workspaces(self) -> dict[str, sa.Row[Any]]:
+        """Every workspace synced to from this store, by Site ID (LEGACY_WORKSPACE included
+        while rows from before workspaces wait to be taken over)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(workspaces).order_by(workspaces.c.site_id))
+            return {row.site_id: row for row in rows}
+
+    def plan_workspace(self, named: str | None) -> Workspace:
+        """The workspace a plan without credentials diffs against: the one ``named`` (the
+        CIO_SITE_ID), else the only one there is; an empty store gives an empty snapshot.
+
+        Rows from before workspaces, while no sync with credentials has taken them over, are
+        the snapshot of whichever workspace the plan is for: the next such sync takes them
+        over, so the plan shows what it would send.
+        """
+        known = self.known_workspaces()
+        if LEGACY_WORKSPACE in known:
+            return Workspace(LEGACY_WORKSPACE if named is None else named, reads=LEGACY_WORKSPACE)
+        if named is None:
+            if not known:
+                return Workspace(None)
+            if len(known) > 1:
+                raise ConfigError(
+                    f"the state store holds {len(known)} workspaces ({', '.join(known)}): set "
+                    "CIO_SITE_ID to the Site ID to plan against"
+                )
+            (named,) = known
+        row = known.get(named)
+        return Workspace(
+            named,
+            None if row is None else row.environment_id,
+            None if row is None else row.region,
+        )
+
+    def enter_workspace(self, workspace: Workspace, run_id: str) -> Adoption | None:
+        """Record a sync with credentials to ``workspace`` (what the region check reported)
+        and, the first time after an upgrade, hand it every row from before workspaces.
+
+        The takeover is one transaction, recorded once in the workspace's row (adopted_*),
+        and returned so the run can say so. It rewrites the ``workspace`` of every such row
+        once (on 2M snapshot rows, an UPDATE of one column).
+        """
+        site = workspace.site_id
+        if not site:
+            raise ValueError("a sync with credentials names its Site ID")
+        now = utcnow()
+        values = {
+            "site": site,
+            "environment_id": workspace.environment_id,
+            "region": workspace.region,
+            "now": now,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(workspaces)
+                .where(workspaces.c.site_id == site)
+                .values(
+                    environment_id=workspace.environment_id,
+                    region=workspace.region,
+                    last_synced_at=now,
+                )
+            )
+            conn.execute(
+                sa.text(
+                    self.dialect.insert_absent(
+                        self.table(workspaces),
+                        ("site_id",),
+                        (
+                            "site_id",
+                            "environment_id",
+                            "region",
+                            "first_synced_at",
+                            "last_synced_at",
+                        ),
+                        "SELECT CAST(:site AS VARCHAR) AS site_id,"
+                        " CAST(:environment_id AS BIGINT) AS environment_id,"
+                        " CAST(:region AS VARCHAR) AS region, :now AS first_synced_at,"
+                        " :now AS last_synced_at",
+                    )
+                ),
+                values,
+            )
+            # Deleting the marker first: of two runs starting at once, one takes the rows.
+            taken = conn.execute(
+                sa.delete(workspaces).where(workspaces.c.site_id == LEGACY_WORKSPACE)
+            ).rowcount
+            if not taken:
+                return None
+            moved = {}
+            for table in (snapshots, rejections, sent_events, runs):
+                extra = (
+                    {"environment_id": workspace.environment_id, "region": workspace.region}
+                    if table is runs
+                    else {}
+                )
+                moved[table.name] = conn.execute(
+                    sa.update(table)
+                    .where(table.c.workspace == LEGACY_WORKSPACE)
+                    .values(workspace=site, **extra)
+                ).rowcount
+            adoption = Adoption(
+                site, run_id, moved["snapshots"], moved["rejections"], moved["sent_events"]
+            )
+            conn.execute(
+                sa.update(workspaces)
+                .where(workspaces.c.site_id == site)
+                .values(
+                    adopted_run_id=run_id,
+                    adopted_at=now,
+                    adopted_snapshots=adoption.snapshots,
+                    adopted_rejections=adoption.rejections,
+                    adopted_events=adoption.events,
+                )
+            )
+        return adoption
 
     # -- locks -----------------------------------------------------------------------------
     def acquire_lock(self, model: str, run_id: str, bucket: Bucket | None = None) -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from cio_retl.batching import pack
 from cio_retl.buckets import Bucket
-from cio_retl.client import RetryPolicy, SendResult, TrackClient
+from cio_retl.client import AccountRegion, RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
 from cio_retl.diff import Change, ChangeCounts, Differ, RowChange, differ_for
 from cio_retl.errors import (
@@ -41,7 +41,7 @@ from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.ratelimit import RateSpec, budget_for
-from cio_retl.state import RejectionRow, SnapshotRow, StateStore
+from cio_retl.state import Adoption, RejectionRow, SnapshotRow, StateStore, Workspace
 from cio_retl.warehouse import Warehouse, check_reachable, create_engine
 
 Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
@@ -124,6 +124,13 @@ class RunReport:
     models: list[ModelReport]
     error: str | None = None  # the transient failure that ended the run early
     bucket: str | None = None  # "3/16" when the run covered one hash bucket
+    # The Site ID whose state the run diffed against (LEGACY_WORKSPACE: a plan over rows from
+    # before workspaces; None: a plan of an empty state store) and what the region check
+    # reported for it. The Site ID is not a secret; the API key never appears here.
+    workspace: str | None = None
+    environment_id: int | None = None
+    region: str | None = None
+    adoption: Adoption | None = None  # rows from before workspaces this run took over
 
     @property
     def outcome(self) -> Outcome:
@@ -179,21 +186,31 @@ def run_sync(
             if problem:
                 raise ModelError(str(model.path), problem, model.sql_line)
         client: TrackClient | None = None
+        site_id: str | None = None
         if not options.dry_run:
             site_id, api_key = settings.require_credentials()
             client = TrackClient(settings.track_api_url, site_id, api_key, retry=options.retry)
         try:
+            run_id = new_run_id(options.bucket)
+            account: AccountRegion | None = None
             if client is not None:
-                client.check_credentials()
+                account = AccountRegion.read(client.check_credentials())
+                check_region(settings, account)
             state.ensure_schema()
-            if client is not None:
+            adoption: Adoption | None = None
+            if client is not None and account is not None and site_id is not None:
                 client.limiter = budget_for(
                     settings.rate_budget,
                     rate,
                     settings.track_api_url,
-                    settings.site_id or "",
+                    site_id,
                     state,
                 )
+                workspace = Workspace(site_id, account.environment_id, account.region)
+                adoption = state.enter_workspace(workspace, run_id)
+            else:
+                workspace = state.plan_workspace(settings.site_id)
+            state = state.bound(workspace)
             differ = differ_for(
                 warehouse,
                 state,
@@ -201,10 +218,20 @@ def run_sync(
                 bucket=options.bucket,
                 suppressions=suppressions,
             )
+            run = _Run(
+                differ,
+                warehouse,
+                state,
+                client,
+                models,
+                options,
+                progress,
+                every_model,
+                run_id=run_id,
+            )
+            run.adoption = adoption
             with fewer_collections():
-                return _Run(
-                    differ, warehouse, state, client, models, options, progress, every_model
-                ).execute()
+                return run.execute()
         finally:
             if client is not None:
                 client.close()
@@ -251,6 +278,27 @@ def fewer_collections() -> Iterator[None]:
                 gc.unfreeze()
 
 
+def check_region(settings: Settings, account: AccountRegion) -> None:
+    """Stop before sending when the workspace lives in another region than CIO_REGION.
+
+    Holds with CIO_TRACK_API_URL set too: the URL changes the host, not the region. An
+    answer without a region (the schema marks it optional) is not checked.
+    """
+    if account.region is not None and account.region != settings.region:
+        raise ConfigError(
+            f"the workspace of CIO_SITE_ID {settings.site_id} is in region {account.region!r}, "
+            f"but CIO_REGION is {settings.region!r}: set CIO_REGION={account.region} "
+            "(CIO_TRACK_API_URL, when set, changes the host, not the region); nothing was sent"
+        )
+
+
+def new_run_id(bucket: Bucket | None) -> str:
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    if bucket is not None:  # runs of one bucket are told apart in `cio-retl status`
+        run_id += f"-b{bucket.index}of{bucket.count}"
+    return run_id
+
+
 class _Run:
     def __init__(
         self,
@@ -262,6 +310,8 @@ class _Run:
         options: SyncOptions,
         progress: Progress | None,
         every_model: Sequence[Model] = (),
+        *,
+        run_id: str | None = None,
     ) -> None:
         self.differ = differ
         self.warehouse = warehouse
@@ -271,9 +321,8 @@ class _Run:
         self.options = options
         self.progress = progress
         self.bucket = options.bucket
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        if self.bucket is not None:  # runs of one bucket are told apart in `cio-retl status`
-            self.run_id += f"-b{self.bucket.index}of{self.bucket.count}"
+        self.run_id = run_id or new_run_id(self.bucket)
+        self.adoption: Adoption | None = None  # rows from before workspaces this run took over
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
         self.every_model = every_model or models  # the run's and the unselected ones
         self._last_heartbeat = time.monotonic()
@@ -288,11 +337,16 @@ class _Run:
     def execute(self) -> RunReport:
         locked: list[Model] = []
         started = time.perf_counter()
+        workspace = self.state.workspace
         report = RunReport(
             self.run_id,
             self.options.dry_run,
             list(self.reports.values()),
             bucket=self.bucket.label if self.bucket else None,
+            workspace=None if workspace is None else workspace.site_id,
+            environment_id=None if workspace is None else workspace.environment_id,
+            region=None if workspace is None else workspace.region,
+            adoption=self.adoption,
         )
         try:
             if not self.options.dry_run:

@@ -162,7 +162,17 @@ def test_bad_credentials_are_401_and_apply_nothing(
 def test_region_answers_for_valid_credentials(client: httpx.Client, emu: Emulator) -> None:
     response = client.get("/api/v1/accounts/region")
     assert response.status_code == 200
+    # Customer.io Track API OpenAPI 1.0.0, operation getRegion: url, region, environment_id.
     assert response.json() == {"url": emu.url, "region": "us", "environment_id": 1}
+
+
+def test_region_answer_names_the_configured_workspace() -> None:
+    with (
+        Emulator(region="eu", environment_id=77) as eu,
+        httpx.Client(base_url=eu.url, auth=("site-id", "api-key")) as client,
+    ):
+        answer = client.get("/api/v1/accounts/region").json()
+        assert answer == {"url": eu.url, "region": "eu", "environment_id": 77}
 
 
 def test_inspection_needs_no_auth_and_unknown_paths_404_wrong_methods_405(emu: Emulator) -> None:

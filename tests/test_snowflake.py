@@ -21,7 +21,7 @@ from cio_retl.config import Secret, Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.dialects import SnowflakeDialect
 from cio_retl.emulator import Emulator
-from cio_retl.state import SnapshotRow, StateStore
+from cio_retl.state import SnapshotRow, StateStore, Workspace
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, REPO, SITE_ID, sync
@@ -160,7 +160,7 @@ def test_snowflake_writes_split_by_statement_size(
 ) -> None:
     """Snowflake binds client-side into the statement text: big batches go as several."""
     monkeypatch.setattr(SnowflakeDialect, "MAX_BATCH_BYTES", 2_000)
-    state = StateStore(sf_engine)
+    state = StateStore(sf_engine).bound(Workspace(SITE_ID))
     state.ensure_schema()
     rows = [
         SnapshotRow(f"k{i}", f"fp{i}", "h", "{}", '{"a":"' + "x" * 50 + '"}') for i in range(300)

@@ -24,7 +24,14 @@ from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
-from cio_retl.state import RejectionRow, SnapshotRow, StateStore, rejections, snapshots
+from cio_retl.state import (
+    RejectionRow,
+    SnapshotRow,
+    StateStore,
+    Workspace,
+    rejections,
+    snapshots,
+)
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
 from tests.conftest import (
@@ -258,10 +265,15 @@ def test_secrets_never_reach_state_tables(
 ) -> None:
     emulator.faults = FaultPlan(reject_identifiers=frozenset({"grace.dijkstra.11@example.com"}))
     sync(settings)
+    # The Site ID is not a secret: it names the workspace a row belongs to, and only there.
+    named_by = {"workspace", "site_id"}
     with demo_engine.connect() as conn:
-        for table in ("snapshots", "runs", "rejections", "locks"):
-            for row in conn.execute(sa.text(f"SELECT * FROM cio_retl.{table}")):
-                assert API_KEY not in str(tuple(row)) and SITE_ID not in str(tuple(row))
+        for table in ("snapshots", "runs", "rejections", "locks", "workspaces"):
+            rows = conn.execute(sa.text(f"SELECT * FROM cio_retl.{table}")).mappings().all()
+            assert rows or table == "locks"
+            for row in rows:
+                assert API_KEY not in str(tuple(row.values()))
+                assert {c for c, v in row.items() if SITE_ID in str(v)} <= named_by
 
 
 def write_model(folder: Path, name: str, text: str) -> None:
@@ -460,7 +472,7 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     """State written by a version whose DuckDB snapshots had PRIMARY KEY (model, key): the
     next run copies it into an unkeyed table, keeps every row, and sends only the edits."""
     assert sync(settings).outcome is Outcome.SYNCED
-    state = StateStore(demo_engine)
+    state = StateStore(demo_engine).bound(Workspace(SITE_ID))
     with demo_engine.begin() as conn:  # a rejection to carry over
         state.record_rejections(
             conn, "users", "old-run", [RejectionRow("u-gone", "a reason", "email", None, "{}")]
@@ -498,7 +510,7 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
 
 def test_saving_snapshots_keeps_one_row_per_key(demo_engine: Engine) -> None:
     """Creates (no lookup), rewrites (delete + insert) and a key repeated in one batch."""
-    state = StateStore(demo_engine)
+    state = StateStore(demo_engine).bound(Workspace(SITE_ID))
     state.ensure_schema()
 
     def rows(keys: range, fp: str, *, new: bool) -> list[SnapshotRow]:

@@ -234,7 +234,8 @@ def most_in_window(times: list[float], window: float) -> int:
 class Emulator:
     """A loopback Customer.io Track API with an in-memory workspace and injectable faults.
 
-    `rules` picks the reading of the spec's [open] points (defaults: the module constants);
+    `region` and `environment_id` are what `GET /api/v1/accounts/region` reports for the
+    workspace of `site_id` (two emulators stand for two workspaces). `rules` picks the reading of the spec's [open] points (defaults: the module constants);
     `record_bodies=False` keeps `requests` from holding every parsed body during benchmarks.
     `rate_limit=(requests, seconds)` enforces the workspace limit the spec describes as
     "loosely enforced": a write request over it in the sliding window gets a 429 with
@@ -252,8 +253,13 @@ class Emulator:
         rules: Rules | None = None,
         record_bodies: bool = True,
         rate_limit: tuple[int, float] | None = None,
+        region: str = "us",
+        environment_id: int = 1,
     ) -> None:
         self.site_id = site_id
+        # What GET /api/v1/accounts/region reports: the workspace's data center and its id.
+        self.region = region
+        self.environment_id = environment_id
         self.host = host
         self.port = port
         self.rules = rules or Rules()
@@ -492,7 +498,10 @@ class Emulator:
         if path == "/api/v1/accounts/region":
             # Track API OpenAPI 1.0.0, TrackRegionFindAccountRegionResponse: `url`, `region`
             # ("us" | "eu") and `environment_id` (an integer, the workspace).
-            return _Reply(200, {"url": self.url, "region": "us", "environment_id": 1})
+            return _Reply(
+                200,
+                {"url": self.url, "region": self.region, "environment_id": self.environment_id},
+            )
         if customer_id is not None:
             return self._v1(method, customer_id, headers, body)
         return self._v2(path == "/api/v2/entity", headers, body)
