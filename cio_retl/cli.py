@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -255,8 +255,19 @@ def print_report(report: RunReport, console: Console = out) -> None:
             )
         if m.rejected > len(m.rejections):
             console.print(f"[yellow]... and {m.rejected - len(m.rejections)} more in {m.model}[/]")
+        if m.rejected_by_code:
+            console.print(
+                f"[yellow]rejected[/] {m.model} by code: {_by_code({c.value: n for c, n in m.rejected_by_code.items()})}"
+            )
     if report.error:
         err.print(f"[bold red]run stopped:[/] {escape(report.error)}", highlight=False)
+
+
+def _by_code(counts: Mapping[str, int]) -> str:
+    """``duplicate_key 50, null_key 1``: the most frequent first, then by name."""
+    return ", ".join(
+        f"{code} {n:,}" for code, n in sorted(counts.items(), key=lambda c: (-c[1], c[0]))
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

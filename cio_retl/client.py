@@ -21,7 +21,7 @@ import tenacity
 
 from cio_retl import __version__
 from cio_retl.batching import batch_body
-from cio_retl.errors import FatalSendError, Rejection, RetriableError
+from cio_retl.errors import FatalSendError, Rejection, RejectionCode, RetriableError
 from cio_retl.ratelimit import RateBudget, workspace_limiter
 
 RETRY_AFTER_CAP = 120.0  # never sleep longer than this on one Retry-After
@@ -165,7 +165,9 @@ class TrackClient:
             self._read_207(response, len(items), result)
         elif status == 413 or 400 <= status < 500:
             if len(items) == 1:
-                result.rejected[0] = Rejection(_error_message(response), status=status)
+                result.rejected[0] = Rejection(
+                    RejectionCode.API_REJECTED, _error_message(response), status=status
+                )
             else:  # isolate the bad items: only they are rejected, the rest still go
                 middle = len(items) // 2
                 result.merge(self.send_batch(items[:middle]), 0)
@@ -186,11 +188,20 @@ class TrackClient:
                 named = {}
                 break
             message = ": ".join(str(error[k]) for k in ("reason", "message") if error.get(k))
-            named[index] = Rejection(message or "rejected", field=error.get("field"), status=207)
+            named[index] = Rejection(
+                RejectionCode.API_REJECTED,
+                message or "rejected",
+                field=error.get("field"),
+                status=207,
+            )
         if not named:
             # A 207 we cannot map to items: acknowledge nothing, so every row is sent again.
             for i in range(n_items):
-                result.rejected[i] = Rejection("HTTP 207 without usable batch_index", status=207)
+                result.rejected[i] = Rejection(
+                    RejectionCode.API_UNATTRIBUTED,
+                    "HTTP 207 without usable batch_index",
+                    status=207,
+                )
             return
         result.rejected.update(named)
         result.acked.extend(i for i in range(n_items) if i not in named)

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from cio_retl.buckets import Bucket
 from cio_retl.dialects import Dialect
-from cio_retl.errors import Rejection
+from cio_retl.errors import Rejection, RejectionCode
 from cio_retl.models import Kind, Model, RemovedColumns
 from cio_retl.normalize import (
     Attributes,
@@ -196,7 +196,11 @@ def _upsert_change(
     if key is None:
         nulls = [c for c in model.key_columns if values.get(c) is None] or list(model.key_columns)
         return RowChange(
-            Change.REJECT, None, rejection=Rejection(f"key is NULL ({', '.join(nulls)})", nulls[0])
+            Change.REJECT,
+            None,
+            rejection=Rejection(
+                RejectionCode.NULL_KEY, f"key is NULL ({', '.join(nulls)})", nulls[0]
+            ),
         )
     duplicates = row[columns.index[DUPLICATES_COLUMN]]
     if duplicates > 1:
@@ -204,6 +208,7 @@ def _upsert_change(
             Change.REJECT,
             key,
             rejection=Rejection(
+                RejectionCode.DUPLICATE_KEY,
                 f"{duplicates} rows share this key; none of them is sent",
                 ",".join(model.key_columns),
             ),
@@ -387,7 +392,9 @@ def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowCh
         return RowChange(
             Change.REJECT,
             None,
-            rejection=Rejection(f"key is NULL ({model.event_key})", model.event_key),
+            rejection=Rejection(
+                RejectionCode.NULL_KEY, f"key is NULL ({model.event_key})", model.event_key
+            ),
         )
     duplicates = row[columns.index[DUPLICATES_COLUMN]]
     if duplicates > 1:
@@ -395,6 +402,7 @@ def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowCh
             Change.REJECT,
             key,
             rejection=Rejection(
+                RejectionCode.DUPLICATE_KEY,
                 f"{duplicates} rows share this key; none of them is sent",
                 ",".join(model.key_columns),
             ),

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from cio_retl.errors import Rejection
+from cio_retl.errors import Rejection, RejectionCode
 
 MAX_BATCH_ITEMS = 1000  # [seen] RudderStack caps at 1000; the reference states only bytes
 MAX_BATCH_BYTES = 500_000  # "500 KB", taken as 500,000 bytes of the serialized body
@@ -42,24 +42,34 @@ def check_identifier(name: str, value: Any) -> Rejection | None:
     """An identifier value as the wire carries it: text (an integer column arrives as its
     decimal text), within the byte limit, without control characters."""
     if value is None:
-        return Rejection(f"identifier {name} is NULL", name)
+        return Rejection(RejectionCode.NULL_KEY, f"identifier {name} is NULL", name)
     if not isinstance(value, str):
         return Rejection(
-            f"identifier {name} must be text or an integer, got {type(value).__name__}", name
+            RejectionCode.INVALID_IDENTIFIER,
+            f"identifier {name} must be text or an integer, got {type(value).__name__}",
+            name,
         )
     text = value
     if not text.strip():
-        return Rejection(f"identifier {name} is empty", name)
+        return Rejection(RejectionCode.INVALID_IDENTIFIER, f"identifier {name} is empty", name)
     # Runs for every changed row: a text this short is within the limit in any encoding.
     size = len(text) if len(text) <= _SAFE_IDENTIFIER_CHARS else len(text.encode())
     if size > MAX_IDENTIFIER_BYTES:
         return Rejection(
-            f"identifier {name} is {size} bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit", name
+            RejectionCode.TOO_LONG,
+            f"identifier {name} is {size} bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit",
+            name,
         )
     if _CONTROL_CHARACTERS.search(text):
-        return Rejection(f"identifier {name} contains control characters", name)
+        return Rejection(
+            RejectionCode.INVALID_IDENTIFIER, f"identifier {name} contains control characters", name
+        )
     if name == "email" and not _looks_like_email(text):
-        return Rejection(f"identifier email {text!r} is not an email address", name)
+        return Rejection(
+            RejectionCode.INVALID_IDENTIFIER,
+            f"identifier email {text!r} is not an email address",
+            name,
+        )
     return None
 
 
@@ -101,6 +111,7 @@ def check_attributes(
     """
     if len(attributes) > MAX_ATTRIBUTES:
         return Rejection(
+            RejectionCode.TOO_MANY_ATTRIBUTES,
             f"{len(attributes)} attributes, over the {MAX_ATTRIBUTES}-attribute limit"
             " per person, object or relationship",
             "attributes",
@@ -119,6 +130,7 @@ def check_attributes(
             continue  # numbers and booleans are far below any limit
         if size > MAX_ATTRIBUTE_VALUE_BYTES:
             return Rejection(
+                RejectionCode.TOO_LONG,
                 f"attribute {name!r} value is {size} bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit",
                 name,
             )
@@ -128,6 +140,8 @@ def check_attributes(
 def check_item_size(item: bytes) -> Rejection | None:
     if len(item) > MAX_ITEM_BYTES:
         return Rejection(
-            f"item is {len(item)} bytes, over the {MAX_ITEM_BYTES}-byte limit per item", "item"
+            RejectionCode.ITEM_TOO_LARGE,
+            f"item is {len(item)} bytes, over the {MAX_ITEM_BYTES}-byte limit per item",
+            "item",
         )
     return None

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import orjson
 
-from cio_retl.errors import Rejection
+from cio_retl.errors import Rejection, RejectionCode
 from cio_retl.limits import check_identifier
 from cio_retl.models import MAX_EVENT_NAME_BYTES, Kind, Model
 from cio_retl.ulid import event_ulid
@@ -280,7 +280,7 @@ def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Reject
             attributes=attributes,
         )
     except UnsupportedValue as exc:
-        return Rejection(str(exc), "attributes")
+        return Rejection(RejectionCode.INVALID_VALUE, str(exc), "attributes")
 
 
 def _identifier_value(id_type: str, raw: Any) -> Any:
@@ -343,11 +343,16 @@ def _device_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | R
         return person
     token = row[model.token]
     if not isinstance(token, str) or not token.strip():
-        return Rejection(f"device token ({model.token}) must be a non-empty string", model.token)
+        return Rejection(
+            RejectionCode.INVALID_VALUE,
+            f"device token ({model.token}) must be a non-empty string",
+            model.token,
+        )
     platform = row[model.platform]
     if not isinstance(platform, str) or platform.lower() not in DEVICE_PLATFORMS:
         shown = platform if isinstance(platform, str | None) else type(platform).__name__
         return Rejection(
+            RejectionCode.INVALID_VALUE,
             f"device platform ({model.platform}) must be ios or android, not {shown!r}",
             model.platform,
         )
@@ -357,7 +362,9 @@ def _device_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | R
     if last_used is not None:
         if not isinstance(last_used, int) or isinstance(last_used, bool):
             return Rejection(
-                "device last_used must be a timestamp or Unix seconds (an integer)", "last_used"
+                RejectionCode.INVALID_VALUE,
+                "device last_used must be a timestamp or Unix seconds (an integer)",
+                "last_used",
             )
         device["last_used"] = last_used
     if extra:
@@ -403,10 +410,15 @@ def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejectio
             return identifiers
         raw_time = row[model.timestamp]
         if raw_time is None:
-            return Rejection(f"timestamp ({model.timestamp}) is NULL", model.timestamp)
+            return Rejection(
+                RejectionCode.MISSING_VALUE,
+                f"timestamp ({model.timestamp}) is NULL",
+                model.timestamp,
+            )
         milliseconds = _milliseconds(raw_time)
         if milliseconds is None:
             return Rejection(
+                RejectionCode.INVALID_VALUE,
                 f"timestamp ({model.timestamp}) must be a timestamp, a date or Unix seconds,"
                 f" not {type(raw_time).__name__}",
                 model.timestamp,
@@ -416,6 +428,7 @@ def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejectio
             name = row[model.name_column]
             if not isinstance(name, str) or not name.strip():
                 return Rejection(
+                    RejectionCode.INVALID_VALUE,
                     f"event name ({model.name_column}) must be a non-empty string",
                     model.name_column,
                 )
@@ -423,13 +436,18 @@ def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejectio
         size = len(name.encode())
         if size > MAX_EVENT_NAME_BYTES:
             return Rejection(
+                RejectionCode.TOO_LONG,
                 f"event name is {size} bytes, over the {MAX_EVENT_NAME_BYTES}-byte limit",
                 model.name_column or "name",
             )
         try:
             event_id = event_ulid(milliseconds, model.name, key)
         except ValueError as exc:
-            return Rejection(f"timestamp ({model.timestamp}): {exc}", model.timestamp)
+            return Rejection(
+                RejectionCode.INVALID_VALUE,
+                f"timestamp ({model.timestamp}): {exc}",
+                model.timestamp,
+            )
         skip = (model.key, model.event_key, model.timestamp, model.name_column)
         return Event(
             key=key,
@@ -440,7 +458,7 @@ def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejectio
             data=normalize_attributes(row, {c for c in skip if c}),
         )
     except UnsupportedValue as exc:
-        return Rejection(str(exc), "attributes")
+        return Rejection(RejectionCode.INVALID_VALUE, str(exc), "attributes")
 
 
 _MILLISECOND = dt.timedelta(milliseconds=1)

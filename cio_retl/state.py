@@ -272,6 +272,7 @@ class Adoption:
 @dataclass(frozen=True, slots=True)
 class RejectionRow:
     key: str
+    code: str  # a cio_retl.errors.RejectionCode value
     reason: str
     field: str | None
     status: int | None

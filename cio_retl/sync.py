@@ -34,6 +34,7 @@ from cio_retl.errors import (
     GuardrailError,
     ModelError,
     Rejection,
+    RejectionCode,
     RetriableError,
 )
 from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
@@ -47,6 +48,7 @@ from cio_retl.warehouse import Warehouse, check_reachable, create_engine
 Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
 
 MAX_REPORTED_REJECTIONS = 20
+EXAMPLES_PER_CODE = 5
 HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
 
 
@@ -90,7 +92,17 @@ class ModelReport:
     # Events older than the model's lookback_days never acknowledged: no run sends them now.
     unsent_before_lookback: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
-    rejections: list[tuple[str | None, str]] = field(default_factory=list)
+    rejections: list[tuple[str | None, str]] = field(default_factory=list)  # the first few
+    # Every rejection of the run, counted by code: checks and the runs table read these, never
+    # the reasons' text nor the first few listed above.
+    rejected_by_code: dict[RejectionCode, int] = field(default_factory=dict)
+    # The first few (key, reason) of each code, so what one code reports shows its own rows.
+    examples_by_code: dict[RejectionCode, list[tuple[str | None, str]]] = field(
+        default_factory=dict
+    )
+
+    def rejected_with(self, *codes: RejectionCode) -> int:
+        return sum(self.rejected_by_code.get(code, 0) for code in codes)
 
     @property
     def changes(self) -> int:
@@ -673,14 +685,20 @@ class _Sender:
             yield encoded, encoded.item
 
     def _reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
+        report, code = self.report, rejection.code
         with self._lock:
-            self.report.rejected += 1
-            if len(self.report.rejections) < MAX_REPORTED_REJECTIONS:
-                self.report.rejections.append((key, str(rejection)))
+            report.rejected += 1
+            report.rejected_by_code[code] = report.rejected_by_code.get(code, 0) + 1
+            if len(report.rejections) < MAX_REPORTED_REJECTIONS:
+                report.rejections.append((key, str(rejection)))
+            examples = report.examples_by_code.setdefault(code, [])
+            if len(examples) < EXAMPLES_PER_CODE:
+                examples.append((key, str(rejection)))
             if key is not None:  # a NULL key cannot be stored; it is reported only
                 self._rejections.append(
                     RejectionRow(
                         key,
+                        code,
                         rejection.reason,
                         rejection.field,
                         rejection.status,

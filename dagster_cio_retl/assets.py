@@ -39,7 +39,13 @@ from pydantic import Field
 
 from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
-from cio_retl.errors import CioRetlError, LockedError, ModelError, TransientError
+from cio_retl.errors import (
+    CioRetlError,
+    LockedError,
+    ModelError,
+    RejectionCode,
+    TransientError,
+)
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
@@ -77,7 +83,7 @@ UNIQUE_KEYS = "unique_keys"
 NO_STUCK_ROWS = "no_stuck_rows"
 EVENTS_IN_LOOKBACK = "events_sent_within_lookback"  # event models with lookback_days
 PRE_SEND_CHECKS = (MODEL_VALID, GUARDRAILS, UNIQUE_KEYS)
-_KEY_PROBLEMS = ("rows share this key", "key is NULL")  # the engine's reasons (cio_retl.diff)
+_KEY_PROBLEMS = (RejectionCode.DUPLICATE_KEY, RejectionCode.NULL_KEY)
 STUCK_SAMPLE = 10
 
 
@@ -540,22 +546,31 @@ def _pre_send_checks(
             "forced": dg.MetadataValue.bool(force),
         },
     )
-    bad_keys = [(k, r) for k, r in planned.rejections if any(p in r for p in _KEY_PROBLEMS)]
+    # Every rejection of the plan is counted by its code (the listed ones are only the first).
+    duplicates = planned.rejected_with(RejectionCode.DUPLICATE_KEY)
+    nulls = planned.rejected_with(RejectionCode.NULL_KEY)
     metadata: dict[str, dg.MetadataValue] = {
-        # The engine lists at most 20 rejections per model; the count is of those listed.
-        "bad_key_rows": dg.MetadataValue.int(len(bad_keys)),
+        "bad_key_rows": dg.MetadataValue.int(duplicates + nulls),
+        "duplicate_key_rows": dg.MetadataValue.int(duplicates),
+        "null_key_rows": dg.MetadataValue.int(nulls),
         "forced": dg.MetadataValue.bool(force),
     }
-    if bad_keys:
-        metadata["examples"] = dg.MetadataValue.md(_rejections_markdown(bad_keys))
+    examples = [
+        example for code in _KEY_PROBLEMS for example in planned.examples_by_code.get(code, [])
+    ]
+    if examples:
+        metadata["examples"] = dg.MetadataValue.md(
+            _rejections_markdown(examples, total=duplicates + nulls)
+        )
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=UNIQUE_KEYS,
-        passed=not bad_keys,
+        passed=duplicates + nulls == 0,
         severity=severity,
         description=(
-            f"{len(bad_keys)} rows with a NULL or duplicate key; they would be rejected"
-            if bad_keys
+            f"{duplicates + nulls} rows with a NULL or duplicate key ({duplicates} duplicate, "
+            f"{nulls} NULL); they would be rejected"
+            if duplicates + nulls
             else "every key is present and unique"
         ),
         metadata=metadata,
@@ -710,6 +725,10 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
         # In a dry run created/updated/deleted count what WOULD be sent; these are the items.
         metadata["plan"] = dg.MetadataValue.md(_plan_markdown(model))
         metadata["sample_payloads"] = dg.MetadataValue.json(list(model.samples))
+    if model.rejected_by_code:  # every rejection, by code
+        metadata["rejected_by_code"] = dg.MetadataValue.json(
+            {code.value: n for code, n in sorted(model.rejected_by_code.items())}
+        )
     if model.rejections:
         metadata["rejections"] = dg.MetadataValue.md(
             _rejections_markdown(model.rejections, total=model.rejected)

@@ -451,6 +451,31 @@ def test_duplicate_keys_block_the_send(env: Env, assets: list[dg.AssetsDefinitio
     assert checks(result)[COMPANIES, UNIQUE_KEYS].passed
 
 
+def test_unique_keys_counts_every_duplicate_not_only_the_first_rejections(
+    env: Env, assets: list[dg.AssetsDefinition]
+) -> None:
+    """100 rows with an invalid email come first, then 25 keys held by two rows each: the
+    duplicates are past the 20 rejections a report lists, and the check still counts all
+    50 rows (it reads the run's count of `duplicate_key` rejections, not reasons' text)."""
+    env.execute(
+        "insert into demo.users (user_id, email, first_name)"
+        " select 20000 + i, 'not-an-email-' || i, 'Bad' from range(100) t(i)"
+    )
+    env.execute(
+        "insert into demo.users (user_id, email, first_name)"
+        " select 30000 + i, 'twin' || (i % 25) || '@example.com', 'Twin' from range(50) t(i)"
+    )
+    result = materialize(assets, env.resources(), selection=[USERS])
+    assert not result.success and env.emulator.requests == []
+    unique = checks(result)[USERS, UNIQUE_KEYS]
+    assert not unique.passed
+    assert unique.metadata["duplicate_key_rows"].value == 50
+    assert unique.metadata["bad_key_rows"].value == 50
+    assert unique.metadata["null_key_rows"].value == 0
+    assert "twin" in unique.metadata["examples"].value
+    assert "not-an-email" not in unique.metadata["examples"].value
+
+
 def test_invalid_model_blocks_the_send(env: Env, assets: list[dg.AssetsDefinition]) -> None:
     env.execute("alter table demo.companies drop column seats")
     result = materialize(assets, env.resources())

@@ -9,15 +9,18 @@ import socket
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cio_retl.cli import EXIT_STATUS, exit_status, main
+from cio_retl.cli import EXIT_STATUS, exit_status, main, print_report
 from cio_retl.config import Settings
 from cio_retl.emulator import Emulator, FaultPlan
-from cio_retl.errors import ConfigError, TransientError
+from cio_retl.errors import ConfigError, RejectionCode, TransientError
 from cio_retl.sync import Outcome, SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, FAST_RETRY, REPO, SITE_ID, cli_env, sync
 
 PASSWORD = "pw-7c1d9e"  # distinctive, so tests can assert it never leaks
@@ -246,3 +249,57 @@ def test_a_database_that_does_not_exist_is_a_configuration_error(
     error = capsys.readouterr().err
     assert "cannot connect to the postgresql database at 127.0.0.1" in error
     assert "no_such_db" in error
+
+
+def test_every_rejection_is_counted_by_its_code(
+    settings: Settings,
+    emulator: Emulator,
+    models_dir: Path,
+    warehouse_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One model whose rows break one rule each, far more than the 20 a report lists: the
+    run counts every rejection by code, whoever rejected it (the diff, the limits, the
+    encoder, Customer.io's 207)."""
+    engine = create_engine(warehouse_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "create table people as"
+                " select 'ok' || i || '@example.com' as email, null::varchar as big,"
+                " null::blob as raw from range(40) t(i)"
+                " union all select 'not-an-email-' || i, null, null from range(30) t(i)"
+                " union all select 'twin' || (i % 25) || '@example.com', null, null"
+                "   from range(50) t(i)"
+                " union all select null, null, null"
+                " union all select 'long' || i || '@example.com', repeat('x', 1001), null"
+                "   from range(2) t(i)"
+                " union all select 'raw@example.com', null, '\\xAA'::blob"
+            )
+        )
+    engine.dispose()
+    (models_dir / "people.sql").write_text(
+        "-- kind: person\n-- identifier: email\n-- key: email\nselect * from people\n"
+    )
+    emulator.faults = FaultPlan(
+        reject_identifiers=frozenset({"ok1@example.com", "ok2@example.com"})
+    )
+    report = sync(replace(settings, models_dir=models_dir))
+    (people,) = report.models
+    assert people.rejected_by_code == {
+        RejectionCode.INVALID_IDENTIFIER: 30,
+        RejectionCode.DUPLICATE_KEY: 50,
+        RejectionCode.NULL_KEY: 1,
+        RejectionCode.TOO_LONG: 2,
+        RejectionCode.INVALID_VALUE: 1,
+        RejectionCode.API_REJECTED: 2,
+    }
+    assert people.rejected == 86 == sum(people.rejected_by_code.values())
+    assert len(people.rejections) == 20 and people.created == 38
+    assert report.outcome is Outcome.REJECTED
+    print_report(report)
+    out = capsys.readouterr().out
+    assert (
+        "by code: duplicate_key 50, invalid_identifier 30, api_rejected 2, too_long 2,"
+        " invalid_value 1, null_key 1"
+    ) in out
