@@ -507,8 +507,8 @@ def upgrade_previous(model: Model, previous: Attributes) -> Attributes:
     kept as a JSON number for an integer person ``id`` before identifiers became text; read
     back, it equals the text the row now carries and must not count as a change.
     """
-    if model.kind is Kind.RELATIONSHIP:
-        return previous
+    if model.kind is not Kind.PERSON and model.kind is not Kind.OBJECT:
+        return previous  # no identifier in the attributes (and no state from before)
     name = (model.identifier if model.kind is Kind.PERSON else "object_id") or ""
     value = previous.get(name)
     if isinstance(value, int) and not isinstance(value, bool):

@@ -2,7 +2,10 @@
 
 Customer.io's current Track API reference states 1000 requests per second for a workspace,
 v1 and v2 together; older pages (and RudderStack) say 3000 per 3 seconds, which lets 3000
-through inside one second. The limit counts requests as they arrive at the API, so every
+through inside one second. [open] The "Track API limits" section of the Track API OpenAPI
+1.0.0 document speaks of a fair-use 100 requests per second and "no strictly enforced rate
+limit"; the default follows the current reference page, and ``CIO_RETL_RATE_LIMIT=100/1``
+sets the stricter reading. The limit counts requests as they arrive at the API, so every
 budget here aims a little under it (HEADROOM) for the jitter between a grant and an arrival.
 
 Two budgets keep a run under it. :class:`RateLimiter` is exact for the threads of one
