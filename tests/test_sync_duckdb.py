@@ -23,7 +23,7 @@ from cio_retl.cli import exit_status
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
-from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
+from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError, RejectionCode
 from cio_retl.state import (
     RejectionRow,
     SnapshotRow,
@@ -475,7 +475,14 @@ def test_snapshot_table_keyed_by_an_older_version_is_rebuilt_without_its_key(
     state = StateStore(demo_engine).bound(Workspace(SITE_ID))
     with demo_engine.begin() as conn:  # a rejection to carry over
         state.record_rejections(
-            conn, "users", "old-run", [RejectionRow("u-gone", "a reason", "email", None, "{}")]
+            conn,
+            "users",
+            "old-run",
+            [
+                RejectionRow(
+                    "u-gone", RejectionCode.INVALID_IDENTIFIER, "a reason", "email", None, "{}"
+                )
+            ],
         )
     with demo_engine.begin() as conn:  # the tables as the older version created them
         for table in (snapshots, rejections):
