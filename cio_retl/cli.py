@@ -26,7 +26,7 @@ from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError, GuardrailError, TransientError
 from cio_retl.limits import MAX_BATCH_ITEMS
-from cio_retl.state import StateStore
+from cio_retl.state import LEGACY_WORKSPACE, StateStore, Workspace
 from cio_retl.sync import Outcome, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import check_reachable, create_engine
 
@@ -215,6 +215,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 def print_report(report: RunReport, console: Console = out) -> None:
     title = f"run {report.run_id}" + (f", bucket {report.bucket}" if report.bucket else "")
+    title += f", workspace {workspace_label(report.workspace)}"
+    title += f" ({report.region})" if report.region else ""
     title += " (dry run: nothing sent)" if report.dry_run else ""
     table = Table(title=title, title_justify="left")
     # People that suppression models hold are never identified: a column only when some are.
@@ -230,6 +232,8 @@ def print_report(report: RunReport, console: Console = out) -> None:
         cells += [f"{m.deleted:,}", f"{m.unchanged:,}"] + [f"{m.skipped:,}"] * skipping
         table.add_row(*cells, f"{m.rejected:,}", f"{m.requests:,}", m.status)
     console.print(table)
+    if report.adoption is not None:
+        console.print(f"[bold]upgraded:[/] {report.adoption}", highlight=False)
     for m in report.models:
         if m.skipped:
             console.print(
@@ -282,6 +286,7 @@ def _status(args: argparse.Namespace) -> int:
             "started (UTC)",
             "run",
             "model",
+            "workspace",
             "status",
             "planned",
             "created",
@@ -304,6 +309,7 @@ def _status(args: argparse.Namespace) -> int:
                 f"{run['started_at']:%Y-%m-%d %H:%M:%S}",
                 run["run_id"],
                 run["model"],
+                workspace_label(run["workspace"]),
                 run["status"] + (" (dry run)" if run["dry_run"] else ""),
                 str(run["planned"]),
                 str(run["created"]),
@@ -314,13 +320,21 @@ def _status(args: argparse.Namespace) -> int:
                 seconds,
             )
         out.print(runs)
-        for model, (count, newest) in sorted(state.event_summaries().items()):
-            when = dt.datetime.fromtimestamp(newest, dt.UTC) if newest is not None else None
-            out.print(
-                f"events sent by {model}: {count:,}"
-                + (f", the newest from {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""),
-                highlight=False,
-            )
+        known = state.known_workspaces()
+        for destination in known.values():
+            out.print(workspace_line(destination), highlight=False)
+        several = len(known) > 1
+        sites: list[str | None] = list(known) or [None]
+        for site in sites:
+            scoped = state if site is None else state.bound(Workspace(site))
+            to = f" to {workspace_label(site)}" if several else ""
+            for model, (count, newest) in sorted(scoped.event_summaries().items()):
+                when = dt.datetime.fromtimestamp(newest, dt.UTC) if newest is not None else None
+                out.print(
+                    f"events sent by {model}{to}: {count:,}"
+                    + (f", the newest from {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""),
+                    highlight=False,
+                )
         rejected = state.rejections(limit=args.limit)
         counts = state.rejection_counts()
         out.print(
@@ -329,13 +343,40 @@ def _status(args: argparse.Namespace) -> int:
         )
         for row in rejected:
             out.print(
-                f"  {row['model']} key={row['key']!r}: {row['reason']}"
+                f"  {row['model']}"
+                + (f" ({workspace_label(row['workspace'])})" if several else "")
+                + f" key={row['key']!r}: {row['reason']}"
                 + (f" [{row['field']}]" if row["field"] else ""),
                 highlight=False,
             )
     finally:
         engine.dispose()
     return 0
+
+
+def workspace_label(site_id: str | None) -> str:
+    """A run's workspace as ``status`` shows it: its Site ID (not a secret)."""
+    if site_id is None:
+        return "-"  # a plan of an empty state store, with no CIO_SITE_ID
+    return site_id or "(before workspaces)"
+
+
+def workspace_line(row: Any) -> str:
+    """One workspace the state store has synced to, and what its region check reported."""
+    if row.site_id == LEGACY_WORKSPACE:
+        return (
+            "workspace (before workspaces): state written before it was kept per workspace; "
+            "the next sync with credentials takes it over"
+        )
+    region = f"region {row.region}" if row.region else "region not reported"
+    environment = f", environment {row.environment_id}" if row.environment_id is not None else ""
+    line = f"workspace {row.site_id}: {region}{environment}, last sync {row.last_synced_at:%Y-%m-%d %H:%M:%S} UTC"
+    if row.adopted_run_id:
+        line += (
+            f"; took over the state from before workspaces in run {row.adopted_run_id}"
+            f" ({row.adopted_snapshots:,} snapshot rows)"
+        )
+    return line
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@ that dies anywhere loses nothing: the next diff sees the row as still different 
 it. Writes are set-based (a batch becomes one relation, see :mod:`cio_retl.dialects`), never
 row by row. The tables live in one schema (``cio_retl`` unless configured), so deployments
 or parallel test runs can share a database without sharing state.
+
+State belongs to a destination workspace, keyed by its Site ID: snapshots, rejections and
+sent events carry it, runs record it, and a store bound to one workspace (StateStore.bound)
+reads and writes only its rows. Another workspace starts from an empty snapshot.
 """
 
 from __future__ import annotations
@@ -634,10 +638,13 @@ class StateStore:
         return int(count or 0), None if newest is None else int(newest)
 
     def event_summaries(self) -> dict[str, tuple[int, int | None]]:
-        """{event model: (events acknowledged, the newest one's Unix seconds)}, for status."""
+        """{event model: (events acknowledged, the newest one's Unix seconds)}, for status:
+        of the bound workspace, or of all of them."""
         query = sa.select(
             sent_events.c.model, sa.func.count(), sa.func.max(sent_events.c.event_time)
         ).group_by(sent_events.c.model)
+        if self.workspace is not None:
+            query = query.where(sent_events.c.workspace == self.workspace_key)
         with self.engine.connect() as conn:
             return {
                 model: (int(n), None if newest is None else int(newest))

@@ -47,7 +47,7 @@ from cio_retl.errors import (
     TransientError,
 )
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
-from cio_retl.state import StateStore
+from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
 from dagster_cio_retl.project_config import DEFAULT_GROUP, ProjectConfig, load_project_config
@@ -505,7 +505,7 @@ def sync_models(
     except CioRetlError as exc:
         raise _failure(exc) from None
 
-    stuck = _stuck_rows(settings)
+    stuck = _stuck_rows(settings, report.workspace)
     for model in models:
         model_report = _only(report, model.name)
         if not report.error:
@@ -590,11 +590,15 @@ def _invalid_model(
         )
 
 
-def _stuck_rows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
-    """Rejections kept in the state store, per model (what the next run retries)."""
+def _stuck_rows(settings: Settings, workspace: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Rejections kept in the state store for the run's workspace, per model (what the
+    next run to it retries)."""
     engine = create_engine(settings.state_url)
     try:
-        rows = StateStore(engine, settings.state_schema).rejections(limit=100_000)
+        state = StateStore(engine, settings.state_schema)
+        if workspace is not None:
+            state = state.bound(Workspace(workspace))
+        rows = state.rejections(limit=100_000)
     finally:
         engine.dispose()
     stuck: dict[str, list[dict[str, Any]]] = {}
@@ -698,6 +702,10 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
     metadata: dict[str, dg.MetadataValue] = {
         "dry_run": dg.MetadataValue.bool(report.dry_run),
         "cio_retl_run_id": dg.MetadataValue.text(report.run_id),
+        # The destination: its Site ID (not a secret) and what its region check reported.
+        "workspace": dg.MetadataValue.text(
+            "(none yet)" if report.workspace is None else report.workspace or "(before workspaces)"
+        ),
         "status": dg.MetadataValue.text(model.status),
         "dagster/row_count": dg.MetadataValue.int(model.rows),
         "rows": dg.MetadataValue.int(model.rows),
@@ -721,6 +729,10 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
         metadata["events_sent"] = dg.MetadataValue.int(0 if report.dry_run else model.created)
         if model.newest_event is not None:
             metadata["newest_event_sent"] = dg.MetadataValue.timestamp(float(model.newest_event))
+    if report.region is not None:
+        metadata["workspace_region"] = dg.MetadataValue.text(report.region)
+    if report.environment_id is not None:
+        metadata["workspace_environment_id"] = dg.MetadataValue.int(report.environment_id)
     if report.dry_run:
         # In a dry run created/updated/deleted count what WOULD be sent; these are the items.
         metadata["plan"] = dg.MetadataValue.md(_plan_markdown(model))

@@ -547,3 +547,31 @@ def test_transient_failures_are_retried_and_report_what_was_acknowledged(
     stuck = [e for e in result.get_asset_check_evaluations() if e.check_name == NO_STUCK_ROWS]
     assert stuck and not stuck[-1].passed and stuck[-1].metadata["pending_rows"].value == 40
     assert env.emulator.snapshot()["objects"] == []
+
+
+def test_metadata_names_the_workspace_and_each_workspace_keeps_its_own_state(
+    env: Env, assets: list[dg.AssetsDefinition]
+) -> None:
+    first = materialize(assets, env.resources())
+    assert first.success
+    users = metadata(first, USERS)
+    assert (users["workspace"], users["workspace_region"]) == (SITE_ID, "us")
+    assert users["workspace_environment_id"] == 1
+    assert API_KEY not in str(users)
+    with Emulator(site_id="dagster-production", api_key=API_KEY, environment_id=9) as other:
+        resources = env.resources()
+        resources["customerio"] = CustomerIOResource(
+            site_id="dagster-production", api_key=API_KEY, track_api_url=other.url
+        )
+        second = materialize(assets, resources)
+        assert second.success
+        there = metadata(second, USERS)
+        assert there["workspace"] == "dagster-production"
+        assert there["workspace_environment_id"] == 9
+        assert there["created"] == users["created"] > 0  # its own, empty snapshot
+    plan = materialize(  # two workspaces now: a plan names one (CIO_SITE_ID)
+        assets, env.resources(site_id=SITE_ID, api_key=None), SyncConfig(dry_run=True)
+    )
+    assert plan.success
+    planned = metadata(plan, USERS)
+    assert planned["workspace"] == SITE_ID and planned["planned"] == 0

@@ -194,6 +194,14 @@ def test_plan_with_several_workspaces_and_none_named_stops(
     assert SITE_ID in err and OTHER_SITE in err
     assert main(["sync", "--dry-run"]) == 2
 
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    shown = capsys.readouterr().out
+    assert "workspace" in "".join(shown.splitlines()[:4])  # a column of the runs table
+    assert f"workspace {SITE_ID}: region us, environment 1" in shown
+    assert f"workspace {OTHER_SITE}: region us, environment 2" in shown
+    assert API_KEY not in shown
+
 
 # -- the region check ----------------------------------------------------------------------
 
