@@ -10,7 +10,7 @@ attributes' annotations at class creation.
 """
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -68,6 +68,20 @@ def _env_ref(description: str, example: str) -> dg.Resolver:
 
 def _one_of(values: Sequence[str]) -> str:
     return "^(" + "|".join(re.escape(v) for v in values) + r")$|" + _TEMPLATE_PATTERN
+
+
+def _upstream_key(
+    context: dg.ResolutionContext, template: str | None
+) -> Callable[[str], dg.AssetKey] | None:
+    """``upstream_key``: a template rendered once per ``-- deps:`` entry, with ``{{ dep }}``."""
+    if template is None:
+        return None
+
+    def key(dep: str) -> dg.AssetKey:
+        value = context.with_scope(dep=dep).resolve_value(template)
+        return value if isinstance(value, dg.AssetKey) else dg.AssetKey.from_user_string(str(value))
+
+    return key
 
 
 def _translation_resolver() -> dg.Resolver:
@@ -177,6 +191,18 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
         Sequence[str],
         dg.Resolver.default(description="Asset key prefix: a model's key is <prefix>/<file stem>."),
     ] = (KEY_PREFIX,)
+    upstream_key: Annotated[
+        Callable[[str], dg.AssetKey] | None,
+        dg.Resolver(
+            _upstream_key,
+            model_field_type=str | None,  # type: ignore[arg-type]
+            inject_before_resolve=False,  # rendered per dep, not once
+            description="The asset key a `-- deps:` entry names, templated with {{ dep }}: "
+            "e.g. `\"dbt/{{ dep.split('/')[-1] }}\"` when your dbt assets are keyed dbt/<model>; "
+            "unset = the entry split on `/`.",
+            examples=["dbt/{{ dep.split('/')[-1] }}"],
+        ),
+    ] = None
     translation: Annotated[TranslationFn[Model] | None, _translation_resolver()] = None
 
     def __post_init__(self) -> None:
@@ -193,7 +219,7 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
 
     def get_translator(self) -> CustomerIOTranslator:
         """The translator of this component's models; override for keys, groups or deps."""
-        return _ComponentTranslator(self.key_prefix, self.translation)
+        return _ComponentTranslator(self.key_prefix, self.upstream_key, self.translation)
 
     def execute(
         self,
@@ -233,9 +259,18 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
 class _ComponentTranslator(CustomerIOTranslator):
     """The default translation with the component's prefix, then its ``translation``."""
 
-    def __init__(self, key_prefix: Sequence[str], translation: TranslationFn[Model] | None):
+    def __init__(
+        self,
+        key_prefix: Sequence[str],
+        upstream_key: Callable[[str], dg.AssetKey] | None,
+        translation: TranslationFn[Model] | None,
+    ):
         super().__init__(key_prefix)
+        self.upstream_key = upstream_key
         self.translation = translation
+
+    def get_upstream_key(self, dep: str) -> dg.AssetKey:
+        return self.upstream_key(dep) if self.upstream_key else super().get_upstream_key(dep)
 
     def get_asset_spec(self, model: Model, spec: dg.AssetSpec) -> dg.AssetSpec:
         return self.translation(spec, model) if self.translation else spec

@@ -23,8 +23,7 @@ ENV_VARS = {
 }
 """The attributes the scaffold reads from the environment, by the command line's names."""
 
-# The one list of example models: the kind, its file, its text. Event, device and
-# suppression models are added here when the engine syncs those kinds.
+# The one list of example models: the kind, its file, its text (a new kind adds one here).
 EXAMPLE_MODELS: dict[Kind, tuple[str, str]] = {
     Kind.OBJECT: (
         "companies.sql",
@@ -62,6 +61,48 @@ select u.email, m.company_id, m.role
 from demo.memberships as m
 join demo.users as u on u.user_id = m.user_id
 where u.deleted_at is null
+""",
+    ),
+    Kind.EVENT: (
+        "signups.sql",
+        """\
+-- A "signed_up" event per user, sent once (events are append-only).
+-- kind: event
+-- identifier: email
+-- key: email
+-- event_key: user_id
+-- name: signed_up
+-- timestamp: created_at
+select user_id, email, created_at, plan
+from demo.users
+where deleted_at is null
+""",
+    ),
+    Kind.DEVICE: (
+        "devices.sql",
+        """\
+-- Each user's push device (the demo has no device table: one is made up per user).
+-- kind: device
+-- identifier: email
+-- key: email
+-- token: device_token
+-- platform: platform
+select email, 'demo-token-' || cast(user_id as varchar) as device_token,
+       case when user_id % 2 = 0 then 'ios' else 'android' end as platform
+from demo.users
+where deleted_at is null
+""",
+    ),
+    Kind.SUPPRESSION: (
+        "erasures.sql",
+        """\
+-- People who asked to be forgotten: suppressed, never identified again.
+-- kind: suppression
+-- identifier: email
+-- key: email
+select email
+from demo.users
+where deleted_at is not null
 """,
     ),
 }

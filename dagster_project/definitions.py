@@ -1,7 +1,17 @@
-"""The code location of this repository, loaded by ``dagster dev`` / ``dg dev`` through
-``[tool.dagster]`` / ``[tool.dg.project]`` in pyproject.toml; the integration itself is the
-``dagster_cio_retl`` package."""
+"""This repository's code location, an example Dagster project on top of
+``dagster_cio_retl.CustomerIOComponent``: its one component is ``defs/customerio/defs.yaml``,
+which reads the command line's variables, so ``dg dev`` from the repo root syncs what
+``cio-retl sync`` syncs.
 
-from dagster_cio_retl.definitions import build_definitions
+Loaded by ``dg dev`` / ``dagster dev`` through ``[tool.dg.project]`` / ``[tool.dagster]`` in
+pyproject.toml.
+"""
 
-defs = build_definitions()
+from pathlib import Path
+
+import dagster as dg
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

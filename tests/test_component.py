@@ -5,6 +5,7 @@ and a sync of the scaffolded models through Dagster's own component sandbox.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from dagster_cio_retl import (
     SyncConfig,
     build_customerio_defs,
 )
+from dagster_cio_retl.definitions import build_definitions
 from dagster_cio_retl.scaffold import ENV_VARS, EXAMPLE_MODELS
-from tests.conftest import API_KEY, REPO, SITE_ID
+from tests.conftest import API_KEY, REPO, SITE_ID, sql_rows
 from tests.test_sync_duckdb import actual_workspace, expected_workspace
 
 pytestmark = pytest.mark.dagster
@@ -93,8 +95,7 @@ def test_scaffold_writes_defs_yaml_and_one_model_of_each_kind() -> None:
         assert sorted(doc["requirements"]["env"]) == sorted(ENV_VARS.values())
         assert schema_errors(doc["attributes"]) == {}
         models = load_models(path / doc["attributes"]["models_dir"])
-        assert sorted(m.kind for m in models) == sorted(EXAMPLE_MODELS)
-        assert {m.kind for m in models} >= {Kind.PERSON, Kind.OBJECT, Kind.RELATIONSHIP}
+        assert sorted(m.kind for m in models) == sorted(EXAMPLE_MODELS) == sorted(Kind)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +209,7 @@ def test_yaml_translation_sets_groups_and_schedules(tmp_path: Path) -> None:
         f"""
 models_dir: {models}
 key_prefix: [crm]
+upstream_key: "dbt/{{{{ dep.split('/')[-1] }}}}"
 translation:
   group_name: "{{{{ 'people' if model.kind == 'person' else 'accounts' }}}}"
   tags:
@@ -225,6 +227,11 @@ schedules:
     assert users.tags["team"] == "users-owners"
     assert users.tags["cio_retl/kind"] == "person"  # translation tags merge, never replace
     assert graph.get(dg.AssetKey(["crm", "companies"])).group_name == "accounts"
+    assert set(users.parent_keys) == {dg.AssetKey(["dbt", "users"])}
+    assert set(graph.get(dg.AssetKey(["crm", "memberships"])).parent_keys) == {
+        users.key,
+        dg.AssetKey(["crm", "companies"]),
+    }
     crons = {s.name: (s.cron_schedule, s.execution_timezone) for s in defs.schedules or []}
     assert crons == {
         "sync_people_schedule": ("*/30 * * * *", "Europe/Berlin"),
@@ -232,25 +239,59 @@ schedules:
     }
 
 
-def test_component_builds_what_build_customerio_defs_builds(tmp_path: Path) -> None:
+def shape(defs: dg.Definitions) -> dict[str, Any]:
+    """What two ways of building definitions must agree on."""
+    graph = defs.resolve_asset_graph()
+    return {
+        "assets": {
+            key: (
+                node.group_name,
+                sorted(node.parent_keys),
+                node.partitions_def,
+                node.automation_condition.get_label() if node.automation_condition else None,
+                node.owners,
+                node.tags,
+                node.code_version,
+            )
+            for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())
+        },
+        "checks": sorted(graph.asset_check_keys),
+        "jobs": sorted(job.name for job in defs.jobs or []),
+        "schedules": sorted((s.name, s.cron_schedule) for s in defs.schedules or []),
+        "sensors": sorted(s.name for s in defs.sensors or []),
+    }
+
+
+def test_component_builds_what_build_customerio_defs_builds() -> None:
     component = CustomerIOComponent.resolve_from_yaml(f"models_dir: {REPO / 'sql'}\nbuckets: 4\n")
     from_yaml = dg.component_defs(component=component)
     from_python = build_customerio_defs(REPO / "sql", buckets=4)
-
-    def shape(defs: dg.Definitions) -> dict[str, Any]:
-        graph = defs.resolve_asset_graph()
-        return {
-            "assets": {
-                key: (node.group_name, sorted(node.parent_keys), node.partitions_def)
-                for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())
-            },
-            "checks": sorted(graph.asset_check_keys),
-            "jobs": sorted(job.name for job in defs.jobs or []),
-            "sensors": sorted(s.name for s in defs.sensors or []),
-        }
-
     assert shape(from_yaml) == shape(from_python)
     assert len(shape(from_python)["checks"]) == 12
+
+
+@pytest.mark.parametrize("buckets", [None, "4"])
+def test_repo_dagster_project_builds_what_the_variables_say(
+    monkeypatch: pytest.MonkeyPatch, buckets: str | None
+) -> None:
+    """``dagster_project`` (one defs.yaml) equals ``build_definitions`` of the same variables."""
+    for name in ("CIO_RETL_MODELS_DIR", "CIO_RETL_STATE_URL", "CIO_REGION", "CIO_RETL_BUCKETS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CIO_SITE_ID", SITE_ID)
+    monkeypatch.setenv("CIO_API_KEY", API_KEY)
+    monkeypatch.setenv("CIO_RETL_WAREHOUSE_URL", "duckdb:///elsewhere.duckdb")
+    if buckets:
+        monkeypatch.setenv("CIO_RETL_BUCKETS", buckets)
+    project = dg.load_from_defs_folder(path_within_project=REPO / "dagster_project")
+    variables = build_definitions(dict(os.environ))
+    assert shape(project) == shape(variables)
+    assert shape(project)["assets"]
+    for name in ("customerio", "warehouse"):
+        ours, theirs = project.resources[name], variables.resources[name]
+        for field in ("site_id", "api_key", "warehouse_url", "state_url", "models_dir"):
+            assert getattr(ours, field, None) == getattr(theirs, field, None), (name, field)
+    assert project.resources["customerio"].api_key == dg.EnvVar("CIO_API_KEY")
+    assert API_KEY not in repr(project.resources)
 
 
 def test_scaffolded_component_syncs_through_an_overridden_execute(
@@ -281,8 +322,32 @@ def test_scaffolded_component_syncs_through_an_overridden_execute(
             with dg.DagsterInstance.ephemeral() as instance:
                 result = job.execute_in_process(instance=instance, raise_on_error=False)
         assert result.success
-        assert EXECUTED == [("companies", "users", "memberships")]
+        assert [sorted(names) for names in EXECUTED] == [
+            sorted(name.removesuffix(".sql") for name, _ in EXAMPLE_MODELS.values())
+        ]
         expected = expected_workspace(engine, SCAFFOLD_PEOPLE, SCAFFOLD_OBJECTS)
         engine.dispose()
         assert actual_workspace(emulator) == expected
         assert len(expected["people"]) > 100 and expected["relationships"]
+        assert_scaffold_extras(emulator, url)
+
+
+def assert_scaffold_extras(emulator: Emulator, url: str) -> None:
+    """The event, device and suppression examples: one ``signed_up`` event and one device
+    per active user, and every deleted user suppressed."""
+    users = sql_rows(url, "SELECT email, user_id, deleted_at IS NULL FROM demo.users")
+    active = {email: user_id for email, user_id, is_active in users if is_active}
+    ws = emulator.workspace
+    events = {email: [e["name"] for e in got] for email, got in ws.events("email").items()}
+    assert events == {email: ["signed_up"] for email in active}
+    devices = {
+        person.email: {token: d["platform"] for token, d in person.devices.items()}
+        for person in ws.people.values()
+        if person.devices
+    }
+    assert devices == {
+        email: {f"demo-token-{uid}": "ios" if uid % 2 == 0 else "android"}
+        for email, uid in active.items()
+    }
+    deleted = {("email", email) for email, _, is_active in users if not is_active}
+    assert deleted and ws.suppressed == deleted
