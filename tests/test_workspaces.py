@@ -463,3 +463,40 @@ def test_events_are_sent_once_per_workspace(
             ).all()
         )
     assert rows == {SITE_ID: 5, OTHER_SITE: 5}
+
+
+# -- Snowflake (fakesnow) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sf(fakesnow_url: str, emulator: Emulator) -> Iterator[tuple[Settings, Engine]]:
+    from cio_retl.demo import create_demo_warehouse
+    from cio_retl.warehouse import create_engine
+    from tests.conftest import REPO
+
+    engine = create_engine(fakesnow_url)
+    create_demo_warehouse(engine)
+    settings = Settings(
+        warehouse_url=fakesnow_url,
+        state_url=fakesnow_url,
+        models_dir=REPO / "sql",
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+    )
+    yield settings, engine
+    engine.dispose()
+
+
+def test_state_from_before_workspaces_on_snowflake(
+    sf: tuple[Settings, Engine], emulator: Emulator
+) -> None:
+    settings, engine = sf
+    upgrade_round(settings, engine, "cio_retl", emulator)
+
+
+def test_round_trip_on_snowflake(
+    sf: tuple[Settings, Engine], emulator: Emulator, other: Emulator
+) -> None:
+    settings, engine = sf
+    round_trip(settings, lambda: edit_demo_warehouse(engine), emulator, other)
