@@ -464,6 +464,27 @@ def test_invalid_items_are_refused_with_their_field(
     assert emu.invalid_items[0].item == item
 
 
+def test_the_207_reading_without_batch_index() -> None:
+    """[open] Rules(errors_name_batch_index=False): the 207 body as the OpenAPI document
+    lists it, `reason`, `field` and `message` only."""
+    with (
+        Emulator(rules=Rules(errors_name_batch_index=False)) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH) as client,
+    ):
+        response = batch(client, person({"id": "ok"}), person({"id": 5}))
+        assert response.status_code == 207
+        assert response.json() == {
+            "errors": [
+                {
+                    "reason": "invalid",
+                    "field": "identifiers.id",
+                    "message": "must be a string (the schema's type), not a number",
+                }
+            ]
+        }
+        assert emu.workspace.people_by("id") == {"ok": {}}
+
+
 def test_out_of_scope_actions_say_so(client: httpx.Client, emu: Emulator) -> None:
     (error,) = errors(batch(client, person({"id": "u"}, action="screen")))
     assert error["message"] == "action 'screen' is not emulated (out of scope)"

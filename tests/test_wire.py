@@ -26,13 +26,13 @@ from sqlalchemy.engine import Engine
 
 from cio_retl.client import TrackClient
 from cio_retl.config import DEFAULT_RATE_LIMIT, Settings
-from cio_retl.emulator import Emulator, most_in_window
+from cio_retl.emulator import Emulator, FaultPlan, Rules, most_in_window
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.ratelimit import Gcra, RateBudget, RateSpec, SharedRateBudget, workspace_limiter
 from cio_retl.state import StateStore
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
-from tests.conftest import PgSchemas, sync
+from tests.conftest import API_KEY, SITE_ID, PgSchemas, sync
 from tests.test_sync_duckdb import batch_items
 
 # -- identifiers on the wire, and the upgrade of an older state ---------------------------
@@ -420,3 +420,43 @@ def test_the_shared_budget_stays_under_1000_in_every_second(
     )
     assert refused == 0
     assert busiest <= 1000 and arrivals <= 1000
+
+
+# -- a 207 that does not name its items ----------------------------------------------------
+
+
+def test_a_207_without_batch_index_acknowledges_nothing_and_loses_nothing(
+    settings: Settings, models_dir: Path, tmp_path: Path
+) -> None:
+    """[open] The OpenAPI document's 207 body lists reason, field and message, not the
+    `batch_index` that RudderStack reads from the live API. Under that reading the client
+    cannot tell which item failed: the run acknowledges none of the batch (no snapshot row,
+    so nothing is skipped later), and the next run sends every row again."""
+    (models_dir / "users.sql").write_text(INTEGER_ID_MODELS["users"])
+    engine = create_engine(settings.warehouse_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE main.users (user_id INTEGER, plan VARCHAR)"))
+        conn.execute(sa.text("INSERT INTO main.users VALUES (1, 'pro'), (2, 'free'), (3, 'pro')"))
+    engine.dispose()
+    rules = Rules(errors_name_batch_index=False)
+    with Emulator(site_id=SITE_ID, api_key=API_KEY, rules=rules) as emu:
+        here = replace(settings, models_dir=models_dir, track_api_url=emu.url)
+        emu.faults = FaultPlan(reject_identifiers=frozenset({"2"}))
+        first = sync(here)
+        assert first.outcome is Outcome.REJECTED
+        (users,) = first.models
+        assert users.rejected == 3 and users.created == 0
+        assert [r.status for r in emu.requests if r.path == "/api/v2/batch"] == [207]
+        state_engine = create_engine(settings.state_url)
+        try:
+            assert StateStore(state_engine).snapshot("users") == {}
+        finally:
+            state_engine.dispose()
+
+        emu.faults = FaultPlan()
+        before = len(emu.requests)
+        second = sync(here)
+        assert second.outcome is Outcome.SYNCED
+        assert second.models[0].created == 3
+        assert len(batch_items(emu, before)) == 3
+        assert set(emu.workspace.people_by("id")) == {"1", "2", "3"}

@@ -28,6 +28,7 @@ Its `batch()` builds its https URL from `host`/`port` directly and cannot be red
 """
 
 from cio_retl.emulator.rules import (
+    ERRORS_NAME_BATCH_INDEX,
     MAX_ATTRIBUTE_NAME_BYTES,
     MAX_ATTRIBUTE_VALUE_BYTES,
     MAX_ATTRIBUTES,
@@ -47,6 +48,7 @@ from cio_retl.emulator.validation import InvalidItem
 from cio_retl.emulator.workspace import Person, Workspace
 
 __all__ = [
+    "ERRORS_NAME_BATCH_INDEX",
     "MAX_ATTRIBUTES",
     "MAX_ATTRIBUTE_NAME_BYTES",
     "MAX_ATTRIBUTE_VALUE_BYTES",

@@ -40,6 +40,10 @@ NESTED_VALUE_SIZE: Literal["json_text", "per_leaf"] = "json_text"
 "json_text" = its compact JSON text as a whole; "per_leaf" = each string leaf on its own."""
 OVERSIZE_BODY_STATUS = 413
 """[open] Status for a body over the byte limit: 400 or 413."""
+ERRORS_NAME_BATCH_INDEX = True
+"""[open] Whether a 207's errors name the failed item's `batch_index`. RudderStack's handler
+reads it from the live API [seen]; the Track API OpenAPI 1.0.0 document's 207 body
+(`Trackv2SendMultipleRequestsResponse`) lists only `reason`, `field` and `message`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class Rules:
     null_removes_attribute: bool = NULL_REMOVES_ATTRIBUTE
     nested_value_size: Literal["json_text", "per_leaf"] = NESTED_VALUE_SIZE
     oversize_body_status: int = OVERSIZE_BODY_STATUS
+    errors_name_batch_index: bool = ERRORS_NAME_BATCH_INDEX
 
 
 @dataclass(frozen=True)

@@ -583,10 +583,6 @@ class Emulator:
                     except ItemError as exc:
                         op = exc
             self.invalid_items.append(InvalidItem(i, "invalid", op.field, op.message, item))
-            # [open] The Track API OpenAPI 1.0.0 document's 207 body
-            # (Trackv2SendMultipleRequestsResponse) lists reason, field and message only;
-            # `batch_index` is what RudderStack's handler reads from the live API [seen]. A
-            # 207 without a usable batch_index acknowledges nothing in the client.
             errors.append(
                 {"batch_index": i, "reason": "invalid", "field": op.field, "message": op.message}
             )
@@ -601,7 +597,11 @@ class Emulator:
                 "errors": [{k: v for k, v in error.items() if k != "batch_index"}],
             }
         else:
+            # [open] See Rules.errors_name_batch_index: without it the client cannot tell
+            # which items failed, and acknowledges none of the batch.
             reply.status = 207
+            if not self.rules.errors_name_batch_index:
+                errors = [{k: v for k, v in e.items() if k != "batch_index"} for e in errors]
             reply.payload = {"errors": errors}
 
     # -- inspection (no auth) ------------------------------------------------------------
