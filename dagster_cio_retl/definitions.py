@@ -17,9 +17,8 @@ from pathlib import Path
 import dagster as dg
 
 from cio_retl.buckets import MAX_BUCKETS
-from cio_retl.config import DEFAULT_WAREHOUSE_FILE, TRACK_HOSTS
+from cio_retl.config import DEFAULT_WAREHOUSE_FILE, Settings
 from cio_retl.errors import ConfigError
-from cio_retl.ratelimit import BUDGETS, RateSpec
 from dagster_cio_retl.assets import (
     DEFAULT_RETRY_POLICY,
     OP_NAME,
@@ -104,7 +103,16 @@ def build_customerio_defs(
                 "'{{ env.VAR }}' in defs.yaml), not a value: a value would be stored in the "
                 "code location and shown in the Dagster UI"
             )
-    _check_settings(region, rate_limit, rate_budget, buckets)
+    _check_settings(
+        {
+            "region": region,
+            "track_api_url": track_api_url,
+            "rate_limit": rate_limit,
+            "rate_budget": rate_budget,
+            "state_schema": state_schema,
+        },
+        buckets,
+    )
     project = _with_schedules(load_project_config(folder), schedules or {})
     customerio = CustomerIOResource(
         site_id=_bound(site_id),
@@ -204,19 +212,26 @@ def _bound(var: dg.EnvVar | None) -> dg.EnvVar | None:
     return var if var is not None and os.environ.get(var.env_var_name) else None
 
 
-def _check_settings(
-    region: str, rate_limit: str | None, rate_budget: str | None, buckets: int
-) -> None:
-    """The engine's own checks, at load time: a bad setting stops before anything runs."""
-    if region not in TRACK_HOSTS:
-        raise ConfigError(f"region must be one of {sorted(TRACK_HOSTS)}, not {region!r}")
-    if rate_limit:
-        try:
-            RateSpec.parse(rate_limit)
-        except ValueError as exc:
-            raise ConfigError(f"rate_limit: {exc}") from None
-    if rate_budget and rate_budget not in BUDGETS:
-        raise ConfigError(f"rate_budget must be one of {', '.join(BUDGETS)}, not {rate_budget!r}")
+# The engine's variable behind each plain setting: Settings.from_env checks them.
+_SETTING_VARS = {
+    "region": "CIO_REGION",
+    "track_api_url": "CIO_TRACK_API_URL",
+    "rate_limit": "CIO_RETL_RATE_LIMIT",
+    "rate_budget": "CIO_RETL_RATE_BUDGET",
+    "state_schema": "CIO_RETL_STATE_SCHEMA",
+}
+
+
+def _check_settings(values: Mapping[str, str | None], buckets: int) -> None:
+    """The engine's own checks (``Settings.from_env``), at load time, so that a bad setting
+    stops before anything runs; the message names the attribute, not the variable."""
+    try:
+        Settings.from_env({_SETTING_VARS[name]: v for name, v in values.items() if v})
+    except ConfigError as exc:
+        message = str(exc)
+        for name, var in _SETTING_VARS.items():
+            message = message.replace(var, name)
+        raise ConfigError(message) from None
     if isinstance(buckets, bool) or not 1 <= buckets <= MAX_BUCKETS:
         raise ConfigError(f"buckets must be a whole number 1..{MAX_BUCKETS}, not {buckets!r}")
 

@@ -161,10 +161,12 @@ def test_credentials_bind_as_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_settings_fail_loading() -> None:
-    with pytest.raises(ConfigError, match="region must be one of"):
+    with pytest.raises(ConfigError, match=r"^region='mars' is not a known value"):
         build_customerio_defs(REPO / "sql", region="mars")
-    with pytest.raises(ConfigError, match="rate_limit"):
+    with pytest.raises(ConfigError, match=r"^rate_limit="):
         build_customerio_defs(REPO / "sql", rate_limit="fast")
+    with pytest.raises(ConfigError, match=r"^state_schema="):
+        build_customerio_defs(REPO / "sql", state_schema="drop table;")
     with pytest.raises(ConfigError, match="buckets"):
         CustomerIOComponent.resolve_from_yaml("buckets: many\n")
 

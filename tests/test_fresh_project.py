@@ -113,7 +113,7 @@ def project_env(root: Path, **extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("CIO_", "DAGSTER_", "UV_")) and k != "PYTHONDONTWRITEBYTECODE"
+        if not k.startswith(("CIO_", "DAGSTER_")) and k != "PYTHONDONTWRITEBYTECODE"
     }
     # The project's venv; bytecode is written, so each dg call after the first starts fast.
     env.update(VIRTUAL_ENV=str(root / ".venv"), PATH=f"{root / '.venv/bin'}:{env['PATH']}")
