@@ -104,13 +104,33 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=_whole_number(1), default=20)
     status.set_defaults(handler=_status)
 
-    emulator = commands.add_parser("emulator", help="serve the local Track API emulator")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=_whole_number(0, 65535), default=8765)
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve the local Track API emulator",
+        description="Serve the local Track API emulator until Ctrl-C. It accepts the "
+        "credentials in CIO_SITE_ID / CIO_API_KEY (else site id 'site-id', API key 'api-key'); "
+        "GET /_emulator/workspace shows what it holds.",
+    )
+    emulator.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    emulator.add_argument(
+        "--port",
+        type=_whole_number(0, 65535),
+        default=8765,
+        help="port to listen on (default 8765; 0: any free port)",
+    )
     emulator.set_defaults(handler=_emulator)
 
-    demo = commands.add_parser("demo", help="embedded warehouse + emulator + two syncs")
-    demo.add_argument("--dir", help="where to keep the demo warehouse (default: a temp dir)")
+    demo = commands.add_parser(
+        "demo",
+        help="embedded warehouse + emulator + three syncs (new, six edits, nothing changed)",
+    )
+    demo.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="keep the demo warehouse in DIR (default: a temporary directory, removed at the end)",
+    )
     demo.set_defaults(handler=_demo)
     return parser
 
