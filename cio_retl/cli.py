@@ -26,9 +26,14 @@ from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError, GuardrailError, TransientError
 from cio_retl.limits import MAX_BATCH_ITEMS
-from cio_retl.state import LEGACY_WORKSPACE, StateStore, Workspace
+from cio_retl.state import LEGACY_WORKSPACE, StateStore, Workspace, sent_events, workspaces
 from cio_retl.sync import Outcome, RunReport, SyncOptions, run_sync
-from cio_retl.warehouse import check_reachable, create_engine
+from cio_retl.warehouse import (
+    check_reachable,
+    create_engine,
+    duckdb_file_exists,
+    require_duckdb_file,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -101,7 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=_plan)
 
     status = commands.add_parser("status", help="last runs, pending and rejected rows")
-    status.add_argument("--limit", type=_whole_number(1), default=20)
+    status.add_argument(
+        "--limit", type=_whole_number(1), default=20, help="runs to show (default 20)"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the same data as JSON, for scripts"
+    )
     status.set_defaults(handler=_status)
 
     emulator = commands.add_parser(
@@ -296,82 +306,215 @@ def _by_code(counts: Mapping[str, int]) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    engine = create_engine(settings.state_url, "CIO_RETL_STATE_URL")
-    try:
-        check_reachable(engine)
-        state = StateStore(engine, settings.state_schema)
-        state.ensure_schema()
-        runs = Table(title="last runs", title_justify="left")
-        for column in (
-            "started (UTC)",
-            "run",
-            "model",
-            "workspace",
-            "status",
-            "planned",
-            "created",
-            "updated",
-            "deleted",
-            "rejected",
-            "pending",
-            "seconds",
-        ):
-            runs.add_column(column)
-        for run in state.last_runs(args.limit):
-            acked = run["created"] + run["updated"] + run["deleted"]
-            pending = 0 if run["dry_run"] else max(run["planned"] - acked - run["rejected"], 0)
-            seconds = (
-                f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}"
-                if run["finished_at"]
-                else "-"
-            )
-            runs.add_row(
-                f"{run['started_at']:%Y-%m-%d %H:%M:%S}",
-                run["run_id"],
-                run["model"],
-                workspace_label(run["workspace"]),
-                run["status"] + (" (dry run)" if run["dry_run"] else ""),
-                str(run["planned"]),
-                str(run["created"]),
-                str(run["updated"]),
-                str(run["deleted"]),
-                str(run["rejected"]),
-                str(pending),
-                seconds,
-            )
-        out.print(runs)
-        known = state.known_workspaces()
-        for destination in known.values():
-            out.print(workspace_line(destination), highlight=False)
-        several = len(known) > 1
-        sites: list[str | None] = list(known) or [None]
-        for site in sites:
-            scoped = state if site is None else state.bound(Workspace(site))
-            to = f" to {workspace_label(site)}" if several else ""
-            for model, (count, newest) in sorted(scoped.event_summaries().items()):
-                when = dt.datetime.fromtimestamp(newest, dt.UTC) if newest is not None else None
-                out.print(
-                    f"events sent by {model}{to}: {count:,}"
-                    + (f", the newest from {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""),
-                    highlight=False,
-                )
-        rejected = state.rejections(limit=args.limit)
-        counts = state.rejection_counts()
-        out.print(
-            f"rejected rows waiting for a fix: {sum(counts.values()):,} "
-            + (f"({', '.join(f'{m}: {n:,}' for m, n in sorted(counts.items()))})" if counts else "")
-        )
-        for row in rejected:
-            out.print(
-                f"  {row['model']}"
-                + (f" ({workspace_label(row['workspace'])})" if several else "")
-                + f" key={row['key']!r}: {row['reason']}"
-                + (f" [{row['field']}]" if row["field"] else ""),
-                highlight=False,
-            )
-    finally:
-        engine.dispose()
+    if settings.state_is_warehouse:
+        require_duckdb_file(settings.state_url, "CIO_RETL_WAREHOUSE_URL")
+    if duckdb_file_exists(settings.state_url):
+        engine = create_engine(settings.state_url, "CIO_RETL_STATE_URL")
+        try:
+            check_reachable(engine)
+            data = status_data(StateStore(engine, settings.state_schema), args.limit)
+        finally:
+            engine.dispose()
+    else:  # a state store of its own that no sync has created yet: opening it would
+        data = NO_STATE
+    if args.json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_status(data)
     return 0
+
+
+NO_STATE: dict[str, Any] = {
+    "state": None,
+    "workspaces": [],
+    "runs": [],
+    "events": [],
+    "rejected": {"total": 0, "by_model": {}, "rows": []},
+}
+
+
+def status_data(state: StateStore, limit: int) -> dict[str, Any]:
+    """The last ``limit`` runs (one entry per run, its models inside) and the rejected rows
+    waiting for a fix: what ``status`` prints, and ``status --json`` as it is."""
+    if not state.exists():
+        return NO_STATE
+    if not state.exists((workspaces,)):  # tables of an older cio-retl: never upgraded here
+        return {**NO_STATE, "state": state.schema, "upgrade_pending": True}
+    runs: dict[str, dict[str, Any]] = {}
+    for row in state.last_runs(limit):
+        acked = row["created"] + row["updated"] + row["deleted"]
+        pending = 0 if row["dry_run"] else max(row["planned"] - acked - row["rejected"], 0)
+        run = runs.setdefault(
+            row["run_id"],
+            {
+                "run_id": row["run_id"],
+                "workspace": row.get("workspace"),
+                "started_at": row["started_at"],
+                "finished_at": row["finished_at"],
+                "dry_run": row["dry_run"],
+                "models": [],
+            },
+        )
+        run["started_at"] = min(run["started_at"], row["started_at"])
+        if row["finished_at"] is None or run["finished_at"] is None:
+            run["finished_at"] = None
+        else:
+            run["finished_at"] = max(run["finished_at"], row["finished_at"])
+        run["models"].append(
+            {
+                "model": row["model"],
+                "status": row["status"],
+                "planned": row["planned"],
+                "created": row["created"],
+                "updated": row["updated"],
+                "deleted": row["deleted"],
+                "rejected": row["rejected"],
+                "pending": pending,
+                "requests": row["requests"],
+                "bytes_sent": row["bytes_sent"],
+                "error": row["error"],
+            }
+        )
+    for run in runs.values():
+        models = run["models"]
+        run["status"] = _run_status([m["status"] for m in models])
+        for count in ("planned", "created", "updated", "deleted", "rejected", "pending"):
+            run[count] = sum(m[count] for m in models)
+        run["seconds"] = (
+            round((run["finished_at"] - run["started_at"]).total_seconds(), 1)
+            if run["finished_at"]
+            else None
+        )
+    counts = state.rejection_counts()
+    rows = [
+        {k: row[k] for k in ("workspace", "model", "key", "reason", "field", "status", "run_id")}
+        for row in state.rejections(limit=limit)
+    ]
+    known = state.known_workspaces()
+    events = []
+    for site in list[str | None](known) or [None]:
+        scoped = state if site is None else state.bound(Workspace(site))
+        summaries = scoped.event_summaries() if state.exists((sent_events,)) else {}
+        events += [
+            {
+                "workspace": site,
+                "model": model,
+                "sent": count,
+                "newest": None if newest is None else dt.datetime.fromtimestamp(newest, dt.UTC),
+            }
+            for model, (count, newest) in sorted(summaries.items())
+        ]
+    return {
+        "state": state.schema,
+        "workspaces": [
+            {
+                column: getattr(row, column)
+                for column in (
+                    "site_id",
+                    "region",
+                    "environment_id",
+                    "last_synced_at",
+                    "adopted_run_id",
+                    "adopted_snapshots",
+                )
+            }
+            for row in known.values()
+        ],
+        "runs": list(runs.values()),
+        "events": events,
+        "rejected": {"total": sum(counts.values()), "by_model": counts, "rows": rows},
+    }
+
+
+def _run_status(statuses: Sequence[str]) -> str:
+    """A run's status: its worst model's (failed, then running, then rejected)."""
+    for status in ("failed", "running", "rejected"):
+        if status in statuses:
+            return status
+    return statuses[0] if statuses else "succeeded"
+
+
+STATUS_WIDTH = 100  # piped `status` output fits a 100-column terminal, log view or e-mail
+
+
+def print_status(data: dict[str, Any]) -> None:
+    console = out if out.is_terminal else Console(width=STATUS_WIDTH)
+    if data["state"] is None:
+        console.print("no runs yet: the state tables do not exist (the first sync creates them)")
+        return
+    if data.get("upgrade_pending"):
+        console.print(
+            f"the state tables in schema {data['state']!r} are from an older cio-retl: the next "
+            "sync upgrades them (status only reads)",
+            highlight=False,
+        )
+        return
+    rows = [
+        [
+            run["run_id"],
+            workspace_label(run["workspace"]),
+            run["status"] + (" (dry)" if run["dry_run"] else ""),
+            f"{run['planned']:,}",
+            f"{run['created'] + run['updated'] + run['deleted']:,}",
+            f"{run['rejected']:,}",
+            f"{run['pending']:,}",
+            "-" if run["seconds"] is None else f"{run['seconds']:.1f}",
+            ", ".join(m["model"] for m in run["models"]),
+        ]
+        for run in data["runs"]
+    ]
+    headers = ("run", "workspace", "status", "planned", "sent", "rejected", "pending", "s")
+    # Every column but the last as wide as its widest cell (full run ids: runs started in
+    # the same second differ only after the dash); the models column gives way first.
+    runs = Table(
+        title="last runs", title_justify="left", box=None, pad_edge=False, padding=(0, 1, 0, 0)
+    )
+    for i, header in enumerate(headers):
+        runs.add_column(
+            header,
+            justify="left" if i < 3 else "right",
+            no_wrap=True,
+            min_width=max([len(header), *(len(row[i]) for row in rows)]),
+        )
+    runs.add_column("models", no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        runs.add_row(*row)
+    console.print(runs)
+    for destination in data["workspaces"]:
+        console.print(workspace_line(destination), highlight=False, markup=False)
+    several = len(data["workspaces"]) > 1
+    for event in data["events"]:
+        to = f" to {workspace_label(event['workspace'])}" if several else ""
+        console.print(
+            f"events sent by {event['model']}{to}: {event['sent']:,}"
+            + (
+                f", the newest from {event['newest']:%Y-%m-%d %H:%M:%S} UTC"
+                if event["newest"]
+                else ""
+            ),
+            highlight=False,
+            markup=False,
+        )
+    rejected = data["rejected"]
+    by_model = rejected["by_model"]
+    console.print(
+        f"rejected rows waiting for a fix: {rejected['total']:,}"
+        + (
+            f" ({', '.join(f'{m}: {n:,}' for m, n in sorted(by_model.items()))})"
+            if by_model
+            else ""
+        ),
+        highlight=False,
+    )
+    for row in rejected["rows"]:
+        console.print(
+            f"  {row['model']}"
+            + (f" ({workspace_label(row['workspace'])})" if several else "")
+            + f" key={row['key']!r}: {row['reason']}"
+            + (f" [{row['field']}]" if row["field"] else ""),
+            highlight=False,
+            markup=False,
+        )
 
 
 def workspace_label(site_id: str | None) -> str:
@@ -381,20 +524,24 @@ def workspace_label(site_id: str | None) -> str:
     return site_id or "(before workspaces)"
 
 
-def workspace_line(row: Any) -> str:
+def workspace_line(row: Mapping[str, Any]) -> str:
     """One workspace the state store has synced to, and what its region check reported."""
-    if row.site_id == LEGACY_WORKSPACE:
+    if row["site_id"] == LEGACY_WORKSPACE:
         return (
             "workspace (before workspaces): state written before it was kept per workspace; "
             "the next sync with credentials takes it over"
         )
-    region = f"region {row.region}" if row.region else "region not reported"
-    environment = f", environment {row.environment_id}" if row.environment_id is not None else ""
-    line = f"workspace {row.site_id}: {region}{environment}, last sync {row.last_synced_at:%Y-%m-%d %H:%M:%S} UTC"
-    if row.adopted_run_id:
+    region = f"region {row['region']}" if row["region"] else "region not reported"
+    environment = (
+        f", environment {row['environment_id']}" if row["environment_id"] is not None else ""
+    )
+    line = f"workspace {row['site_id']}: {region}{environment}"
+    if row["last_synced_at"] is not None:
+        line += f", last sync {row['last_synced_at']:%Y-%m-%d %H:%M:%S} UTC"
+    if row["adopted_run_id"]:
         line += (
-            f"; took over the state from before workspaces in run {row.adopted_run_id}"
-            f" ({row.adopted_snapshots:,} snapshot rows)"
+            f"; took over the state from before workspaces in run {row['adopted_run_id']}"
+            f" ({row['adopted_snapshots']:,} snapshot rows)"
         )
     return line
 

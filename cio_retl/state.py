@@ -207,6 +207,14 @@ SNAPSHOT_COLUMNS = (
 _SCHEMA_LOCK = threading.Lock()
 
 
+def _empty_relation(table: sa.Table, engine: Engine) -> str:
+    """``(SELECT CAST(NULL AS type) AS column, ... WHERE false)``: no rows, ``table``'s columns."""
+    empty = sa.select(*(sa.cast(sa.null(), c.type).label(c.name) for c in table.columns)).where(
+        sa.false()
+    )
+    return f"({empty.compile(dialect=engine.dialect, compile_kwargs={'literal_binds': True})})"
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -304,13 +312,18 @@ class StateStore:
             else engine.execution_options(schema_translate_map={STATE_SCHEMA: schema})
         )
         self.workspace = workspace
+        self.is_absent = False  # see absent()
+        self.upgrade_pending = False  # tables of an older cio-retl, read as is (for_reading)
         self.snapshots = self.table(snapshots)
         self.staged_keys = self.table(staged_keys)
         self.sent_events = self.table(sent_events)
 
     def bound(self, workspace: Workspace) -> StateStore:
         """This store, reading and writing only ``workspace``'s rows."""
-        return StateStore(self._engine, self.schema, workspace)
+        store = StateStore(self._engine, self.schema, workspace)
+        store.is_absent, store.upgrade_pending = self.is_absent, self.upgrade_pending
+        store.snapshots, store.sent_events = self.snapshots, self.sent_events
+        return store
 
     @property
     def workspace_key(self) -> str:
@@ -322,6 +335,70 @@ class StateStore:
     def scope(self, model: str) -> dict[str, str]:
         """Bind parameters ``:workspace`` and ``:model`` of the SQL reading one model's rows."""
         return {"workspace": self.workspace_key, "model": model}
+
+    @classmethod
+    def absent(cls, engine: Engine, schema: str = STATE_SCHEMA) -> StateStore:
+        """Stands in for state tables that do not exist yet, so a dry run or ``plan`` before
+        the first sync creates nothing: the tables the diff reads (snapshots, sent events)
+        are empty relations rendered in ``engine``'s SQL (the warehouse's, as the diff joins
+        them there), every column typed."""
+        store = cls(engine, schema)
+        store.is_absent = True
+        store.snapshots = _empty_relation(snapshots, engine)
+        store.sent_events = _empty_relation(sent_events, engine)
+        return store
+
+    @classmethod
+    def for_reading(cls, engine: Engine, schema: str = STATE_SCHEMA) -> StateStore:
+        """The state as a dry run or ``plan`` reads it, creating and upgrading nothing.
+
+        A table the diff reads that is not there reads as empty; one an older cio-retl wrote
+        reads as the upgrade would leave it (each missing column NULL, ``workspace`` the
+        LEGACY_WORKSPACE of rows from before workspaces), and the plan diffs against those
+        rows, as :meth:`plan_workspace` does after an upgrade. The next real sync upgrades
+        the tables themselves (:meth:`ensure_schema`).
+        """
+        store = cls(engine, schema)
+        with store.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            store.upgrade_pending = not inspector.has_table(workspaces.name, schema=schema)
+            for table in (snapshots, sent_events):
+                if not inspector.has_table(table.name, schema=schema):
+                    relation = _empty_relation(table, engine)
+                else:
+                    present = store._columns(conn, table)
+                    if all(c.name in present for c in table.columns):
+                        continue
+                    relation = store._upgraded_relation(table, present)
+                setattr(store, "snapshots" if table is snapshots else "sent_events", relation)
+        return store
+
+    def _upgraded_relation(self, table: sa.Table, present: set[str]) -> str:
+        columns = []
+        for column in table.columns:
+            if column.name in present:
+                columns.append(f"t.{self.dialect.quote(column.name)}")
+                continue
+            value = sa.literal(LEGACY_WORKSPACE) if column.name == "workspace" else sa.null()
+            cast = sa.cast(value, column.type).label(column.name)
+            columns.append(
+                str(
+                    cast.compile(
+                        dialect=self._engine.dialect, compile_kwargs={"literal_binds": True}
+                    )
+                )
+            )
+        return f"(SELECT {', '.join(columns)} FROM {self.table(table)} AS t)"
+
+    def exists(self, tables: Iterable[sa.Table] = ()) -> bool:
+        """Whether the state tables (or these of them) are there; reads the catalog only
+        (no schema, no table, no migration), so read-only commands can tell "nothing synced
+        yet"."""
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return all(
+                inspector.has_table(t.name, schema=self.schema) for t in tables or (snapshots, runs)
+            )
 
     def table(self, table: sa.Table) -> str:
         """The quoted, schema-qualified name of a state table, for text SQL."""
@@ -806,6 +883,10 @@ class StateStore:
         the snapshot of whichever workspace the plan is for: the next such sync takes them
         over, so the plan shows what it would send.
         """
+        if self.is_absent:
+            return Workspace(named)  # nothing synced yet: an empty snapshot
+        if self.upgrade_pending:  # every row is from before workspaces (for_reading)
+            return Workspace(LEGACY_WORKSPACE if named is None else named, reads=LEGACY_WORKSPACE)
         known = self.known_workspaces()
         if LEGACY_WORKSPACE in known:
             return Workspace(LEGACY_WORKSPACE if named is None else named, reads=LEGACY_WORKSPACE)

@@ -42,8 +42,14 @@ from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.ratelimit import RateSpec, budget_for
-from cio_retl.state import Adoption, RejectionRow, SnapshotRow, StateStore, Workspace
-from cio_retl.warehouse import Warehouse, check_reachable, create_engine
+from cio_retl.state import Adoption, RejectionRow, SnapshotRow, StateStore, Workspace, snapshots
+from cio_retl.warehouse import (
+    Warehouse,
+    check_reachable,
+    create_engine,
+    duckdb_file_exists,
+    require_duckdb_file,
+)
 
 Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
 
@@ -180,6 +186,11 @@ def run_sync(
         rate = RateSpec.parse(settings.rate_limit)
     except ValueError as exc:
         raise ConfigError(f"CIO_RETL_RATE_LIMIT: {exc}") from None
+    # A dry run reads and writes nothing but the warehouse: no DuckDB file, schema, table,
+    # run row or migration is created (the first real send creates the state).
+    read_only = options.dry_run
+    require_duckdb_file(settings.warehouse_url, "CIO_RETL_WAREHOUSE_URL")
+    state_missing = read_only and not duckdb_file_exists(settings.state_url)
     engine = create_engine(settings.warehouse_url, "CIO_RETL_WAREHOUSE_URL")
     # The same database: the diff runs there as SQL. Another one: the cross-database diff.
     state_engine = (
@@ -187,12 +198,18 @@ def run_sync(
         if settings.state_is_warehouse
         else create_engine(settings.state_url, "CIO_RETL_STATE_URL")
     )
+    same_database = settings.state_is_warehouse
     differ: Differ | None = None
     try:
         warehouse = Warehouse(engine)
         state = StateStore(state_engine, settings.state_schema)
-        for db in {engine, state_engine}:
+        for db in {engine} if state_missing else {engine, state_engine}:
             check_reachable(db)
+        if read_only and (state_missing or not state.exists((snapshots,))):
+            # Nothing synced yet: diff against an empty snapshot, in the warehouse.
+            state, same_database = StateStore.absent(engine, settings.state_schema), True
+        elif read_only:
+            state = StateStore.for_reading(state_engine, settings.state_schema)
         for model in dict.fromkeys([*models, *suppressions]):  # every model error surfaces
             problem = column_name_problem(warehouse.columns(model))  # before anything is sent
             if problem:
@@ -208,7 +225,8 @@ def run_sync(
             if client is not None:
                 account = AccountRegion.read(client.check_credentials())
                 check_region(settings, account)
-            state.ensure_schema()
+            if not read_only:
+                state.ensure_schema()
             adoption: Adoption | None = None
             if client is not None and account is not None and site_id is not None:
                 client.limiter = budget_for(
@@ -226,7 +244,7 @@ def run_sync(
             differ = differ_for(
                 warehouse,
                 state,
-                same_database=settings.state_is_warehouse,
+                same_database=same_database,
                 bucket=options.bucket,
                 suppressions=suppressions,
             )
@@ -365,13 +383,13 @@ class _Run:
                 for model in self.models:
                     self.state.acquire_lock(model.name, self.run_id, self.bucket)
                     locked.append(model)
-            for model in self.models:
-                self.state.start_run(
-                    self.run_id,
-                    model.name,
-                    dry_run=self.options.dry_run,
-                    full_resync=self.options.full_resync,
-                )
+                for model in self.models:  # a dry run records nothing
+                    self.state.start_run(
+                        self.run_id,
+                        model.name,
+                        dry_run=False,
+                        full_resync=self.options.full_resync,
+                    )
             self.counts = self._count_changes()
             self._check_guardrails()
             for phase in Phase:
@@ -451,6 +469,8 @@ class _Run:
             return sum(1 for change in changes if change.change is Change.UPDATE)
 
     def _finish(self, model: Model, report: ModelReport) -> None:
+        if self.options.dry_run:
+            return  # nothing was recorded
         # Never hide the run's own error behind a bookkeeping one.
         with contextlib.suppress(Exception):
             self.state.finish_run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
@@ -84,6 +85,38 @@ def create_engine(url: str, setting: str = URL_SETTINGS) -> Engine:
     }:
         sa.event.listen(engine, "connect", _limit_duckdb_memory)
     return engine
+
+
+def duckdb_file(url: str) -> Path | None:
+    """The database file a DuckDB URL names; None for other databases, ``:memory:`` and
+    MotherDuck (``md:``), which have no local file."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None  # create_engine reports it, naming the variable
+    database = parsed.database
+    if parsed.get_backend_name() != "duckdb" or not database:
+        return None
+    if database == ":memory:" or database.startswith(("md:", "motherduck:")):
+        return None
+    return Path(database)
+
+
+def duckdb_file_exists(url: str) -> bool:
+    """False only for a DuckDB URL whose file is not there: connecting would create it."""
+    path = duckdb_file(url)
+    return path is None or path.exists()
+
+
+def require_duckdb_file(url: str, variable: str) -> None:
+    """A DuckDB file that is not there is a typo, not an empty warehouse: stop (exit 2)
+    naming it, before connecting creates an empty database in its place."""
+    path = duckdb_file(url)
+    if path is not None and not path.exists():
+        raise ConfigError(
+            f"{variable}: the DuckDB database {str(path)!r} does not exist "
+            f"(resolved: {path.resolve()}); check the path"
+        )
 
 
 def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cio_retl.demo_run import demo_models_dir
-from tests.conftest import REPO
+from tests.conftest import REPO, sql_rows
 
 BIN = Path(sys.executable).parent
 
@@ -133,6 +133,8 @@ def test_next_steps_work_as_printed(tmp_path: Path) -> None:
         assert "listening on" in emulator.stdout.readline()
         plan = _run(commands[2], cwd, env)
         assert "dry run: nothing sent" in plan and "490" in plan
+        state = "SELECT schema_name FROM information_schema.schemata WHERE schema_name = 'cio_retl'"
+        assert sql_rows(exports["CIO_RETL_WAREHOUSE_URL"], state) == []  # the plan wrote nothing
         sync = _run(commands[3], cwd, env)
         workspace = httpx.get(f"http://127.0.0.1:{port}/_emulator/workspace").json()
         assert (len(workspace["people"]), len(workspace["objects"])) == (490, 40)
