@@ -380,14 +380,10 @@ class StateStore:
                 columns.append(f"t.{self.dialect.quote(column.name)}")
                 continue
             value = sa.literal(LEGACY_WORKSPACE) if column.name == "workspace" else sa.null()
-            cast = sa.cast(value, column.type).label(column.name)
-            columns.append(
-                str(
-                    cast.compile(
-                        dialect=self._engine.dialect, compile_kwargs={"literal_binds": True}
-                    )
-                )
+            cast = sa.cast(value, column.type).compile(
+                dialect=self._engine.dialect, compile_kwargs={"literal_binds": True}
             )
+            columns.append(f"{cast} AS {self.dialect.quote(column.name)}")
         return f"(SELECT {', '.join(columns)} FROM {self.table(table)} AS t)"
 
     def exists(self, tables: Iterable[sa.Table] = ()) -> bool:
