@@ -138,7 +138,7 @@ def test_next_steps_work_as_printed(tmp_path: Path) -> None:
         sync = _run(commands[3], cwd, env)
         workspace = httpx.get(f"http://127.0.0.1:{port}/_emulator/workspace").json()
         assert (len(workspace["people"]), len(workspace["objects"])) == (490, 40)
-        run_id = sync.split("run ", 1)[1].split()[0]
+        run_id = sync.split("run ", 1)[1].split()[0].rstrip(",")
         status = _run(commands[4], cwd, env)
         assert run_id in status
     finally:
