@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import random
 import socket
 import threading
 import time
@@ -908,8 +909,21 @@ class StateStore:
 
         The takeover is one transaction, recorded once in the workspace's row (adopted_*),
         and returned so the run can say so. It rewrites the ``workspace`` of every such row
-        once (on 2M snapshot rows, an UPDATE of one column).
+        once (on 2M snapshot rows, an UPDATE of one column). Runs starting at once (buckets,
+        Dagster steps) may collide on the workspace's row: Postgres reports a duplicate
+        insert, DuckDB a write-write conflict; the transaction then runs again, and finds
+        the row (and any takeover) there.
         """
+        for attempt in range(8):
+            try:
+                return self._enter_workspace(workspace, run_id)
+            except (sa.exc.OperationalError, sa.exc.IntegrityError):
+                if attempt == 7:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _enter_workspace(self, workspace: Workspace, run_id: str) -> Adoption | None:
         site = workspace.site_id
         if not site:
             raise ValueError("a sync with credentials names its Site ID")

@@ -500,3 +500,46 @@ def test_round_trip_on_snowflake(
 ) -> None:
     settings, engine = sf
     round_trip(settings, lambda: edit_demo_warehouse(engine), emulator, other)
+
+
+@pytest.mark.parametrize(
+    "backend", ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_runs_entering_a_workspace_at_once_take_old_state_over_once(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """Bucket runs start together: each records the workspace, one takes the old rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cio_retl.state import Workspace
+    from cio_retl.warehouse import create_engine
+
+    if backend == "postgres":
+        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
+        url, schema = schemas.url, schemas.state
+    else:
+        url, schema = f"duckdb:///{tmp_path / 'state.duckdb'}", "cio_retl"
+    engine = create_engine(url)
+    try:
+        state = StateStore(engine, schema)
+        state.ensure_schema()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE {schema}.workspaces"))
+            conn.execute(sa.text(f"ALTER TABLE {schema}.snapshots DROP COLUMN workspace"))
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {schema}.snapshots SELECT 'm', 'k' || i, 'f', 'h', '{{}}', '{{}}',"
+                    f" 'old', now() FROM generate_series(1, 50) AS t(i)"
+                )
+            )
+        state.ensure_schema()  # the upgrade: 50 rows from before workspaces
+        site = Workspace(SITE_ID, 1, "us")
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda i: state.enter_workspace(site, f"run-{i}"), range(6)))
+        adopted = [r for r in results if r is not None]
+        assert len(adopted) == 1 and adopted[0].snapshots == 50
+        (row,) = state.known_workspaces().values()
+        assert (row.site_id, row.adopted_run_id) == (SITE_ID, adopted[0].run_id)
+        assert workspace_rows(engine, schema) == {SITE_ID: 50}
+    finally:
+        engine.dispose()
