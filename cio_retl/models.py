@@ -6,6 +6,7 @@ people under the wrong identifier. Every error names the file and line.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,16 @@ class Model:
     max_delete_pct: float = DEFAULT_MAX_DELETE_PCT
     max_change_pct: float = DEFAULT_MAX_CHANGE_PCT
     removed_columns: RemovedColumns = RemovedColumns.REMOVE
+    # (header key, value, line) of every `-- key: value` line, so an error found later (a
+    # key column missing from the result) points at the line that named it.
+    header: tuple[tuple[str, str, int], ...] = ()
+
+    def line_naming(self, column: str) -> int:
+        """The header line that names ``column`` (e.g. ``-- key: email``); else the SQL's."""
+        for name, value, line in self.header:
+            if value == column and name not in ("kind", "description", "deps"):
+                return line
+        return self.sql_line
 
     @property
     def key_columns(self) -> tuple[str, ...]:
@@ -166,6 +177,13 @@ class Model:
         return EXTERNAL_ID_TYPES[self.kind]
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'identifier'?)`` for the closest of ``choices``, or nothing: a typo
+    in a header costs one look at the message, not a search through the documentation."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse_model(path: Path, text: str | None = None) -> Model:
     """Parse one model file; raise :class:`ModelError` naming the file and line."""
     text = path.read_text(encoding="utf-8") if text is None else text
@@ -187,7 +205,10 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         name, value = match.groups()
         if name not in ALL_HEADER_KEYS:
             raise ModelError(
-                str(path), f"unknown header key {name!r} (known: {sorted(ALL_HEADER_KEYS)})", number
+                str(path),
+                f"unknown header key {name!r}{did_you_mean(name, ALL_HEADER_KEYS)}"
+                f" (known: {sorted(ALL_HEADER_KEYS)})",
+                number,
             )
         if name in header:
             raise ModelError(str(path), f"header key {name!r} given twice", number)
@@ -212,15 +233,19 @@ def parse_model(path: Path, text: str | None = None) -> Model:
     except ValueError:
         raise ModelError(
             str(path),
-            f"kind must be one of {[k.value for k in Kind]}, not {kind_text!r}",
+            f"kind must be one of {[k.value for k in Kind]}, not {kind_text!r}"
+            + did_you_mean(kind_text, [k.value for k in Kind]),
             kind_line,
         ) from None
     required, optional = _KEYS_BY_KIND[kind]
     for name in sorted(required - header.keys()):
         raise ModelError(str(path), f"missing required header key {name!r} for kind {kind}", 1)
     for name in sorted(header.keys() - required - optional - _COMMON_KEYS):
+        allowed = required | optional | _COMMON_KEYS
         raise ModelError(
-            str(path), f"header key {name!r} does not apply to kind {kind}", header[name][1]
+            str(path),
+            f"header key {name!r} does not apply to kind {kind}{did_you_mean(name, allowed)}",
+            header[name][1],
         )
 
     def get(name: str) -> str | None:
@@ -235,7 +260,8 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         if name in header and header[name][0] not in PERSON_IDENTIFIERS:
             raise ModelError(
                 str(path),
-                f"{name} must be one of {list(PERSON_IDENTIFIERS)}, not {header[name][0]!r}",
+                f"{name} must be one of {list(PERSON_IDENTIFIERS)}, not {header[name][0]!r}"
+                + did_you_mean(header[name][0], PERSON_IDENTIFIERS),
                 header[name][1],
             )
     if "object_type_id" in header and not _OBJECT_TYPE_ID.match(header["object_type_id"][0]):
@@ -264,12 +290,16 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         raise ModelError(
             str(path),
             f"removed_columns must be one of {[r.value for r in RemovedColumns]}, "
-            f"not {removed_text!r}",
+            f"not {removed_text!r}" + did_you_mean(removed_text, [r.value for r in RemovedColumns]),
             removed_line,
         ) from None
     deps = tuple(d.strip() for d in (get("deps") or "").split(",") if d.strip())
     if kind is Kind.RELATIONSHIP and get("person_key") == get("object_key"):
-        raise ModelError(str(path), "person_key and object_key must be different columns", 1)
+        raise ModelError(
+            str(path),
+            "person_key and object_key must be different columns",
+            header["object_key"][1],
+        )
     lookback_days = None
     if kind is Kind.EVENT:
         lookback_days = _check_event_header(path, header)
@@ -301,6 +331,7 @@ def parse_model(path: Path, text: str | None = None) -> Model:
         max_delete_pct=percents.get("max_delete_pct", DEFAULT_MAX_DELETE_PCT),
         max_change_pct=percents.get("max_change_pct", DEFAULT_MAX_CHANGE_PCT),
         removed_columns=removed_columns,
+        header=tuple((name, value, line) for name, (value, line) in header.items()),
     )
 
 
@@ -321,7 +352,10 @@ def _mode(path: Path, kind: Kind, given: tuple[str, int] | None) -> Mode:
         )
     if text not in {m.value for m in CHOSEN_MODES}:
         raise ModelError(
-            str(path), f"mode must be one of {[m.value for m in CHOSEN_MODES]}, not {text!r}", line
+            str(path),
+            f"mode must be one of {[m.value for m in CHOSEN_MODES]}, not {text!r}"
+            + did_you_mean(text, [m.value for m in CHOSEN_MODES]),
+            line,
         )
     return Mode(text)
 

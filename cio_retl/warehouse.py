@@ -20,7 +20,7 @@ from cio_retl.dialects import KEY_SEPARATOR as KEY_SEPARATOR  # re-exported
 from cio_retl.dialects import Dialect as Dialect  # re-exported
 from cio_retl.dialects import dialect_for
 from cio_retl.errors import CioRetlError, ConfigError, LockedError, ModelError, UnreachableError
-from cio_retl.models import Kind, Model
+from cio_retl.models import Kind, Model, did_you_mean
 
 # Columns the diff adds to a model's rows; a model may not use these names.
 KEY_COLUMN = "__cio_key"
@@ -270,10 +270,11 @@ class Warehouse:
         missing = [c for c in model.required_columns if c not in columns]
         if missing:
             what = "key column(s)" if set(missing) <= set(model.key_columns) else "column(s)"
+            near = did_you_mean(missing[0], columns) if len(missing) == 1 else ""
             raise ModelError(
                 str(model.path),
-                f"{what} {missing} not in the result columns {columns}",
-                model.sql_line,
+                f"{what} {missing} not in the result columns {columns}{near}",
+                model.line_naming(missing[0]),  # the header line naming it, not the SQL
             )
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
         if duplicated:

@@ -84,7 +84,7 @@ def test_full_header() -> None:
             "-- kind: relationship\n-- person_identifier: id\n-- person_key: a\n-- object_type_id: 1\n"
             "-- object_key: a\nselect 1",
             "must be different columns",
-            1,
+            5,  # the object_key line, which repeats person_key
         ),
     ],
 )
