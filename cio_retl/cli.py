@@ -375,8 +375,11 @@ def status_data(state: StateStore, limit: int) -> dict[str, Any]:
                 "error": row["error"],
             }
         )
+    by_code = state.run_rejection_counts(runs)
     for run in runs.values():
         models = run["models"]
+        for model in models:  # every rejection of the run, by code
+            model["rejected_by_code"] = by_code.get((run["run_id"], model["model"]), {})
         run["status"] = _run_status([m["status"] for m in models])
         for count in ("planned", "created", "updated", "deleted", "rejected", "pending"):
             run[count] = sum(m[count] for m in models)
@@ -387,9 +390,16 @@ def status_data(state: StateStore, limit: int) -> dict[str, Any]:
         )
     counts = state.rejection_counts()
     rows = [
-        {k: row[k] for k in ("workspace", "model", "key", "reason", "field", "status", "run_id")}
+        {
+            k: row[k]
+            for k in ("workspace", "model", "key", "code", "reason", "field", "status", "run_id")
+        }
         for row in state.rejections(limit=limit)
     ]
+    # Rows recorded before codes existed have none (None): they get one when next rejected.
+    by_code_waiting = {
+        code or "(no code)": n for code, n in state.rejection_counts_by_code().items()
+    }
     known = state.known_workspaces()
     events = []
     for site in list[str | None](known) or [None]:
@@ -422,7 +432,12 @@ def status_data(state: StateStore, limit: int) -> dict[str, Any]:
         ],
         "runs": list(runs.values()),
         "events": events,
-        "rejected": {"total": sum(counts.values()), "by_model": counts, "rows": rows},
+        "rejected": {
+            "total": sum(counts.values()),
+            "by_model": counts,
+            "by_code": by_code_waiting,
+            "rows": rows,
+        },
     }
 
 
@@ -480,6 +495,15 @@ def print_status(data: dict[str, Any]) -> None:
     for row in rows:
         runs.add_row(*row)
     console.print(runs)
+    for run in data["runs"]:
+        for model in run["models"]:
+            if model["rejected_by_code"]:
+                console.print(
+                    f"rejected in {run['run_id']} {model['model']}: "
+                    + _by_code(model["rejected_by_code"]),
+                    highlight=False,
+                    markup=False,
+                )
     for destination in data["workspaces"]:
         console.print(workspace_line(destination), highlight=False, markup=False)
     several = len(data["workspaces"]) > 1
@@ -506,11 +530,13 @@ def print_status(data: dict[str, Any]) -> None:
         ),
         highlight=False,
     )
+    if rejected["by_code"]:
+        console.print(f"  by code: {_by_code(rejected['by_code'])}", highlight=False)
     for row in rejected["rows"]:
         console.print(
             f"  {row['model']}"
             + (f" ({workspace_label(row['workspace'])})" if several else "")
-            + f" key={row['key']!r}: {row['reason']}"
+            + f" key={row['key']!r} {row['code'] or '-'}: {row['reason']}"
             + (f" [{row['field']}]" if row["field"] else ""),
             highlight=False,
             markup=False,

@@ -20,7 +20,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
@@ -71,6 +71,9 @@ rejections = sa.Table(
     sa.Column("status", sa.Integer),
     sa.Column("payload", sa.String),  # the item with values redacted: names and types only
     sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=False),
+    # A cio_retl.errors.RejectionCode value; NULL for rows recorded before codes existed
+    # (added to older tables by ensure_schema).
+    sa.Column("code", sa.String),
 )
 
 # The events Customer.io acknowledged, one row per (model, event key): an event model is
@@ -118,6 +121,17 @@ runs = sa.Table(
 # Every workspace this state store has synced to, one row each: what a plan without
 # credentials chooses from, and where the takeover of rows from before workspaces is
 # recorded (once: the adopted_* columns of the workspace that took them).
+# Every rejection of a run counted by code, one row per (run, model, code): the rejections
+# table keeps only each key's latest, and a run's report lists only its first few.
+run_rejections = sa.Table(
+    "run_rejections",
+    metadata,
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("model", sa.String, primary_key=True),
+    sa.Column("code", sa.String, primary_key=True),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+)
+
 workspaces = sa.Table(
     "workspaces",
     metadata,
@@ -536,7 +550,9 @@ class StateStore:
         # A table that old also predates workspaces: its rows get LEGACY_WORKSPACE here, and
         # _add_workspace_columns records them.
         values = ", ".join(
-            self.dialect.quote(c.name) if c.name in present else f"'{LEGACY_WORKSPACE}'"
+            self.dialect.quote(c.name)
+            if c.name in present
+            else (f"'{LEGACY_WORKSPACE}'" if c.name == "workspace" else "NULL")
             for c in table.columns
         )
         interim.drop(conn, checkfirst=True)  # a copy an interrupted run left
@@ -786,6 +802,7 @@ class StateStore:
                     "status": r.status,
                     "payload": r.payload,
                     "rejected_at": utcnow(),
+                    "code": str(r.code),  # a plain str: drivers bind no enums
                 }
                 for r in _last_per_key(rows)
             ],
@@ -809,14 +826,23 @@ class StateStore:
             return query
         return query.where(rejections.c.workspace == self.workspace_key)
 
+    def _has_codes(self, conn: Connection) -> bool:
+        """Whether the rejections table has its code column: tables of an older cio-retl get
+        it from the next sync's ensure_schema; read-only commands read them as they are."""
+        return "code" in self._columns(conn, rejections)
+
     def rejections(self, model: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        query = sa.select(rejections).order_by(
+        """Rejected rows waiting for a fix (``code`` None where the row has none)."""
+        with self.engine.connect() as conn:
+            columns = [c for c in rejections.c if c.name != "code" or self._has_codes(conn)]
+        query = sa.select(*columns).order_by(
             rejections.c.workspace, rejections.c.model, rejections.c.key
         )
         if model:
             query = query.where(rejections.c.model == model)
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(self._rejections_of(query).limit(limit))]
+            rows = conn.execute(self._rejections_of(query).limit(limit))
+            return [{"code": None, **r._mapping} for r in rows]
 
     def rejection_counts(self) -> dict[str, int]:
         query = sa.select(rejections.c.model, sa.func.count()).group_by(rejections.c.model)
@@ -850,7 +876,13 @@ class StateStore:
             )
 
     def finish_run(
-        self, run_id: str, model: str, status: str, counts: dict[str, int], error: str | None = None
+        self,
+        run_id: str,
+        model: str,
+        status: str,
+        counts: dict[str, int],
+        error: str | None = None,
+        rejected_by_code: Mapping[str, int] | None = None,
     ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -858,6 +890,35 @@ class StateStore:
                 .where(runs.c.run_id == run_id, runs.c.model == model)
                 .values(finished_at=utcnow(), status=status, error=error, **counts)
             )
+            if rejected_by_code:
+                conn.execute(
+                    sa.insert(run_rejections),
+                    [
+                        {"run_id": run_id, "model": model, "code": str(code), "row_count": n}
+                        for code, n in sorted(rejected_by_code.items())
+                    ],
+                )
+
+    def run_rejection_counts(self, run_ids: Iterable[str]) -> dict[tuple[str, str], dict[str, int]]:
+        """Every rejection of these runs by code, per (run, model)."""
+        ids = sorted(set(run_ids))
+        if not ids or not self.exists((run_rejections,)):  # an older cio-retl's tables
+            return {}
+        query = sa.select(run_rejections).where(run_rejections.c.run_id.in_(ids))
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                counts.setdefault((row.run_id, row.model), {})[row.code] = int(row.row_count)
+        return counts
+
+    def rejection_counts_by_code(self) -> dict[str | None, int]:
+        """Rejected rows waiting for a fix, by code (None: recorded before codes existed)."""
+        with self.engine.connect() as conn:
+            if not self._has_codes(conn):
+                total = conn.execute(self._rejections_of(sa.select(sa.func.count()))).scalar_one()
+                return {None: int(total)} if total else {}
+            query = sa.select(rejections.c.code, sa.func.count()).group_by(rejections.c.code)
+            return {c: int(n) for c, n in conn.execute(self._rejections_of(query))}
 
     def last_runs(self, limit: int = 20) -> list[dict[str, Any]]:
         query = sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit)

@@ -474,7 +474,12 @@ class _Run:
         # Never hide the run's own error behind a bookkeeping one.
         with contextlib.suppress(Exception):
             self.state.finish_run(
-                self.run_id, model.name, report.status, report.counts(), report.error
+                self.run_id,
+                model.name,
+                report.status,
+                report.counts(),
+                report.error,
+                {code.value: n for code, n in report.rejected_by_code.items()},
             )
 
     def _sync_phase(self, model: Model, *, removal: bool) -> None:
@@ -718,7 +723,7 @@ class _Sender:
                 self._rejections.append(
                     RejectionRow(
                         key,
-                        code,
+                        code.value,
                         rejection.reason,
                         rejection.field,
                         rejection.status,

@@ -19,6 +19,7 @@ from cio_retl.cli import EXIT_STATUS, exit_status, main, print_report
 from cio_retl.config import Settings
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import ConfigError, RejectionCode, TransientError
+from cio_retl.state import StateStore
 from cio_retl.sync import Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, FAST_RETRY, REPO, SITE_ID, cli_env, sync
@@ -303,3 +304,89 @@ def test_every_rejection_is_counted_by_its_code(
         "by code: duplicate_key 50, invalid_identifier 30, api_rejected 2, too_long 2,"
         " invalid_value 1, null_key 1"
     ) in out
+
+
+def test_codes_are_stored_per_run_and_per_row_and_status_shows_them(
+    settings: Settings,
+    emulator: Emulator,
+    models_dir: Path,
+    warehouse_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = create_engine(warehouse_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "create table people as select 'twin' || (i % 25) || '@example.com' as email,"
+                " i as n from range(50) t(i)"
+                " union all select 'bad-' || i, i from range(3) t(i)"
+                " union all select 'ok@example.com', 1"
+            )
+        )
+    (models_dir / "people.sql").write_text(
+        "-- kind: person\n-- identifier: email\n-- key: email\nselect * from people\n"
+    )
+    report = sync(replace(settings, models_dir=models_dir))
+    state = StateStore(engine)
+    assert state.run_rejection_counts([report.run_id]) == {
+        (report.run_id, "people"): {"duplicate_key": 50, "invalid_identifier": 3}
+    }
+    # The rejections table keeps each key once: 25 duplicated keys, 3 bad emails.
+    assert state.rejection_counts_by_code() == {"duplicate_key": 25, "invalid_identifier": 3}
+    engine.dispose()
+    for name, value in cli_env(warehouse_url, emulator.url).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CIO_RETL_MODELS_DIR", str(models_dir))
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"rejected in {report.run_id} people: duplicate_key 50, invalid_identifier 3" in out
+    assert "by code: duplicate_key 25, invalid_identifier 3" in out
+    assert "key='bad-0' invalid_identifier: identifier email 'bad-0' is not an email" in out
+
+
+@pytest.mark.parametrize("database", ["duckdb", "postgres"])
+def test_a_rejections_table_from_before_codes_gets_the_column(
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    emulator: Emulator,
+    models_dir: Path,
+    warehouse_url: str,
+    database: str,
+) -> None:
+    """ensure_schema adds the code column to an older table; its rows keep no code, and
+    the next rejection of the key records one."""
+    if database == "postgres":
+        schemas = request.getfixturevalue("pg_schemas")
+        url, schema = schemas.url, schemas.state
+    else:
+        url, schema = warehouse_url, "cio_retl"
+    state_engine = create_engine(url)
+    state = StateStore(state_engine, schema)
+    state.ensure_schema()
+    with state_engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {schema}.rejections DROP COLUMN code"))
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {schema}.rejections (workspace, model, key, run_id, reason,"
+                " rejected_at) VALUES (:w, 'people', 'bad-0', 'old-run', 'old reason', now())"
+            ),
+            {"w": SITE_ID},
+        )
+    # Read-only commands (status) read such a table as it is ...
+    assert state.rejection_counts_by_code() == {None: 1}
+    assert [(r["key"], r["code"]) for r in state.rejections()] == [("bad-0", None)]
+    state.ensure_schema()  # ... and the next sync adds the column
+    assert state.rejection_counts_by_code() == {None: 1}
+    engine = create_engine(warehouse_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("create table people as select 'bad-' || i as email from range(2) t(i)")
+        )
+    engine.dispose()
+    (models_dir / "people.sql").write_text(
+        "-- kind: person\n-- identifier: email\n-- key: email\nselect * from people\n"
+    )
+    sync(replace(settings, models_dir=models_dir, state_url=url, state_schema=schema))
+    assert state.rejection_counts_by_code() == {"invalid_identifier": 2}
+    state_engine.dispose()
