@@ -495,15 +495,17 @@ def print_status(data: dict[str, Any]) -> None:
     for row in rows:
         runs.add_row(*row)
     console.print(runs)
+    newest: dict[str, dict[str, int]] = {}  # runs come newest first; --json has every run's
     for run in data["runs"]:
         for model in run["models"]:
             if model["rejected_by_code"]:
-                console.print(
-                    f"rejected in {run['run_id']} {model['model']}: "
-                    + _by_code(model["rejected_by_code"]),
-                    highlight=False,
-                    markup=False,
-                )
+                newest.setdefault(model["model"], model["rejected_by_code"])
+    for model_name, codes in sorted(newest.items()):
+        console.print(
+            f"rejected by {model_name}'s last run, by code: {_by_code(codes)}",
+            highlight=False,
+            markup=False,
+        )
     for destination in data["workspaces"]:
         console.print(workspace_line(destination), highlight=False, markup=False)
     several = len(data["workspaces"]) > 1

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -338,9 +339,14 @@ def test_codes_are_stored_per_run_and_per_row_and_status_shows_them(
     for name, value in cli_env(warehouse_url, emulator.url).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CIO_RETL_MODELS_DIR", str(models_dir))
+    assert main(["status", "--json"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    (run,) = data["runs"]
+    assert run["models"][0]["rejected_by_code"] == {"duplicate_key": 50, "invalid_identifier": 3}
+    assert data["rejected"]["by_code"] == {"duplicate_key": 25, "invalid_identifier": 3}
     assert main(["status"]) == 0
     out = capsys.readouterr().out
-    assert f"rejected in {report.run_id} people: duplicate_key 50, invalid_identifier 3" in out
+    assert "rejected by people's last run, by code: duplicate_key 50, invalid_identifier 3" in out
     assert "by code: duplicate_key 25, invalid_identifier 3" in out
     assert "key='bad-0' invalid_identifier: identifier email 'bad-0' is not an email" in out
 
