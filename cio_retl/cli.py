@@ -264,6 +264,8 @@ def print_report(report: RunReport, console: Console = out) -> None:
     console.print(table)
     if report.adoption is not None:
         console.print(f"[bold]upgraded:[/] {report.adoption}", highlight=False)
+    for notice in report.notices:
+        console.print(f"[yellow]note:[/] {notice}", highlight=False)
     for m in report.models:
         if m.skipped:
             console.print(

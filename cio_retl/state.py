@@ -269,13 +269,6 @@ class Workspace:
             return self.reads
         return LEGACY_WORKSPACE if self.site_id is None else self.site_id
 
-    @property
-    def label(self) -> str:
-        """How reports and ``status`` name it."""
-        if self.site_id is None:
-            return "(none yet)"
-        return self.site_id or "(from before workspaces)"
-
 
 @dataclass(frozen=True, slots=True)
 class Adoption:

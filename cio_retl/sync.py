@@ -42,7 +42,15 @@ from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.ratelimit import RateSpec, budget_for
-from cio_retl.state import Adoption, RejectionRow, SnapshotRow, StateStore, Workspace, snapshots
+from cio_retl.state import (
+    LEGACY_WORKSPACE,
+    Adoption,
+    RejectionRow,
+    SnapshotRow,
+    StateStore,
+    Workspace,
+    snapshots,
+)
 from cio_retl.warehouse import (
     Warehouse,
     check_reachable,
@@ -149,6 +157,7 @@ class RunReport:
     environment_id: int | None = None
     region: str | None = None
     adoption: Adoption | None = None  # rows from before workspaces this run took over
+    notices: list[str] = field(default_factory=list)  # worth a look, not an error
 
     @property
     def outcome(self) -> Outcome:
@@ -228,6 +237,7 @@ def run_sync(
             if not read_only:
                 state.ensure_schema()
             adoption: Adoption | None = None
+            notices: list[str] = []
             if client is not None and account is not None and site_id is not None:
                 client.limiter = budget_for(
                     settings.rate_budget,
@@ -237,6 +247,7 @@ def run_sync(
                     state,
                 )
                 workspace = Workspace(site_id, account.environment_id, account.region)
+                notices = same_environment_notice(state, workspace)
                 adoption = state.enter_workspace(workspace, run_id)
             else:
                 workspace = state.plan_workspace(settings.site_id)
@@ -260,6 +271,7 @@ def run_sync(
                 run_id=run_id,
             )
             run.adoption = adoption
+            run.notices = notices
             with fewer_collections():
                 return run.execute()
         finally:
@@ -322,6 +334,29 @@ def check_region(settings: Settings, account: AccountRegion) -> None:
         )
 
 
+def same_environment_notice(state: StateStore, workspace: Workspace) -> list[str]:
+    """A first sync to a Site ID whose reported environment_id another Site ID reported
+    before: likely the same workspace under other credentials. State is kept per Site ID,
+    so this sync starts from an empty snapshot and sends everything; say so."""
+    if workspace.environment_id is None:
+        return []
+    known = state.known_workspaces()
+    if workspace.site_id in known:
+        return []
+    twins = [
+        site
+        for site, row in known.items()
+        if site != LEGACY_WORKSPACE and row.environment_id == workspace.environment_id
+    ]
+    if not twins:
+        return []
+    return [
+        f"Site ID {workspace.site_id} reports environment_id {workspace.environment_id}, as "
+        f"{', '.join(twins)} did: state is kept per Site ID, so this first sync to "
+        f"{workspace.site_id} starts from an empty snapshot and sends every row"
+    ]
+
+
 def new_run_id(bucket: Bucket | None) -> str:
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     if bucket is not None:  # runs of one bucket are told apart in `cio-retl status`
@@ -353,6 +388,7 @@ class _Run:
         self.bucket = options.bucket
         self.run_id = run_id or new_run_id(self.bucket)
         self.adoption: Adoption | None = None  # rows from before workspaces this run took over
+        self.notices: list[str] = []
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
         self.every_model = every_model or models  # the run's and the unselected ones
         self._last_heartbeat = time.monotonic()
@@ -377,6 +413,7 @@ class _Run:
             environment_id=None if workspace is None else workspace.environment_id,
             region=None if workspace is None else workspace.region,
             adoption=self.adoption,
+            notices=self.notices,
         )
         try:
             if not self.options.dry_run:

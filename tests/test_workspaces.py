@@ -543,3 +543,25 @@ def test_runs_entering_a_workspace_at_once_take_old_state_over_once(
         assert workspace_rows(engine, schema) == {SITE_ID: 50}
     finally:
         engine.dispose()
+
+
+def test_new_site_id_of_a_known_environment_is_noted(
+    settings: Settings,
+    demo_engine: Engine,
+    emulator: Emulator,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Other credentials of the same workspace (same environment_id): still a new Site ID,
+    so everything is sent again, and the report says why."""
+    first = sync(settings)
+    assert first.notices == [] and first.environment_id == 1
+    with Emulator(site_id="rotated-site", api_key=API_KEY, environment_id=1) as rotated:
+        report = sync(to(settings, rotated))
+        assert sent(report) == sent(first)
+        (notice,) = report.notices
+        assert "rotated-site" in notice and "environment_id 1" in notice and SITE_ID in notice
+        assert sync(to(settings, rotated)).notices == []  # said once, at its first sync
+    from cio_retl.cli import print_report
+
+    print_report(report)
+    assert "note:" in capsys.readouterr().out
