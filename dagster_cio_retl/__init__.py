@@ -9,7 +9,7 @@ checks, schedules, the automation sensor and the resources.
 The engine (``cio_retl``) never imports Dagster; everything Dagster-specific lives here.
 """
 
-from dagster_cio_retl.assets import SyncConfig, sync_models
+from dagster_cio_retl.assets import SyncConfig, SyncEvent, sync_models
 from dagster_cio_retl.component import CustomerIOComponent, GroupSchedule
 from dagster_cio_retl.definitions import build_customerio_defs
 from dagster_cio_retl.project_config import Schedule
@@ -23,6 +23,7 @@ __all__ = [
     "GroupSchedule",
     "Schedule",
     "SyncConfig",
+    "SyncEvent",
     "WarehouseResource",
     "build_customerio_defs",
     "sync_models",

@@ -125,6 +125,11 @@ def bucket_partitions(buckets: int) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([f"{i:0{width}d}" for i in range(buckets)])
 
 
+# What a sync yields: a materialization per model synced, the plan of a dry run as an
+# observation, and the checks.
+SyncEvent = dg.MaterializeResult[None] | dg.AssetObservation | dg.AssetCheckResult
+
+
 class ExecuteFn(Protocol):
     """What the sync op calls once its resources are read: plan, check, send, report.
 
@@ -140,7 +145,7 @@ class ExecuteFn(Protocol):
         config: SyncConfig,
         bucket: Bucket | None,
         keys: Mapping[str, dg.AssetKey],
-    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]: ...
+    ) -> Iterator[SyncEvent]: ...
 
 
 def build_model_assets(
@@ -206,7 +211,7 @@ def _sync_asset(
         config: SyncConfig,
         customerio: CustomerIOResource,
         warehouse: WarehouseResource,
-    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+    ) -> Iterator[SyncEvent]:
         # Engine order (objects, people, relationships) is also the topological order in
         # which Dagster wants a multi-asset's results.
         selected = ordered_for_sync(
@@ -447,7 +452,7 @@ def sync_models(
     config: SyncConfig,
     bucket: Bucket | None = None,
     keys: Mapping[str, dg.AssetKey] | None = None,
-) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+) -> Iterator[SyncEvent]:
     """Plan, check, and (unless a dry run or a blocking check failed) send; report it all.
 
     ``keys``: each model's asset key by model name (default ``customerio/<name>``).
@@ -480,10 +485,16 @@ def sync_models(
             yield result
 
     if config.dry_run:
+        # Nothing was sent, so nothing is materialized: the plan is an observation of the
+        # asset (counts, sample payloads), and its materialization history shows real sends
+        # only. Dagster's definition: an observation records metadata about an asset
+        # without materializing it (AssetObservation); the specs are skippable for this.
         for model in models:
             planned = _only(plan, model.name)
-            yield dg.MaterializeResult(
-                asset_key=keys[model.name], metadata=report_metadata(plan, planned)
+            yield dg.AssetObservation(
+                asset_key=keys[model.name],
+                partition=context.partition_key if bucket is not None else None,
+                metadata=report_metadata(plan, planned),
             )
             context.log.info(_summary(plan, planned))
         return

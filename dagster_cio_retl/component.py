@@ -22,7 +22,7 @@ from cio_retl.config import Settings
 from cio_retl.errors import ConfigError
 from cio_retl.models import Model
 from cio_retl.ratelimit import BUDGETS
-from dagster_cio_retl.assets import SyncConfig, sync_models
+from dagster_cio_retl.assets import SyncConfig, SyncEvent, sync_models
 from dagster_cio_retl.definitions import build_customerio_defs
 from dagster_cio_retl.project_config import DEFAULT_CRON, DEFAULT_TIMEZONE, Schedule
 from dagster_cio_retl.scaffold import CustomerIOScaffolder
@@ -229,7 +229,7 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
         config: SyncConfig,
         bucket: Bucket | None,
         keys: Mapping[str, dg.AssetKey],
-    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+    ) -> Iterator[SyncEvent]:
         """One run of the sync op: plan, check, send, report (override to wrap it)."""
         yield from sync_models(context, settings, models, config, bucket, keys)
 

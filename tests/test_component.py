@@ -27,6 +27,7 @@ from dagster_cio_retl import (
     CustomerIOComponent,
     CustomerIOTranslator,
     SyncConfig,
+    SyncEvent,
     build_customerio_defs,
 )
 from dagster_cio_retl.definitions import build_definitions
@@ -57,7 +58,7 @@ class RecordingComponent(CustomerIOComponent):
         config: SyncConfig,
         bucket: Bucket | None,
         keys: Mapping[str, dg.AssetKey],
-    ) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+    ) -> Iterator[SyncEvent]:
         EXECUTED.append(tuple(m.name for m in models))
         yield from super().execute(context, settings, models, config, bucket, keys)
 

@@ -116,6 +116,16 @@ def metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, A
     return {name: value.value for name, value in event.materialization.metadata.items()}
 
 
+def observed(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, Any]:
+    """The metadata of the run's one observation of ``key`` (a dry run's plan)."""
+    (event,) = [
+        e.asset_observation_data.asset_observation
+        for e in result.all_events
+        if e.is_asset_observation and e.asset_key == key
+    ]
+    return {name: value.value for name, value in event.metadata.items()}
+
+
 def checks(result: dg.ExecuteInProcessResult) -> dict[tuple[dg.AssetKey, str], Any]:
     """Every check evaluation of the run by (asset key, check name)."""
     return {(e.asset_key, e.check_name): e for e in result.get_asset_check_evaluations()}
@@ -387,7 +397,9 @@ def test_dry_run_shows_the_plan_sends_nothing_and_needs_no_credentials(
     )
     assert result.success
     assert env.emulator.requests == []
-    users = metadata(result, USERS)
+    # Nothing sent, nothing materialized: the plan is an observation of each asset.
+    assert result.get_asset_materialization_events() == []
+    users = observed(result, USERS)
     (count,) = env.query("select count(*) as n from demo.users where deleted_at is null")
     assert users["dry_run"] is True
     assert users["created"] == users["planned"] == users["rows"] == count.n
@@ -396,7 +408,7 @@ def test_dry_run_shows_the_plan_sends_nothing_and_needs_no_credentials(
     samples = users["sample_payloads"]
     assert len(samples) == 3
     assert {(s["type"], s["action"]) for s in samples} == {("person", "identify")}
-    assert metadata(result, MEMBERSHIPS)["created"] > 0
+    assert observed(result, MEMBERSHIPS)["created"] > 0
     assert (USERS, NO_STUCK_ROWS) not in checks(result)  # nothing was sent to check
     assert env.emulator.snapshot()["people"] == []
 
@@ -421,7 +433,7 @@ def test_failing_guardrail_blocks_the_send_until_forced(
 
     dry = materialize(assets, env.resources(), SyncConfig(dry_run=True))
     assert not dry.success  # like `cio-retl sync --dry-run` exiting 3: it would be stopped
-    assert "A guardrail would stop this run" in metadata(dry, USERS)["plan"]
+    assert "A guardrail would stop this run" in observed(dry, USERS)["plan"]
     assert len(env.emulator.requests) == before
 
     forced = materialize(assets, env.resources(), SyncConfig(force=True))
@@ -573,5 +585,5 @@ def test_metadata_names_the_workspace_and_each_workspace_keeps_its_own_state(
         assets, env.resources(site_id=SITE_ID, api_key=None), SyncConfig(dry_run=True)
     )
     assert plan.success
-    planned = metadata(plan, USERS)
+    planned = observed(plan, USERS)
     assert planned["workspace"] == SITE_ID and planned["planned"] == 0
