@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import httpx
+import orjson
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +30,13 @@ import sys, threading
 from cio_retl.emulator import Emulator
 from cio_retl.emulator.server import tune_gc_for_serving
 limit = None
-if len(sys.argv) > 4:
+if sys.argv[4]:
     from cio_retl.ratelimit import RateSpec
     spec = RateSpec.parse(sys.argv[4])
     limit = (spec.requests, spec.window)
+check_every = int(sys.argv[5]) if sys.argv[5] else None
 emu = Emulator(site_id=sys.argv[1], api_key=sys.argv[2], port=int(sys.argv[3]), record_bodies=False,
-               rate_limit=limit)
+               rate_limit=limit, check_every=check_every)
 tune_gc_for_serving()
 emu.start()
 threading.Event().wait()
@@ -62,12 +65,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def emulator_process(rate_limit: str | None = None) -> Iterator[str]:
+def emulator_process(
+    rate_limit: str | None = None, check_every: int | None = None
+) -> Iterator[str]:
     """The emulator in a child process; yields its base URL. ``rate_limit`` ("300/3") makes
-    it refuse (429) what goes over that many requests per window."""
+    it refuse (429) what goes over that many requests per window; ``check_every`` is the
+    emulator's fast path (only every Nth batch body validated and applied, see
+    ``Emulator``), so that a figure measures the client, not the emulator."""
     port = free_port()
-    limit = [rate_limit] if rate_limit else []
-    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, SITE_ID, API_KEY, str(port), *limit])
+    args = [SITE_ID, API_KEY, str(port), rate_limit or "", str(check_every or "")]
+    proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, *args])
     base = f"http://127.0.0.1:{port}"
     EMULATOR_PIDS[base] = proc.pid
     try:
@@ -88,6 +95,72 @@ def emulator_stats(base: str) -> tuple[int, int]:
     """(requests, bytes) the emulator received so far."""
     requests = httpx.get(f"{base}/_emulator/requests", timeout=30).json()
     return len(requests), sum(r["n_bytes"] for r in requests)
+
+
+def capacity_batch(offset: int, prefix: str = "cap") -> bytes:
+    """A 1000-item ``/api/v2/batch`` body of 8-attribute person identifies (ids
+    ``<prefix><n>``, apart from the benchmarks' ``u<n>`` people)."""
+    items = [
+        {
+            "type": "person",
+            "action": "identify",
+            "identifiers": {"id": f"{prefix}{offset + i}"},
+            "attributes": {
+                "email": f"user{offset + i}@example.com",
+                "first_name": "Name",
+                "plan": "plan1",
+                "score": i % 100,
+                "lifetime_value": 12.5,
+                "is_active": True,
+                "created_at": 1704067200 + i,
+                "city": "City7",
+                "id": f"{prefix}{offset + i}",
+            },
+        }
+        for i in range(1000)
+    ]
+    return orjson.dumps({"batch": items})
+
+
+class Capacity(NamedTuple):
+    items_per_second: float  # wall
+    cpu_us_per_item: float  # the emulator process's CPU
+
+
+def emulator_capacity(base: str, batches: int = 40, senders: int = 2) -> Capacity:
+    """Items/s the emulator at ``base`` accepts right now: pre-encoded 1000-item bodies
+    posted by ``senders`` threads. Printed beside a figure, it shows whether the emulator
+    could have been what the figure measured."""
+    bodies = [capacity_batch(n * 1000) for n in range(batches)]
+    clients = [
+        httpx.Client(base_url=base, auth=(SITE_ID, API_KEY), timeout=60) for _ in range(senders)
+    ]
+
+    def post(n: int) -> int:
+        response = clients[n % senders].post(
+            "/api/v2/batch", content=bodies[n], headers={"Content-Type": "application/json"}
+        )
+        return response.status_code
+
+    try:
+        cpu_before = emulator_cpu(base)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(senders) as pool:
+            statuses = set(pool.map(post, range(batches)))
+        seconds = time.perf_counter() - started
+        cpu = emulator_cpu(base) - cpu_before
+    finally:
+        for client in clients:
+            client.close()
+    if statuses != {200}:
+        raise SystemExit(f"the emulator answered {sorted(statuses)} to the capacity batches")
+    items = batches * 1000
+    return Capacity(items / seconds, cpu / items * 1e6)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, as ``uptime`` shows them."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def people_table(engine: sa.Engine, rows: int, attributes: int = 8, schema: str = "main") -> None:
@@ -138,6 +211,7 @@ class Timed(NamedTuple):
     seconds: float  # wall
     rss_mib: float  # peak resident set (wait4)
     cpu_seconds: float  # user + system CPU of the command: far less sensitive to machine load
+    output: str = ""  # what the command printed (stdout and stderr)
 
 
 def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -161,7 +235,7 @@ def timed_run(args: list[str], env: dict[str, str]) -> Timed:
     output = proc.stdout.read() if proc.stdout else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{output}")
-    return Timed(elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
+    return Timed(elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, output)
 
 
 def machine() -> str:

@@ -1,6 +1,6 @@
 """How many items per second the emulator itself absorbs: the ceiling of every other figure.
 
-    uv run python bench/emulator_capacity.py [--batches 60] [--senders 4]
+    uv run python bench/emulator_capacity.py [--batches 60] [--senders 4] [--check-every 50]
 
 Pre-encoded 1000-item batches of 8-attribute person identifies are posted by `--senders`
 threads (one httpx client each) to an emulator in its own process. If a benchmark's
@@ -16,42 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import API_KEY, SITE_ID, emulator_cpu, emulator_process, machine
-
-
-def batch(offset: int) -> bytes:
-    items = [
-        {
-            "type": "person",
-            "action": "identify",
-            "identifiers": {"id": f"u{offset + i}"},
-            "attributes": {
-                "email": f"user{offset + i}@example.com",
-                "first_name": "Name",
-                "plan": "plan1",
-                "score": i % 100,
-                "lifetime_value": 12.5,
-                "is_active": True,
-                "created_at": 1704067200 + i,
-                "city": "City7",
-                "id": f"u{offset + i}",
-            },
-        }
-        for i in range(1000)
-    ]
-    return orjson.dumps({"batch": items})
+from _common import API_KEY, SITE_ID, capacity_batch, emulator_cpu, emulator_process, machine
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument(
+        "--check-every", type=int, help="the emulator's fast path: validate every Nth body"
+    )
     args = parser.parse_args()
-    bodies = [batch(n * 1000) for n in range(args.batches)]
-    with emulator_process() as base:
+    bodies = [capacity_batch(n * 1000) for n in range(args.batches)]
+    with emulator_process(check_every=args.check_every) as base:
         clients = [
             httpx.Client(base_url=base, auth=(SITE_ID, API_KEY), timeout=60)
             for _ in range(args.senders)
@@ -74,7 +53,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"emulator absorbed {items:,} items in {seconds:.2f} s: {items / seconds:,.0f} items/s "
-        f"({args.senders} senders, 1000-item batches)"
+        f"({args.senders} senders, 1000-item batches, check_every={args.check_every})"
     )
     print(
         f"emulator CPU: {cpu:.2f} s, {cpu / items * 1e6:.1f} us per item: "

@@ -1370,3 +1370,58 @@ def test_life_actions_are_validated_to_the_schema(
     snapshot = emu.snapshot()
     assert snapshot["events"] == [] and snapshot["devices"] == [] and snapshot["suppressed"] == []
     assert emu.workspace.people_by("id") == {"ok": {}}
+
+
+# -- the benchmarks' fast path (check_every) -------------------------------------------------
+
+
+def _people_batch(batch: int, bad_item: bool = False) -> bytes:
+    items: list[dict[str, Any]] = [
+        {
+            "type": "person",
+            "action": "identify",
+            "identifiers": {"id": f"b{batch}-{i}"},
+            "attributes": {"n": i},
+        }
+        for i in range(10)
+    ]
+    if bad_item:
+        items[4]["identifiers"] = {"id": "x" * (MAX_IDENTIFIER_BYTES + 1)}
+    return orjson.dumps({"batch": items})
+
+
+def test_check_every_validates_and_applies_every_nth_batch_and_counts_the_rest() -> None:
+    with (
+        Emulator(check_every=3) as emu,
+        httpx.Client(base_url=emu.url, auth=AUTH, timeout=10) as client,
+    ):
+        statuses = []
+        for n in range(7):
+            # Batches 1 and 3 hold an item over the identifier limit: 3 is a sampled body
+            # (0, 3, 6 are), so it is refused item by item; 1 is only counted.
+            body = _people_batch(n, bad_item=n in (1, 3))
+            statuses.append(client.post("/api/v2/batch", content=body, headers=JSON).status_code)
+        # The envelope is checked on every body, sampled or not, and a refused body is no sample.
+        empty = client.post("/api/v2/batch", content=b'{"batch": []}', headers=JSON)
+        not_json = client.post("/api/v2/batch", content=b"{", headers=JSON)
+        stats = httpx.get(f"{emu.url}/_emulator/stats", timeout=10).json()
+
+    assert statuses == [200, 200, 200, 207, 200, 200, 200]
+    assert (empty.status_code, not_json.status_code) == (400, 400)
+    applied = set(emu.workspace.people_by("id"))
+    assert applied == {f"b{n}-{i}" for n in (0, 3, 6) for i in range(10)} - {"b3-4"}
+    assert [(v.batch_index, v.field) for v in emu.invalid_items] == [(4, "identifiers.id")]
+    assert emu.unchecked_items == 40  # batches 1, 2, 4, 5
+    assert stats == {"unchecked_items": 40, "check_every": 3}
+    assert [r.n_items for r in emu.requests] == [10] * 7 + [0, 0]
+    emu.reset()
+    assert emu.unchecked_items == 0
+
+
+def test_check_every_is_a_positive_integer_or_none() -> None:
+    with pytest.raises(ValueError, match="check_every"):
+        Emulator(check_every=0)
+    with Emulator(check_every=1) as emu, httpx.Client(base_url=emu.url, auth=AUTH) as client:
+        response = client.post("/api/v2/batch", content=_people_batch(0, True), headers=JSON)
+    assert response.status_code == 207  # 1: every body is a sample, as without the option
+    assert emu.unchecked_items == 0

@@ -11,6 +11,7 @@ strictly as the Track API's OpenAPI schemas, keeps the workspace in memory and i
         assert emu.invalid_items == []
 
 Inspection without auth: `GET /_emulator/workspace`, `GET /_emulator/requests`,
+`GET /_emulator/stats` (what the `check_every` fast path accepted unchecked),
 `GET /_emulator/invalid_items`, `POST /_emulator/reset`, `GET|POST /_emulator/faults`.
 
 Pointing the official `customerio` SDK (3.x) at the emulator: the SDK always builds

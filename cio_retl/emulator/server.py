@@ -50,6 +50,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/api/v2/entity": ("POST",),
     "/_emulator/workspace": ("GET",),
     "/_emulator/requests": ("GET",),
+    "/_emulator/stats": ("GET",),
     "/_emulator/invalid_items": ("GET",),
     "/_emulator/reset": ("POST",),
     "/_emulator/faults": ("GET", "POST"),
@@ -237,6 +238,13 @@ class Emulator:
     `region` and `environment_id` are what `GET /api/v1/accounts/region` reports for the
     workspace of `site_id` (two emulators stand for two workspaces). `rules` picks the reading of the spec's [open] points (defaults: the module constants);
     `record_bodies=False` keeps `requests` from holding every parsed body during benchmarks.
+    `check_every=N` is the benchmarks' fast path, so that a figure measures the client and
+    not the emulator: only every Nth `/api/v2/batch` body (the 1st, the N+1th, ...) is
+    validated item by item and applied to the workspace; the others are parsed as JSON and
+    their envelope checked (content type, body size, `{"batch": [...]}` of 1 to 1000
+    items) like any body, then answered 200 and counted in :attr:`unchecked_items` without
+    being applied. A client that sends a bad item in every batch is still caught, by the
+    sampled bodies. `None` (the default) checks and applies every body.
     `rate_limit=(requests, seconds)` enforces the workspace limit the spec describes as
     "loosely enforced": a write request over it in the sliding window gets a 429 with
     Retry-After. Arrival times of write requests are kept either way
@@ -255,7 +263,10 @@ class Emulator:
         rate_limit: tuple[int, float] | None = None,
         region: str = "us",
         environment_id: int = 1,
+        check_every: int | None = None,
     ) -> None:
+        if check_every is not None and check_every < 1:
+            raise ValueError("check_every must be None or an integer >= 1")
         self.site_id = site_id
         # What GET /api/v1/accounts/region reports: the workspace's data center and its id.
         self.region = region
@@ -282,6 +293,10 @@ class Emulator:
         self.rate_limited = 0  # write requests refused by `rate_limit`
         self._window: deque[float] = deque()  # arrivals admitted within the last window
         self._rate_lock = threading.Lock()
+        self.check_every = check_every
+        self.unchecked_items = 0  # items accepted by the fast path without being applied
+        self._batches_seen = 0  # /api/v2/batch bodies past the envelope checks
+        self._sample_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -359,6 +374,9 @@ class Emulator:
             self.arrivals.clear()
             self._window.clear()
             self.rate_limited = 0
+        with self._sample_lock:
+            self.unchecked_items = 0
+            self._batches_seen = 0
         self.faults = FaultPlan()
 
     def snapshot(self) -> dict[str, Any]:
@@ -538,9 +556,24 @@ class Emulator:
                 return _bad_request('"batch" must not be empty')
             if len(items) > MAX_BATCH_ITEMS:
                 return _bad_request(f"batch has {len(items)} items, limit {MAX_BATCH_ITEMS}")
+            if not self._sampled(len(items)):
+                return _Reply(200, {}, body=data, n_items=len(items))
         return _Reply(
             200, {}, body=data, n_items=len(items), ops=self._validate(items), entity=entity
         )
+
+    def _sampled(self, n_items: int) -> bool:
+        """Whether this batch body is checked in full (always, unless `check_every` is set);
+        a body that is not is counted in `unchecked_items`."""
+        if self.check_every is None:
+            return True
+        with self._sample_lock:
+            seen = self._batches_seen
+            self._batches_seen += 1
+            if seen % self.check_every == 0:
+                return True
+            self.unchecked_items += n_items
+            return False
 
     def _v1(self, method: str, customer_id: str, headers: Any, body: bytes) -> _Reply:
         data: Any = None
@@ -628,6 +661,10 @@ class Emulator:
                     for r in self.requests
                 ]
             return _Reply(200, summaries)
+        if path == "/_emulator/stats":
+            with self._sample_lock:
+                unchecked = self.unchecked_items
+            return _Reply(200, {"unchecked_items": unchecked, "check_every": self.check_every})
         if path == "/_emulator/invalid_items":
             with self.workspace.lock:
                 invalid = [

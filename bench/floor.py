@@ -1,0 +1,210 @@
+"""The machine's floor beside cio-retl's initial sync, and engine passes per Dagster run.
+
+    uv run python bench/floor.py --rows 1000000 [--repeats 2] [--check-every 50]
+
+1. **Floor**: DuckDB builds the JSON item of every person of ``bench_people`` (user_id plus
+   8 attributes) with ``json_object(...)``, in the shape cio-retl sends (type, action,
+   identifiers, attributes with the identifier copied in; timestamps as Unix seconds,
+   decimals as numbers), and Python joins them into 1000-item ``{"batch": [...]}`` bodies.
+   No HTTP, no state, no diff: what the machine needs to produce the bytes at all.
+2. **cio-retl**: ``python -m cio_retl sync`` of the same table, initial (empty state),
+   against the emulator's fast path (``check_every``: only every Nth body validated and
+   applied), so the emulator is not what is measured; its capacity, measured in the same
+   run right after the sync, is printed beside the figure.
+3. **Engine passes per Dagster materialization**: one ``materialize()`` of the model's asset
+   (``build_customerio_defs``), counting the engine's counting passes (one per plan of a
+   model) and upsert scans (each one reads, normalizes and encodes the changed rows) by
+   a SQLAlchemy ``before_cursor_execute`` listener; beside it the same counts for one
+   ``cio-retl sync``. Target: 1 plan per materialization.
+
+Each measured command is its own process, timed by ``wait4`` (wall, CPU, peak RSS), floor
+and sync alike, so both include interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    emulator_capacity,
+    emulator_cpu,
+    emulator_process,
+    emulator_stats,
+    load_average,
+    machine,
+    people_table,
+    person_model,
+    sync_env,
+    timed_run,
+)
+
+BATCH_ITEMS = 1000
+# Statements the engine runs once per plan of a model (the counting pass) and once per scan
+# of its changed rows (the upsert diff): fragments of cio_retl.diff's SQL.
+COUNTING_PASS = "FULL OUTER JOIN snap ON snap.key = src.k"
+UPSERT_SCAN = "LEFT JOIN snap ON snap.key = src.__cio_key"
+
+
+def item_sql(conn: Any, table: str) -> str:
+    """One row's item as JSON text, built by DuckDB, normalized as cio-retl normalizes."""
+    columns = conn.execute(f"DESCRIBE {table}").fetchall()
+    attributes = []
+    for name, type_name, *_ in columns:
+        if name == "user_id":
+            continue
+        if type_name.startswith("TIMESTAMP"):
+            value = f"(epoch_us({name}) - ((epoch_us({name}) % 1000000 + 1000000) % 1000000)) // 1000000"
+        elif type_name.startswith("DECIMAL"):
+            value = f"CAST({name} AS DOUBLE)"
+        else:
+            value = name
+        attributes.append(f"'{name}', {value}")
+    attributes.append("'id', user_id")
+    return (
+        "SELECT CAST(json_object('type', 'person', 'action', 'identify',"
+        " 'identifiers', json_object('id', user_id),"
+        f" 'attributes', json_object({', '.join(attributes)})) AS VARCHAR) FROM {table}"
+    )
+
+
+def floor_child(path: str) -> None:
+    """The floor itself (run as its own process by :func:`main`)."""
+    import duckdb
+
+    started = time.perf_counter()
+    conn = duckdb.connect(path, read_only=True)
+    cursor = conn.execute(item_sql(conn, "bench_people"))
+    bodies = n_bytes = items = 0
+    while rows := cursor.fetchmany(BATCH_ITEMS):
+        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
+        bodies += 1
+        items += len(rows)
+        n_bytes += len(body)
+    print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
+
+
+def count_statements(fragments: dict[str, str]) -> dict[str, int]:
+    """Counts of executed statements containing each fragment, from now on (all engines)."""
+    counts = dict.fromkeys(fragments, 0)
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        for name, fragment in fragments.items():
+            if fragment in statement:
+                counts[name] += 1
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", seen)
+    return counts
+
+
+def dagster_passes(folder: Path, rows: int) -> None:
+    """Plans and upsert scans in one sync run and in one Dagster materialization."""
+    import dagster as dg
+
+    from cio_retl.config import Settings
+    from cio_retl.sync import SyncOptions, run_sync
+    from dagster_cio_retl import build_customerio_defs
+
+    fragments = {"plans": COUNTING_PASS, "upsert scans": UPSERT_SCAN}
+    counts = count_statements(fragments)
+    with emulator_process() as base:
+        for name, label in (("cli.duckdb", "cio-retl sync (run_sync)"), ("dg.duckdb", "")):
+            url = f"duckdb:///{folder / name}"
+            engine = sa.create_engine(url)
+            people_table(engine, rows)
+            engine.dispose()
+            models = person_model(folder / "models")
+            os.environ.update(sync_env(url, models, base))
+            before = dict(counts)
+            if label:
+                run_sync(Settings.from_env(), None, SyncOptions())
+            else:
+                label = "one Dagster materialize()"
+                defs = build_customerio_defs(
+                    models,
+                    warehouse_url=dg.EnvVar("CIO_RETL_WAREHOUSE_URL"),
+                    site_id=dg.EnvVar("CIO_SITE_ID"),
+                    api_key=dg.EnvVar("CIO_API_KEY"),
+                    track_api_url=base,
+                    root=folder,
+                )
+                job = defs.resolve_implicit_global_asset_job_def()
+                quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+                assert job.execute_in_process(run_config=quiet).success
+            sent = emulator_stats(base)
+            done = {k: counts[k] - before[k] for k in counts}
+            print(
+                f"{label}: {done['plans']} plan(s) of the model, {done['upsert scans']} upsert"
+                f" scan(s) ({rows:,} rows, {sent[0]} requests so far)"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--check-every", type=int, default=50)
+    parser.add_argument("--dagster-rows", type=int, default=2_000, help="0: skip part 3")
+    parser.add_argument("--floor-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor_child:
+        floor_child(args.floor_child)
+        return
+
+    print(f"machine: {machine()}; load average {load_average()}")
+    with tempfile.TemporaryDirectory(prefix="cio-floor-") as tmp:
+        folder = Path(tmp)
+        pristine = folder / "pristine.duckdb"
+        engine = sa.create_engine(f"duckdb:///{pristine}")
+        people_table(engine, args.rows)
+        engine.dispose()
+        models = person_model(folder / "models")
+        for repeat in range(args.repeats):
+            floor = timed_run(
+                [sys.executable, str(Path(__file__)), "--floor-child", str(pristine)], os.environ
+            )
+            *_, floor_bytes, floor_work_text = floor.output.split()
+            floor_work = float(floor_work_text)  # without interpreter start-up
+            warehouse = folder / f"sync{repeat}.duckdb"
+            shutil.copy(pristine, warehouse)  # an empty state each time: an initial sync
+            with emulator_process(check_every=args.check_every) as base:
+                cpu_before = emulator_cpu(base)
+                sync = timed_run(
+                    [sys.executable, "-m", "cio_retl", "sync"],
+                    sync_env(f"duckdb:///{warehouse}", models, base),
+                )
+                sync_emulator_cpu = emulator_cpu(base) - cpu_before
+                requests, sent_bytes = emulator_stats(base)
+                capacity = emulator_capacity(base)
+            warehouse.unlink()
+            print(
+                f"[{repeat + 1}] load {load_average()}\n"
+                f"  floor (DuckDB json_object + Python join, {args.rows:,} items): "
+                f"{floor.seconds:.2f} s wall, {floor.cpu_seconds:.2f} s CPU, "
+                f"{floor.rss_mib:.0f} MiB; {args.rows / floor.seconds:,.0f} items/s"
+                f" ({floor_work:.2f} s of it the query and the join; {int(floor_bytes):,} bytes)\n"
+                f"  cio-retl initial sync: {sync.seconds:.2f} s wall, {sync.cpu_seconds:.2f} s"
+                f" CPU, {sync.rss_mib:.0f} MiB; {args.rows / sync.seconds:,.0f} items/s"
+                f" ({requests} requests, {sent_bytes:,} bytes; emulator CPU"
+                f" {sync_emulator_cpu:.2f} s)\n"
+                f"  emulator capacity (check_every={args.check_every}, 2 senders, same run):"
+                f" {capacity.items_per_second:,.0f} items/s,"
+                f" {capacity.cpu_us_per_item:.1f} us CPU per item\n"
+                f"  ratio sync / floor: {sync.seconds / floor.seconds:.1f}x wall,"
+                f" {sync.cpu_seconds / floor.cpu_seconds:.1f}x CPU (target <= 3x)"
+            )
+        if args.dagster_rows:
+            dagster_passes(folder, args.dagster_rows)
+
+
+if __name__ == "__main__":
+    main()
