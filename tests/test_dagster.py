@@ -6,6 +6,7 @@ values, never the developer's env.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -559,6 +560,45 @@ def test_transient_failures_are_retried_and_report_what_was_acknowledged(
     stuck = [e for e in result.get_asset_check_evaluations() if e.check_name == NO_STUCK_ROWS]
     assert stuck and not stuck[-1].passed and stuck[-1].metadata["pending_rows"].value == 40
     assert env.emulator.snapshot()["objects"] == []
+
+
+@pytest.mark.parametrize(
+    ("warehouse_url", "retried", "message"),
+    [
+        # Nothing listens there: transient, so the run's retry policy retries it.
+        (
+            "postgresql+psycopg://postgres:pw-0d1c@127.0.0.1:{port}/test?connect_timeout=5",
+            True,
+            "cannot reach the postgresql database at 127.0.0.1:{port}",
+        ),
+        # A setting that can never work: failed once, not retried.
+        ("mysql://me:pw-0d1c@db/x", False, "'mysql' databases are not supported"),
+    ],
+)
+def test_only_transient_failures_are_retried(
+    env: Env,
+    assets: list[dg.AssetsDefinition],
+    warehouse_url: str,
+    retried: bool,
+    message: str,
+) -> None:
+    pytest.importorskip("psycopg")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    resources = env.resources()
+    resources["warehouse"] = WarehouseResource(
+        warehouse_url=warehouse_url.format(port=port), models_dir=str(SQL_DIR)
+    )
+    result = materialize(assets, resources, selection=[COMPANIES])
+    assert not result.success
+    assert attempts(result) == (2 if retried else 1)
+    data = result.get_step_failure_events()[-1].step_failure_data
+    assert data.user_failure_data is not None
+    description = data.user_failure_data.description or ""
+    assert message.format(port=port) in description and "pw-0d1c" not in description
+    assert data.user_failure_data.metadata["transient"].value is retried
+    assert env.emulator.requests == []
 
 
 def test_metadata_names_the_workspace_and_each_workspace_keeps_its_own_state(
