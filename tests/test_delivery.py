@@ -183,6 +183,10 @@ def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
         f"select 'p' || i || '@example.com' as email, i % 7 as tier from range({total}) t(i)\n"
     )
     url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    engine = create_engine(url)  # the warehouse file must exist: a sync never creates one
+    with engine.connect():
+        pass
+    engine.dispose()
     env = {**os.environ, **cli_env(url, emulator.url), "CIO_RETL_MODELS_DIR": str(models)}
     emulator.faults = FaultPlan(delay_seconds=0.05)
     proc = subprocess.Popen(
