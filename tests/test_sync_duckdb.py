@@ -383,7 +383,8 @@ def test_model_error_stops_before_anything_is_sent(
     )
     with pytest.raises(ModelError) as caught:
         sync(with_models(settings, models_dir))
-    assert "broken.sql:4" in str(caught.value) and "missing" in str(caught.value)
+    # The header line that names the missing key (`-- key: missing`), not the SELECT.
+    assert "broken.sql:3" in str(caught.value) and "missing" in str(caught.value)
     assert emulator.requests == []
 
 
