@@ -566,7 +566,10 @@ def test_refused_credentials_fail_the_run_in_the_ui(stack: Stack, page: Page) ->
     finally:
         stack.emulator.faults = FaultPlan()
     assert status == "Failure"
-    message = page.get_by_text(re.compile(r"Customer\.io refused the credentials \(HTTP 401\)"))
+    # The message names the Track API host it tried (never a secret).
+    message = page.get_by_text(
+        re.compile(r"Customer\.io \(http://127\.0\.0\.1:\d+\) refused the credentials \(HTTP 401\)")
+    )
     expect(message.first).to_be_visible()
     expect(message.first).to_contain_text("check CIO_SITE_ID, CIO_API_KEY and CIO_REGION")
     shot(stack, page, "refused-credentials")

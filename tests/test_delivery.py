@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given
@@ -183,10 +184,9 @@ def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
         f"select 'p' || i || '@example.com' as email, i % 7 as tier from range({total}) t(i)\n"
     )
     url = f"duckdb:///{tmp_path / 'w.duckdb'}"
-    engine = create_engine(url)  # the warehouse file must exist: a sync never creates one
-    with engine.connect():
-        pass
-    engine.dispose()
+    duckdb.connect(
+        str(tmp_path / "w.duckdb")
+    ).close()  # the warehouse must exist: a sync never creates one
     env = {**os.environ, **cli_env(url, emulator.url), "CIO_RETL_MODELS_DIR": str(models)}
     emulator.faults = FaultPlan(delay_seconds=0.05)
     proc = subprocess.Popen(
