@@ -26,6 +26,7 @@ from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.errors import CioRetlError, GuardrailError, TransientError
 from cio_retl.limits import MAX_BATCH_ITEMS
+from cio_retl.progress import ProgressLog
 from cio_retl.state import LEGACY_WORKSPACE, StateStore, Workspace, sent_events, workspaces
 from cio_retl.sync import Outcome, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import (
@@ -185,16 +186,32 @@ def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
 _batch_size = _whole_number(1, MAX_BATCH_ITEMS)
 
 
+PLAIN_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
 @contextmanager
 def _progress() -> Iterator[Progress]:
     # Imported here: only a sync on a terminal draws progress (rich.progress: ~30 ms).
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
-        SpinnerColumn(),
         TextColumn("{task.description}"),
-        TextColumn("{task.completed:,.0f} items"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        # rich's own speed estimate (items over its sliding window); blank until it has one
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=err,
         transient=True,
     )
@@ -203,15 +220,28 @@ def _progress() -> Iterator[Progress]:
 
 
 def _run(settings: Settings, models: Sequence[str], options: SyncOptions) -> RunReport:
-    if not err.is_terminal:  # nothing would be drawn: no progress callbacks at all
-        return run_sync(settings, models or None, options)
+    """A sync with progress on stderr: a bar with items/s and ETA on a terminal, else a
+    plain line per model every PLAIN_PROGRESS_EVERY seconds (logs, CI)."""
+    if not err.is_terminal:
+        plain = ProgressLog(
+            lambda line: err.print(line, highlight=False, markup=False), PLAIN_PROGRESS_EVERY
+        )
+        return run_sync(settings, models or None, options, progress=plain)
     with _progress() as progress:
         tasks: dict[str, TaskID] = {}
 
-        def advance(model: str, n: int) -> None:
+        def advance(model: str, n: int, total: int) -> None:
             if model not in tasks:
-                tasks[model] = progress.add_task(model, total=None)
-            progress.advance(tasks[model], n)
+                tasks[model] = progress.add_task(model, total=total, rate="")
+            task = tasks[model]
+            progress.advance(task, n)
+            (state,) = (t for t in progress.tasks if t.id == task)
+            speed = state.speed
+            progress.update(
+                task,
+                total=max(total, state.completed),
+                rate=f"{speed:,.0f} items/s" if speed else "",
+            )
 
         return run_sync(settings, models or None, options, progress=advance)
 

@@ -59,7 +59,9 @@ from cio_retl.warehouse import (
     require_duckdb_file,
 )
 
-Progress = Callable[[str, int], None]  # (model name, items handled since the last call)
+# (model name, items handled since the last call, the model's items this run at most: its
+# new, changed and removed rows as the database counted them before sending)
+Progress = Callable[[str, int, int], None]
 
 MAX_REPORTED_REJECTIONS = 20
 EXAMPLES_PER_CODE = 5
@@ -456,6 +458,13 @@ class _Run:
                 self.state.release_lock(model.name, self.run_id, self.bucket)
         return report
 
+    def expected_items(self, model: Model) -> int:
+        """At most how many items ``model`` sends this run: what the counts found to create,
+        change and remove (every row with --full-resync); a progress bar's total."""
+        counts = self.counts[model.name]
+        upserts = counts.rows if self.options.full_resync else counts.new + counts.changed
+        return upserts + counts.removed
+
     def _count_changes(self) -> dict[str, ChangeCounts]:
         counts = {}
         for model in self.models:
@@ -532,6 +541,8 @@ class _Run:
             changes = self.differ.removals(model, delete=delete)
         else:
             changes = self.differ.upserts(model, full_resync=self.options.full_resync)
+        if self.progress:  # the model's clock starts now, before its first batch
+            self.progress(model.name, 0, self.expected_items(model))
         with contextlib.closing(changes):  # releases the diff's connection even on errors
             _Sender(self, model, report).send(changes)
         if not removal:
@@ -705,7 +716,7 @@ class _Sender:
 
     def _after_batch(self, n_items: int) -> None:
         if self.run.progress:
-            self.run.progress(self.model.name, n_items)
+            self.run.progress(self.model.name, n_items, self.run.expected_items(self.model))
         self._flush_if_full()
 
     def _operations(self, changes: Iterable[RowChange]) -> Iterator[tuple[Operation, bytes]]:

@@ -47,6 +47,7 @@ from cio_retl.errors import (
     TransientError,
 )
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
+from cio_retl.progress import ProgressLog
 from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
@@ -124,6 +125,9 @@ def bucket_partitions(buckets: int) -> dg.StaticPartitionsDefinition:
     width = len(str(buckets - 1))
     return dg.StaticPartitionsDefinition([f"{i:0{width}d}" for i in range(buckets)])
 
+
+# Seconds between the progress lines a sync writes to the run's log (the CLI's plain lines).
+PROGRESS_EVERY = 10.0
 
 # What a sync yields: a materialization per model synced, the plan of a dry run as an
 # observation, and the checks.
@@ -512,6 +516,7 @@ def sync_models(
             SyncOptions(
                 full_resync=config.full_resync, force=config.force, sample_size=0, bucket=bucket
             ),
+            progress=ProgressLog(context.log.info, PROGRESS_EVERY),
         )
     except CioRetlError as exc:
         raise _failure(exc) from None

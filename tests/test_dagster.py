@@ -20,6 +20,7 @@ from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import ModelError
 from cio_retl.warehouse import create_engine
+from dagster_cio_retl import assets as assets_module
 from dagster_cio_retl.assets import (
     GUARDRAILS,
     MODEL_VALID,
@@ -412,6 +413,26 @@ def test_dry_run_shows_the_plan_sends_nothing_and_needs_no_credentials(
     assert observed(result, MEMBERSHIPS)["created"] > 0
     assert (USERS, NO_STUCK_ROWS) not in checks(result)  # nothing was sent to check
     assert env.emulator.snapshot()["people"] == []
+
+
+def test_a_sync_logs_its_progress(
+    env: Env, assets: list[dg.AssetsDefinition], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's plain progress lines, in the run's log (every PROGRESS_EVERY seconds; 0
+    here, so each acknowledged batch writes one)."""
+    monkeypatch.setattr(assets_module, "PROGRESS_EVERY", 0.0)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        assets,
+        resources=env.resources(),
+        run_config=dg.RunConfig(ops={OP_NAME: SyncConfig()}),
+        instance=instance,
+    )
+    assert result.success
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    (count,) = env.query("select count(*) as n from demo.users where deleted_at is null")
+    progress = [m for m in messages if m.startswith(f"users: {count.n:,} of {count.n:,} items")]
+    assert progress and "items/s" in progress[-1]
 
 
 def test_failing_guardrail_blocks_the_send_until_forced(
