@@ -1,5 +1,6 @@
 """The demo warehouse: a small, seeded database (DuckDB, PostgreSQL or Snowflake) that the
-models in ``sql/`` read.
+models in ``sql/`` read: users, companies, memberships, the users' orders (sent as
+``order_completed`` events) and their push devices.
 
 ``cio-retl demo`` builds it, syncs it to the local emulator, edits a few rows and syncs again,
 so anyone can see in a minute that the second run sends only what changed.
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 PLANS = ("free", "starter", "pro", "enterprise")
 ROLES = ("member", "admin", "billing")
+CURRENCIES = ("EUR", "USD", "GBP")
 FIRST = (
     "Ada",
     "Grace",
@@ -81,6 +83,35 @@ def create_demo_warehouse(
             memberships.append(
                 {"user_id": i + 1, "company_id": company["company_id"], "role": rng.choice(ROLES)}
             )
+    # Orders and devices draw from their own seeded stream, so the other tables' rows are the
+    # same as before they existed.
+    extra = random.Random(seed + 1)
+    orders: list[dict[str, Any]] = []
+    devices: list[dict[str, Any]] = []
+    for user in users:
+        for _ in range(extra.choice((0, 1, 1, 2, 3))):
+            orders.append(
+                {
+                    "order_id": f"ord-{len(orders) + 1:05d}",
+                    "user_id": user["user_id"],
+                    "completed_at": f"2025-{extra.randint(1, 12):02d}-{extra.randint(1, 28):02d} "
+                    f"{extra.randint(0, 23):02d}:{extra.randint(0, 59):02d}:"
+                    f"{extra.randint(0, 59):02d}.{extra.randint(0, 999):03d}",
+                    "total": f"{extra.randint(500, 50_000) / 100:.2f}",
+                    "currency": extra.choice(CURRENCIES),
+                }
+            )
+        if extra.random() < 0.3:
+            devices.append(
+                {
+                    "user_id": user["user_id"],
+                    "device_token": f"tok-{extra.getrandbits(64):016x}",
+                    "platform": extra.choice(("ios", "android")),
+                    "last_used": f"2025-{extra.randint(1, 12):02d}-{extra.randint(1, 28):02d} "
+                    f"{extra.randint(0, 23):02d}:00:00",
+                    "app_version": f"3.{extra.randint(0, 9)}.{extra.randint(0, 9)}",
+                }
+            )
     types = _TYPES.get(engine.dialect.name, _TYPES["duckdb"])
     with engine.begin() as conn:
         conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
@@ -125,6 +156,33 @@ def create_demo_warehouse(
             f"{schema}.memberships",
             "CAST(v.user_id AS INTEGER), v.company_id, v.role",
             memberships,
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {schema}.orders (order_id VARCHAR PRIMARY KEY, user_id INTEGER,"
+                " completed_at TIMESTAMP, total DECIMAL(10, 2), currency VARCHAR)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {schema}.devices (user_id INTEGER, device_token VARCHAR,"
+                " platform VARCHAR, last_used TIMESTAMP, app_version VARCHAR,"
+                " PRIMARY KEY (user_id, device_token))"
+            )
+        )
+        _insert(
+            conn,
+            f"{schema}.orders",
+            "v.order_id, CAST(v.user_id AS INTEGER), CAST(v.completed_at AS TIMESTAMP),"
+            " CAST(v.total AS DECIMAL(10, 2)), v.currency",
+            orders,
+        )
+        _insert(
+            conn,
+            f"{schema}.devices",
+            "CAST(v.user_id AS INTEGER), v.device_token, v.platform,"
+            " CAST(v.last_used AS TIMESTAMP), v.app_version",
+            devices,
         )
 
 
@@ -183,14 +241,24 @@ class DemoEdits:
     users_changed: tuple[str, ...]
     companies_changed: tuple[str, ...]
     memberships_removed: tuple[tuple[str, str], ...]
+    orders_added: tuple[str, ...] = ()  # new order ids: one event each
+    devices_changed: tuple[str, ...] = ()  # device tokens whose row changed: add_device again
 
     @property
     def entities(self) -> int:
-        return len(self.users_changed) + len(self.companies_changed) + len(self.memberships_removed)
+        """Items the next sync sends: one per changed row, one per new event."""
+        return (
+            len(self.users_changed)
+            + len(self.companies_changed)
+            + len(self.memberships_removed)
+            + len(self.orders_added)
+            + len(self.devices_changed)
+        )
 
 
 def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
-    """A few realistic edits: an upgrade, a cleared field, a renamed company, a member leaving.
+    """A few realistic edits: an upgrade, a cleared field, a renamed company, a member leaving,
+    a new order, an edited one (never resent), an app update on a device.
 
     Reads the affected keys before each change (Snowflake has no ``RETURNING``).
     """
@@ -234,8 +302,37 @@ def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
                 ),
                 {"user_id": user_id, "company_id": company_id},
             )
+        # A new order (an event: sent once), and an app update on one device (add_device
+        # again, with every field). Orders that were sent and then change are never resent.
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {schema}.orders VALUES ('ord-new-1', 12,"
+                " CAST('2025-12-30 10:00:00' AS TIMESTAMP), CAST(129.99 AS DECIMAL(10, 2)), 'EUR')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"UPDATE {schema}.orders SET total = total + 1"
+                f" WHERE order_id = (SELECT MIN(order_id) FROM {schema}.orders)"
+            )
+        )
+        updated_device = conn.execute(
+            sa.text(
+                f"SELECT d.device_token FROM {schema}.devices AS d"
+                f" JOIN {schema}.users AS u ON u.user_id = d.user_id"
+                " WHERE u.deleted_at IS NULL ORDER BY d.user_id, d.device_token LIMIT 1"
+            )
+        ).scalar_one()
+        conn.execute(
+            sa.text(
+                f"UPDATE {schema}.devices SET app_version = '4.0.0' WHERE device_token = :token"
+            ),
+            {"token": updated_device},
+        )
     return DemoEdits(
         users_changed=tuple(sorted(upgraded + cleared)),
         companies_changed=("co-0001",),
         memberships_removed=tuple((email, company_id) for email, _, company_id in removed),
+        orders_added=("ord-new-1",),
+        devices_changed=(updated_device,),
     )

@@ -82,7 +82,8 @@ def _demo(folder: Path, console: Console, *, keep: bool) -> int:
         workspace = emulator.snapshot()
         console.print(
             f"   the workspace now holds {len(workspace['people'])} people, "
-            f"{len(workspace['objects'])} objects, {len(workspace['relationships'])} relationships"
+            f"{len(workspace['objects'])} objects, {len(workspace['relationships'])} relationships, "
+            f"{len(workspace['events'])} events, {len(workspace['devices'])} devices"
         )
 
         engine = create_engine(url)
@@ -92,7 +93,9 @@ def _demo(folder: Path, console: Console, *, keep: bool) -> int:
             engine.dispose()
         console.print(
             f"[bold]4.[/] edited the warehouse: {len(edits.users_changed)} users, "
-            f"{len(edits.companies_changed)} company, {len(edits.memberships_removed)} membership removed"
+            f"{len(edits.companies_changed)} company, {len(edits.memberships_removed)} membership "
+            f"removed, {len(edits.orders_added)} order added, {len(edits.devices_changed)} device "
+            "updated"
         )
         before = len(emulator.requests)
         second = run_sync(settings)
@@ -175,5 +178,6 @@ def next_steps(kept: Path | None) -> list[str]:
 
 def _describe(item: dict[str, object]) -> str:
     identifiers = item.get("identifiers")
-    detail = item.get("attributes") or item.get("cio_relationships")
-    return f"{item['type']} {item['action']} {identifiers} -> {detail}"
+    detail = item.get("attributes") or item.get("cio_relationships") or item.get("device")
+    name = f" {item['name']!r}" if "name" in item else ""  # an event's name
+    return f"{item['type']} {item['action']}{name} {identifiers} -> {detail}"

@@ -164,8 +164,8 @@ def build_model_assets(
 ) -> list[dg.AssetsDefinition]:
     """The sync multi-asset(s) for the models in ``models_dir`` (a list, for ``Definitions``).
 
-    One multi-asset without buckets; with ``buckets > 1``, one for people and objects and
-    one for relationships, both partitioned by bucket. Raises the engine's ModelError for a
+    One multi-asset without buckets; with ``buckets > 1``, one for people, objects and
+    suppressions and one for relationships, devices and events, both partitioned by bucket. Raises the engine's ModelError for a
     bad model file, so the code location fails loading with the file and line. ``root`` is
     what the ``model_path`` metadata is shown relative to.
     """
@@ -177,8 +177,14 @@ def build_model_assets(
     run = execute or sync_models
     if partitions is None:
         return [_sync_asset(OP_NAME, models, specs, retry_policy, None, run)]
-    entities = [m for m in models if m.kind is not Kind.RELATIONSHIP]
-    relationships = [m for m in models if m.kind is Kind.RELATIONSHIP]
+    # The second stage holds what names a person or an object that every bucket of the
+    # first must have created: relationships, and a person's devices and events (their
+    # keys hash to other buckets than their person's). Suppressions share their people's
+    # keys, hence buckets, and stay in the first stage: an unsuppression goes before the
+    # identifies of its bucket's run.
+    second = (Kind.RELATIONSHIP, Kind.DEVICE, Kind.EVENT)
+    entities = [m for m in models if m.kind not in second]
+    relationships = [m for m in models if m.kind in second]
     return [
         _sync_asset(name, selected, specs, retry_policy, partitions, run)
         for name, selected in ((OP_NAME, entities), (RELATIONSHIPS_OP_NAME, relationships))

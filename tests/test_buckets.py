@@ -40,7 +40,7 @@ from tests.test_postgres import demo_on_postgres
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 ENTITIES = ("users", "companies")
-RELATIONSHIPS = ("memberships",)
+RELATIONSHIPS = ("memberships", "devices", "orders")  # what names people: after them
 
 
 # -- the bucket function --------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_bucket_runs_equal_one_run(
     edits = edit_demo_warehouse(demo_engine)
     before = len(emulator.requests)
     sent = sync_buckets(settings, 4)
-    assert len(batch_items(emulator, before)) == edits.entities == 6
+    assert len(batch_items(emulator, before)) == edits.entities == 8
     for email in edits.users_changed:
         (owner,) = [b for b in range(4) if Bucket(b, 4).holds(email)]
         assert sent["users"][f"{owner}/4"] >= 1

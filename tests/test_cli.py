@@ -102,4 +102,4 @@ def test_demo_command(
             monkeypatch.delenv(name)
     assert main(["demo", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "second sync sent 6 items" in out and "demo ok" in out
+    assert "second sync sent 8 items" in out and "demo ok" in out

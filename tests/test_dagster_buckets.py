@@ -30,7 +30,13 @@ def test_buckets_partition_two_stages(tmp_path: Path) -> None:
     entities = defs.resolve_assets_def(USERS)
     relationships = defs.resolve_assets_def(MEMBERSHIPS)
     assert entities.op.name == OP_NAME and set(entities.keys) == {USERS, COMPANIES}
-    assert relationships.op.name == RELATIONSHIPS_OP_NAME and relationships.keys == {MEMBERSHIPS}
+    assert relationships.op.name == RELATIONSHIPS_OP_NAME
+    # devices and events name people too: the second stage, after every bucket of people
+    assert relationships.keys == {
+        MEMBERSHIPS,
+        dg.AssetKey(["customerio", "devices"]),
+        dg.AssetKey(["customerio", "orders"]),
+    }
     # every bucket of the relationships waits for every bucket of people and objects
     for upstream in (USERS, COMPANIES):
         mapping = relationships.get_partition_mapping_for_dep(upstream)

@@ -115,9 +115,11 @@ def test_sigkill_at_random_points_then_rerun_is_exact(
     engine = create_engine(warehouse_url)
     state = StateStore(engine)
     state.ensure_schema()
-    acknowledged = sum(len(state.snapshot(m)) for m in ("companies", "users", "memberships"))
+    acknowledged = sum(
+        len(state.snapshot(m)) for m in ("companies", "users", "memberships", "devices")
+    ) + len(state.sent_events_of("orders"))
     assert duplicate_snapshot_keys(engine) == []
-    total = 40 + 490 + 506
+    total = 40 + 490 + 506 + 128 + 635  # ... devices, orders (events)
     before = len(emulator.requests)
     assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))

@@ -18,7 +18,9 @@ def parse(text: str) -> object:
 
 def test_demo_models_parse() -> None:
     models = {m.name: m for m in load_models(REPO / "sql")}
-    assert set(models) == {"users", "companies", "memberships"}
+    assert set(models) == {"users", "companies", "memberships", "orders", "devices"}
+    assert models["orders"].kind is Kind.EVENT and models["orders"].event_name == "order_completed"
+    assert models["devices"].key_columns == ("email", "device_token")
     assert models["users"].kind is Kind.PERSON and models["users"].identifier == "email"
     assert models["companies"].object_type_id == "1" and models["companies"].key_columns == (
         "company_id",
@@ -28,7 +30,9 @@ def test_demo_models_parse() -> None:
     assert [m.name for m in ordered_for_sync(models.values())] == [
         "companies",
         "users",
+        "devices",
         "memberships",
+        "orders",
     ]
 
 

@@ -100,7 +100,11 @@ def test_demo_syncs_then_sends_only_the_edits(
     second = sync(pg_settings)
     assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
-    assert len(items) == edits.entities == 6
+    assert len(items) == edits.entities == 8  # 6 changed rows, a new order, an updated device
+    assert sorted(i["action"] for i in items if i["action"] in ("event", "add_device")) == [
+        "add_device",
+        "event",
+    ]
     people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
     assert sorted(i["identifiers"]["email"] for i in people) == sorted(edits.users_changed)
     for item in people:

@@ -76,8 +76,8 @@ def test_demo_syncs_then_sends_only_the_edits(
     second = sync(sf_settings)
     assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
-    assert len(items) == edits.entities == 6
-    cleared = next(i for i in items if "first_name" in i["attributes"])
+    assert len(items) == edits.entities == 8  # 6 changed rows, a new order, an updated device
+    cleared = next(i for i in items if "first_name" in i.get("attributes", {}))
     assert cleared["attributes"] == {"first_name": ""}
     assert actual_workspace(emulator) == duckdb_expected(tmp_path / "edited", edited=True)
 

@@ -122,12 +122,48 @@ def test_first_sync_equals_warehouse(
     assert by_model["memberships"].created == len(expected["relationships"])
     assert emulator.invalid_items == []
     # One ordered changeset: all objects, then all people, then relationships.
+    # One ordered changeset: objects, people, devices, relationships, then events.
     kinds = [(i["type"], i["action"]) for i in batch_items(emulator)]
-    first_person = kinds.index(("person", "identify"))
-    first_relationship = kinds.index(("person", "add_relationships"))
-    assert set(kinds[:first_person]) == {("object", "identify")}
-    assert first_person < first_relationship
-    assert set(kinds[first_relationship:]) == {("person", "add_relationships")}
+    assert [k for n, k in enumerate(kinds) if n == 0 or kinds[n - 1] != k] == [
+        ("object", "identify"),
+        ("person", "identify"),
+        ("person", "add_device"),
+        ("person", "add_relationships"),
+        ("person", "event"),
+    ]
+    # Every order of an active user is one event, its time as DuckDB floors it to seconds.
+    with demo_engine.connect() as conn:
+        orders = {
+            (email, order_id): (seconds, float(total))
+            for email, order_id, seconds, total in conn.execute(
+                sa.text(
+                    "SELECT u.email, o.order_id, CAST(floor(epoch_ms(o.completed_at) / 1000)"
+                    " AS BIGINT), o.total FROM demo.orders o JOIN demo.users u USING (user_id)"
+                    " WHERE u.deleted_at IS NULL"
+                )
+            )
+        }
+        devices = {
+            (email, token): platform
+            for email, token, platform in conn.execute(
+                sa.text(
+                    "SELECT u.email, d.device_token, d.platform FROM demo.devices d"
+                    " JOIN demo.users u USING (user_id) WHERE u.deleted_at IS NULL"
+                )
+            )
+        }
+    events = emulator.workspace.events("email")
+    assert sum(len(e) for e in events.values()) == len(orders) == by_model["orders"].created
+    assert sorted(
+        (email, e["timestamp"], e["attributes"]["total"])
+        for email, es in events.items()
+        for e in es
+    ) == sorted((email, at, total) for (email, _), (at, total) in orders.items())
+    assert {
+        (email, token): d["platform"]
+        for email, ds in emulator.workspace.devices("email").items()
+        for token, d in ds.items()
+    } == devices
 
 
 def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
@@ -141,7 +177,12 @@ def test_second_sync_sends_only_the_edits_and_third_sends_nothing(
 
     assert second.outcome is Outcome.SYNCED
     items = batch_items(emulator, before)
-    assert len(items) == edits.entities == 6
+    assert len(items) == edits.entities == 8
+    (event,) = [i for i in items if i["action"] == "event"]  # the new order; not the edited one
+    assert event["name"] == "order_completed" and event["attributes"]["total"] == 129.99
+    (device,) = [i for i in items if i["action"] == "add_device"]
+    assert device["device"]["token"] == edits.devices_changed[0]
+    assert device["device"]["attributes"] == {"app_version": "4.0.0"}
     people = [i for i in items if i["type"] == "person" and i["action"] == "identify"]
     assert sorted(i["identifiers"]["email"] for i in people) == sorted(edits.users_changed)
     for item in people:
@@ -219,12 +260,16 @@ def test_dry_run_and_plan_send_nothing(
 ) -> None:
     report = sync(settings, dry_run=True)
     assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
+    by_model = {m.model: m for m in report.models}
     assert {m.model: m.created for m in report.models} == {
         "companies": 40,
         "users": 490,
-        "memberships": report.models[2].rows,
+        "devices": by_model["devices"].rows,
+        "memberships": by_model["memberships"].rows,
+        "orders": by_model["orders"].rows,
     }
-    assert report.models[1].samples[0]["action"] == "identify"
+    assert by_model["users"].samples[0]["action"] == "identify"
+    assert by_model["orders"].samples[0]["action"] == "event"
     assert not StateStore(demo_engine).exists()  # nothing written: not even the state schema
     # A dry run needs no credentials at all.
     from dataclasses import replace
