@@ -77,27 +77,26 @@ def main(argv: list[str] | None = None) -> None:
         if args.history is not None:
             state = StateStore(engine)
             state.ensure_schema()
-            with engine.begin() as conn:  # as if a sync had sent the history
+            with engine.begin() as conn:  # as if a sync to SITE_ID had sent the history
                 conn.execute(
                     sa.text(
-                        f"INSERT INTO {state.sent_events} (model, key, event_id, event_time,"
-                        " run_id, sent_at) SELECT 'bench_orders', 'o' || i, 'x', i, 'bench',"
-                        f" now() FROM range({args.history}) AS r(i)"
-                    )
+                        f"INSERT INTO {state.sent_events} (workspace, model, key, event_id,"
+                        " event_time, run_id, sent_at) SELECT :site, 'bench_orders', 'o' || i,"
+                        f" 'x', i, 'bench', now() FROM range({args.history}) AS r(i)"
+                    ),
+                    {"site": SITE_ID},
                 )
-            if "workspace" in {
-                c["name"] for c in sa.inspect(engine).get_columns("sent_events", "cio_retl")
-            }:
-                with engine.begin() as conn:
-                    conn.execute(
-                        sa.text(f"UPDATE {state.sent_events} SET workspace = :w"), {"w": SITE_ID}
-                    )
             with engine.begin() as conn:
                 orders(conn, args.history, args.new)
         engine.dispose()
         with emulator_process() as base:
             timed = timed_run(SYNC, sync_env(url, models, base))
         sent = args.events or args.new
+        engine = create_engine(url)
+        with engine.connect() as conn:  # every event recorded once: the run sent them all
+            recorded = conn.execute(sa.text("SELECT count(*) FROM cio_retl.sent_events")).scalar()
+        engine.dispose()
+        assert recorded == (args.events or args.history + args.new), recorded
         label = (
             f"first sync of {args.events:,} events"
             if args.events

@@ -270,7 +270,7 @@ def test_component_builds_what_build_customerio_defs_builds() -> None:
     from_yaml = dg.component_defs(component=component)
     from_python = build_customerio_defs(REPO / "sql", buckets=4)
     assert shape(from_yaml) == shape(from_python)
-    assert len(shape(from_python)["checks"]) == 12
+    assert len(shape(from_python)["checks"]) == 20  # 5 demo models x 4 checks
 
 
 @pytest.mark.parametrize("buckets", [None, "4"])

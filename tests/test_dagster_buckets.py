@@ -46,7 +46,7 @@ def test_buckets_partition_two_stages(tmp_path: Path) -> None:
     assert not list(defs.schedules or [])  # the group cron is each asset's on_cron now
     # without buckets nothing changes: one unpartitioned multi-asset
     (single,) = build_model_assets(SQL_DIR, buckets=1)
-    assert single.partitions_def is None and len(single.keys) == 3
+    assert single.partitions_def is None and len(single.keys) == 5
     for bad in ("0", "x", "5000"):
         with pytest.raises(ConfigError, match="CIO_RETL_BUCKETS"):
             build_definitions({"CIO_RETL_BUCKETS": bad})

@@ -49,13 +49,15 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Backend:
-    """One warehouse (that also holds the state) with the test's tables in ``schema``."""
+    """One warehouse with the test's tables in ``schema``, and the state store: the same
+    database, or (``duckdb-cross``) another one, where the cross-database diff runs."""
 
     name: str
     url: str
     schema: str
     engine: Engine
     state_schema: str = "cio_retl"
+    state_url: str | None = None  # None: the warehouse
 
     def run(self, sql: str, params: dict[str, Any] | list[dict[str, Any]] | None = None) -> None:
         with self.engine.begin() as conn:
@@ -87,11 +89,14 @@ def _tables(schema: str) -> list[sa.Table]:
     ]
 
 
-@pytest.fixture(params=["duckdb", "postgres", "fakesnow"])
+@pytest.fixture(params=["duckdb", "duckdb-cross", "postgres", "fakesnow"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "duckdb":
+    state_url = None
+    if request.param.startswith("duckdb"):
         url, schema = f"duckdb:///{tmp_path / 'warehouse.duckdb'}", "app"
         state_schema = "cio_retl"
+        if request.param == "duckdb-cross":
+            state_url = f"duckdb:///{tmp_path / 'state.duckdb'}"
     elif request.param == "postgres":
         pg: PgSchemas = request.getfixturevalue("pg_schemas")
         url, schema, state_schema = pg.url, pg.warehouse, pg.state
@@ -103,7 +108,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
     for table in _tables(schema):
         table.create(engine)
-    yield Backend(request.param, url, schema, engine, state_schema)
+    yield Backend(request.param, url, schema, engine, state_schema, state_url)
     engine.dispose()
 
 
@@ -115,7 +120,7 @@ def life_settings(backend: Backend, emulator: Emulator, tmp_path: Path) -> Setti
         (folder / name).write_text(text.format(s=backend.schema))
     return Settings(
         warehouse_url=backend.url,
-        state_url=backend.url,
+        state_url=backend.state_url or backend.url,
         models_dir=folder,
         track_api_url=emulator.url,
         site_id=SITE_ID,
@@ -277,8 +282,11 @@ def test_sending_each_kind_then_changing_it(
     assert [i for i in sent if i["action"] == "event"] == []
     assert {i["action"] for i in sent} == {"identify", "add_device", "suppress"}
     assert emulator.workspace.duplicate_events == 0
-    state = StateStore(backend.engine, backend.state_schema)
+    state_engine = create_engine(backend.state_url) if backend.state_url else backend.engine
+    state = StateStore(state_engine, backend.state_schema)
     assert set(state.sent_events_of("orders")) == {"o1", "o2", "o5"}
+    if backend.state_url:
+        state_engine.dispose()
 
 
 # -- kill -9 during a send, then a rerun ------------------------------------------------------
