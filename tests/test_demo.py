@@ -40,7 +40,7 @@ def test_demo_runs_from_any_directory_and_removes_its_temp_dir(tmp_path: Path) -
     elsewhere.mkdir()
     temp.mkdir()
     out = _run([sys.executable, "-m", "cio_retl", "demo"], elsewhere, _clean_env(temp))
-    assert "second sync sent 6 items" in out and "demo ok" in out
+    assert "second sync sent 8 items" in out and "demo ok" in out
     assert list(temp.iterdir()) == []  # the warehouse's temp dir is gone
     assert list(elsewhere.iterdir()) == []  # and nothing was created where it ran
 

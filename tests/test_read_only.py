@@ -151,15 +151,15 @@ def test_status_fits_100_columns_with_full_run_ids_and_has_json(
     assert main(["sync", "users"]) == 1
     capsys.readouterr()
     data = _status_json(capsys)
-    assert [len(r["models"]) for r in data["runs"]] == [1, 3]  # newest first, one entry a run
+    assert [len(r["models"]) for r in data["runs"]] == [1, 5]  # newest first, one entry a run
     newest, first = data["runs"]
     assert [m["model"] for m in first["models"]] and first["created"] == sum(
         m["created"] for m in first["models"]
     )
     assert {m["model"]: m["created"] for m in first["models"]}["users"] == 489
     assert newest["status"] == first["status"] == "rejected"
-    # the person, and then the membership that names them
-    assert data["rejected"]["by_model"] == {"memberships": 1, "users": 1}
+    # the person, and then the membership and the two orders (events) that name them
+    assert data["rejected"]["by_model"] == {"memberships": 1, "orders": 2, "users": 1}
     assert "grace.dijkstra.11@example.com" in {r["key"] for r in data["rejected"]["rows"]}
 
     assert main(["status"]) == 0
@@ -169,4 +169,4 @@ def test_status_fits_100_columns_with_full_run_ids_and_has_json(
     for run in data["runs"]:  # one line per run, its id in full
         [line] = [line for line in lines if run["run_id"] in line]
         assert line.split()[0] == run["run_id"]
-    assert "rejected rows waiting for a fix: 2 (memberships: 1, users: 1)" in text
+    assert "rejected rows waiting for a fix: 4 (memberships: 1, orders: 2, users: 1)" in text
