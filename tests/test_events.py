@@ -285,8 +285,20 @@ def test_sending_each_kind_then_changing_it(
     state_engine = create_engine(backend.state_url) if backend.state_url else backend.engine
     state = StateStore(state_engine, backend.state_schema)
     assert set(state.sent_events_of("orders")) == {"o1", "o2", "o5"}
+    # The suppressed person's users snapshot was dropped: withdrawn, u1 is unsuppressed and
+    # identified again in full, as a new person, in the same run.
+    assert "u1" not in state.snapshot("users") and "u4" in state.snapshot("users")
     if backend.state_url:
         state_engine.dispose()
+    backend.run("DELETE FROM {s}.erasures")
+    before = len(emulator.requests)
+    sync(life_settings, force=True)
+    sent = batch_items(emulator, before)
+    assert actions(sent) == ["person:unsuppress", "person:identify"]
+    assert [i["attributes"] for i in sent if i["action"] == "identify"] == [
+        {"id": "u1", "plan": "gone"}
+    ]
+    assert emulator.workspace.people_by("id")["u1"]["plan"] == "gone"
 
 
 # -- kill -9 during a send, then a rerun ------------------------------------------------------
