@@ -306,35 +306,42 @@ def test_sending_each_kind_then_changing_it(
 EVENTS_ONLY = (
     "-- kind: event\n-- identifier: id\n-- key: user_id\n-- event_key: order_id\n"
     "-- name: order_completed\n-- timestamp: completed_at\n"
-    "select order_id, user_id, completed_at, total from app.orders"
+    "select order_id, user_id, completed_at, total from {s}.orders"
 )
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(("warehouse", "seed"), [("duckdb", 1), ("duckdb", 2), ("postgres", 3)])
 def test_kill_during_a_2000_event_send_then_rerun_sends_each_event_once(
-    tmp_path: Path, emulator: Emulator, seed: int
+    request: pytest.FixtureRequest, tmp_path: Path, emulator: Emulator, warehouse: str, seed: int
 ) -> None:
-    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    if warehouse == "duckdb":
+        url, schema, state_schema = f"duckdb:///{tmp_path / 'warehouse.duckdb'}", "app", "cio_retl"
+        rows = "range(2000) AS t(i)"
+    else:
+        pg: PgSchemas = request.getfixturevalue("pg_schemas")
+        url, schema, state_schema = pg.url, pg.warehouse, pg.state
+        rows = "generate_series(0, 1999) AS t(i)"
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA app"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
         conn.execute(
             sa.text(
-                "CREATE TABLE app.orders AS SELECT 'o-' || i AS order_id, 'u-' || (i % 97)"
-                " AS user_id, TIMESTAMP '2026-01-01' + i * INTERVAL 1 MINUTE AS completed_at,"
-                " i * 1.5 AS total FROM range(2000) AS t(i)"
+                f"CREATE TABLE {schema}.orders AS SELECT 'o-' || i AS order_id, 'u-' || (i % 97)"
+                " AS user_id, TIMESTAMP '2026-01-01' + i * INTERVAL '1 minute' AS completed_at,"
+                f" i * 1.5 AS total FROM {rows}"
             )
         )
     engine.dispose()
     models = tmp_path / "models"
     models.mkdir()
-    (models / "orders.sql").write_text(EVENTS_ONLY)
+    (models / "orders.sql").write_text(EVENTS_ONLY.format(s=schema))
     emulator.faults = FaultPlan(delay_seconds=0.02)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cio_retl", "sync", "--batch-size", "25"],
         env={
             **os.environ,
             "CIO_RETL_WAREHOUSE_URL": url,
+            "CIO_RETL_STATE_SCHEMA": state_schema,
             "CIO_RETL_MODELS_DIR": str(models),
             "CIO_TRACK_API_URL": emulator.url,
             "CIO_SITE_ID": SITE_ID,
@@ -351,8 +358,7 @@ def test_kill_during_a_2000_event_send_then_rerun_sends_each_event_once(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     emulator.faults = FaultPlan()
-    received = len(batch_items(emulator))
-    assert 0 < received < 2000  # killed mid-send
+    assert 0 < len(batch_items(emulator)) < 2000  # killed mid-send
 
     settings = Settings(
         warehouse_url=url,
@@ -361,6 +367,7 @@ def test_kill_during_a_2000_event_send_then_rerun_sends_each_event_once(
         track_api_url=emulator.url,
         site_id=SITE_ID,
         api_key=Secret(API_KEY),
+        state_schema=state_schema,
     )
     report = sync(settings)
     assert report.outcome is Outcome.SYNCED, report
@@ -375,7 +382,7 @@ def test_kill_during_a_2000_event_send_then_rerun_sends_each_event_once(
     engine = create_engine(url)
     with engine.connect() as conn:
         duplicates = conn.execute(
-            sa.text("SELECT key FROM cio_retl.sent_events GROUP BY key HAVING COUNT(*) > 1")
+            sa.text(f"SELECT key FROM {state_schema}.sent_events GROUP BY key HAVING COUNT(*) > 1")
         ).all()
     engine.dispose()
     assert duplicates == []
