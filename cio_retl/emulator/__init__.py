@@ -8,6 +8,7 @@ strictly as the Track API's OpenAPI schemas, keeps the workspace in memory and i
         emu.faults = FaultPlan(throttle_rate=0.2, retry_after=0.01, seed=1)
         ...  # point the client at emu.url (CIO_TRACK_API_URL)
         assert emu.workspace.people_by("email") == {...}
+        assert emu.workspace.events("id") == {...}   # and devices("id"), is_suppressed(...)
         assert emu.invalid_items == []
 
 Inspection without auth: `GET /_emulator/workspace`, `GET /_emulator/requests`,

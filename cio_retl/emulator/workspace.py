@@ -1,4 +1,5 @@
-"""The emulated workspace: people, objects and relationships, kept in memory.
+"""The emulated workspace: people (with their events and devices), objects, relationships
+and suppressed identifiers, kept in memory.
 
 Customer.io behaviour modelled here: identify merges attributes (creating the record), `""`
 removes an attribute, deleting removes the record and its relationships, adding a relationship
