@@ -523,8 +523,11 @@ def print_status(data: dict[str, Any]) -> None:
             no_wrap=True,
             min_width=max([len(header), *(len(row[i]) for row in rows)]),
         )
-    runs.add_column("models", no_wrap=True, overflow="ellipsis")
+    runs.add_column("models", no_wrap=True)
+    room = console.width - sum(c.min_width or 0 for c in runs.columns) - len(headers)
     for row in rows:
+        if len(row[-1]) > room:  # cut the list of models, visibly, to keep one line a run
+            row[-1] = row[-1][: max(room - 1, 0)].rstrip(", ") + "…"
         runs.add_row(*row)
     console.print(runs)
     newest: dict[str, dict[str, int]] = {}  # runs come newest first; --json has every run's
