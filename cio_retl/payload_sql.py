@@ -1,0 +1,382 @@
+"""Payloads built by the database: SQL that turns each model row into the bytes to send.
+
+Built beside the Python path (:mod:`cio_retl.normalize`, :mod:`cio_retl.limits`,
+:func:`cio_retl.operations.encode`) and not used by a sync yet. For a person or object
+identify of a *new* row (the whole row is sent) :func:`payload_select` returns, per row:
+
+- ``key``: the snapshot key (the key column as text);
+- ``item``: the item's JSON text, ``{"type":..,"action":"identify","identifiers":{..},
+  "attributes":{..}}``;
+- ``snapshot``: the attributes' JSON text, keys sorted as the snapshot keeps them;
+- ``reject_code`` / ``reject_reason``: NULL for a valid row, else the
+  :class:`cio_retl.errors.RejectionCode` value and the reason the Python path gives.
+
+Normalization is the contract's: timestamps and dates become Unix seconds (floored), decimals
+JSON numbers (integral ones integers), booleans stay booleans, JSON columns stay nested, NaN
+becomes NULL (and a NULL attribute is left out), infinities and bytes reject the row,
+integers beyond 2^53 travel as their decimal text, identifier values are JSON strings
+(Customer.io Track API OpenAPI 1.0.0: ``identifiers`` members are ``type: string``). The
+per-row limits are those of :mod:`cio_retl.limits`, checked in the same order.
+
+The SQL assembles JSON as text from per-column fragments: a fragment is NULL for a NULL
+value, so absent attributes cost nothing, and the key order is fixed when the statement is
+built (sorted, as ``canonical_json`` sorts). Each column's kind (:class:`ColumnKind`) is
+given by the caller. Known differences from the Python path, kept [open] until the engine
+switches (tests/test_payload_sql.py pins what agrees):
+
+- a nested (JSON) value is passed through as the database prints it: Python rewrites
+  ``1.0`` inside it to ``1`` and sorts its keys, so the snapshot text of such a row can
+  differ byte for byte (its value does not) and its size, as checked against the
+  1000-byte value limit, is the database's text;
+- a number is written in the database's shortest form (``1e+20``), orjson's differs
+  (``1e20``): the same JSON value, other bytes, so an item near the 32 KB limit can be
+  judged differently.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from cio_retl.errors import RejectionCode
+from cio_retl.limits import (
+    MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_ATTRIBUTES,
+    MAX_IDENTIFIER_BYTES,
+    MAX_ITEM_BYTES,
+)
+from cio_retl.models import Kind, Model
+
+_EXACT = 2**53  # integers beyond +-2^53 travel as text (normalize._EXACT_FLOAT_INT)
+
+# Python's str.isspace() characters (what str.strip() and str.split() treat as space), as
+# regular-expression escapes: an identifier of only these is empty.
+_SPACES = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+class ColumnKind(enum.Enum):
+    """How a column's values are normalized (the type family, whatever the dialect's name)."""
+
+    TEXT = "text"
+    BOOLEAN = "boolean"
+    INTEGER = "integer"
+    DOUBLE = "double"
+    DECIMAL = "decimal"
+    TIMESTAMP = "timestamp"  # with or without time zone: Unix seconds either way
+    DATE = "date"
+    JSON = "json"
+    BINARY = "binary"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    kind: ColumnKind
+
+
+class _Sql:
+    """The few expressions that differ by dialect; DuckDB here, PostgreSQL below."""
+
+    def quote(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    def text(self, x: str) -> str:
+        return f"CAST({x} AS VARCHAR)"
+
+    def json_string(self, x: str) -> str:
+        return f"CAST(to_json({x}) AS VARCHAR)"
+
+    def json_text(self, x: str) -> str:
+        return f"CAST(json({x}) AS VARCHAR)"  # minified, as the database prints it
+
+    def byte_length(self, x: str) -> str:
+        return f"strlen({x})"
+
+    def matches(self, x: str, pattern: str) -> str:
+        return f"regexp_matches({x}, '{pattern}')"
+
+    def char_class(self, chars: str) -> str:
+        return "".join(f"\\x{{{ord(c):x}}}" for c in chars)
+
+    def is_nan(self, x: str) -> str:
+        return f"isnan({x})"
+
+    def is_inf(self, x: str) -> str:
+        return f"isinf({x})"
+
+    def number(self, x: str) -> str:
+        return f"CAST({x} AS VARCHAR)"
+
+    def bigint(self, x: str) -> str:
+        return f"CAST({x} AS BIGINT)"
+
+    def seconds(self, x: str) -> str:
+        us = f"epoch_us({x})"
+        return f"CAST(({us} - (({us} % 1000000 + 1000000) % 1000000)) // 1000000 AS VARCHAR)"
+
+    def date_seconds(self, x: str) -> str:
+        return f"CAST(({x} - DATE '1970-01-01') * 86400 AS VARCHAR)"
+
+    def decimal_infinite(self, x: str) -> str:
+        return "FALSE"  # DuckDB's DECIMAL has no infinity
+
+    def decimal_nan(self, x: str) -> str:
+        return "FALSE"
+
+
+class _PostgresSql(_Sql):
+    def text(self, x: str) -> str:
+        return f"CAST({x} AS TEXT)"
+
+    def json_string(self, x: str) -> str:
+        return f"CAST(to_json(CAST({x} AS TEXT)) AS TEXT)"
+
+    def json_text(self, x: str) -> str:
+        return f"CAST({x} AS TEXT)"
+
+    def byte_length(self, x: str) -> str:
+        return f"octet_length({x})"
+
+    def matches(self, x: str, pattern: str) -> str:
+        return f"({x} ~ '{pattern}')"
+
+    def char_class(self, chars: str) -> str:
+        return "".join(f"\\u{ord(c):04x}" for c in chars)
+
+    def is_nan(self, x: str) -> str:
+        return f"({x} = 'NaN'::float8)"
+
+    def is_inf(self, x: str) -> str:
+        return f"({x} IN ('Infinity'::float8, '-Infinity'::float8))"
+
+    def number(self, x: str) -> str:
+        return f"CAST({x} AS TEXT)"
+
+    def seconds(self, x: str) -> str:
+        return f"CAST(CAST(floor(extract(epoch FROM {x})) AS BIGINT) AS TEXT)"
+
+    def date_seconds(self, x: str) -> str:
+        return f"CAST(CAST({x} - DATE '1970-01-01' AS BIGINT) * 86400 AS TEXT)"
+
+    def decimal_infinite(self, x: str) -> str:
+        return f"({x} IN ('Infinity'::numeric, '-Infinity'::numeric))"
+
+    def decimal_nan(self, x: str) -> str:
+        return f"({x} = 'NaN'::numeric)"
+
+
+_DIALECTS: dict[str, _Sql] = {"duckdb": _Sql(), "postgresql": _PostgresSql()}
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _integer_json(d: _Sql, x: str) -> str:
+    return (
+        f"CASE WHEN {x} > -{_EXACT} AND {x} < {_EXACT} THEN {d.number(x)}"
+        f" ELSE '\"' || {d.number(x)} || '\"' END"
+    )
+
+
+def _value_json(d: _Sql, x: str, kind: ColumnKind) -> str:
+    """The JSON text of a non-NULL value, NULL where the value normalizes to NULL (NaN)."""
+    if kind is ColumnKind.TEXT:
+        return d.json_string(x)
+    if kind is ColumnKind.BOOLEAN:
+        return f"CASE WHEN {x} THEN 'true' WHEN NOT {x} THEN 'false' END"
+    if kind is ColumnKind.INTEGER:
+        return _integer_json(d, x)
+    if kind is ColumnKind.DOUBLE:
+        # Integral doubles within 2^53 are integers, as 1.0 (DOUBLE) and 1 (NUMBER) must hash
+        # alike; the rest keep the database's shortest round-trip form.
+        return (
+            f"CASE WHEN {d.is_nan(x)} OR {d.is_inf(x)} THEN NULL"
+            f" WHEN {x} = trunc({x}) AND abs({x}) < {_EXACT} THEN {d.number(d.bigint(x))}"
+            f" ELSE {d.number(x)} END"
+        )
+    if kind is ColumnKind.DECIMAL:
+        return (
+            f"CASE WHEN {d.decimal_nan(x)} OR {d.decimal_infinite(x)} THEN NULL"
+            f" WHEN {x} = trunc({x}) THEN {_integer_json(d, f'CAST({x} AS DECIMAL(38, 0))')}"
+            f" ELSE {d.number(f'CAST({x} AS DOUBLE PRECISION)')} END"
+        )
+    if kind is ColumnKind.TIMESTAMP:
+        return d.seconds(x)
+    if kind is ColumnKind.DATE:
+        return d.date_seconds(x)
+    if kind is ColumnKind.JSON:
+        # A JSON null is a NULL to the Python path (the driver decodes both to None): left out.
+        return f"NULLIF({d.json_text(x)}, 'null')"
+    return "NULL"  # BINARY: the row is rejected
+
+
+def _bad_value(d: _Sql, x: str, kind: ColumnKind) -> tuple[str, str] | None:
+    """(condition, reason) of a value that rejects its row, worded as normalize words it."""
+    if kind is ColumnKind.BINARY:
+        return f"{x} IS NOT NULL", "binary values cannot be sent to Customer.io"
+    if kind is ColumnKind.DOUBLE:
+        return d.is_inf(x), "infinite number has no JSON form"
+    if kind is ColumnKind.DECIMAL:
+        return d.decimal_infinite(x), "infinite decimal has no JSON form"
+    return None
+
+
+def _text(*parts: str) -> str:
+    return " || ".join(parts)
+
+
+def payload_select(dialect: str, model: Model, columns: Sequence[Column], source: str) -> str:
+    """The SELECT of (key, item, snapshot, reject_code, reject_reason) per row of ``source``
+    (a relation with the model's columns), for a person or object model."""
+    d = _DIALECTS[dialect]
+    if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
+        raise ValueError("payloads in SQL are built for person and object models only")
+    id_type = model.identifier if model.kind is Kind.PERSON else "object_id"
+    assert id_type
+    others = [c for c in columns if c.name != model.key]
+    # Python's attribute order (column order, the identifier last, or in place when a column
+    # has its name) decides which failure is reported first; the text is sorted.
+    order = [c.name for c in others]
+    if id_type not in order:
+        order.append(id_type)
+
+    def values(alias: str, key: str) -> dict[str, str]:
+        out = {c.name: _value_json(d, f"{alias}.{d.quote(c.name)}", c.kind) for c in others}
+        out[id_type] = d.json_string(key)
+        return out
+
+    inner_key = d.text(f"m.{d.quote(model.key)}")
+    inner = values("m", inner_key)
+    body = " || ".join(
+        f"COALESCE(',' || {_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
+        for n in sorted(order)
+    )
+    attributes = f"'{{' || substr({body}, 2) || '}}'"
+
+    key = "a.__k"
+    outer = values("a", key)
+    id_json = outer[id_type]
+    if model.kind is Kind.PERSON:
+        identifiers = _text(_literal("{" + orjson_key(id_type) + ":"), id_json, "'}'")
+    else:
+        type_id = orjson_key(str(model.object_type_id))
+        identifiers = _text(
+            _literal('{"object_type_id":' + type_id + ',"object_id":'), id_json, "'}'"
+        )
+    head = '{"type":"' + model.kind.value + '","action":"identify","identifiers":'
+    item = _text(_literal(head), identifiers, _literal(',"attributes":'), "a.__a", "'}'")
+
+    # Rejections, the first failure wins, in the order the Python path meets them.
+    checks: list[tuple[str, RejectionCode, str]] = []
+    spaces = d.char_class(_SPACES)
+    first_control = 1 if dialect == "postgresql" else 0  # PostgreSQL text holds no NUL
+    control = d.char_class("".join(map(chr, [*range(first_control, 0x20), 0x7F])))
+    name = id_type
+    checks += [
+        (f"{key} IS NULL", RejectionCode.NULL_KEY, _literal(f"key is NULL ({model.key})")),
+        (
+            d.matches(key, f"^[{spaces}]*$"),
+            RejectionCode.INVALID_IDENTIFIER,
+            _literal(f"identifier {name} is empty"),
+        ),
+        (
+            f"{d.byte_length(key)} > {MAX_IDENTIFIER_BYTES}",
+            RejectionCode.TOO_LONG,
+            _text(
+                _literal(f"identifier {name} is "),
+                d.text(d.byte_length(key)),
+                _literal(f" bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit"),
+            ),
+        ),
+        (
+            d.matches(key, f"[{control}]"),
+            RejectionCode.INVALID_IDENTIFIER,
+            _literal(f"identifier {name} contains control characters"),
+        ),
+    ]
+    if name == "email":
+        checks.append(
+            (
+                f"NOT {d.matches(key, f'^[^{spaces}]+@[^@{spaces}]+$')}",
+                RejectionCode.INVALID_IDENTIFIER,
+                _text(
+                    _literal("identifier email "),
+                    f" || {key} || ",  # repr() of a text without quotes
+                    _literal(" is not an email address"),
+                ),
+            )
+        )
+    for c in others:
+        bad = _bad_value(d, f"a.{d.quote(c.name)}", c.kind)
+        if bad is not None:
+            checks.append(
+                (bad[0], RejectionCode.INVALID_VALUE, _literal(f"column {c.name!r}: {bad[1]}"))
+            )
+    count = " + ".join(f"CASE WHEN {outer[n]} IS NULL THEN 0 ELSE 1 END" for n in order)
+    checks.append(
+        (
+            f"({count}) > {MAX_ATTRIBUTES}",
+            RejectionCode.TOO_MANY_ATTRIBUTES,
+            _text(
+                d.text(f"({count})"),
+                _literal(
+                    f" attributes, over the {MAX_ATTRIBUTES}-attribute limit"
+                    " per person, object or relationship"
+                ),
+            ),
+        )
+    )
+    for c in others:
+        if c.kind not in (ColumnKind.TEXT, ColumnKind.JSON):
+            continue  # numbers and booleans are far below any limit
+        x = f"a.{d.quote(c.name)}"
+        size = d.byte_length(x if c.kind is ColumnKind.TEXT else d.json_text(x))
+        checks.append(
+            (
+                f"{size} > {MAX_ATTRIBUTE_VALUE_BYTES}",
+                RejectionCode.TOO_LONG,
+                _text(
+                    _literal(f"attribute {c.name!r} value is "),
+                    d.text(size),
+                    _literal(f" bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit"),
+                ),
+            )
+        )
+    item_size = d.byte_length(item)
+    checks.append(
+        (
+            f"{item_size} > {MAX_ITEM_BYTES}",
+            RejectionCode.ITEM_TOO_LARGE,
+            _text(
+                _literal("item is "),
+                d.text(item_size),
+                _literal(f" bytes, over the {MAX_ITEM_BYTES}-byte limit per item"),
+            ),
+        )
+    )
+    code = " ".join(f"WHEN {cond} THEN '{rc.value}'" for cond, rc, _ in checks)
+    reason = " ".join(f"WHEN {cond} THEN {text}" for cond, _, text in checks)
+    return f"""
+        SELECT p.__k AS key, CASE WHEN p.reject_code IS NULL THEN p.item END AS item,
+               CASE WHEN p.reject_code IS NULL THEN p.__a END AS snapshot,
+               p.reject_code, p.reject_reason
+        FROM (
+            SELECT a.__k, a.__a, {item} AS item,
+                   CASE {code} END AS reject_code, CASE {reason} END AS reject_reason
+            FROM (SELECT m.*, {inner_key} AS __k, {attributes} AS __a
+                  FROM ({source}) AS m) AS a
+        ) AS p
+    """
+
+
+def orjson_key(name: str) -> str:
+    """A JSON string as orjson writes it (the snapshot's canonical form)."""
+    return orjson.dumps(name).decode()
