@@ -87,7 +87,10 @@ def _normalize_decimal(value: Decimal) -> int | float | str | None:
         raise UnsupportedValue("infinite decimal has no JSON form")
     if value == value.to_integral_value():
         return _normalize_int(int(value))
-    return float(value)
+    # A decimal of more than ~15 digits can round to an integral double (24999999999999.999
+    # -> 25000000000000.0): that double follows the float rule, as a DOUBLE column's does,
+    # so a value hashes alike whichever numeric type carries it.
+    return _normalize_float(float(value))
 
 
 _EPOCH = dt.datetime(1970, 1, 1)

@@ -172,7 +172,49 @@ class _PostgresSql(_Sql):
         return f"({x} = 'NaN'::numeric)"
 
 
-_DIALECTS: dict[str, _Sql] = {"duckdb": _Sql(), "postgresql": _PostgresSql()}
+class _SnowflakeSql(_Sql):
+    """Snowflake's documented functions (TO_JSON, OCTET_LENGTH, REGEXP_LIKE, DATE_PART);
+    tested through fakesnow, which translates them to DuckDB."""
+
+    def json_string(self, x: str) -> str:
+        return f"TO_JSON(TO_VARIANT(CAST({x} AS VARCHAR)))"
+
+    def json_text(self, x: str) -> str:
+        return f"TO_JSON({x})"
+
+    def byte_length(self, x: str) -> str:
+        # OCTET_LENGTH of the UTF-8 bytes: fakesnow's DuckDB knows octet_length for BLOB only.
+        return f"OCTET_LENGTH(TO_BINARY({x}, 'UTF-8'))"
+
+    def char_class(self, chars: str) -> str:
+        # The characters themselves: a backslash in a Snowflake literal is an escape.
+        return chars
+
+    def matches(self, x: str, pattern: str) -> str:
+        # REGEXP_LIKE matches the whole text (implicitly anchored): a search needs .* around it.
+        if not pattern.startswith("^"):
+            pattern = f".*{pattern}.*"
+        return f"REGEXP_LIKE({x}, '{pattern}', 's')"
+
+    def is_nan(self, x: str) -> str:
+        return f"({x} = 'NaN'::FLOAT)"
+
+    def is_inf(self, x: str) -> str:
+        return f"({x} IN ('inf'::FLOAT, '-inf'::FLOAT))"
+
+    def seconds(self, x: str) -> str:
+        micros = f"DATE_PART(epoch_microsecond, {x})"
+        return f"CAST(CAST(FLOOR({micros} / 1000000) AS NUMBER(38, 0)) AS VARCHAR)"
+
+    def date_seconds(self, x: str) -> str:
+        return f"CAST(DATEDIFF(day, DATE '1970-01-01', {x}) * 86400 AS VARCHAR)"
+
+
+_DIALECTS: dict[str, _Sql] = {
+    "duckdb": _Sql(),
+    "postgresql": _PostgresSql(),
+    "snowflake": _SnowflakeSql(),
+}
 
 
 def _literal(text: str) -> str:
@@ -203,10 +245,13 @@ def _value_json(d: _Sql, x: str, kind: ColumnKind) -> str:
             f" ELSE {d.number(x)} END"
         )
     if kind is ColumnKind.DECIMAL:
+        # A fractional decimal becomes its double, and that double follows the DOUBLE rule
+        # (one of more than ~15 digits can round to an integral double).
+        as_double = _value_json(d, f"CAST({x} AS DOUBLE PRECISION)", ColumnKind.DOUBLE)
         return (
             f"CASE WHEN {d.decimal_nan(x)} OR {d.decimal_infinite(x)} THEN NULL"
             f" WHEN {x} = trunc({x}) THEN {_integer_json(d, f'CAST({x} AS DECIMAL(38, 0))')}"
-            f" ELSE {d.number(f'CAST({x} AS DOUBLE PRECISION)')} END"
+            f" ELSE {as_double} END"
         )
     if kind is ColumnKind.TIMESTAMP:
         return d.seconds(x)
