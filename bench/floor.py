@@ -7,11 +7,14 @@
    identifiers, attributes with the identifier copied in; timestamps as Unix seconds,
    decimals as numbers), and Python joins them into 1000-item ``{"batch": [...]}`` bodies.
    No HTTP, no state, no diff: what the machine needs to produce the bytes at all.
-2. **cio-retl**: ``python -m cio_retl sync`` of the same table, initial (empty state),
+2. **SQL payload path**: the same rows through ``cio_retl.payload_sql`` (items, snapshot text
+   and rejections built by DuckDB), joined into bodies: what a switched initial sync would
+   leave to Python (not yet used by the sync).
+3. **cio-retl**: ``python -m cio_retl sync`` of the same table, initial (empty state),
    against the emulator's fast path (``check_every``: only every Nth body validated and
    applied), so the emulator is not what is measured; its capacity, measured in the same
    run right after the sync, is printed beside the figure.
-3. **Engine passes per Dagster materialization**: one ``materialize()`` of the model's asset
+4. **Engine passes per Dagster materialization**: one ``materialize()`` of the model's asset
    (``build_customerio_defs``), counting the engine's counting passes (one per plan of a
    model) and upsert scans (each one reads, normalizes and encodes the changed rows) by
    a SQLAlchemy ``before_cursor_execute`` listener; beside it the same counts for one
@@ -93,6 +96,45 @@ def floor_child(path: str) -> None:
     print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
 
 
+def _kind(type_name: str) -> str:
+    if type_name.startswith("TIMESTAMP"):
+        return "TIMESTAMP"
+    if type_name.startswith("DECIMAL"):
+        return "DECIMAL"
+    return {"VARCHAR": "TEXT", "BOOLEAN": "BOOLEAN", "DOUBLE": "DOUBLE", "DATE": "DATE"}.get(
+        type_name, "INTEGER"
+    )
+
+
+def payload_child(path: str) -> None:
+    """cio_retl.payload_sql's items and snapshots for every row, joined into bodies: what a
+    switched initial sync would leave to Python (no diff, no HTTP, no state writes)."""
+    import duckdb
+
+    from cio_retl.models import parse_model
+    from cio_retl.payload_sql import Column, ColumnKind, payload_select
+
+    started = time.perf_counter()
+    conn = duckdb.connect(path, read_only=True)
+    columns = [
+        Column(name, ColumnKind[_kind(type_name)])
+        for name, type_name, *_ in conn.execute("DESCRIBE bench_people").fetchall()
+    ]
+    model = parse_model(
+        Path("bench_people.sql"),
+        "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from bench_people\n",
+    )
+    sql = payload_select("duckdb", model, columns, "SELECT * FROM bench_people")
+    cursor = conn.execute(f"SELECT item, snapshot FROM ({sql}) AS p WHERE reject_code IS NULL")
+    bodies = n_bytes = items = 0
+    while rows := cursor.fetchmany(BATCH_ITEMS):
+        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
+        bodies += 1
+        items += len(rows)
+        n_bytes += len(body)
+    print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
+
+
 def count_statements(fragments: dict[str, str]) -> dict[str, int]:
     """Counts of executed statements containing each fragment, from now on (all engines)."""
     counts = dict.fromkeys(fragments, 0)
@@ -155,9 +197,13 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=50)
     parser.add_argument("--dagster-rows", type=int, default=2_000, help="0: skip part 3")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
+    parser.add_argument("--payload-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_child:
         floor_child(args.floor_child)
+        return
+    if args.payload_child:
+        payload_child(args.payload_child)
         return
 
     print(f"machine: {machine()}; load average {load_average()}")
@@ -172,6 +218,11 @@ def main() -> None:
             floor = timed_run(
                 [sys.executable, str(Path(__file__)), "--floor-child", str(pristine)], os.environ
             )
+            payload = timed_run(
+                [sys.executable, str(Path(__file__)), "--payload-child", str(pristine)],
+                os.environ,
+            )
+            payload_items, _, payload_bytes, payload_work = payload.output.split()[-4:]
             *_, floor_bytes, floor_work_text = floor.output.split()
             floor_work = float(floor_work_text)  # without interpreter start-up
             warehouse = folder / f"sync{repeat}.duckdb"
@@ -192,6 +243,11 @@ def main() -> None:
                 f"{floor.seconds:.2f} s wall, {floor.cpu_seconds:.2f} s CPU, "
                 f"{floor.rss_mib:.0f} MiB; {args.rows / floor.seconds:,.0f} items/s"
                 f" ({floor_work:.2f} s of it the query and the join; {int(floor_bytes):,} bytes)\n"
+                f"  SQL payload path (cio_retl.payload_sql + Python join, {int(payload_items):,}"
+                f" items): {payload.seconds:.2f} s wall, {payload.cpu_seconds:.2f} s CPU,"
+                f" {payload.rss_mib:.0f} MiB ({float(payload_work):.2f} s of it the query and"
+                f" the join; {int(payload_bytes):,} bytes); {payload.seconds / floor.seconds:.1f}x"
+                " the floor\n"
                 f"  cio-retl initial sync: {sync.seconds:.2f} s wall, {sync.cpu_seconds:.2f} s"
                 f" CPU, {sync.rss_mib:.0f} MiB; {args.rows / sync.seconds:,.0f} items/s"
                 f" ({requests} requests, {sent_bytes:,} bytes; emulator CPU"
