@@ -204,15 +204,7 @@ def _upsert_change(
         )
     duplicates = row[columns.index[DUPLICATES_COLUMN]]
     if duplicates > 1:
-        return RowChange(
-            Change.REJECT,
-            key,
-            rejection=Rejection(
-                RejectionCode.DUPLICATE_KEY,
-                f"{duplicates} rows share this key; none of them is sent",
-                ",".join(model.key_columns),
-            ),
-        )
+        return _duplicate_key(model, key, duplicates)
     record = to_record(model, key, values)
     if isinstance(record, Rejection):
         return RowChange(Change.REJECT, key, rejection=record)
@@ -398,15 +390,7 @@ def _event_change(model: Model, columns: RowReader, row: Sequence[Any]) -> RowCh
         )
     duplicates = row[columns.index[DUPLICATES_COLUMN]]
     if duplicates > 1:
-        return RowChange(
-            Change.REJECT,
-            key,
-            rejection=Rejection(
-                RejectionCode.DUPLICATE_KEY,
-                f"{duplicates} rows share this key; none of them is sent",
-                ",".join(model.key_columns),
-            ),
-        )
+        return _duplicate_key(model, key, duplicates)
     event = to_event(model, key, columns.values(row))
     if isinstance(event, Rejection):
         return RowChange(Change.REJECT, key, rejection=event)
@@ -805,3 +789,16 @@ class CrossDatabaseDiff(_Differ):
     def close(self) -> None:
         if self._staged:
             self.state.unstage_keys(self.token)
+
+
+def _duplicate_key(model: Model, key: str, duplicates: int) -> RowChange:
+    """Rows sharing a key are all held back: sending any one would be a guess."""
+    return RowChange(
+        Change.REJECT,
+        key,
+        rejection=Rejection(
+            RejectionCode.DUPLICATE_KEY,
+            f"{duplicates} rows share this key; none of them is sent",
+            ",".join(model.key_columns),
+        ),
+    )

@@ -118,9 +118,6 @@ runs = sa.Table(
     sa.Column("region", sa.String),
 )
 
-# Every workspace this state store has synced to, one row each: what a plan without
-# credentials chooses from, and where the takeover of rows from before workspaces is
-# recorded (once: the adopted_* columns of the workspace that took them).
 # Every rejection of a run counted by code, one row per (run, model, code): the rejections
 # table keeps only each key's latest, and a run's report lists only its first few.
 run_rejections = sa.Table(
@@ -132,6 +129,9 @@ run_rejections = sa.Table(
     sa.Column("row_count", sa.BigInteger, nullable=False),
 )
 
+# Every workspace this state store has synced to, one row each: what a plan without
+# credentials chooses from, and where the takeover of rows from before workspaces is
+# recorded (once: the adopted_* columns of the workspace that took them).
 workspaces = sa.Table(
     "workspaces",
     metadata,
