@@ -391,11 +391,15 @@ def test_kill_during_a_2000_event_send_then_rerun_sends_each_event_once(
 # -- a property: random changes under random faults converge ----------------------------------
 
 
-def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator) -> None:
+@pytest.mark.parametrize("warehouse", ["duckdb", "postgres", "fakesnow"])
+def test_random_changes_under_faults_converge(
+    tmp_path: Path, emulator: Emulator, warehouse: str, request: pytest.FixtureRequest
+) -> None:
     """Appends, edits and removals of events, devices and suppressions, each round synced
     under random 5xx, 429 and dropped connections (runs may stop half way), then one clean
     run: every event ever in the table is in Customer.io once, and its devices and
-    suppressions equal the tables."""
+    suppressions equal the tables. On PostgreSQL and fakesnow every example gets schemas of
+    its own."""
     from hypothesis import HealthCheck, Phase, given
     from hypothesis import settings as hsettings
     from hypothesis import strategies as st
@@ -428,6 +432,11 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
     )
     retry = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.002)
     example = iter(range(1000))
+    pg: PgSchemas | None = (
+        request.getfixturevalue("pg_schemas") if warehouse == "postgres" else None
+    )
+    snow_url: str = request.getfixturevalue("fakesnow_url") if warehouse == "fakesnow" else ""
+    pg_dropped: list[str] = []
 
     @hsettings(
         max_examples=10,
@@ -438,19 +447,28 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
     )
     @given(rounds=st.lists(st.tuples(st.lists(step, max_size=8), faults), min_size=1, max_size=3))
     def check(rounds: list[tuple[list[tuple[Any, ...]], FaultPlan]]) -> None:
-        folder = tmp_path / f"example{next(example)}"
+        n = next(example)
+        folder = tmp_path / f"example{n}"
         (folder / "models").mkdir(parents=True)
-        url = f"duckdb:///{folder / 'warehouse.duckdb'}"
+        schema, state_schema = "app", "cio_retl"
+        if warehouse == "duckdb":
+            url = f"duckdb:///{folder / 'warehouse.duckdb'}"
+        elif pg is not None:
+            url = pg.url
+            schema, state_schema = f"{pg.warehouse}_{n}", f"{pg.state}_{n}"
+            pg_dropped.extend((schema, state_schema))
+        else:
+            url, schema, state_schema = snow_url, f"app_{n}", f"cio_retl_{n}"
         for name in ("orders.sql", "devices.sql", "erasures.sql"):
             (folder / "models" / name).write_text(
-                MODELS[name].format(s="app").replace("-- lookback_days: 30\n", "")
+                MODELS[name].format(s=schema).replace("-- lookback_days: 30\n", "")
             )
         engine = create_engine(url)
-        for table in _tables("app"):
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+        for table in _tables(schema):
             if table.name == "users":
                 continue
-            with engine.begin() as conn:
-                conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS app"))
             table.create(engine)
         emulator.reset()
         settings = Settings(
@@ -460,6 +478,7 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
             track_api_url=emulator.url,
             site_id=SITE_ID,
             api_key=Secret(API_KEY),
+            state_schema=state_schema,
         )
         ever: dict[str, tuple[str, dt.datetime]] = {}  # every event key that was in the table
         serial = 0
@@ -471,40 +490,45 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
                         key, at = f"e{len(ever)}-{serial}", NOW - dt.timedelta(minutes=serial)
                         ever[key] = (users[op[1]], at)
                         conn.execute(
-                            sa.text("INSERT INTO app.orders VALUES (:k, :u, :t, 1)"),
+                            sa.text(f"INSERT INTO {schema}.orders VALUES (:k, :u, :t, 1)"),
                             {"k": key, "u": users[op[1]], "t": at},
                         )
                     elif op[0] in ("edit_event", "drop_event") and ever:
                         key = sorted(ever)[op[1] % len(ever)]
                         sql = (
-                            "UPDATE app.orders SET total = total + 1 WHERE order_id = :k"
+                            f"UPDATE {schema}.orders SET total = total + 1 WHERE order_id = :k"
                             if op[0] == "edit_event"
-                            else "DELETE FROM app.orders WHERE order_id = :k"
+                            else f"DELETE FROM {schema}.orders WHERE order_id = :k"
                         )
                         conn.execute(sa.text(sql), {"k": key})
                     elif op[0] == "device":
                         conn.execute(
                             sa.text(
-                                "DELETE FROM app.devices WHERE user_id = :u AND device_token = :t"
+                                f"DELETE FROM {schema}.devices WHERE user_id = :u AND device_token = :t"
                             ),
                             {"u": op[1], "t": op[2]},
                         )
                         conn.execute(
-                            sa.text("INSERT INTO app.devices VALUES (:u, :t, :p, NULL, :v)"),
+                            sa.text(f"INSERT INTO {schema}.devices VALUES (:u, :t, :p, NULL, :v)"),
                             {"u": op[1], "t": op[2], "p": op[3], "v": str(serial)},
                         )
                     elif op[0] == "drop_device":
                         conn.execute(
-                            sa.text("DELETE FROM app.devices WHERE user_id = :u"), {"u": op[1]}
+                            sa.text(f"DELETE FROM {schema}.devices WHERE user_id = :u"),
+                            {"u": op[1]},
                         )
                     elif op[0] == "suppress":
                         conn.execute(
-                            sa.text("DELETE FROM app.erasures WHERE user_id = :u"), {"u": op[1]}
+                            sa.text(f"DELETE FROM {schema}.erasures WHERE user_id = :u"),
+                            {"u": op[1]},
                         )
-                        conn.execute(sa.text("INSERT INTO app.erasures VALUES (:u)"), {"u": op[1]})
+                        conn.execute(
+                            sa.text(f"INSERT INTO {schema}.erasures VALUES (:u)"), {"u": op[1]}
+                        )
                     elif op[0] == "unsuppress":
                         conn.execute(
-                            sa.text("DELETE FROM app.erasures WHERE user_id = :u"), {"u": op[1]}
+                            sa.text(f"DELETE FROM {schema}.erasures WHERE user_id = :u"),
+                            {"u": op[1]},
                         )
             emulator.faults = plan
             run_sync(settings, None, SyncOptions(retry=retry, force=True, batch_items=3))
@@ -515,12 +539,14 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
             devices = {
                 (u, t): {"token": t, "platform": p, "attributes": {"app_version": v}}
                 for u, t, p, v in conn.execute(
-                    sa.text("SELECT user_id, device_token, platform, app_version FROM app.devices")
+                    sa.text(
+                        f"SELECT user_id, device_token, platform, app_version FROM {schema}.devices"
+                    )
                 )
             }
-            erased = {u for (u,) in conn.execute(sa.text("SELECT user_id FROM app.erasures"))}
-            present = {k for (k,) in conn.execute(sa.text("SELECT order_id FROM app.orders"))}
-        recorded = set(StateStore(engine).sent_events_of("orders"))
+            erased = {u for (u,) in conn.execute(sa.text(f"SELECT user_id FROM {schema}.erasures"))}
+            present = {k for (k,) in conn.execute(sa.text(f"SELECT order_id FROM {schema}.orders"))}
+        recorded = set(StateStore(engine, state_schema).sent_events_of("orders"))
         engine.dispose()
         events = emulator.workspace.events("id")
         got = [(e["id"], str(person)) for person, es in events.items() for e in es]
@@ -535,7 +561,15 @@ def test_random_changes_under_faults_converge(tmp_path: Path, emulator: Emulator
         assert {v for kind, v in emulator.workspace.suppressed if kind == "id"} == erased
         assert emulator.invalid_items == []
 
-    check()
+    try:
+        check()
+    finally:
+        if pg is not None:
+            engine = create_engine(pg.url)
+            with engine.begin() as conn:
+                for name in pg_dropped:
+                    conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            engine.dispose()
 
 
 # -- the command line ----------------------------------------------------------------------
