@@ -35,12 +35,9 @@ RATE_LIMIT_REQUESTS = 1000  # per RATE_LIMIT_WINDOW seconds, for the whole works
 RATE_LIMIT_WINDOW = 1.0
 SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
 HEADROOM = 0.02  # of the limit kept free for jitter between a grant and the arrival
-SHARED_HEADROOM = HEADROOM
 # A process's own limiter also spaces the grants a window apart plus this much: a request
 # granted at the end of one window and delayed (threads, network) still arrives outside it.
 ARRIVAL_MARGIN = 0.05
-
-_SPEC = RATE_SPEC  # the form Settings.from_env checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +54,7 @@ class RateSpec:
     @classmethod
     def parse(cls, text: str) -> RateSpec:
         """``"1000/1"``: 1000 requests per second."""
-        match = _SPEC.match(text)
+        match = RATE_SPEC.match(text)  # the form Settings.from_env checks
         if not match:
             raise ValueError(f"a rate limit is REQUESTS/SECONDS, e.g. 1000/1; got {text!r}")
         return cls(int(match.group(1)), float(match.group(2)))
@@ -149,7 +146,7 @@ class Gcra:
 
     @classmethod
     def for_limit(
-        cls, spec: RateSpec, share: float = SHARED_SHARE, headroom: float = SHARED_HEADROOM
+        cls, spec: RateSpec, share: float = SHARED_SHARE, headroom: float = HEADROOM
     ) -> Gcra:
         """Fewer than ``(1 - headroom) x spec.requests`` grants in any window (so at most
         its floor, and never fewer than one), ``share`` of them as the sustained pace and the
@@ -218,7 +215,7 @@ class SharedRateBudget:
         spec: RateSpec | None = None,
         *,
         share: float = SHARED_SHARE,
-        headroom: float = SHARED_HEADROOM,
+        headroom: float = HEADROOM,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if state.engine.dialect.name != "postgresql":
