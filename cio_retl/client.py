@@ -21,8 +21,9 @@ import tenacity
 
 from cio_retl import __version__
 from cio_retl.batching import batch_body
-from cio_retl.errors import FatalSendError, Rejection, RejectionCode, RetriableError
+from cio_retl.errors import FatalSendError, RetriableError
 from cio_retl.ratelimit import RateBudget, workspace_limiter
+from cio_retl.records import Rejection, RejectionCode
 
 RETRY_AFTER_CAP = 120.0  # never sleep longer than this on one Retry-After
 

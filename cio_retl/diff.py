@@ -16,8 +16,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
@@ -25,17 +24,9 @@ from sqlalchemy.engine import Connection
 
 from cio_retl.buckets import Bucket
 from cio_retl.dialects import Dialect
-from cio_retl.errors import Rejection, RejectionCode
 from cio_retl.models import Kind, Model, RemovedColumns
-from cio_retl.normalize import (
-    Attributes,
-    Event,
-    Record,
-    canonical_json,
-    to_event,
-    to_record,
-    upgrade_previous,
-)
+from cio_retl.normalize import canonical_json, to_event, to_record, upgrade_previous
+from cio_retl.records import Attributes, Change, Rejection, RejectionCode, RowChange
 from cio_retl.state import StateStore
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
@@ -50,34 +41,6 @@ from cio_retl.warehouse import (
 )
 
 REMOVED = ""  # the API's form for "remove this attribute" (spec: send an empty string)
-
-
-class Change(StrEnum):
-    CREATE = "create"  # not in the snapshot: send every attribute
-    UPDATE = "update"  # in the snapshot with other values: send the changed ones
-    REFRESH = "refresh"  # SQL row changed, normalized values did not: update the fingerprint
-    DELETE = "delete"  # left the model: delete (mirror) or delete the relationship
-    FORGET = "forget"  # left an upsert model: drop it from the snapshot, send nothing
-    REJECT = "reject"  # cannot be sent; recorded with the reason
-
-
-class RowChange(NamedTuple):
-    """One row's change and what to send for it.
-
-    A NamedTuple, not a frozen dataclass: one is built per changed row, and a frozen
-    dataclass's __init__ (one object.__setattr__ per field) was the largest single item of
-    a 100k-row sync's profile (py-spy --gil: 0.9 s of ~5.8 s, with the other per-row
-    records); a NamedTuple is as immutable and builds in C.
-    """
-
-    change: Change
-    key: str | None
-    fingerprint: str | None = None
-    record: Record | None = None
-    send: Attributes | None = None  # the attributes to send (changed ones, "" to remove)
-    identifiers: dict[str, Any] | None = None  # for deletes: from the snapshot
-    rejection: Rejection | None = None
-    event: Event | None = None  # an event to send (a CREATE without a record)
 
 
 def diff_upserts(

@@ -5,13 +5,11 @@ and :class:`FatalSendError` when Customer.io refuses the credentials), guardrail
 (:class:`GuardrailError`), and transient failures (:class:`TransientError`: a host that could
 not be reached or kept failing; the next run may well succeed). The exceptions carry no exit
 status: the command line maps each kind to one. A rejected row is not an exception at all: it
-is a value (:class:`Rejection`) recorded and reported, so one bad row never stops the others.
+is a value (:class:`cio_retl.records.Rejection`) recorded and reported, so one bad row never stops the others.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
 from typing import Any
 
 
@@ -69,35 +67,3 @@ class RetriableError(TransientError):
 
 class UnreachableError(TransientError):
     """A database did not answer (refused, timed out, name not resolved)."""
-
-
-class RejectionCode(enum.StrEnum):
-    """Why a row was rejected, as a stable value: what checks, counts and tables key on
-    (the reason text is for people and may change)."""
-
-    NULL_KEY = "null_key"  # the model's key (or a person identifier of the row) is NULL
-    DUPLICATE_KEY = "duplicate_key"  # several rows share the key: none of them is sent
-    INVALID_IDENTIFIER = "invalid_identifier"  # empty, not text, control characters, not an email
-    MISSING_VALUE = "missing_value"  # a required column (an event's timestamp) is NULL
-    INVALID_VALUE = "invalid_value"  # a value the API cannot carry (bytes, a bad platform...)
-    TOO_LONG = "too_long"  # an identifier, attribute value or event name over its byte limit
-    TOO_MANY_ATTRIBUTES = "too_many_attributes"  # over the attribute count of a person
-    ITEM_TOO_LARGE = "item_too_large"  # the item's JSON over the per-item byte limit
-    API_REJECTED = "api_rejected"  # Customer.io refused the item (a 4xx, or a 207 naming it)
-    # A 207 whose errors name no usable item: nothing in the batch is known to be accepted.
-    API_UNATTRIBUTED = "api_unattributed"
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why one row was not sent or not accepted. Never holds attribute values."""
-
-    code: RejectionCode
-    reason: str
-    field: str | None = None
-    status: int | None = None
-
-    def __str__(self) -> str:
-        where = f" [{self.field}]" if self.field else ""
-        code = f" (HTTP {self.status})" if self.status else ""
-        return f"{self.reason}{where}{code}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from cio_retl.errors import Rejection, RejectionCode
+from cio_retl.records import Rejection, RejectionCode
 
 MAX_BATCH_ITEMS = 1000  # [seen] RudderStack caps at 1000; the reference states only bytes
 MAX_BATCH_BYTES = 500_000  # "500 KB", taken as 500,000 bytes of the serialized body

@@ -15,16 +15,14 @@ import math
 import uuid
 from collections.abc import Container, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any
 
 import orjson
 
-from cio_retl.errors import Rejection, RejectionCode
 from cio_retl.limits import check_identifier
 from cio_retl.models import MAX_EVENT_NAME_BYTES, Kind, Model
+from cio_retl.records import Attributes, Event, Record, Rejection, RejectionCode
 from cio_retl.ulid import event_ulid
-
-Attributes: TypeAlias = dict[str, Any]
 
 # JSON numbers beyond this lose precision in JavaScript consumers; integral floats below it
 # become ints so that 1.0 (DuckDB DOUBLE) and 1 (Snowflake NUMBER) hash alike.
@@ -204,33 +202,6 @@ def digest(canonical: bytes) -> str:
 # -- rows to records ----------------------------------------------------------------------
 
 
-class Record(NamedTuple):
-    """One model row as Customer.io will see it, keyed as the snapshot keys it.
-
-    ``external_id`` follows RudderStack's ``mappedToDestination`` convention
-    (``{"type": "CUSTOMERIO-person", "identifierType": "email", "id": ...}``); the identifier
-    goes into ``identifiers`` and into ``attributes`` alike, as the same text everywhere: the
-    attribute copy is the person's (or object's) own identifier attribute in Customer.io,
-    which the schema types as a string, so a number there would be a second, different
-    value of it. For a relationship ``identifiers`` holds both sides:
-    ``{"person": {...}, "object": {...}}``.
-
-    A NamedTuple, not a frozen dataclass: one is built per changed row, and a frozen
-    dataclass's __init__ (one object.__setattr__ per field) was the largest single item of
-    a 100k-row sync's profile (py-spy --gil: 0.9 s of ~5.8 s, with the other per-row
-    records); a NamedTuple is as immutable and builds in C.
-    """
-
-    key: str
-    external_id: dict[str, Any]
-    identifiers: dict[str, Any]
-    attributes: Attributes
-
-    @property
-    def attrs_hash(self) -> str:
-        return attributes_hash(self.attributes)
-
-
 def to_record(model: Model, key: str, row: Mapping[str, Any]) -> Record | Rejection:
     """Build the record of one row, or say why the row cannot be sent."""
     try:
@@ -390,17 +361,6 @@ def _as_text(value: Any) -> str:
 
 
 # -- events ---------------------------------------------------------------------------------
-
-
-class Event(NamedTuple):
-    """One event row as the ``event`` item carries it (see :mod:`cio_retl.ulid` for ``id``)."""
-
-    key: str  # the event key, as text: what the state of sent events records
-    identifiers: dict[str, Any]
-    name: str
-    timestamp: int  # Unix seconds (PersonEvent `timestamp` is an integer)
-    id: str
-    data: Attributes
 
 
 def to_event(model: Model, key: str, row: Mapping[str, Any]) -> Event | Rejection:

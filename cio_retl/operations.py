@@ -13,11 +13,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from cio_retl.diff import Change, RowChange
-from cio_retl.errors import Rejection
 from cio_retl.limits import check_attributes, check_item_size
 from cio_retl.models import Kind, Model
-from cio_retl.normalize import Event, canonical_json, text_identifiers
+from cio_retl.normalize import canonical_json, text_identifiers
+from cio_retl.records import Change, Event, Rejection, RowChange
 
 
 class Phase(IntEnum):

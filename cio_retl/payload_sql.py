@@ -9,7 +9,7 @@ identify of a *new* row (the whole row is sent) :func:`payload_select` returns, 
   "attributes":{..}}``;
 - ``snapshot``: the attributes' JSON text, keys sorted as the snapshot keeps them;
 - ``reject_code`` / ``reject_reason``: NULL for a valid row, else the
-  :class:`cio_retl.errors.RejectionCode` value and the reason the Python path gives.
+  :class:`cio_retl.records.RejectionCode` value and the reason the Python path gives.
 
 Normalization is the contract's: timestamps and dates become Unix seconds (floored), decimals
 JSON numbers (integral ones integers), booleans stay booleans, JSON columns stay nested, NaN
@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import orjson
 
-from cio_retl.errors import RejectionCode
 from cio_retl.limits import (
     MAX_ATTRIBUTE_VALUE_BYTES,
     MAX_ATTRIBUTES,
@@ -49,6 +48,7 @@ from cio_retl.limits import (
     MAX_ITEM_BYTES,
 )
 from cio_retl.models import Kind, Model
+from cio_retl.records import RejectionCode
 
 _EXACT = 2**53  # integers beyond +-2^53 travel as text (normalize._EXACT_FLOAT_INT)
 

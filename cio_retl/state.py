@@ -71,7 +71,7 @@ rejections = sa.Table(
     sa.Column("status", sa.Integer),
     sa.Column("payload", sa.String),  # the item with values redacted: names and types only
     sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=False),
-    # A cio_retl.errors.RejectionCode value; NULL for rows recorded before codes existed
+    # A cio_retl.records.RejectionCode value; NULL for rows recorded before codes existed
     # (added to older tables by ensure_schema).
     sa.Column("code", sa.String),
 )
@@ -292,7 +292,7 @@ class Adoption:
 @dataclass(frozen=True, slots=True)
 class RejectionRow:
     key: str
-    code: str  # a cio_retl.errors.RejectionCode value
+    code: str  # a cio_retl.records.RejectionCode value
     reason: str
     field: str | None
     status: int | None

@@ -27,14 +27,12 @@ from cio_retl.batching import pack
 from cio_retl.buckets import Bucket
 from cio_retl.client import AccountRegion, RetryPolicy, SendResult, TrackClient
 from cio_retl.config import Settings
-from cio_retl.diff import Change, ChangeCounts, Differ, RowChange, differ_for
+from cio_retl.diff import ChangeCounts, Differ, differ_for
 from cio_retl.errors import (
     CioRetlError,
     ConfigError,
     GuardrailError,
     ModelError,
-    Rejection,
-    RejectionCode,
     RetriableError,
 )
 from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
@@ -42,6 +40,7 @@ from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
 from cio_retl.ratelimit import RateSpec, budget_for
+from cio_retl.records import Change, Rejection, RejectionCode, RowChange
 from cio_retl.state import (
     LEGACY_WORKSPACE,
     Adoption,

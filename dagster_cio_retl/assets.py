@@ -43,11 +43,11 @@ from cio_retl.errors import (
     CioRetlError,
     LockedError,
     ModelError,
-    RejectionCode,
     TransientError,
 )
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.progress import ProgressLog
+from cio_retl.records import RejectionCode
 from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine

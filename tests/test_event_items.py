@@ -12,13 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
-from cio_retl.diff import Change, RowChange
 from cio_retl.emulator.rules import Rules
 from cio_retl.emulator.validation import validate_item
-from cio_retl.errors import Rejection
 from cio_retl.models import parse_model
-from cio_retl.normalize import Event, Record, to_event, to_record
+from cio_retl.normalize import to_event, to_record
 from cio_retl.operations import Operation, Phase, build_item, encode, phases_of
+from cio_retl.records import Change, Event, Record, Rejection, RowChange
 from cio_retl.ulid import CROCKFORD_BASE32, MAX_ULID_MILLISECONDS, event_ulid, ulid_milliseconds
 
 ORDERS = parse_model(

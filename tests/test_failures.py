@@ -19,7 +19,8 @@ from sqlalchemy.engine import Engine
 from cio_retl.cli import EXIT_STATUS, exit_status, main, print_report
 from cio_retl.config import Settings
 from cio_retl.emulator import Emulator, FaultPlan
-from cio_retl.errors import ConfigError, RejectionCode, TransientError
+from cio_retl.errors import ConfigError, TransientError
+from cio_retl.records import RejectionCode
 from cio_retl.state import StateStore
 from cio_retl.sync import Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine

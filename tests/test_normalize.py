@@ -14,10 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cio_retl.diff import REMOVED, changed_attributes, same_value
-from cio_retl.errors import Rejection
 from cio_retl.models import parse_model
 from cio_retl.normalize import (
-    Record,
     UnsupportedValue,
     attributes_hash,
     normalize_attributes,
@@ -26,6 +24,7 @@ from cio_retl.normalize import (
     to_record,
     upgrade_previous,
 )
+from cio_retl.records import Record, Rejection
 
 UTC = dt.UTC
 

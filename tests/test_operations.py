@@ -14,12 +14,11 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cio_retl.diff import Change, RowChange
-from cio_retl.errors import Rejection
 from cio_retl.limits import MAX_ITEM_BYTES, check_attributes
 from cio_retl.models import Model, parse_model
-from cio_retl.normalize import Record, canonical_json, to_record
+from cio_retl.normalize import canonical_json, to_record
 from cio_retl.operations import Operation, build_item, encode
+from cio_retl.records import Change, Record, Rejection, RowChange
 
 PERSON = parse_model(
     Path("people.sql"), "-- kind: person\n-- identifier: email\n-- key: email\nselect 1\n"

@@ -21,12 +21,11 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cio_retl.diff import Change, RowChange
-from cio_retl.errors import Rejection
 from cio_retl.models import Model, parse_model
 from cio_retl.normalize import canonical_json, normalize_value, to_record
 from cio_retl.operations import encode
 from cio_retl.payload_sql import Column, ColumnKind, payload_select
+from cio_retl.records import Change, Rejection, RowChange
 from cio_retl.warehouse import RowReader, Warehouse, create_engine
 
 K = ColumnKind

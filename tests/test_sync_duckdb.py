@@ -23,7 +23,8 @@ from cio_retl.cli import exit_status
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
-from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError, RejectionCode
+from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
+from cio_retl.records import RejectionCode
 from cio_retl.state import (
     RejectionRow,
     SnapshotRow,
