@@ -48,7 +48,8 @@ URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 _GREEDY = """
 import sys, threading, time
-from cio_retl.ratelimit import RateSpec, SharedRateBudget
+from cio_retl.ratelimit import RateSpec
+from cio_retl.state.budget import SharedRateBudget
 from cio_retl.state import StateStore
 from cio_retl.warehouse import create_engine
 url, schema, threads, start, seconds = sys.argv[1:6]

@@ -22,7 +22,7 @@ DEFAULT_RATE_LIMIT = "1000/1"
 TRACK_HOSTS = {"us": "https://track.customer.io", "eu": "https://track-eu.customer.io"}
 DEFAULT_WAREHOUSE_FILE = "cio_retl.duckdb"
 STATE_SCHEMA = "cio_retl"
-RATE_BUDGETS = ("auto", "local", "shared")  # see cio_retl.ratelimit.budget_for
+RATE_BUDGETS = ("auto", "local", "shared")  # see cio_retl.state.budget.budget_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ class Settings:
     # Schema of the state tables; another name lets several deployments (or parallel test
     # runs) share one database without sharing snapshots.
     state_schema: str = STATE_SCHEMA
-    # The workspace's request limit, and which budget enforces it (cio_retl.ratelimit):
+    # The workspace's request limit, and which budget enforces it (cio_retl.state.budget):
     # "local" to this process, "shared" through the state store, or "auto".
     rate_limit: str = DEFAULT_RATE_LIMIT
     rate_budget: str = "auto"

@@ -39,7 +39,7 @@ from cio_retl.limits import MAX_BATCH_ITEMS, column_name_problem
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, Phase, encode, phases_of, redact
-from cio_retl.ratelimit import RateSpec, budget_for
+from cio_retl.ratelimit import RateSpec
 from cio_retl.records import Change, Rejection, RejectionCode, RowChange
 from cio_retl.state import (
     LEGACY_WORKSPACE,
@@ -50,6 +50,7 @@ from cio_retl.state import (
     Workspace,
     snapshots,
 )
+from cio_retl.state.budget import budget_for
 from cio_retl.warehouse import (
     Warehouse,
     check_reachable,

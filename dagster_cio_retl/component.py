@@ -18,10 +18,9 @@ import dagster as dg
 from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
 
 from cio_retl.buckets import MAX_BUCKETS, Bucket
-from cio_retl.config import Settings
+from cio_retl.config import RATE_BUDGETS, Settings
 from cio_retl.errors import ConfigError
 from cio_retl.models import Model
-from cio_retl.ratelimit import BUDGETS
 from dagster_cio_retl.assets import SyncConfig, SyncEvent, sync_models
 from dagster_cio_retl.definitions import build_customerio_defs
 from dagster_cio_retl.project_config import DEFAULT_CRON, DEFAULT_TIMEZONE, Schedule
@@ -165,7 +164,7 @@ class CustomerIOComponent(dg.Component, dg.Resolvable):
         dg.Resolver.default(
             description="`auto`, `local` or `shared` (one budget in a PostgreSQL state store "
             "for every worker); unset = auto.",
-            json_schema_extra={"pattern": _one_of(BUDGETS)},
+            json_schema_extra={"pattern": _one_of(RATE_BUDGETS)},
         ),
     ] = None
     state_schema: Annotated[

@@ -31,8 +31,9 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.dialects import dialect_for
 from cio_retl.emulator import Emulator, most_in_window
 from cio_retl.errors import ConfigError, LockedError
-from cio_retl.ratelimit import Gcra, RateSpec, SharedRateBudget, budget_for
+from cio_retl.ratelimit import RateSpec
 from cio_retl.state import StateStore
+from cio_retl.state.budget import Gcra, SharedRateBudget, budget_for
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, REPO, SITE_ID, PgSchemas, sync

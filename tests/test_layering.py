@@ -20,8 +20,14 @@ def _loaded_by(module: str) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("module", ["cio_retl.records"])
-def test_shared_types_import_no_engine(module: str) -> None:
-    loaded = _loaded_by(module)
+def test_shared_types_import_no_engine() -> None:
+    loaded = _loaded_by("cio_retl.records")
     assert "sqlalchemy" not in loaded
-    assert {m for m in loaded if m.startswith("cio_retl.")} == {module}
+    assert {m for m in loaded if m.startswith("cio_retl.")} == {"cio_retl.records"}
+
+
+@pytest.mark.parametrize("module", ["cio_retl.client", "cio_retl.ratelimit"])
+def test_http_client_loads_no_database_code(module: str) -> None:
+    loaded = _loaded_by(module)
+    assert not loaded & {"sqlalchemy", "duckdb", "psycopg", "snowflake"}
+    assert not any(m.startswith(("cio_retl.state", "cio_retl.dialects")) for m in loaded)

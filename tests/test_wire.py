@@ -28,8 +28,9 @@ from cio_retl.client import TrackClient
 from cio_retl.config import DEFAULT_RATE_LIMIT, Settings
 from cio_retl.emulator import Emulator, FaultPlan, Rules, most_in_window
 from cio_retl.normalize import canonical_json, digest
-from cio_retl.ratelimit import Gcra, RateBudget, RateSpec, SharedRateBudget, workspace_limiter
+from cio_retl.ratelimit import RateBudget, RateSpec, workspace_limiter
 from cio_retl.state import StateStore
+from cio_retl.state.budget import Gcra, SharedRateBudget
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, PgSchemas, sync

@@ -163,7 +163,7 @@ locks = sa.Table(
 )
 
 # The workspace rate budget shared by the processes sending to one workspace (see
-# cio_retl.ratelimit.SharedRateBudget); keyed by a digest, never by the site id.
+# cio_retl.state.budget.SharedRateBudget); keyed by a digest, never by the site id.
 rate_budget = sa.Table(
     "rate_budget",
     metadata,
