@@ -1,0 +1,153 @@
+"""Acknowledgment: what Customer.io accepted becomes the snapshot; what it refused, rejections.
+
+A snapshot row (or a sent event) is written only after its item was acknowledged, in one
+transaction with the rejections of the same batches, so a run killed at any moment leaves a
+state that resends at most what was in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+from cio_retl.client import SendResult
+from cio_retl.models import Kind, Model
+from cio_retl.normalize import canonical_json, digest
+from cio_retl.operations import Operation, redact
+from cio_retl.records import Change, Rejection
+from cio_retl.report import EXAMPLES_PER_CODE, MAX_REPORTED_REJECTIONS, ModelReport
+from cio_retl.state import RejectionRow, SnapshotRow, StateStore
+
+
+class AckContext(Protocol):
+    """What acknowledgment needs of the run it belongs to."""
+
+    state: StateStore
+    run_id: str
+
+    def people_models(self, identifier: str | None) -> list[Model]: ...
+
+    def heartbeat(self) -> None: ...
+
+
+class Acknowledger:
+    """One model's phase bookkeeping: the report's counters, the rejections waiting to be
+    recorded, and the state writes of acknowledged batches.
+
+    The sender's thread and the state writer both call it; ``lock`` guards the report and
+    the rejection buffer.
+    """
+
+    def __init__(self, run: AckContext, model: Model, report: ModelReport, dry_run: bool) -> None:
+        self.run = run
+        self.model = model
+        self.report = report
+        self.lock = threading.Lock()
+        self._rejections: list[RejectionRow] = []
+        # Clearing acknowledged keys from the rejections table is only needed if it has any.
+        self._had_rejections = not dry_run and run.state.has_rejections(model.name)
+
+    @property
+    def pending_rejections(self) -> int:
+        return len(self._rejections)
+
+    def reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
+        report, code = self.report, rejection.code
+        with self.lock:
+            report.rejected += 1
+            report.rejected_by_code[code] = report.rejected_by_code.get(code, 0) + 1
+            if len(report.rejections) < MAX_REPORTED_REJECTIONS:
+                report.rejections.append((key, str(rejection)))
+            examples = report.examples_by_code.setdefault(code, [])
+            if len(examples) < EXAMPLES_PER_CODE:
+                examples.append((key, str(rejection)))
+            if key is not None:  # a NULL key cannot be stored; it is reported only
+                self._rejections.append(
+                    RejectionRow(
+                        key,
+                        code.value,
+                        rejection.reason,
+                        rejection.field,
+                        rejection.status,
+                        redact(item) if item else None,
+                    )
+                )
+
+    def count_acked(self, operations: Sequence[Operation]) -> None:
+        created = updated = deleted = 0
+        for op in operations:
+            change = op.change.change
+            if change is Change.CREATE:
+                created += 1
+            elif change is Change.UPDATE:
+                updated += 1
+            elif change is Change.DELETE:
+                deleted += 1
+        with self.lock:
+            self.report.created += created
+            self.report.updated += updated
+            self.report.deleted += deleted
+
+    def acknowledge(self, batches: Sequence[tuple[list[Operation], SendResult]]) -> None:
+        """On the state writer: the snapshot of acknowledged rows and the rejected ones, in
+        one transaction."""
+        acked: list[Operation] = []
+        for operations, result in batches:
+            acked.extend(operations[i] for i in result.acked)
+            for index, rejection in result.rejected.items():
+                op = operations[index]
+                self.reject(op.key, rejection, op.item)
+        upserted = [snapshot_row(op) for op in acked if op.change.record is not None]
+        deleted = [op.key for op in acked if op.change.change is Change.DELETE]
+        events = [
+            (op.key, op.change.event.id, op.change.event.timestamp)
+            for op in acked
+            if op.change.event is not None
+        ]
+        state = self.run.state
+        with state.engine.begin() as conn:
+            state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
+            state.delete_snapshots(conn, self.model.name, deleted)
+            state.save_events(conn, self.model.name, self.run.run_id, events)
+            if self.model.kind is Kind.SUPPRESSION and upserted:
+                # A suppressed person is no longer what the person models' snapshots say
+                # [open: whether Customer.io deletes the profile on suppress; its v1
+                # reference speaks of deleting it]: forget them there, so that once
+                # unsuppressed they are identified again in full, as new people.
+                for people in self.run.people_models(self.model.identifier):
+                    state.delete_snapshots(conn, people.name, [row.key for row in upserted])
+            if self._had_rejections:
+                state.clear_rejections(conn, self.model.name, [op.key for op in acked])
+            state.record_rejections(conn, self.model.name, self.run.run_id, self.take_rejections())
+        with self.lock:
+            for operations, result in batches:
+                self.report.requests += result.requests
+                self.report.bytes_sent += result.bytes_sent
+                self.report.items_sent += len(operations)
+            if events:
+                newest = max(at for _, _, at in events)
+                self.report.newest_event = max(newest, self.report.newest_event or newest)
+        self.count_acked(acked)
+        self.run.heartbeat()
+
+    def take_rejections(self) -> list[RejectionRow]:
+        with self.lock:
+            taken, self._rejections = self._rejections, []
+        return taken
+
+
+def snapshot_row(op: Operation) -> SnapshotRow:
+    """What the snapshot keeps of an acknowledged row; the attributes are serialized once
+    and the hash is taken of exactly those bytes."""
+    record = op.change.record
+    assert record is not None
+    attributes = op.attributes or canonical_json(record.attributes)
+    return SnapshotRow(
+        key=op.key,
+        fingerprint=op.change.fingerprint or "",
+        attrs_hash=digest(attributes),
+        identifiers=canonical_json(record.identifiers).decode(),
+        attributes=attributes.decode(),
+        new=op.change.change is Change.CREATE,
+    )

@@ -1,0 +1,241 @@
+"""Sending one model's phase: encode the diff's rows, send batches, hand acknowledgments on."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import orjson
+
+from cio_retl.ack import AckContext, Acknowledger
+from cio_retl.batching import pack
+from cio_retl.client import SendResult, TrackClient
+from cio_retl.errors import CioRetlError, RetriableError
+from cio_retl.models import Model
+from cio_retl.operations import Operation, encode
+from cio_retl.options import Progress, SyncOptions
+from cio_retl.records import Change, Rejection, RowChange
+from cio_retl.report import ModelReport
+
+
+class SendContext(AckContext, Protocol):
+    """What sending needs of the run it belongs to."""
+
+    options: SyncOptions
+    client: TrackClient | None
+    progress: Progress | None
+
+    def expected_items(self, model: Model) -> int: ...
+
+
+class Sender:
+    """Streams one model's changes of one phase to Customer.io and acknowledges them.
+
+    Three kinds of threads, so the two cores are both busy: this one reads the diff and
+    encodes items; up to ``max_in_flight`` workers send batches; ONE state writer applies
+    every state write (acknowledgments, fingerprint refreshes, rejections) in order. The
+    database releases the GIL while it writes, so snapshot upserts overlap the next batch's
+    encoding, and a single writer means state writes never race each other.
+    """
+
+    FLUSH_EVERY = 1000
+    MAX_PENDING_WRITES = 8  # back-pressure: acknowledgments waiting for the state writer
+    # Acknowledged rows go to the snapshot several batches per statement and transaction (a
+    # snapshot upsert has a fixed cost per statement), but never later than ACK_SECONDS
+    # after the oldest of them was acknowledged, and at once whenever the sender would wait
+    # for a batch in flight anyway: a run killed at any moment resends only what was in
+    # flight or acknowledged in its last second.
+    ACK_ROWS = 5000
+    ACK_SECONDS = 1.0
+    # Rows read from the diff between two checks of the ACK_SECONDS deadline: a slow diff
+    # (a warehouse streaming its result) must not hold acknowledgments back.
+    TICK_ROWS = 256
+
+    def __init__(self, run: SendContext, model: Model, report: ModelReport) -> None:
+        self.run = run
+        self.model = model
+        self.report = report
+        self.dry_run = run.options.dry_run
+        self.ack = Acknowledger(run, model, report, self.dry_run)
+        self._refresh: list[tuple[str, str]] = []
+        self._forget: list[str] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: deque[Future[None]] = deque()
+        self._acked: list[tuple[list[Operation], SendResult]] = []  # not yet handed to the writer
+        self._acked_rows = 0
+        self._acked_since = 0.0  # time.monotonic() of the oldest batch in ``_acked``
+        self._in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
+
+    def send(self, changes: Iterator[RowChange]) -> None:
+        """Up to ``max_in_flight`` batches travel at once; their acknowledgments are written
+        in batch order by the state writer.
+
+        One phase holds each key at most once, so batches of a phase may overlap in flight
+        without an older state of a row overtaking a newer one; phases never overlap.
+        """
+        if self.dry_run:
+            for batch in pack(self._operations(changes), max_items=self.run.options.batch_items):
+                self.ack.count_acked([op for op, _ in batch])
+                self._after_batch(len(batch))
+            self._flush()
+            return
+        client = self.run.client
+        assert client is not None
+        in_flight = self._in_flight
+        failure: CioRetlError | None = None
+        self._writer = ThreadPoolExecutor(1, "cio-state")
+        try:
+            with ThreadPoolExecutor(self.run.options.max_in_flight, "cio-send") as pool:
+                try:
+                    for batch in pack(
+                        self._operations(changes), max_items=self.run.options.batch_items
+                    ):
+                        self._settle_done()
+                        if len(in_flight) >= self.run.options.max_in_flight:
+                            self._settle(*in_flight.popleft())
+                        items = [item for _, item in batch]
+                        in_flight.append(
+                            ([op for op, _ in batch], pool.submit(client.send_batch, items))
+                        )
+                except CioRetlError as exc:
+                    failure = exc
+                finally:
+                    # Whatever happened, acknowledge every batch that was accepted meanwhile.
+                    while in_flight:
+                        try:
+                            self._settle(*in_flight.popleft())
+                        except CioRetlError as exc:
+                            failure = failure or exc
+            self._write_acknowledged()
+            self._flush()
+        finally:
+            try:
+                self._write_acknowledged()  # what Customer.io accepted is saved, whatever happened
+            finally:
+                self._drain()
+                self._writer.shutdown()
+                self._writer = None
+        if failure is not None:
+            raise failure
+
+    def _write(self, task: Callable[[], None]) -> None:
+        """Queue a state write; surface the writer's errors and keep its queue short."""
+        assert self._writer is not None
+        self._writes.append(self._writer.submit(task))
+        while self._writes and (
+            self._writes[0].done() or len(self._writes) > self.MAX_PENDING_WRITES
+        ):
+            self._writes.popleft().result()
+
+    def _drain(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
+
+    def _settle_done(self) -> None:
+        """Settle the batches at the head of the queue that are already answered (in batch
+        order, without waiting), and write the acknowledgments that are due."""
+        while self._in_flight and self._in_flight[0][1].done():
+            self._settle(*self._in_flight.popleft())
+        if self._acked and time.monotonic() - self._acked_since >= self.ACK_SECONDS:
+            self._write_acknowledged()
+
+    def _settle(self, operations: list[Operation], future: Future[SendResult]) -> None:
+        if not future.done():  # the sender waits anyway: save what is acknowledged first
+            self._write_acknowledged()
+        try:
+            result = future.result()
+        except RetriableError as exc:
+            with self.ack.lock:
+                self.report.requests += exc.attempts
+                self.report.bytes_sent += exc.bytes_sent
+            raise
+        if not self._acked:
+            self._acked_since = time.monotonic()
+        self._acked.append((operations, result))
+        self._acked_rows += len(operations)
+        if (
+            self._acked_rows >= self.ACK_ROWS
+            or time.monotonic() - self._acked_since >= self.ACK_SECONDS
+        ):
+            self._write_acknowledged()
+        self._after_batch(len(operations))
+
+    def _write_acknowledged(self) -> None:
+        """Hand the settled batches to the state writer, as one snapshot write."""
+        batches, self._acked, self._acked_rows = self._acked, [], 0
+        if batches:
+            self._write(lambda: self.ack.acknowledge(batches))
+
+    def _after_batch(self, n_items: int) -> None:
+        if self.run.progress:
+            self.run.progress(self.model.name, n_items, self.run.expected_items(self.model))
+        self._flush_if_full()
+
+    def _operations(self, changes: Iterable[RowChange]) -> Iterator[tuple[Operation, bytes]]:
+        # Runs once per changed row: attributes looked up once, and the buffers checked for
+        # a flush only when this loop adds to them (batches check them too, _after_batch).
+        model, report, samples = self.model, self.report, self.report.samples
+        sample_size = self.run.options.sample_size
+        tick = 0 if self.dry_run else self.TICK_ROWS
+        for change in changes:
+            if tick:
+                tick -= 1
+                if not tick:
+                    tick = self.TICK_ROWS
+                    self._settle_done()
+            kind = change.change
+            if kind is Change.REFRESH:
+                assert change.key is not None and change.fingerprint is not None
+                self._refresh.append((change.key, change.fingerprint))
+                self._flush_if_full()
+                continue
+            if kind is Change.FORGET:
+                assert change.key is not None
+                self._forget.append(change.key)
+                self._flush_if_full()
+                continue
+            report.planned += 1
+            if kind is Change.REJECT:
+                assert change.rejection is not None
+                self.ack.reject(change.key, change.rejection, None)
+                self._flush_if_full()
+                continue
+            encoded = encode(model, change)
+            if isinstance(encoded, Rejection):
+                self.ack.reject(change.key, encoded, None)
+                self._flush_if_full()
+                continue
+            if len(samples) < sample_size:
+                samples.append(orjson.loads(encoded.item))
+            yield encoded, encoded.item
+
+    def _flush_if_full(self) -> None:
+        if (
+            max(len(self._refresh), len(self._forget), self.ack.pending_rejections)
+            >= self.FLUSH_EVERY
+        ):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the buffered fingerprint refreshes, forgets and rejections to the writer."""
+        refresh, forget, self._refresh, self._forget = self._refresh, self._forget, [], []
+        if self.dry_run:
+            self.ack.take_rejections()
+            return
+        if not (refresh or forget or self.ack.pending_rejections):
+            return
+        state, name, run_id = self.run.state, self.model.name, self.run.run_id
+
+        def write() -> None:
+            with state.engine.begin() as conn:
+                state.update_fingerprints(conn, name, refresh)
+                state.delete_snapshots(conn, name, forget)
+                state.record_rejections(conn, name, run_id, self.ack.take_rejections())
+
+        if self._writer is None:  # after the send: write here
+            write()
+        else:
+            self._write(write)
