@@ -31,7 +31,7 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.dialects import dialect_for
 from cio_retl.emulator import Emulator, most_in_window
 from cio_retl.errors import ConfigError, LockedError
-from cio_retl.ratelimit import RateSpec
+from cio_retl.ratelimit import ARRIVAL_MARGIN, RateSpec
 from cio_retl.state import StateStore
 from cio_retl.state.budget import Gcra, SharedRateBudget, budget_for
 from cio_retl.sync import Outcome
@@ -289,9 +289,9 @@ def test_gcra_never_grants_more_than_the_limit_in_any_window(
     requests: int, window: float, clients: int, seed: int
 ) -> None:
     """The budget's rule, run on a fake clock with greedy clients that retry as soon as they
-    are told to wait: no window ever holds more than 98% of the limit (rounded down, at
-    least one request), and the pace is at least 85% of it (the sustained share, 90% of the
-    98%)."""
+    are told to wait: no window ARRIVAL_MARGIN longer than the limit's ever holds more than
+    98% of the limit (rounded down, at least one request), and the pace is at least 95% of
+    the sustained share (90% of the 98%, per window plus margin)."""
     gcra = Gcra.for_limit(RateSpec(requests, window))
     rng = random.Random(seed)
     tat, now, grants = 0.0, 0.0, []
@@ -303,10 +303,45 @@ def test_gcra_never_grants_more_than_the_limit_in_any_window(
                 tat = new
                 grants.append(now)
         now += rng.uniform(0, gcra.interval)  # requests arrive at random moments
-    busiest = most_in_window(grants, window)
+    busiest = most_in_window(grants, window + ARRIVAL_MARGIN)
     assert busiest <= max(1, int(requests * 0.98 + 1e-9)) <= requests
     if requests >= 50:
-        assert len(grants) >= 0.85 * requests * (horizon / window) * 0.98
+        assert len(grants) >= 0.95 * 0.9 * 0.98 * requests * horizon / (window + ARRIVAL_MARGIN)
+
+
+def _greedy_grants(gcra: Gcra, seconds: float) -> list[float]:
+    """Every grant a sender that asks at the earliest moment the rule allows gets in
+    ``seconds`` from an idle budget (its whole burst at 0, then the sustained pace)."""
+    tat, now, grants = 0.0, 0.0, []
+    while now < seconds:
+        new = gcra.grant(tat, now)
+        if new is None:  # asked a rounding error too early
+            now += 1e-9
+            continue
+        grants.append(now)
+        tat = new
+        now = max(now, tat - gcra.tolerance)
+    return grants
+
+
+@pytest.mark.parametrize(("requests", "window"), [(1000, 1.0), (3000, 3.0), (40, 1.0), (38, 1.0)])
+def test_gcra_arrivals_stay_under_the_limit_when_requests_lag_their_grants(
+    requests: int, window: float
+) -> None:
+    """The worst case of arrival jitter on a fake clock: a greedy sender drains the burst at
+    0 and goes on at the pace, and every request granted in the first ARRIVAL_MARGIN arrives
+    ARRIVAL_MARGIN late, at the same moment as the ones granted on time just after it (each
+    at most that late). The window of arrivals that starts there still holds no more than
+    the 98% the budget aims at. Spaced over the window alone (no margin), the burst plus the
+    margin's grants made 1024 arrivals in one second at 1000/1."""
+    spec = RateSpec(requests, window)
+    grants = _greedy_grants(Gcra.for_limit(spec), 3 * window)
+    arrivals = [max(grant, ARRIVAL_MARGIN) for grant in grants]
+    aimed_at = int(requests * 0.98 + 1e-9)
+    assert most_in_window(arrivals, window) <= aimed_at < requests
+    # Each grant's request went at most ARRIVAL_MARGIN late, and nothing was held back.
+    assert all(0 <= a - g <= ARRIVAL_MARGIN for a, g in zip(arrivals, grants, strict=True))
+    assert most_in_window(grants, window) >= 0.9 * aimed_at
 
 
 def test_rate_spec_parse() -> None:
@@ -337,9 +372,10 @@ def test_shared_budget_needs_postgres(warehouse_url: str) -> None:
 def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -> None:
     """Twelve threads over three budget objects (three "processes") on one row of the state
     store, greedy for 3 s: the grants never exceed 200/1 s in any window, and the pace
-    reaches the sustained 90% of the 98% aimed at. On the database's clock no window gets
-    more than 195 (fewer than 196); timed here, as each acquire() returns, the threads' own
-    jitter can move one more into a window, which the 2% headroom is for."""
+    reaches the sustained 90% of the 98% aimed at (per 1.05 s, the window plus the arrival
+    margin). On the database's clock no 1.05 s gets more than 195 (fewer than 196); timed
+    here, as each acquire() returns, the threads' own jitter moves grants between windows,
+    which the margin and the 2% headroom are for."""
     engine = create_engine(pg_schemas.url)
     try:
         state = StateStore(engine, schema=pg_schemas.state)
@@ -366,16 +402,17 @@ def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -
     busiest = most_in_window(grants, spec.window)
     print(f"{len(grants)} grants in 3 s; busiest 1 s window: {busiest}")
     assert busiest <= spec.requests
-    assert len(grants) >= 3 * 0.9 * 196 * 0.95  # the sustained pace, 5% for the last partial
+    assert len(grants) >= 3 * 0.9 * 196 / 1.05 * 0.95  # the sustained pace, 5% for the last
 
 
 LIMIT = (40, 1.0)  # requests per second: small, so four processes hit it within seconds
-# The processes are told 34/1 s: six requests (150 ms at this pace) of margin for the jitter
-# between a grant on the database clock and the request's arrival. With 38/1 (50 ms) four
-# processes on a 2-core machine put 41 and 43 arrivals into one second; the shared budget's
-# own 2% headroom (20 ms at the real 1000/1) is thinner still, an open question for the budget
-# itself, not for this test. The bound asserted stays the emulator's limit.
-BUDGET = "34/1"
+# The processes are told 36/1 s: the shared budget grants at most 35 in any 1.05 s (its 2%
+# headroom and its 50 ms arrival margin), so 41 arrivals in one second need requests that
+# reach the emulator about 240 ms later than others granted around them. A CI run on this
+# 2-core machine once put 43 arrivals into one second under a 38/1 budget without the
+# margin, a spread of at least 170 ms, which a 38/1 budget with the margin (up to 168 ms)
+# would not have absorbed. The bound asserted stays the emulator's limit.
+BUDGET = "36/1"
 
 
 def _bucket_processes(
@@ -441,7 +478,7 @@ def test_four_processes_share_one_rate_budget_and_equal_one_run(
         busiest = emulator.max_requests_in(LIMIT[1])
         print(f"{requests} requests; busiest {LIMIT[1]:g} s window: {busiest}")
         assert busiest <= LIMIT[0]
-        assert busiest >= 30  # and paced near the budget (34), not merely slow
+        assert busiest >= 30  # and paced near the budget (35 per 1.05 s), not merely slow
         assert emulator.rate_limited == 0
         assert emulator.invalid_items == []
 

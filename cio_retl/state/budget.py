@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from cio_retl.config import RATE_BUDGETS
 from cio_retl.errors import ConfigError
-from cio_retl.ratelimit import HEADROOM, RateBudget, RateSpec, workspace_limiter
+from cio_retl.ratelimit import ARRIVAL_MARGIN, HEADROOM, RateBudget, RateSpec, workspace_limiter
 from cio_retl.state import StateStore, rate_budget
 
 SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
@@ -43,24 +43,39 @@ class Gcra:
 
     @classmethod
     def for_limit(
-        cls, spec: RateSpec, share: float = SHARED_SHARE, headroom: float = HEADROOM
+        cls,
+        spec: RateSpec,
+        share: float = SHARED_SHARE,
+        headroom: float = HEADROOM,
+        margin: float = ARRIVAL_MARGIN,
     ) -> Gcra:
-        """Fewer than ``(1 - headroom) x spec.requests`` grants in any window (so at most
-        its floor, and never fewer than one), ``share`` of them as the sustained pace and the
-        rest as a burst.
+        """Fewer than ``(1 - headroom) x spec.requests`` grants in any span of ``window +
+        margin`` seconds (so at most its floor, and never fewer than one), ``share`` of them
+        as the sustained pace and the rest as a burst.
 
-        In a span ``d < window`` the rule grants ``n`` with ``(n - 1) x interval <= d +
-        tolerance``, so ``n < 1 + (window + tolerance) / interval = burst + rate x window``;
-        which is the target as long as the burst is at least the one request every grant is.
-        A limit too small to split (a target of one request or less) becomes one request per
-        window."""
-        if not (0 < share < 1 and 0 <= headroom < 1):
-            raise ValueError(f"share and headroom must be fractions, got {share}, {headroom}")
+        The limit counts arrivals, not grants: with each request arriving up to ``margin``
+        after its grant (or as much earlier than another's), the arrivals within one window
+        come from grants within ``window + margin``, so that longer span is what must stay
+        under the limit. A burst counted over the window alone would not: greedy senders take
+        ``burst + rate x window`` grants in one window and ``rate x margin`` more in the
+        margin after it, e.g. 980 + 44 = 1024 arrivals at 1000/1 with 50 ms of jitter.
+
+        In a span ``d < window + margin`` the rule grants ``n`` with ``(n - 1) x interval <=
+        d + tolerance``, so ``n < 1 + (window + margin + tolerance) / interval = burst + rate
+        x (window + margin)``; which is the target as long as the burst is at least the one
+        request every grant is. A limit too small to split (a target of one request or less)
+        becomes one request per ``window + margin``."""
+        if not (0 < share < 1 and 0 <= headroom < 1 and margin >= 0):
+            raise ValueError(
+                f"share and headroom must be fractions and margin >= 0, got {share}, {headroom},"
+                f" {margin}"
+            )
+        span = spec.window + margin
         target = spec.requests * (1 - headroom)
         burst = max(target * (1 - share), 1.0)
         if target - burst <= 0:
-            return cls(spec.window, 0.0)
-        interval = spec.window / (target - burst)
+            return cls(span, 0.0)
+        interval = span / (target - burst)
         return cls(interval, (burst - 1) * interval)
 
     def grant(self, tat: float, now: float) -> float | None:
@@ -78,12 +93,13 @@ class SharedRateBudget:
     then moves ``tat`` on by one interval. Each grant is one UPDATE of one row, atomic under
     the row lock, on the database's clock, so workers on machines with skewed clocks agree.
 
-    In any ``window`` at most ``burst + rate x window`` requests are granted. The budget
-    aims at 98% of the limit (980 per second) and the rest is headroom: a request granted at
-    the end of one window may arrive in the next one (network and thread jitter). Of those
-    980, 90% is the sustained pace (882 requests/s) and 10% the burst that may go at once
-    after a pause. The price is one round trip to the database per request
-    (each request carries up to 1000 items).
+    In any ``window + ARRIVAL_MARGIN`` fewer than ``burst + rate x (window + margin)``
+    requests are granted (see :meth:`Gcra.for_limit`), like the process's own limiter: 98% of
+    the limit (980) in any 1.05 s at the default, the rest headroom, so a request granted at
+    the end of one window and delayed by up to 50 ms (network and thread jitter) still arrives
+    in a window under the limit. Of those 980, 90% is the sustained pace (840 requests/s)
+    and 10% the burst that may go at once after a pause. The price is one round trip to the
+    database per request (each request carries up to 1000 items).
     """
 
     # One statement, one round trip, in autocommit: the UPDATE grants or not, and the SELECT
