@@ -22,6 +22,7 @@ from cio_retl.guardrails import check_guardrails
 from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
 from cio_retl.operations import Phase, phases_of
 from cio_retl.options import Progress, SyncOptions
+from cio_retl.plan import PlanDiff, plans_supported
 from cio_retl.preflight import check_columns, check_region, rate_spec, same_environment_notice
 from cio_retl.records import Change
 from cio_retl.report import ModelReport, Outcome, RunReport, new_run_id
@@ -116,13 +117,22 @@ def run_sync(
             else:
                 workspace = state.plan_workspace(settings.site_id)
             state = state.bound(workspace)
-            differ = differ_for(
-                warehouse,
-                state,
-                same_database=same_database,
-                bucket=options.bucket,
-                suppressions=suppressions,
-            )
+            if same_database and not read_only and plans_supported(warehouse):
+                differ = PlanDiff(
+                    warehouse,
+                    state,
+                    options.bucket,
+                    suppressions,
+                    full_resync=options.full_resync,
+                )
+            else:
+                differ = differ_for(
+                    warehouse,
+                    state,
+                    same_database=same_database,
+                    bucket=options.bucket,
+                    suppressions=suppressions,
+                )
             run = _Run(differ, warehouse, state, client, models, options, progress, every_model)
             run.run_id = run_id
             run.adoption = adoption

@@ -27,7 +27,25 @@ KEY_COLUMN = "__cio_key"
 FINGERPRINT_COLUMN = "__cio_fp"
 DUPLICATES_COLUMN = "__cio_n"
 PREVIOUS_COLUMN = "__cio_prev"
-INTERNAL_COLUMNS = frozenset({KEY_COLUMN, FINGERPRINT_COLUMN, DUPLICATES_COLUMN, PREVIOUS_COLUMN})
+# And those a run's plan (cio_retl.plan) adds to them.
+SEQ_COLUMN = "__cio_seq"
+SNAPSHOT_KEY_COLUMN = "__cio_snap"
+SNAPSHOT_FINGERPRINT_COLUMN = "__cio_sfp"
+IDENTIFIERS_COLUMN = "__cio_ids"
+HELD_COLUMN = "__cio_held"
+INTERNAL_COLUMNS = frozenset(
+    {
+        KEY_COLUMN,
+        FINGERPRINT_COLUMN,
+        DUPLICATES_COLUMN,
+        PREVIOUS_COLUMN,
+        SEQ_COLUMN,
+        SNAPSHOT_KEY_COLUMN,
+        SNAPSHOT_FINGERPRINT_COLUMN,
+        IDENTIFIERS_COLUMN,
+        HELD_COLUMN,
+    }
+)
 
 FETCH_ROWS = 5_000
 

@@ -1,0 +1,236 @@
+"""One plan per model per run: the changeset computed once, in the database holding both the
+model and the state.
+
+The push-down diff used to read the model twice (a counting pass, then the upserts' scan,
+and the removals' anti-join a third time). Here one statement joins the model with its
+snapshot and keeps what the run acts on: new rows, rows whose fingerprint moved, rows sharing
+a key, and snapshot rows whose key left the model. It lands in a table of its own in the
+state schema; counts, guardrail verdicts, sample payloads and the send all read that table.
+
+Why a table, not a TEMP table: the state writer reads the plan from another connection, and
+a temporary table is visible to its own connection only. A dry run builds no plan (it
+creates nothing persistent anywhere) and keeps the streaming diff. The table is dropped when
+the run ends; one a killed run left behind has the model's (and bucket's) name prefix and is
+dropped by the next run holding that lock, before it builds its own.
+
+Events (an anti-join with the sent events), the cross-database diff and Snowflake keep the
+streaming diff of :mod:`cio_retl.diff` this session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Generator, Sequence
+
+import sqlalchemy as sa
+
+from cio_retl.buckets import Bucket
+from cio_retl.diff import (
+    ChangeCounts,
+    PushDownDiff,
+    _diff_connection,
+    _duplicate_keys,
+    _in_bucket,
+    _removals,
+    _source_rows,
+    _suppressed,
+    _upsert_change,
+    suppressions_for,
+)
+from cio_retl.models import Kind, Model
+from cio_retl.records import RowChange
+from cio_retl.state import StateStore
+from cio_retl.warehouse import (
+    DUPLICATES_COLUMN,
+    FINGERPRINT_COLUMN,
+    HELD_COLUMN,
+    IDENTIFIERS_COLUMN,
+    KEY_COLUMN,
+    PREVIOUS_COLUMN,
+    SEQ_COLUMN,
+    SNAPSHOT_FINGERPRINT_COLUMN,
+    SNAPSHOT_KEY_COLUMN,
+    RowReader,
+    Warehouse,
+)
+
+PLAN_PREFIX = "cio_plan_"
+PLAN_DIALECTS = frozenset({"duckdb", "postgresql"})
+
+
+def plans_supported(warehouse: Warehouse) -> bool:
+    return warehouse.engine.dialect.name in PLAN_DIALECTS
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def plan_prefix(model: str, bucket: Bucket | None) -> str:
+    """The name prefix of every plan table of one model (and bucket): one run at a time holds
+    its lock, so a table with this prefix that is not the run's own is a dead run's."""
+    slot = model if bucket is None else f"{model}\x00{bucket.label}"
+    return f"{PLAN_PREFIX}{hashlib.blake2b(slot.encode(), digest_size=5).hexdigest()}_"
+
+
+class PlanDiff(PushDownDiff):
+    """The push-down diff of a run that sends: each model's changeset planned once."""
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        state: StateStore,
+        bucket: Bucket | None = None,
+        suppressions: Sequence[Model] = (),
+        *,
+        full_resync: bool = False,
+    ) -> None:
+        super().__init__(warehouse, state, bucket, suppressions)
+        self.full_resync = full_resync
+        self.token = uuid.uuid4().hex[:12]
+        self.plans: dict[str, str] = {}  # model -> the plan table's quoted name
+
+    def plan_table(self, model: Model) -> str:
+        name = f"{plan_prefix(model.name, self.bucket)}{self.token}"
+        return (
+            f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
+        )
+
+    def count(self, model: Model) -> ChangeCounts:
+        if model.kind is Kind.EVENT:
+            return super().count(model)
+        table = self.plans.get(model.name) or self._build(model)
+        snapshot_rows = f"""
+            SELECT COUNT(*) FROM {self.state.snapshots} AS s
+            WHERE s.workspace = :workspace AND s.model = :model{
+            _in_bucket(self.state.dialect, "s.key", self.bucket)
+        }
+        """
+        counts = f"""
+            SELECT
+                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN 1 ELSE 0 END),
+                COUNT(DISTINCT p.{SNAPSHOT_KEY_COLUMN}),
+                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
+                          AND p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
+                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
+                          AND p.{SNAPSHOT_FINGERPRINT_COLUMN} <> p.{FINGERPRINT_COLUMN}
+                         THEN 1 ELSE 0 END),
+                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NULL THEN 1 ELSE 0 END)
+            FROM {table} AS p
+        """
+        with self.state.engine.connect() as conn:
+            acknowledged = int(
+                conn.execute(sa.text(snapshot_rows), self.state.scope(model.name)).scalar_one() or 0
+            )
+            planned_rows, planned_snapshots, new, changed, removed = (
+                int(v or 0) for v in conn.execute(sa.text(counts)).one()
+            )
+        # Snapshot rows the plan left out are the unchanged ones: one model row each.
+        rows = planned_rows + acknowledged - planned_snapshots
+        return ChangeCounts(rows, acknowledged, new, changed, removed)
+
+    def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
+        if model.kind is Kind.EVENT:
+            yield from super().upserts(model, full_resync=full_resync)
+            return
+        assert full_resync == self.full_resync or not full_resync, "planned without it"
+        table = self.plans.get(model.name) or self._build(model)
+        sql = (
+            f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
+            f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"
+        )
+        with _diff_connection(self.state, None) as conn:
+            for chunk in self.warehouse.stream(conn, sql):
+                if not chunk.rows:
+                    continue
+                columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+                previous = columns.index[PREVIOUS_COLUMN]
+                for row in chunk.rows:
+                    yield _upsert_change(
+                        model, columns, row, row[previous], full_resync=self.full_resync
+                    )
+
+    def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
+        table = self.plans.get(model.name) or self._build(model)
+        sql = (
+            f"SELECT p.{SNAPSHOT_KEY_COLUMN}, p.{IDENTIFIERS_COLUMN} FROM {table} AS p"
+            f" WHERE p.{FINGERPRINT_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
+        )
+        with _diff_connection(self.state, None) as conn:
+            for chunk in self.warehouse.stream(conn, sql):
+                yield from _removals(chunk.rows, delete=delete)
+
+    def close(self) -> None:
+        plans, self.plans = self.plans, {}
+        if plans:
+            with self.state.engine.begin() as conn:
+                for table in plans.values():
+                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+
+    def _build(self, model: Model) -> str:
+        """Plan ``model``: one statement over the model joined with its snapshot."""
+        self._drop_leftovers(model)
+        table = self.plan_table(model)
+        w, d, bucket = self.warehouse, self.warehouse.dialect, self.bucket
+        scope = self.state.scope(model.name)
+        # Literals, not bind parameters: PostgreSQL takes none in CREATE TABLE AS.
+        where = (
+            f"s.workspace = {_literal(scope['workspace'])} AND s.model = {_literal(scope['model'])}"
+        )
+        acted_on = (
+            ""
+            if self.full_resync
+            else (
+                f"WHERE src.{FINGERPRINT_COLUMN} IS NULL OR snap.key IS NULL"
+                f" OR snap.fingerprint <> src.{FINGERPRINT_COLUMN} OR dup.n > 1"
+            )
+        )
+        held_by = suppressions_for(model, self.suppressions)
+        held = (
+            f"CASE WHEN {_suppressed(w, f'j.{KEY_COLUMN}', held_by)} THEN 1 ELSE 0 END"
+            if held_by
+            else "0"
+        )
+        sql = f"""
+            CREATE TABLE {table} AS
+            WITH src AS {d.not_materialized}({_source_rows(w, model, bucket)}),
+            dup AS ({_duplicate_keys()}),
+            snap AS (
+                SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
+                WHERE {where}{_in_bucket(self.state.dialect, "s.key", bucket)}
+            ),
+            j AS (
+                SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN},
+                       snap.key AS {SNAPSHOT_KEY_COLUMN},
+                       snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN}
+                FROM src
+                FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}
+                LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
+                {acted_on}
+            )
+            SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, j.*,
+                   s.attributes AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN},
+                   {held} AS {HELD_COLUMN}
+            FROM j LEFT JOIN {self.state.snapshots} AS s
+              ON {where} AND s.key = j.{SNAPSHOT_KEY_COLUMN}
+        """
+        with _diff_connection(self.warehouse, bucket) as conn:
+            conn.execute(sa.text(sql))
+            conn.commit()
+        self.plans[model.name] = table
+        return table
+
+    def _drop_leftovers(self, model: Model) -> None:
+        """Drop the plans of this model (and bucket) that killed runs left behind."""
+        prefix = plan_prefix(model.name, self.bucket)
+        names = sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
+        leftovers = [n for n in names if n.startswith(prefix)]
+        if not leftovers:
+            return
+        quote, schema = self.state.dialect.quote, self.state.dialect.quote_schema
+        with self.state.engine.begin() as conn:
+            for name in leftovers:
+                conn.execute(
+                    sa.text(f"DROP TABLE IF EXISTS {schema(self.state.schema)}.{quote(name)}")
+                )
