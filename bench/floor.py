@@ -52,10 +52,6 @@ from _common import (
 )
 
 BATCH_ITEMS = 1000
-# Statements the engine runs once per plan of a model (the counting pass) and once per scan
-# of its changed rows (the upsert diff): fragments of cio_retl.diff's SQL.
-COUNTING_PASS = "FULL OUTER JOIN snap ON snap.key = src.k"
-UPSERT_SCAN = "LEFT JOIN snap ON snap.key = src.__cio_key"
 
 
 def item_sql(conn: Any, table: str) -> str:
@@ -135,30 +131,16 @@ def payload_child(path: str) -> None:
     print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
 
 
-def count_statements(fragments: dict[str, str]) -> dict[str, int]:
-    """Counts of executed statements containing each fragment, from now on (all engines)."""
-    counts = dict.fromkeys(fragments, 0)
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        for name, fragment in fragments.items():
-            if fragment in statement:
-                counts[name] += 1
-
-    sa.event.listen(sa.Engine, "before_cursor_execute", seen)
-    return counts
-
-
 def dagster_passes(folder: Path, rows: int) -> None:
     """Plans and upsert scans in one sync run and in one Dagster materialization."""
     import dagster as dg
 
     from cio_retl.config import Settings
+    from cio_retl.passes import counted_passes
     from cio_retl.sync import SyncOptions, run_sync
     from dagster_cio_retl import build_customerio_defs
 
-    fragments = {"plans": COUNTING_PASS, "upsert scans": UPSERT_SCAN}
-    counts = count_statements(fragments)
-    with emulator_process() as base:
+    with counted_passes() as counts, emulator_process() as base:
         for name, label in (("cli.duckdb", "cio-retl sync (run_sync)"), ("dg.duckdb", "")):
             url = f"duckdb:///{folder / name}"
             engine = sa.create_engine(url)

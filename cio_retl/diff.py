@@ -244,6 +244,10 @@ class ChangeCounts:
     new: int  # model rows without a snapshot (NULL or duplicate keys included)
     changed: int  # model rows whose fingerprint moved (an upper bound of updates)
     removed: int  # snapshot rows whose key left the model
+    # Rows the upserts will reject for their key, counted only when asked (``keys=True``):
+    # a NULL key, or a key other rows share. Events count unsent rows only.
+    null_keys: int = 0
+    duplicate_keys: int = 0
 
     @property
     def has_upserts(self) -> bool:
@@ -252,15 +256,29 @@ class ChangeCounts:
 
 # One counting pass over model rows (src: k, f) fully joined with the snapshot (snap);
 # portable SQL (no FILTER clause), shared by both diff forms.
-_COUNTS = """
-    SELECT
-        COUNT(src.f),
-        COUNT(snap.key),
-        SUM(CASE WHEN src.f IS NOT NULL AND snap.key IS NULL THEN 1 ELSE 0 END),
-        SUM(CASE WHEN src.f IS NOT NULL AND snap.fingerprint <> src.f THEN 1 ELSE 0 END),
-        SUM(CASE WHEN src.f IS NULL THEN 1 ELSE 0 END)
-    FROM src FULL OUTER JOIN snap ON snap.key = src.k
-"""
+_COUNTED = (
+    "COUNT(src.f)",
+    "COUNT(snap.key)",
+    "SUM(CASE WHEN src.f IS NOT NULL AND snap.key IS NULL THEN 1 ELSE 0 END)",
+    "SUM(CASE WHEN src.f IS NOT NULL AND snap.fingerprint <> src.f THEN 1 ELSE 0 END)",
+    "SUM(CASE WHEN src.f IS NULL THEN 1 ELSE 0 END)",
+)
+_JOINED = "FROM src FULL OUTER JOIN snap ON snap.key = src.k"
+
+
+def _counts(*, keys: bool) -> str:
+    """The counting pass's SELECT; with ``keys``, the same join grouped by key, so that it
+    also counts the rows of NULL keys (the NULL group: the snapshot's removed rows there
+    have no model row) and of shared keys. The grouping is paid only when asked for."""
+    if not keys:
+        return f"SELECT {', '.join(_COUNTED)} {_JOINED}"
+    per_key = ", ".join(f"{count} AS c{i}" for i, count in enumerate(_COUNTED))
+    return f"""
+        SELECT {", ".join(f"SUM(g.c{i})" for i in range(len(_COUNTED)))},
+            SUM(CASE WHEN g.k IS NULL THEN g.c0 ELSE 0 END),
+            SUM(CASE WHEN g.k IS NOT NULL AND g.c0 > 1 THEN g.c0 ELSE 0 END)
+        FROM (SELECT src.k AS k, {per_key} {_JOINED} GROUP BY src.k) AS g
+    """
 
 
 def count_changes(
@@ -269,6 +287,8 @@ def count_changes(
     state: StateStore,
     model: Model,
     bucket: Bucket | None = None,
+    *,
+    keys: bool = False,
 ) -> ChangeCounts:
     """One pass over the model joined with its snapshot, in the database holding both."""
     sql = f"""
@@ -276,7 +296,7 @@ def count_changes(
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
         )
-        {_COUNTS}
+        {_counts(keys=keys)}
     """
     row = conn.execute(sa.text(sql), state.scope(model.name)).one()
     return ChangeCounts(*(int(v or 0) for v in row))
@@ -391,22 +411,37 @@ def count_events(
     state: StateStore,
     model: Model,
     bucket: Bucket | None = None,
+    *,
+    keys: bool = False,
 ) -> ChangeCounts:
-    """Rows within the lookback, events acknowledged so far, and rows not yet sent."""
+    """Rows within the lookback, events acknowledged so far, and rows not yet sent (with
+    ``keys``, also the unsent rows of NULL and of shared keys)."""
     d = warehouse.dialect
-    keys = (
+    src = (
         f"SELECT {d.key_expression(model, 'm')} AS k FROM ({model_sql(model)}) AS m"
         f" WHERE TRUE{_in_lookback(warehouse, model, 'm')}"
     )
+    unsent = "SUM(CASE WHEN sent.key IS NULL THEN 1 ELSE 0 END)"
+    joined = (
+        f"FROM src LEFT JOIN sent ON sent.key = src.k WHERE TRUE{_in_bucket(d, 'src.k', bucket)}"
+    )
+    select = f"SELECT COUNT(*), {unsent} {joined}"
+    if keys:
+        select = f"""
+            SELECT SUM(g.n), SUM(g.unsent),
+                SUM(CASE WHEN g.k IS NULL THEN g.n ELSE 0 END),
+                SUM(CASE WHEN g.k IS NOT NULL AND g.n > 1 THEN g.unsent ELSE 0 END)
+            FROM (SELECT src.k AS k, COUNT(*) AS n, {unsent} AS unsent {joined} GROUP BY src.k) AS g
+        """
     sql = f"""
-        WITH src AS ({keys}), sent AS (
+        WITH src AS ({src}), sent AS (
             SELECT e.key FROM {state.sent_events} AS e WHERE e.workspace = :workspace AND e.model = :model
         )
-        SELECT COUNT(*), SUM(CASE WHEN sent.key IS NULL THEN 1 ELSE 0 END)
-        FROM src LEFT JOIN sent ON sent.key = src.k
-        WHERE TRUE{_in_bucket(d, "src.k", bucket)}
+        {select}
     """
-    rows, new = conn.execute(sa.text(sql), _event_params(state, model)).one()
+    rows, new, *bad_keys = (
+        int(v or 0) for v in conn.execute(sa.text(sql), _event_params(state, model)).one()
+    )
     acknowledged = conn.execute(
         sa.text(
             f"SELECT COUNT(*) FROM {state.sent_events} AS e"
@@ -414,7 +449,7 @@ def count_events(
         ),
         state.scope(model.name),
     ).scalar_one()
-    return ChangeCounts(int(rows or 0), int(acknowledged or 0), int(new or 0), 0, 0)
+    return ChangeCounts(rows, int(acknowledged or 0), new, 0, 0, *bad_keys)
 
 
 def _before_lookback(warehouse: Warehouse, model: Model) -> str:
@@ -483,7 +518,11 @@ def suppressions_for(model: Model, suppressions: Sequence[Model]) -> list[Model]
 class Differ(Protocol):
     """What a run asks of the diff, whichever database does the comparing."""
 
-    def count(self, model: Model) -> ChangeCounts: ...
+    def count(self, model: Model, *, keys: bool = False) -> ChangeCounts: ...
+
+    def key_rejections(self, model: Model, limit: int) -> list[RowChange]:
+        """The first ``limit`` rows the upserts would reject for a NULL or shared key."""
+        ...
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]: ...
 
@@ -553,15 +592,50 @@ class _Differ:
         with _diff_connection(self.warehouse, self.bucket) as conn:
             return count_suppressed(conn, self.warehouse, model, held, self.bucket)
 
+    def key_rejections(self, model: Model, limit: int) -> list[RowChange]:
+        """Examples for a plan whose counts found bad keys, read without the changeset: the
+        rows the upserts would reject first for a NULL or shared key, with their reasons
+        (events: only rows not sent yet). Only the warehouse is queried, both diff forms."""
+        bad = f"r.{KEY_COLUMN} IS NULL OR r.{DUPLICATES_COLUMN} > 1"
+        if model.kind is Kind.EVENT:
+            rows = _event_rows(self.warehouse, model, self.bucket)
+            params: dict[str, Any] = {"cutoff": lookback_cutoff(model)}
+        else:
+            held = suppressions_for(model, self.suppressions)
+            rows, params = _model_rows(self.warehouse, model, self.bucket, held), {}
+        found: list[RowChange] = []
+        with _diff_connection(self.warehouse, self.bucket) as conn:
+            for chunk in self.warehouse.stream(
+                conn, f"SELECT * FROM ({rows}) AS r WHERE {bad}", params
+            ):
+                if not chunk.rows:
+                    continue
+                columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+                if model.kind is Kind.EVENT:
+                    keys = [row[columns.index[KEY_COLUMN]] for row in chunk.rows]
+                    sent = self.state.sent_event_keys(
+                        model.name, [k for k in keys if k is not None]
+                    )
+                    changes = [_event_change(model, columns, row) for row in chunk.rows]
+                    found += [c for c in changes if c.key not in sent]
+                else:
+                    found += [
+                        _upsert_change(model, columns, row, None, full_resync=False)
+                        for row in chunk.rows
+                    ]
+                if len(found) >= limit:
+                    break
+        return found[:limit]
+
 
 class PushDownDiff(_Differ):
     """Warehouse and state in one database: every comparison is one SQL statement there."""
 
-    def count(self, model: Model) -> ChangeCounts:
+    def count(self, model: Model, *, keys: bool = False) -> ChangeCounts:
         with _diff_connection(self.warehouse, self.bucket) as conn:
             if model.kind is Kind.EVENT:
-                return count_events(conn, self.warehouse, self.state, model, self.bucket)
-            return count_changes(conn, self.warehouse, self.state, model, self.bucket)
+                return count_events(conn, self.warehouse, self.state, model, self.bucket, keys=keys)
+            return count_changes(conn, self.warehouse, self.state, model, self.bucket, keys=keys)
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
         with _diff_connection(self.warehouse, self.bucket) as conn:
@@ -643,14 +717,19 @@ class CrossDatabaseDiff(_Differ):
         return _event_rows(self.warehouse, model, self.bucket)
 
     def _count_events(self, model: Model) -> ChangeCounts:
-        rows = new = 0
+        rows = new = null_keys = duplicate_keys = 0
         for chunk, sent in self._unsent_keys(model, self._events_sql(model)):
             rows += len(chunk.rows)
-            new += sum(1 for row in chunk.rows if row._mapping[KEY_COLUMN] not in sent)
+            for row in chunk.rows:
+                key = row._mapping[KEY_COLUMN]
+                if key not in sent:
+                    new += 1
+                    null_keys += key is None
+                    duplicate_keys += key is not None and row._mapping[DUPLICATES_COLUMN] > 1
         acknowledged = (
             self.state.event_summary(model.name)[0] if self.bucket is None else rows - new
         )
-        return ChangeCounts(rows, acknowledged, new, 0, 0)
+        return ChangeCounts(rows, acknowledged, new, 0, 0, null_keys, duplicate_keys)
 
     def unsent_before_lookback(self, model: Model) -> int:
         if model.lookback_days is None:
@@ -673,8 +752,8 @@ class CrossDatabaseDiff(_Differ):
                     )
         self._staged.add(model.name)
 
-    def count(self, model: Model) -> ChangeCounts:
-        if model.kind is Kind.EVENT:
+    def count(self, model: Model, *, keys: bool = False) -> ChangeCounts:
+        if model.kind is Kind.EVENT:  # streamed here anyway: the key counts cost nothing
             return self._count_events(model)
         self._stage(model)
         sql = f"""
@@ -685,7 +764,7 @@ class CrossDatabaseDiff(_Differ):
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
                 WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)}
             )
-            {_COUNTS}
+            {_counts(keys=keys)}
         """
         with _diff_connection(self.state, self.bucket) as conn:
             params = {"token": self.token, **self.state.scope(model.name)}

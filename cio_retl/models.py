@@ -133,6 +133,12 @@ class Model:
         return self.sql_line
 
     @property
+    def deletes_removed(self) -> bool:
+        """Whether a row that leaves the model is deleted in Customer.io (mirror mode, and a
+        relationship's removal), not only forgotten by the snapshot."""
+        return self.mode is Mode.MIRROR or self.kind is Kind.RELATIONSHIP
+
+    @property
     def key_columns(self) -> tuple[str, ...]:
         """The columns whose values, as text, are the row's key in the state store."""
         if self.kind is Kind.RELATIONSHIP:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cio_retl.buckets import Bucket
 from cio_retl.client import RetryPolicy
 from cio_retl.limits import MAX_BATCH_ITEMS
+
+if TYPE_CHECKING:
+    from cio_retl.report import RunReport
 
 # (model name, items handled since the last call, the model's items this run at most: its
 # new, changed and removed rows as the database counted them before sending)
@@ -26,3 +30,8 @@ class SyncOptions:
     # Plan and send only the keys of this hash bucket (cio_retl.buckets): several runs, one
     # per bucket, then share a model, each under its own lock, all under one rate budget.
     bucket: Bucket | None = None
+    # Asked once the run is planned, before anything is sent; returns what blocks the send
+    # (nothing: send). Its report holds each model's plan (ModelReport.plan), guardrail
+    # verdicts included even when forced. An adapter's own pre-send checks decide here from
+    # this run's plan, so no dry run has to plan the same changes first.
+    approve: Callable[[RunReport], Sequence[str]] | None = None

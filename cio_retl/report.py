@@ -16,6 +16,20 @@ MAX_REPORTED_REJECTIONS = 20
 EXAMPLES_PER_CODE = 5
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedChanges:
+    """One model's plan as the database counted it before anything was sent: what the
+    guardrails judge, and the rows whose key the upserts would reject."""
+
+    creates: int  # rows new to the snapshot (rows of bad keys included)
+    updates: int  # rows whose fingerprint moved; the really changed ones if a guardrail tripped
+    deletes: int  # acknowledged rows that left a model that deletes them
+    null_keys: int
+    duplicate_keys: int  # rows that share their key with another row
+    # The first few of those rows as (key, reason), shared keys first.
+    key_examples: tuple[tuple[str | None, str], ...] = ()
+
+
 @dataclass(slots=True)
 class ModelReport:
     """What one model's run did (or, in a dry run, would do)."""
@@ -42,6 +56,7 @@ class ModelReport:
     # Events older than the model's lookback_days never acknowledged: no run sends them now.
     unsent_before_lookback: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    plan: PlannedChanges | None = None  # set before sending when SyncOptions.approve asks
     rejections: list[tuple[str | None, str]] = field(default_factory=list)  # the first few
     # Every rejection of the run, counted by code: checks and the runs table read these, never
     # the reasons' text nor the first few listed above.
@@ -90,7 +105,7 @@ class Outcome(enum.Enum):
 
     SYNCED = "synced"  # every operation acknowledged (or, in a dry run, nothing in the way)
     REJECTED = "rejected"  # some rows rejected and recorded, the rest synced
-    STOPPED = "stopped"  # a guardrail stopped (or, in a dry run, would stop) the run
+    STOPPED = "stopped"  # a guardrail or the approval stopped (or, in a dry run, would stop) it
     INTERRUPTED = "interrupted"  # a transient failure: the rest goes on the next run
 
 
@@ -109,12 +124,13 @@ class RunReport:
     region: str | None = None
     adoption: Adoption | None = None  # rows from before workspaces this run took over
     notices: list[str] = field(default_factory=list)  # worth a look, not an error
+    blocked: list[str] = field(default_factory=list)  # why SyncOptions.approve stopped the run
 
     @property
     def outcome(self) -> Outcome:
-        """A guardrail first (nothing was sent), then a transient failure (the run must be
-        retried even if it also rejected rows), then rejections."""
-        if any(m.guardrail for m in self.models):
+        """A guardrail or a refused approval first (nothing was sent), then a transient
+        failure (the run must be retried even if it also rejected rows), then rejections."""
+        if self.blocked or any(m.guardrail for m in self.models):
             return Outcome.STOPPED
         if self.error or any(m.error for m in self.models):
             return Outcome.INTERRUPTED

@@ -18,8 +18,8 @@ from cio_retl.config import Settings
 from cio_retl.diff import ChangeCounts, Differ, differ_for
 from cio_retl.errors import CioRetlError, RetriableError
 from cio_retl.gc_policy import fewer_collections
-from cio_retl.guardrails import check_guardrails
-from cio_retl.models import Kind, Mode, Model, load_models, ordered_for_sync
+from cio_retl.guardrails import enforce_guardrails, judge_guardrails, planned_changes
+from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.operations import Phase, phases_of
 from cio_retl.options import Progress, SyncOptions
 from cio_retl.plan import PlanDiff, plans_supported
@@ -212,9 +212,8 @@ class _Run:
                         full_resync=self.options.full_resync,
                     )
             self.counts = self._count_changes()
-            check_guardrails(
-                self.models, self.counts, self.reports, self.options, self._count_real_updates
-            )
+            if not self._approved(report):
+                return report  # nothing was sent: the runs are finished as stopped below
             for phase in Phase:
                 for model in self.models:
                     upsert_phase, removal_phase = phases_of(model)
@@ -227,6 +226,9 @@ class _Run:
         except CioRetlError as exc:
             report.error = str(exc)
             exc.report = report
+            raise
+        except BaseException as exc:  # an interrupt, a bug, an approval's own error: not a success
+            report.error = f"the run ended early: {type(exc).__name__}"
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -246,8 +248,9 @@ class _Run:
 
     def _count_changes(self) -> dict[str, ChangeCounts]:
         counts = {}
+        keys = self.options.approve is not None  # the bad keys are counted for it to judge
         for model in self.models:
-            counts[model.name] = self.differ.count(model)
+            counts[model.name] = self.differ.count(model, keys=keys)
             self.reports[model.name].rows = counts[model.name].rows
             self.reports[model.name].skipped = self.differ.skipped(model)
             if model.kind is Kind.EVENT and model.lookback_days is not None:
@@ -259,6 +262,26 @@ class _Run:
     def people_models(self, identifier: str | None) -> list[Model]:
         """The person models identifying people by ``identifier`` (selected or not)."""
         return [m for m in self.every_model if m.kind is Kind.PERSON and m.identifier == identifier]
+
+    def _approved(self, report: RunReport) -> bool:
+        """Judge the guardrails, ask ``SyncOptions.approve`` with the plan, then let the
+        guardrails stop the run; False when the approval refused a real run (its models
+        are then stopped, with why)."""
+        judged = judge_guardrails(
+            self.models, self.counts, self.reports, self.options, self._count_real_updates
+        )
+        if self.options.approve is not None:
+            for model in self.models:
+                self.reports[model.name].plan = planned_changes(
+                    model, judged[model.name], self.differ.key_rejections
+                )
+            report.blocked = list(self.options.approve(report))
+        enforce_guardrails(self.models, self.reports, self.options, approved=not report.blocked)
+        if not report.blocked or self.options.dry_run:
+            return True
+        for model_report in self.reports.values():
+            model_report.status, model_report.error = "stopped", "; ".join(report.blocked)
+        return False
 
     def _count_real_updates(self, model: Model) -> int:
         changes = self.differ.upserts(model)
@@ -288,8 +311,7 @@ class _Run:
             report.unchanged = max(counts.rows - report.skipped, 0)
             return
         if removal:
-            delete = model.kind is Kind.RELATIONSHIP or model.mode is Mode.MIRROR
-            changes = self.differ.removals(model, delete=delete)
+            changes = self.differ.removals(model, delete=model.deletes_removed)
         else:
             changes = self.differ.upserts(model, full_resync=self.options.full_resync)
         if self.progress:  # the model's clock starts now, before its first batch

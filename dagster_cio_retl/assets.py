@@ -21,9 +21,10 @@ bucket is a separate run (``BackfillPolicy.multi_run(1)``), so the run launcher 
 processes, K8sRunLauncher) spreads buckets over workers; the pool ``cio_retl`` bounds how
 many run at once, and one rate budget in the state store paces them all together.
 
-The op first plans the run without sending (the engine's dry run) and reports the blocking
-pre-send checks from that plan; only when they pass does it send. Dagster fails the step
-after the op returns if a blocking check failed, so a failing check means nothing was sent.
+The op makes one engine run per materialization. The engine plans it, then asks the op's
+blocking pre-send checks (``SyncOptions.approve``) before its first batch; only when they
+pass does it send. Dagster fails the step after the op returns if a blocking check failed,
+so a failing check means nothing was sent.
 
 No ``from __future__ import annotations`` here: Dagster reads the op function's parameter
 annotations (config and resource classes) as real types when the asset is defined.
@@ -47,7 +48,6 @@ from cio_retl.errors import (
 )
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.progress import ProgressLog
-from cio_retl.records import RejectionCode
 from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import ModelReport, RunReport, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
@@ -84,7 +84,6 @@ UNIQUE_KEYS = "unique_keys"
 NO_STUCK_ROWS = "no_stuck_rows"
 EVENTS_IN_LOOKBACK = "events_sent_within_lookback"  # event models with lookback_days
 PRE_SEND_CHECKS = (MODEL_VALID, GUARDRAILS, UNIQUE_KEYS)
-_KEY_PROBLEMS = (RejectionCode.DUPLICATE_KEY, RejectionCode.NULL_KEY)
 STUCK_SAMPLE = 10
 
 
@@ -465,34 +464,42 @@ def sync_models(
 ) -> Iterator[SyncEvent]:
     """Plan, check, and (unless a dry run or a blocking check failed) send; report it all.
 
+    One engine run: the blocking checks are evaluated from its plan, between planning and
+    the first batch, so the changed rows are read once and what is sent is what was checked.
     ``keys``: each model's asset key by model name (default ``customerio/<name>``).
     """
     keys = keys or {m.name: asset_key(m) for m in models}
-    names = [m.name for m in models]
+    checked: list[dg.AssetCheckResult] = []
+
+    def approve(plan: RunReport) -> list[str]:
+        blocked = []
+        for model in models:
+            for result in _pre_send_checks(
+                model, keys[model.name], _only(plan, model.name), config.force
+            ):
+                if not result.passed and result.severity is dg.AssetCheckSeverity.ERROR:
+                    blocked.append(f"{model.name}: {result.check_name}")
+                checked.append(result)
+        return blocked
+
+    options = SyncOptions(
+        dry_run=config.dry_run,
+        full_resync=config.full_resync,
+        force=config.force,
+        sample_size=config.sample_size if config.dry_run else 0,
+        bucket=bucket,
+        approve=approve,
+    )
+    progress = None if config.dry_run else ProgressLog(context.log.info, PROGRESS_EVERY)
     try:
-        plan = run_sync(
-            settings,
-            names,
-            SyncOptions(
-                dry_run=True,
-                full_resync=config.full_resync,
-                sample_size=config.sample_size,
-                bucket=bucket,
-            ),
-        )
+        report = run_sync(settings, [m.name for m in models], options, progress=progress)
     except ModelError as exc:
         yield from _invalid_model(models, exc, keys)
         return  # Dagster fails the step on the failed blocking check; nothing was sent
     except CioRetlError as exc:
+        yield from checked  # what was checked before the failure
         raise _failure(exc) from None
-
-    blocked = []
-    for model in models:
-        planned = _only(plan, model.name)
-        for result in _pre_send_checks(model, keys[model.name], planned, config.force):
-            if not result.passed and result.severity is dg.AssetCheckSeverity.ERROR:
-                blocked.append(f"{model.name}: {result.check_name}")
-            yield result
+    yield from checked
 
     if config.dry_run:
         # Nothing was sent, so nothing is materialized: the plan is an observation of the
@@ -500,32 +507,20 @@ def sync_models(
         # only. Dagster's definition: an observation records metadata about an asset
         # without materializing it (AssetObservation); the specs are skippable for this.
         for model in models:
-            planned = _only(plan, model.name)
+            planned = _only(report, model.name)
             yield dg.AssetObservation(
                 asset_key=keys[model.name],
                 partition=context.partition_key if bucket is not None else None,
-                metadata=report_metadata(plan, planned),
+                metadata=report_metadata(report, planned),
             )
-            context.log.info(_summary(plan, planned))
+            context.log.info(_summary(report, planned))
         return
-    if blocked:
+    if report.blocked:
         context.log.error(
-            "nothing was sent: blocking checks failed (" + "; ".join(blocked) + "). "
+            "nothing was sent: blocking checks failed (" + "; ".join(report.blocked) + "). "
             "Fix the data, or rerun with `force: true` if the change is intended."
         )
         return
-
-    try:
-        report = run_sync(
-            settings,
-            names,
-            SyncOptions(
-                full_resync=config.full_resync, force=config.force, sample_size=0, bucket=bucket
-            ),
-            progress=ProgressLog(context.log.info, PROGRESS_EVERY),
-        )
-    except CioRetlError as exc:
-        raise _failure(exc) from None
 
     stuck = _stuck_rows(settings, report.workspace)
     for model in models:
@@ -545,6 +540,10 @@ def sync_models(
 def _pre_send_checks(
     model: Model, key: dg.AssetKey, planned: ModelReport, force: bool
 ) -> Iterator[dg.AssetCheckResult]:
+    """The blocking checks of one model, from the run's plan (before anything is sent)."""
+    plan = planned.plan
+    if plan is None:
+        raise dg.Failure(description=f"the engine planned no checks for model {model.name!r}")
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=MODEL_VALID,
@@ -560,29 +559,25 @@ def _pre_send_checks(
         severity=severity,
         description=planned.guardrail or "within the model's guardrails",
         metadata={
-            "would_create": dg.MetadataValue.int(planned.created),
-            "would_update": dg.MetadataValue.int(planned.updated),
-            "would_delete": dg.MetadataValue.int(planned.deleted),
+            "would_create": dg.MetadataValue.int(plan.creates),
+            "would_update": dg.MetadataValue.int(plan.updates),
+            "would_delete": dg.MetadataValue.int(plan.deletes),
             "max_change_pct": dg.MetadataValue.float(model.max_change_pct),
             "max_delete_pct": dg.MetadataValue.float(model.max_delete_pct),
             "forced": dg.MetadataValue.bool(force),
         },
     )
-    # Every rejection of the plan is counted by its code (the listed ones are only the first).
-    duplicates = planned.rejected_with(RejectionCode.DUPLICATE_KEY)
-    nulls = planned.rejected_with(RejectionCode.NULL_KEY)
+    # Every row of a bad key is counted by the plan (the examples are only the first few).
+    duplicates, nulls = plan.duplicate_keys, plan.null_keys
     metadata: dict[str, dg.MetadataValue] = {
         "bad_key_rows": dg.MetadataValue.int(duplicates + nulls),
         "duplicate_key_rows": dg.MetadataValue.int(duplicates),
         "null_key_rows": dg.MetadataValue.int(nulls),
         "forced": dg.MetadataValue.bool(force),
     }
-    examples = [
-        example for code in _KEY_PROBLEMS for example in planned.examples_by_code.get(code, [])
-    ]
-    if examples:
+    if plan.key_examples:
         metadata["examples"] = dg.MetadataValue.md(
-            _rejections_markdown(examples, total=duplicates + nulls)
+            _rejections_markdown(plan.key_examples, total=duplicates + nulls)
         )
     yield dg.AssetCheckResult(
         asset_key=key,

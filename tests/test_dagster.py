@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import ModelError
+from cio_retl.passes import counted_passes
 from cio_retl.warehouse import create_engine
 from dagster_cio_retl import assets as assets_module
 from dagster_cio_retl.assets import (
@@ -449,7 +450,8 @@ def test_failing_guardrail_blocks_the_send_until_forced(
 
     blocked = materialize(assets, env.resources())
     assert not blocked.success
-    assert len(env.emulator.requests) == before  # not one request, not even the auth check
+    # The credentials check (made before the run plans), and not one batch.
+    assert [r.path for r in env.emulator.requests[before:]] == ["/api/v1/accounts/region"]
     guardrail = checks(blocked)[USERS, GUARDRAILS]
     assert not guardrail.passed and guardrail.severity is dg.AssetCheckSeverity.ERROR
     assert "over max_change_pct 50" in (guardrail.description or "")
@@ -461,7 +463,7 @@ def test_failing_guardrail_blocks_the_send_until_forced(
     dry = materialize(assets, env.resources(), SyncConfig(dry_run=True))
     assert not dry.success  # like `cio-retl sync --dry-run` exiting 3: it would be stopped
     assert "A guardrail would stop this run" in observed(dry, USERS)["plan"]
-    assert len(env.emulator.requests) == before
+    assert len(env.emulator.requests) == before + 1  # a dry run sends no request at all
 
     forced = materialize(assets, env.resources(), SyncConfig(force=True))
     assert forced.success
@@ -474,6 +476,61 @@ def test_failing_guardrail_blocks_the_send_until_forced(
     )
 
 
+def test_a_materialization_plans_and_scans_each_model_once(
+    env: Env, assets: list[dg.AssetsDefinition]
+) -> None:
+    """One engine run per materialization: its checks read the run's own plan, so the model
+    is planned once and its changed rows are read, normalized and encoded once (a dry run
+    first, then the real run, planned and scanned everything twice)."""
+    with counted_passes() as first:
+        result = materialize(assets, env.resources(), selection=[USERS])
+    assert result.success and metadata(result, USERS)["created"] > 0
+    assert first == {"plans": 1, "upsert scans": 1}
+
+    env.execute(
+        "update demo.users set plan = plan || '-v2' where user_id in"
+        " (select user_id from demo.users where deleted_at is null order by user_id limit 3)"
+    )
+    with counted_passes() as dry:  # a dry run reads its changed rows once too, for samples
+        result = materialize(assets, env.resources(), SyncConfig(dry_run=True), selection=[USERS])
+    assert result.success and observed(result, USERS)["updated"] == 3
+    assert dry == {"plans": 1, "upsert scans": 1}
+
+    with counted_passes() as second:
+        result = materialize(assets, env.resources(), selection=[USERS])
+    assert result.success and metadata(result, USERS)["updated"] == 3
+    assert second == {"plans": 1, "upsert scans": 1}
+
+
+def test_a_blocking_check_stops_the_one_run_before_any_batch(
+    env: Env, assets: list[dg.AssetsDefinition]
+) -> None:
+    """The checks are decided inside the sync's run, between its plan and its first batch:
+    a failing one leaves the Track API's batch endpoint untouched, the workspace as it was,
+    the snapshot unacknowledged, and the run recorded as stopped, not succeeded."""
+    assert materialize(assets, env.resources()).success
+    people = env.emulator.workspace.people_by("email")
+    env.execute("update demo.users set plan = plan || '-v2'")  # every synced person changes
+    before = len(env.emulator.requests)
+
+    with counted_passes() as passes:
+        blocked = materialize(assets, env.resources())
+    assert not blocked.success
+    assert [r.path for r in env.emulator.requests[before:] if r.path == "/api/v2/batch"] == []
+    assert env.emulator.workspace.people_by("email") == people
+    assert not checks(blocked)[USERS, GUARDRAILS].passed
+    # One plan per model; the one scan is the guardrail's count of real updates, no send.
+    assert passes == {"plans": 4, "upsert scans": 1}
+    runs = env.query(
+        "select model, status, error from cio_retl.runs where run_id ="
+        " (select run_id from cio_retl.runs order by started_at desc limit 1)"
+    )
+    assert {r.model for r in runs} == {"users", "companies", "memberships", "orders", "devices"}
+    assert all(r.status == "stopped" for r in runs)
+    assert all("users: guardrails" in (r.error or "") for r in runs)
+    assert env.query("select count(*) as n from cio_retl.locks")[0].n == 0
+
+
 def test_duplicate_keys_block_the_send(env: Env, assets: list[dg.AssetsDefinition]) -> None:
     env.execute(
         "insert into demo.users (user_id, email, first_name)"
@@ -482,7 +539,7 @@ def test_duplicate_keys_block_the_send(env: Env, assets: list[dg.AssetsDefinitio
     (twin,) = env.query("select email from demo.users where user_id = 30")
     result = materialize(assets, env.resources())
     assert not result.success
-    assert env.emulator.requests == []
+    assert env.batch_items() == [] and env.emulator.snapshot()["people"] == []
     unique = checks(result)[USERS, UNIQUE_KEYS]
     assert not unique.passed and unique.metadata["bad_key_rows"].value == 2
     assert twin.email in unique.metadata["examples"].value
@@ -505,7 +562,7 @@ def test_unique_keys_counts_every_duplicate_not_only_the_first_rejections(
         " select 30000 + i, 'twin' || (i % 25) || '@example.com', 'Twin' from range(50) t(i)"
     )
     result = materialize(assets, env.resources(), selection=[USERS])
-    assert not result.success and env.emulator.requests == []
+    assert not result.success and env.batch_items() == []
     unique = checks(result)[USERS, UNIQUE_KEYS]
     assert not unique.passed
     assert unique.metadata["duplicate_key_rows"].value == 50

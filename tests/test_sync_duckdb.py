@@ -25,6 +25,7 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.records import RejectionCode
+from cio_retl.report import PlannedChanges
 from cio_retl.state import (
     RejectionRow,
     SnapshotRow,
@@ -33,7 +34,7 @@ from cio_retl.state import (
     rejections,
     snapshots,
 )
-from cio_retl.sync import Outcome
+from cio_retl.sync import Outcome, RunReport
 from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
 from tests.conftest import (
     API_KEY,
@@ -446,6 +447,69 @@ def test_a_held_lock_stops_the_run(
     assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
     state.release_lock("users", "other-run")
     assert sync(settings, "users").outcome is Outcome.SYNCED
+
+
+def test_a_refused_approval_sends_nothing_and_records_the_run_as_stopped(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    """``SyncOptions.approve`` is asked once the run is planned and before its first batch,
+    with every model's plan and guardrail verdict, even when forced. Refused: nothing is
+    sent or acknowledged, the locks are released, the run is recorded as stopped with why,
+    and the report's outcome is STOPPED (the command line's exit 3)."""
+    assert sync(settings).outcome is Outcome.SYNCED
+    edits = edit_demo_warehouse(demo_engine)
+    with demo_engine.begin() as conn:
+        conn.execute(sa.text("update demo.users set plan = plan || '-v2'"))  # over the guardrail
+    snapshot = StateStore(demo_engine).bound(Workspace(SITE_ID)).snapshot("users")
+    before = len(emulator.requests)
+    seen: dict[str, tuple[PlannedChanges | None, str | None]] = {}
+
+    def refuse(plan: RunReport) -> list[str]:
+        assert not plan.dry_run and plan.workspace == SITE_ID
+        seen.update({m.model: (m.plan, m.guardrail) for m in plan.models})
+        return ["users: looks wrong"]
+
+    report = sync(settings, force=True, approve=refuse)
+    assert report.outcome is Outcome.STOPPED and report.blocked == ["users: looks wrong"]
+    users, guardrail = seen["users"]
+    rows = report.models[[m.model for m in report.models].index("users")].rows
+    assert users is not None and (users.creates, users.updates) == (0, rows)  # all changed
+    assert guardrail is not None and "max_change_pct" in guardrail  # forced: still judged
+    memberships, _ = seen["memberships"]
+    assert memberships is not None and memberships.deletes == len(edits.memberships_removed)
+    assert [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"] == []
+    assert StateStore(demo_engine).bound(Workspace(SITE_ID)).snapshot("users") == snapshot
+    run_id = report.run_id
+    with demo_engine.connect() as conn:
+        runs = conn.execute(
+            sa.text("select status, error from cio_retl.runs where run_id = :r"), {"r": run_id}
+        ).all()
+        locks = conn.execute(sa.text("select count(*) from cio_retl.locks")).scalar_one()
+    assert len(runs) == len(report.models) and locks == 0
+    assert {(r.status, r.error) for r in runs} == {("stopped", "users: looks wrong")}
+
+    # Approved, the same run goes on and sends what it planned; without force the engine's
+    # guardrail still stops what an approval let through.
+    with pytest.raises(GuardrailError):
+        sync(settings, approve=lambda plan: [])
+    assert sync(settings, force=True, approve=lambda plan: []).outcome is Outcome.SYNCED
+    sent = rows + edits.entities - len(edits.users_changed)
+    assert len(batch_items(emulator, before)) == sent
+
+
+def test_an_approval_that_fails_records_the_run_as_failed(
+    settings: Settings, demo_engine: Engine, emulator: Emulator
+) -> None:
+    def broken(plan: RunReport) -> list[str]:
+        raise RuntimeError("a bug in the caller's checks")
+
+    with pytest.raises(RuntimeError):
+        sync(settings, "users", approve=broken)
+    with demo_engine.connect() as conn:
+        (run,) = conn.execute(sa.text("select status, error from cio_retl.runs")).all()
+        locks = conn.execute(sa.text("select count(*) from cio_retl.locks")).scalar_one()
+    assert run.status == "failed" and "RuntimeError" in run.error and locks == 0
+    assert [r for r in emulator.requests if r.path == "/api/v2/batch"] == []
 
 
 def test_sigkill_mid_send_loses_nothing(

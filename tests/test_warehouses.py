@@ -18,11 +18,15 @@ from sqlalchemy.engine import Engine
 from cio_retl.config import Secret, Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator
-from cio_retl.sync import Outcome
+from cio_retl.records import RejectionCode
+from cio_retl.report import PlannedChanges
+from cio_retl.sync import Outcome, RunReport
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, demo_models, sync
 from tests.test_postgres import sorted_items
 from tests.test_sync_duckdb import actual_workspace, batch_items
+
+KEY_CODES = (RejectionCode.DUPLICATE_KEY, RejectionCode.NULL_KEY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +186,76 @@ def test_model_sql_with_colons_and_percent_signs(warehouse: Warehouse, emulator:
     assert report.outcome is Outcome.SYNCED and report.models[0].created > 0
     person = next(iter(emulator.workspace.people_by("email").values()))
     assert person["slot"] == "10:00" and person["tag"] == "a:b" and person["pct"] == "100%"
+
+
+@pytest.mark.parametrize("state", ["warehouse", "elsewhere"])
+def test_the_plan_counts_the_rows_the_send_rejects_for_their_key(
+    warehouse: Warehouse, emulator: Emulator, state: str, tmp_path: Path
+) -> None:
+    """What a pre-send approval reads of bad keys (ModelReport.plan) is what the send then
+    rejects for them, on every database and in both diff forms: NULL keys, keys several
+    rows share (of acknowledged rows too), and for events only the rows not sent yet."""
+    settings = settings_for(warehouse, emulator)
+    if state == "elsewhere":
+        if not warehouse.url.startswith("duckdb"):
+            pytest.skip("the cross-database form is the same code on every warehouse")
+        settings = replace(settings, state_url=f"duckdb:///{tmp_path / 'state.duckdb'}")
+    for model in warehouse.models_dir.glob("*.sql"):
+        model.unlink()
+    s = warehouse.schema
+    (warehouse.models_dir / "people.sql").write_text(
+        f"-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from {s}.people\n"
+    )
+    (warehouse.models_dir / "buys.sql").write_text(
+        "-- kind: event\n-- identifier: id\n-- key: user_id\n-- event_key: buy_id\n"
+        f"-- name: bought\n-- timestamp: bought_at\nselect * from {s}.buys\n"
+    )
+    at = "CAST('2026-11-30 10:00:00' AS TIMESTAMP)"
+    with warehouse.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {s}.people (user_id VARCHAR, name VARCHAR)"))
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {s}.people VALUES ('u1', 'a'), ('u2', 'b'), ('dup', 'x'),"
+                " ('dup', 'y'), (NULL, 'z')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {s}.buys (buy_id VARCHAR, user_id VARCHAR, bought_at TIMESTAMP, n INTEGER)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {s}.buys VALUES ('b1', 'u1', {at}, 1), ('b2', 'u1', {at}, 2),"
+                f" ('bd', 'u2', {at}, 3), ('bd', 'u2', {at}, 4), (NULL, 'u2', {at}, 5)"
+            )
+        )
+
+    def planned() -> dict[str, tuple[int, int]]:
+        """(NULL, shared) key rows each model's plan counted; the send rejected as many."""
+        plans: dict[str, PlannedChanges] = {}
+
+        def approve(report: RunReport) -> list[str]:
+            plans.update({m.model: m.plan for m in report.models if m.plan is not None})
+            return []
+
+        report = sync(settings, approve=approve)
+        assert report.outcome is Outcome.REJECTED
+        counts = {}
+        for m in report.models:
+            plan = plans[m.model]
+            counts[m.model] = (plan.null_keys, plan.duplicate_keys)
+            sent = (
+                m.rejected_with(RejectionCode.NULL_KEY),
+                m.rejected_with(RejectionCode.DUPLICATE_KEY),
+            )
+            assert sent == counts[m.model], m.model
+            examples = [e for c in KEY_CODES for e in m.examples_by_code.get(c, [])]
+            assert sorted(plan.key_examples, key=str) == sorted(examples, key=str), m.model
+        return counts
+
+    assert planned() == {"people": (1, 2), "buys": (1, 2)}
+    with warehouse.engine.begin() as conn:  # u1 acknowledged, then shared; b1 sent, then twice
+        conn.execute(sa.text(f"INSERT INTO {s}.people VALUES ('u1', 'again')"))
+        conn.execute(sa.text(f"INSERT INTO {s}.buys VALUES ('b1', 'u1', {at}, 9)"))
+    assert planned() == {"people": (1, 4), "buys": (1, 2)}
