@@ -15,22 +15,32 @@ from typing import Any
 
 import sqlalchemy as sa
 
-# Fragments of cio_retl.diff's SQL: the counting pass joins the model's keys with the
-# snapshot in full; the upsert scan joins the model's rows with it from the left.
-PLAN = "FULL OUTER JOIN snap ON snap.key = src.k"
-UPSERT_SCAN = "LEFT JOIN snap ON snap.key = src.__cio_key"
-PASSES: Mapping[str, str] = {"plans": PLAN, "upsert scans": UPSERT_SCAN}
+from cio_retl.warehouse import HELD_COLUMN, KEY_COLUMN
+
+# Fragments of the diff's SQL, each pass in both of its forms. The plan: the streaming
+# diff's counting pass joins the model's keys with the snapshot in full, as does the
+# statement that writes a plan table (cio_retl.plan). The upsert scan: the streaming diff
+# joins the model's rows with the snapshot from the left; a planned run reads the plan's
+# rows to send, in order.
+PLAN = (
+    "FULL OUTER JOIN snap ON snap.key = src.k",
+    f"FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}",
+)
+UPSERT_SCAN = (f"LEFT JOIN snap ON snap.key = src.{KEY_COLUMN}", f"p.{HELD_COLUMN} = 0 ORDER BY")
+PASSES: Mapping[str, tuple[str, ...]] = {"plans": PLAN, "upsert scans": UPSERT_SCAN}
 
 
 @contextmanager
-def counted_passes(fragments: Mapping[str, str] = PASSES) -> Iterator[dict[str, int]]:
-    """Counts, by name, of the statements containing each fragment that any engine of the
-    process executes inside the block; the listener is removed when the block ends."""
+def counted_passes(
+    fragments: Mapping[str, tuple[str, ...]] = PASSES,
+) -> Iterator[dict[str, int]]:
+    """Counts, by name, of the statements containing one of each name's fragments that any
+    engine of the process executes inside the block; the listener is removed at its end."""
     counts = dict.fromkeys(fragments, 0)
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        for name, fragment in fragments.items():
-            if fragment in statement:
+        for name, forms in fragments.items():
+            if any(form in statement for form in forms):
                 counts[name] += 1
 
     sa.event.listen(sa.Engine, "before_cursor_execute", seen)

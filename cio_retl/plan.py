@@ -56,6 +56,8 @@ from cio_retl.warehouse import (
 )
 
 PLAN_PREFIX = "cio_plan_"
+# A plan row the upserts read and reject for its key: a model row, not held by a suppression.
+_REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
 PLAN_DIALECTS = frozenset({"duckdb", "postgresql"})
 
 
@@ -97,9 +99,9 @@ class PlanDiff(PushDownDiff):
             f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
         )
 
-    def count(self, model: Model) -> ChangeCounts:
+    def count(self, model: Model, *, keys: bool = False) -> ChangeCounts:
         if model.kind is Kind.EVENT:
-            return super().count(model)
+            return super().count(model, keys=keys)
         table = self.plans.get(model.name) or self._build(model)
         snapshot_rows = f"""
             SELECT COUNT(*) FROM {self.state.snapshots} AS s
@@ -116,19 +118,42 @@ class PlanDiff(PushDownDiff):
                 SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
                           AND p.{SNAPSHOT_FINGERPRINT_COLUMN} <> p.{FINGERPRINT_COLUMN}
                          THEN 1 ELSE 0 END),
-                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NULL THEN 1 ELSE 0 END)
+                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NULL THEN 1 ELSE 0 END),
+                SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
+                SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{DUPLICATES_COLUMN} > 1 THEN 1 ELSE 0 END)
             FROM {table} AS p
         """
         with self.state.engine.connect() as conn:
             acknowledged = int(
                 conn.execute(sa.text(snapshot_rows), self.state.scope(model.name)).scalar_one() or 0
             )
-            planned_rows, planned_snapshots, new, changed, removed = (
+            planned_rows, planned_snapshots, new, changed, removed, *bad_keys = (
                 int(v or 0) for v in conn.execute(sa.text(counts)).one()
             )
         # Snapshot rows the plan left out are the unchanged ones: one model row each.
         rows = planned_rows + acknowledged - planned_snapshots
-        return ChangeCounts(rows, acknowledged, new, changed, removed)
+        # The plan holds every row of a bad key anyway: counting them costs nothing here.
+        return ChangeCounts(rows, acknowledged, new, changed, removed, *bad_keys)
+
+    def key_rejections(self, model: Model, limit: int) -> list[RowChange]:
+        if model.kind is Kind.EVENT:
+            return super().key_rejections(model, limit)
+        table = self.plans.get(model.name) or self._build(model)
+        sql = (
+            f"SELECT * FROM {table} AS p WHERE {_REJECTED_FOR_KEY}"
+            f" AND (p.{KEY_COLUMN} IS NULL OR p.{DUPLICATES_COLUMN} > 1)"
+            f" ORDER BY p.{SEQ_COLUMN} LIMIT {int(limit)}"
+        )
+        found: list[RowChange] = []
+        with _diff_connection(self.state, None) as conn:
+            for chunk in self.warehouse.stream(conn, sql):
+                if chunk.rows:
+                    columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+                    found += [
+                        _upsert_change(model, columns, r, None, full_resync=False)
+                        for r in chunk.rows
+                    ]
+        return found
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
         if model.kind is Kind.EVENT:
