@@ -2,11 +2,15 @@
 
 The engine writes dialect-neutral SQL and asks this module for the few parts that are not:
 the text form of a key, the per-row fingerprint, how a Python-side batch of rows becomes a
-relation the database can join (state-store writes and lookups), and the upsert statement.
+relation the database can join (state-store writes and lookups), the upsert statement, the
+shared rate budget's statements, and what a new engine, a URL's file or a failed connection
+means for the database. :class:`Dialect` holds what they share; :class:`DuckDBDialect`,
+:class:`PostgresDialect` and :class:`SnowflakeDialect` what differs. Nothing outside this
+module asks which database it is talking to.
 
 DuckDB and PostgreSQL share the array form (``unnest`` of one array per column, bound as
 parameters). PostgreSQL upserts with ``INSERT ... ON CONFLICT`` on the snapshot's primary
-key; DuckDB's snapshot table has no key index (:attr:`Dialect.state_primary_keys`), so it
+key; DuckDB's snapshot table has no key index (:attr:`DuckDBDialect.state_primary_keys`), so it
 deletes the keys being rewritten and inserts them. Snowflake has neither ``unnest`` nor
 ``ON CONFLICT``: a batch travels as one JSON array expanded by ``FLATTEN`` and the upsert is
 an UPDATE plus an INSERT of the absent keys. Its connector interpolates parameters into the
@@ -19,16 +23,18 @@ behaves differently from real Snowflake, a comment says so at the spot.
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from cio_retl.buckets import bucket_sql
-from cio_retl.errors import ConfigError
+from cio_retl.errors import CioRetlError, ConfigError, LockedError
 from cio_retl.models import Model
 
 # Between the two key parts of a relationship row; identifiers with control characters are
@@ -46,19 +52,28 @@ _MAX_DATE_SECONDS = 253402214400
 _DECIMAL_TYPE = re.compile(r"DECIMAL\((\d+),(\d+)\)")
 
 
-class Dialect:
-    """DuckDB: the reference dialect; the others override what differs."""
+class Dialect(abc.ABC):
+    """What the three databases share; each subclass says what differs (:func:`dialect_for`)."""
 
-    name = "duckdb"
+    name: ClassVar[str]  # SQLAlchemy's name of the backend
 
     # Whether the state tables that grow with a model (snapshots, rejections) carry their
-    # (model, key) primary key. Not on DuckDB: its ART index lives in memory and cannot
-    # spill to disk, so under a memory_limit inserts fail once the index outgrows it
-    # (measured: "Out of Memory" near 8.8M keys at 512MB), and without a limit it is part of
-    # our RSS. Without the index, uniqueness rests on the writes (delete the keys, then
-    # insert: :meth:`upsert`, StateStore.record_rejections) and on one writer per model (the
-    # lock; a DuckDB file also admits one process).
-    state_primary_keys = False
+    # (model, key) primary key (see DuckDBDialect for the one that does not).
+    state_primary_keys = True
+
+    # How a CTE that a statement reads twice is kept from being materialized, where the
+    # database would otherwise hold it whole (see DuckDBDialect). PostgreSQL spills a
+    # materialized CTE on its own server, and Snowflake has no such syntax: both keep theirs.
+    not_materialized = ""
+
+    # Statements run at the start of each diff query's transaction, and more for a bucket's.
+    # See PostgresDialect for why they exist; DuckDB's and Snowflake's planners need neither.
+    diff_session: tuple[str, ...] = ()
+    bucket_session: tuple[str, ...] = ()
+
+    # (URL form, driver package, cio-retl extra) to name when the URL's driver is missing;
+    # None where the driver comes with cio-retl itself.
+    driver_extra: ClassVar[tuple[str, str, str] | None] = None
 
     def __init__(self, sa_dialect: sa.Dialect) -> None:
         self._preparer = sa_dialect.identifier_preparer
@@ -69,18 +84,6 @@ class Dialect:
 
     def quote_schema(self, schema: str) -> str:
         return str(self._preparer.quote_schema(schema))
-
-    # How a CTE that a statement reads twice is kept from being materialized. DuckDB
-    # materializes such a CTE whole (every column of every model row) before the rest of
-    # the query runs; inlined, the model is scanned twice and nothing is held. Measured on
-    # the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s. PostgreSQL spills a
-    # materialized CTE on its own server, and Snowflake has no such syntax: both keep theirs.
-    not_materialized = "NOT MATERIALIZED "
-
-    # Statements run at the start of each diff query's transaction, and more for a bucket's.
-    # See PostgresDialect for why they exist; DuckDB's planner needs neither.
-    diff_session: tuple[str, ...] = ()
-    bucket_session: tuple[str, ...] = ()
 
     def bucket(self, key: str, count: int) -> str:
         """SQL of the key's hash bucket, equal to :func:`cio_retl.buckets.bucket_of`."""
@@ -97,6 +100,7 @@ class Dialect:
             return parts[0]
         return f" || chr({ord(KEY_SEPARATOR)}) || ".join(parts)
 
+    @abc.abstractmethod
     def row_fingerprint(self, alias: str, signature: str) -> str:
         """A digest of every column of a model row, stable between runs of one database.
 
@@ -104,17 +108,7 @@ class Dialect:
         use its own form; what must agree across dialects is the attributes hash, computed
         in Python after normalization. ``signature`` digests the result's column names and
         types, for forms that do not see them.
-
-        DuckDB: the 64-bit ``hash`` of the whole row, prefixed with the signature (a STRUCT's
-        hash covers its values, not its field names). ``md5(to_json(row))`` was measured 5x
-        slower (22 s against 4 s for 10M rows on 2 cores), which alone would miss the 10M-row
-        diff target. A change goes unseen only if the new row's hash equals the old one's for
-        the same key (p = 2**-64 per changed row). DuckDB does not promise ``hash`` is stable
-        across its versions: an upgrade that changes it makes every row look changed once
-        (attributes are then compared in Python, nothing is sent, but the change guardrail
-        sees every row; rerun with --force).
         """
-        return f"('{signature}' || CAST(hash({alias}) AS VARCHAR))"
 
     def json_columns(self, description: Sequence[Sequence[Any]]) -> frozenset[int]:
         """Positions of result columns that arrive as JSON text and must be decoded.
@@ -134,31 +128,9 @@ class Dialect:
         hash does not move. It saves building a ``datetime`` or ``Decimal`` per cell and
         converting it back: 0.6 s of CPU on a 100k-row sync with one of each per row.
         ``type_name`` is the driver's type of the result column (DuckDB: its SQL name).
-
-        DuckDB: timestamps and dates become Unix seconds, floored (``//`` truncates toward
-        zero, hence the floor-mod); its ``±infinity`` values convert to Python as
-        ``datetime.max``/``min`` and ``date.max``/``min``, so they map to those seconds.
-        A DECIMAL of at most 15 digits is exact as a DOUBLE (its unscaled integer and the
-        power of ten both are, and one division rounds correctly, as ``float(Decimal)``
-        does); a wider one stays a ``Decimal`` for Python to convert.
+        None by default: measured on DuckDB only, so psycopg's and the Snowflake connector's
+        values are normalized in Python.
         """
-        x = expression
-        if type_name in ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE"):
-            us = f"epoch_us({x})"
-            return (
-                f"CASE WHEN isfinite({x}) THEN ({us} - (({us} % 1000000 + 1000000) % 1000000))"
-                f" // 1000000 WHEN {x} > '1970-01-01' THEN {_MAX_DATETIME_SECONDS}"
-                f" WHEN {x} < '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
-            )
-        if type_name == "DATE":
-            return (
-                f"CASE WHEN isfinite({x}) THEN ({x} - DATE '1970-01-01') * 86400"
-                f" WHEN {x} > DATE '1970-01-01' THEN {_MAX_DATE_SECONDS}"
-                f" WHEN {x} < DATE '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
-            )
-        decimal = _DECIMAL_TYPE.fullmatch(type_name)
-        if decimal and int(decimal[1]) <= 15:
-            return f"CAST({x} AS {'BIGINT' if decimal[2] == '0' else 'DOUBLE'})"
         return None
 
     # -- batches of Python rows as a relation -------------------------------------------------
@@ -195,6 +167,7 @@ class Dialect:
                     sa.text(template.replace(ROWS, relation)), {**(params or {}), **batch_params}
                 )
 
+    @abc.abstractmethod
     def upsert(
         self,
         table: str,
@@ -206,24 +179,8 @@ class Dialect:
     ) -> list[str]:
         """Statements inserting ``source``'s rows (a SELECT naming ``columns``, one row per
         ``conflict`` key), replacing the rows with the same key; run in one transaction.
-
-        DuckDB, without a key index: DELETE the keys, then INSERT. (Measured on 2M snapshot
-        rows, 1000 random existing keys: DELETE + INSERT 81 ms; ``MERGE INTO`` 290 ms and
-        ``UPDATE ... FROM`` 307 ms, as updating eight text columns in place is slow; with
-        the primary key, ``ON CONFLICT`` 114 ms.) ``absent`` means the caller knows none of
-        the keys has a row (the diff found none, and the model's lock keeps other writers
-        out): the DELETE is skipped, as without an index it scans the model's snapshot,
-        which made 1000-row inserts into 2M rows 3.5x slower (14 ms against 4 ms).
-        """
-        names = ", ".join(columns)
-        insert = f"INSERT INTO {table} ({names}) {source}"
-        if absent:
-            return [insert]
-        match = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
-        return [
-            f"DELETE FROM {table} AS t WHERE EXISTS (SELECT 1 FROM ({source}) AS s WHERE {match})",
-            insert,
-        ]
+        ``absent`` means the caller knows none of the keys has a row (the diff found none,
+        and the model's lock keeps other writers out)."""
 
     def add_workspace_column(
         self, table: str, name: str, type_sql: str, fill: str, key: Sequence[str] | None
@@ -232,8 +189,7 @@ class Dialect:
         column, every existing row holding ``fill``; with ``key``, the column is NOT NULL and
         leads the primary key ``key`` where the dialect keeps one.
 
-        DuckDB: the tables that would carry the key have none (see state_primary_keys), so
-        NOT NULL is all there is to add.
+        Here the column only; a dialect that keeps the key rebuilds it (PostgresDialect).
         """
         column = self.quote("workspace")
         statements = [
@@ -254,10 +210,203 @@ class Dialect:
             f" WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {match})"
         )
 
+    # -- state store ------------------------------------------------------------------------
+    def stale_primary_key(self, conn: Connection, schema: str, table: str) -> bool:
+        """Whether ``table`` still has a primary key an older cio-retl created, where this
+        dialect's state tables no longer carry one (state_primary_keys); the state store
+        then rebuilds it without. Where the key is kept, none is stale."""
+        return False
+
+    def rate_budget_sql(self, table: str) -> tuple[str, str] | None:
+        """(grant, create) statements of a rate budget shared by every process that sends to
+        one workspace, kept as a row of ``table`` (cio_retl.state.budget); None where the
+        database is not a server other workers can reach cheaply once per request."""
+        return None
+
+    # -- engines and URLs -------------------------------------------------------------------
+    @classmethod
+    def prepare_engine(cls, engine: Engine) -> None:
+        """Settings every connection of a new engine gets; none by default."""
+        return None
+
+    @classmethod
+    def local_file(cls, url: sa.URL) -> Path | None:
+        """The file a URL's database lives in, for databases that are a local file."""
+        return None
+
+    @classmethod
+    def local_error(cls, url: sa.URL, message: str) -> CioRetlError | None:
+        """The error for a database that failed to open where there is no server to reach
+        (a local file); None for server databases, whose failures are told apart by how the
+        server answered (cio_retl.warehouse.database_error)."""
+        return None
+
+    @classmethod
+    def missing_driver(cls, setting: str, drivername: str, missing: str) -> str:
+        """Which URL form and extra to use when the URL's driver is not installed."""
+        if cls.driver_extra is None:
+            return f"{setting}: {drivername}:// cannot be loaded ({missing})"
+        form, package, extra = cls.driver_extra
+        return (
+            f"{setting}: {form} needs {package}, which is not installed ({missing}); "
+            f"install the `{extra}` extra: {_install(extra)}"
+        )
+
+
+def _install(extra: str) -> str:
+    return f"pip install 'cio-retl[{extra}]' (or: uv sync --extra {extra})"
+
+
+class DuckDBDialect(Dialect):
+    """DuckDB: an in-process database in a local file (or in memory)."""
+
+    name = "duckdb"
+
+    # Not on DuckDB: its ART index lives in memory and cannot spill to disk, so under a
+    # memory_limit inserts fail once the index outgrows it (measured: "Out of Memory" near
+    # 8.8M keys at 512MB), and without a limit it is part of our RSS. Without the index,
+    # uniqueness rests on the writes (delete the keys, then insert: :meth:`upsert`,
+    # StateStore.record_rejections) and on one writer per model (the lock; a DuckDB file
+    # also admits one process).
+    state_primary_keys = False
+
+    # DuckDB materializes a CTE read twice whole (every column of every model row) before
+    # the rest of the query runs; inlined, the model is scanned twice and nothing is held.
+    # Measured on the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s.
+    not_materialized = "NOT MATERIALIZED "
+
+    def row_fingerprint(self, alias: str, signature: str) -> str:
+        """The 64-bit ``hash`` of the whole row, prefixed with the signature (a STRUCT's
+        hash covers its values, not its field names). ``md5(to_json(row))`` was measured 5x
+        slower (22 s against 4 s for 10M rows on 2 cores), which alone would miss the 10M-row
+        diff target. A change goes unseen only if the new row's hash equals the old one's for
+        the same key (p = 2**-64 per changed row). DuckDB does not promise ``hash`` is stable
+        across its versions: an upgrade that changes it makes every row look changed once
+        (attributes are then compared in Python, nothing is sent, but the change guardrail
+        sees every row; rerun with --force).
+        """
+        return f"('{signature}' || CAST(hash({alias}) AS VARCHAR))"
+
+    def normalized_column(self, expression: str, type_name: str) -> str | None:
+        """Timestamps and dates become Unix seconds, floored (``//`` truncates toward
+        zero, hence the floor-mod); DuckDB's ``±infinity`` values convert to Python as
+        ``datetime.max``/``min`` and ``date.max``/``min``, so they map to those seconds.
+        A DECIMAL of at most 15 digits is exact as a DOUBLE (its unscaled integer and the
+        power of ten both are, and one division rounds correctly, as ``float(Decimal)``
+        does); a wider one stays a ``Decimal`` for Python to convert.
+        """
+        x = expression
+        if type_name in ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE"):
+            us = f"epoch_us({x})"
+            return (
+                f"CASE WHEN isfinite({x}) THEN ({us} - (({us} % 1000000 + 1000000) % 1000000))"
+                f" // 1000000 WHEN {x} > '1970-01-01' THEN {_MAX_DATETIME_SECONDS}"
+                f" WHEN {x} < '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
+            )
+        if type_name == "DATE":
+            return (
+                f"CASE WHEN isfinite({x}) THEN ({x} - DATE '1970-01-01') * 86400"
+                f" WHEN {x} > DATE '1970-01-01' THEN {_MAX_DATE_SECONDS}"
+                f" WHEN {x} < DATE '1970-01-01' THEN {_MIN_DATETIME_SECONDS} END"
+            )
+        decimal = _DECIMAL_TYPE.fullmatch(type_name)
+        if decimal and int(decimal[1]) <= 15:
+            return f"CAST({x} AS {'BIGINT' if decimal[2] == '0' else 'DOUBLE'})"
+        return None
+
+    def upsert(
+        self,
+        table: str,
+        conflict: Sequence[str],
+        columns: Sequence[str],
+        source: str,
+        *,
+        absent: bool = False,
+    ) -> list[str]:
+        """Without a key index: DELETE the keys, then INSERT. (Measured on 2M snapshot
+        rows, 1000 random existing keys: DELETE + INSERT 81 ms; ``MERGE INTO`` 290 ms and
+        ``UPDATE ... FROM`` 307 ms, as updating eight text columns in place is slow; with
+        the primary key, ``ON CONFLICT`` 114 ms.) ``absent`` means the caller knows none of
+        the keys has a row (the diff found none, and the model's lock keeps other writers
+        out): the DELETE is skipped, as without an index it scans the model's snapshot,
+        which made 1000-row inserts into 2M rows 3.5x slower (14 ms against 4 ms).
+        """
+        names = ", ".join(columns)
+        insert = f"INSERT INTO {table} ({names}) {source}"
+        if absent:
+            return [insert]
+        match = " AND ".join(f"t.{c} = s.{c}" for c in conflict)
+        return [
+            f"DELETE FROM {table} AS t WHERE EXISTS (SELECT 1 FROM ({source}) AS s WHERE {match})",
+            insert,
+        ]
+
+    def stale_primary_key(self, conn: Connection, schema: str, table: str) -> bool:
+        # DuckDB cannot drop a primary key in place; its catalog says whether there is one.
+        keyed = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()"
+                " AND schema_name = :schema"
+                " AND table_name = :table AND constraint_type = 'PRIMARY KEY'"
+            ),
+            {"schema": schema, "table": table},
+        ).scalar_one()
+        return bool(keyed)
+
+    @classmethod
+    def prepare_engine(cls, engine: Engine) -> None:
+        """DuckDB runs inside our process, so its operator memory is our RSS: unless the URL
+        sets ``memory_limit``, each connection sets :data:`DUCKDB_MEMORY_LIMIT`, and the
+        diff's joins and aggregates spill to DuckDB's temporary directory (beside the
+        database file) beyond it. This needs the snapshot and rejection tables to have no key
+        index (an index cannot spill: with one, inserts failed near 8.8M keys at 512MB; see
+        ``state_primary_keys``). It is a ``SET`` on connect, not a connect-time config:
+        DuckDB refuses a second connection to a file that this process already holds open
+        with another configuration, e.g. through a plain SQLAlchemy engine of the user's."""
+        if not _DUCKDB_MEMORY_SETTINGS & {k.lower() for k in engine.url.query}:
+            sa.event.listen(engine, "connect", _limit_duckdb_memory)
+
+    @classmethod
+    def local_file(cls, url: sa.URL) -> Path | None:
+        """None for ``:memory:`` and MotherDuck (``md:``), which have no local file."""
+        database = url.database
+        if not database or database == ":memory:" or database.startswith(("md:", "motherduck:")):
+            return None
+        return Path(database)
+
+    @classmethod
+    def local_error(cls, url: sa.URL, message: str) -> CioRetlError:
+        """Nothing to reach, except that one process at a time may write the file."""
+        if "Could not set lock on file" in message:
+            return LockedError(
+                f"the DuckDB database is in use by another process "
+                f"({message.split(': ', 1)[-1]}); one run at a time: try again when it ends"
+            )
+        return ConfigError(f"cannot open the DuckDB database {url.database}: {message}")
+
+
+# DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM). The
+# limit bounds DuckDB's buffer manager, not Python: RSS sits about 100-470 MiB above it.
+# Measured (bench/README.md): at 128MB the no-change diff peaks at 227 MiB RSS
+# for 1M rows and 243-249 MiB for 10M (memory flat in the model size), 4.1-4.8 s for the
+# 10M count pass; the 2M-row initial sync at 602 MiB. At 512MB: 270 -> 670 MiB from 1M to
+# 10M rows, the 2M initial sync at 912 MiB and 8% faster, a 2M 1,000-change rerun 1.9 s
+# instead of 3.5 s. Memory that stays flat is worth those seconds by default; a roomy
+# machine can say memory_limit=1GB in the URL.
+DUCKDB_MEMORY_LIMIT = "128MB"
+# Either name sets the limit in DuckDB; a URL giving one is the user's choice.
+_DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
+
+
+def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:
+    # A global setting: it bounds the database instance every connection of ours shares.
+    dbapi_connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+
 
 class PostgresDialect(Dialect):
     name = "postgresql"
-    not_materialized = ""
+    driver = "psycopg"  # the one driver cio-retl supports (its `postgres` extra)
+    driver_extra = ("postgresql+psycopg://", "psycopg", "postgres")
 
     # A B-tree on disk: no memory cost, and it makes the upsert one statement.
     state_primary_keys = True
@@ -277,9 +426,6 @@ class PostgresDialect(Dialect):
         # The portable form computes the MD5 once per hex digit (PostgreSQL does not share
         # the four calls); read as a bit string, once: 1M keys 2.08 -> 0.52 s.
         return f"COALESCE(CAST(CAST('x' || SUBSTR(MD5({key}), 1, 4) AS BIT(16)) AS INTEGER) % {int(count)}, 0)"
-
-    def normalized_column(self, expression: str, type_name: str) -> str | None:
-        return None  # not measured there yet: psycopg's values are normalized in Python
 
     def upsert(
         self,
@@ -323,18 +469,50 @@ class PostgresDialect(Dialect):
         # row_to_json names every column and renders every type deterministically.
         return f"md5(CAST(row_to_json({alias}) AS TEXT))"
 
+    def rate_budget_sql(self, table: str) -> tuple[str, str]:
+        # The grant: one statement, one round trip, in autocommit. The UPDATE grants or not
+        # (the generic cell rate algorithm on the database's clock, atomic under the row
+        # lock), and the SELECT (which sees the row as it was before the UPDATE) says how
+        # long until the next grant.
+        grant = f"""
+            WITH granted AS (
+                UPDATE {table}
+                SET tat = GREATEST(tat, clock_timestamp()) + make_interval(secs => :interval)
+                WHERE workspace = :workspace
+                  AND tat <= clock_timestamp() + make_interval(secs => :tolerance)
+                RETURNING 1
+            )
+            SELECT EXISTS (SELECT 1 FROM granted),
+                   EXTRACT(EPOCH FROM (tat - clock_timestamp())) - :tolerance
+            FROM {table} WHERE workspace = :workspace
+        """
+        create = f"""
+            INSERT INTO {table} (workspace, tat) VALUES (:workspace, clock_timestamp())
+            ON CONFLICT (workspace) DO NOTHING
+        """
+        return grant, create
+
+    @classmethod
+    def missing_driver(cls, setting: str, drivername: str, missing: str) -> str:
+        # SQLAlchemy's default PostgreSQL driver (a bare postgresql://) is psycopg2.
+        driver = drivername.partition("+")[2] or "psycopg2"
+        if driver == cls.driver:
+            return super().missing_driver(setting, drivername, missing)
+        form, _, extra = cls.driver_extra
+        return (
+            f"{setting}: {drivername}:// needs the {driver} driver, which is not "
+            f"installed ({missing}); use {form}... with the `{extra}` extra: {_install(extra)}"
+        )
+
 
 class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
-    not_materialized = ""
+    driver_extra = ("snowflake://", "snowflake-sqlalchemy", "snowflake")
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
     state_primary_keys = True
-
-    def normalized_column(self, expression: str, type_name: str) -> str | None:
-        return None  # the connector's values are normalized in Python
 
     # Snowflake recommends statements under 1 MB, parameters included (the connector binds
     # client-side, into the text); keep each batch's JSON well below that.
@@ -433,18 +611,20 @@ def _json_array(items: Sequence[bytes]) -> str:
 
 
 _DIALECTS: dict[str, type[Dialect]] = {
-    "duckdb": Dialect,
-    "postgresql": PostgresDialect,
-    "snowflake": SnowflakeDialect,
+    cls.name: cls for cls in (DuckDBDialect, PostgresDialect, SnowflakeDialect)
 }
+
+
+def dialect_named(name: str) -> type[Dialect] | None:
+    """The dialect of SQLAlchemy's backend ``name``; None for one cio-retl does not speak."""
+    return _DIALECTS.get(name)
 
 
 def dialect_for(sa_dialect: sa.Dialect) -> Dialect:
     """The SQL of the engine's database; a clear error for one cio-retl does not speak."""
-    try:
-        cls = _DIALECTS[sa_dialect.name]
-    except KeyError:
+    cls = dialect_named(sa_dialect.name)
+    if cls is None:
         raise ConfigError(
-            f"unsupported database dialect {sa_dialect.name!r} (duckdb, postgresql, snowflake)"
-        ) from None
+            f"unsupported database dialect {sa_dialect.name!r} ({', '.join(_DIALECTS)})"
+        )
     return cls(sa_dialect)

@@ -84,6 +84,8 @@ class Column:
 class _Sql:
     """The few expressions that differ by dialect; DuckDB here, PostgreSQL below."""
 
+    first_control = 0  # the first control character a text value can hold
+
     def quote(self, name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
 
@@ -132,6 +134,8 @@ class _Sql:
 
 
 class _PostgresSql(_Sql):
+    first_control = 1  # PostgreSQL text holds no NUL
+
     def text(self, x: str) -> str:
         return f"CAST({x} AS TEXT)"
 
@@ -322,8 +326,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
     # Rejections, the first failure wins, in the order the Python path meets them.
     checks: list[tuple[str, RejectionCode, str]] = []
     spaces = d.char_class(_SPACES)
-    first_control = 1 if dialect == "postgresql" else 0  # PostgreSQL text holds no NUL
-    control = d.char_class("".join(map(chr, [*range(first_control, 0x20), 0x7F])))
+    control = d.char_class("".join(map(chr, [*range(d.first_control, 0x20), 0x7F])))
     name = id_type
     checks += [
         (f"{key} IS NULL", RejectionCode.NULL_KEY, _literal(f"key is NULL ({model.key})")),

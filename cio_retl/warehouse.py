@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from cio_retl.dialects import KEY_SEPARATOR as KEY_SEPARATOR  # re-exported
 from cio_retl.dialects import Dialect as Dialect  # re-exported
-from cio_retl.dialects import dialect_for
-from cio_retl.errors import CioRetlError, ConfigError, LockedError, ModelError, UnreachableError
+from cio_retl.dialects import dialect_for, dialect_named
+from cio_retl.errors import CioRetlError, ConfigError, ModelError, UnreachableError
 from cio_retl.models import Kind, Model, did_you_mean
 
 # Columns the diff adds to a model's rows; a model may not use these names.
@@ -57,39 +57,13 @@ class Chunk(NamedTuple):
     json_columns: frozenset[int]
 
 
-# DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM). The
-# limit bounds DuckDB's buffer manager, not Python: RSS sits about 100-470 MiB above it.
-# Measured (bench/README.md, 2026-12-01): at 128MB the no-change diff peaks at 227 MiB RSS
-# for 1M rows and 243-249 MiB for 10M (memory flat in the model size), 4.1-4.8 s for the
-# 10M count pass; the 2M-row initial sync at 602 MiB. At 512MB: 270 -> 670 MiB from 1M to
-# 10M rows, the 2M initial sync at 912 MiB and 8% faster, a 2M 1,000-change rerun 1.9 s
-# instead of 3.5 s. Memory that stays flat is worth those seconds by default; a roomy
-# machine can say memory_limit=1GB in the URL.
-DUCKDB_MEMORY_LIMIT = "128MB"
-# Either name sets the limit in DuckDB; a URL giving one is the user's choice.
-_DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
-
-
-# The driver each backend's URL form needs, and the extra of cio-retl that installs it.
-_DRIVER_EXTRAS = {
-    "postgresql": ("postgresql+psycopg://", "psycopg", "postgres"),
-    "snowflake": ("snowflake://", "snowflake-sqlalchemy", "snowflake"),
-}
 URL_SETTINGS = "CIO_RETL_WAREHOUSE_URL / CIO_RETL_STATE_URL"
 
 
 def create_engine(url: str, setting: str = URL_SETTINGS) -> Engine:
-    """An engine for ``url``; errors name the variable, never the URL (it may hold a password).
-
-    DuckDB runs inside our process, so its operator memory is our RSS: unless the URL sets
-    ``memory_limit``, each connection sets :data:`DUCKDB_MEMORY_LIMIT`, and the diff's
-    joins and aggregates spill to DuckDB's temporary directory (beside the database file)
-    beyond it. This needs the snapshot and rejection tables to have no key index on DuckDB
-    (an index cannot spill: with one, inserts failed near 8.8M keys at 512MB; see
-    ``Dialect.state_primary_keys``). It is a ``SET`` on connect, not a connect-time
-    config: DuckDB refuses a second connection to a file that this process already holds
-    open with another configuration, e.g. through a plain SQLAlchemy engine of the user's.
-    """
+    """An engine for ``url``, with the settings its dialect gives every connection (DuckDB:
+    its memory limit, see DuckDBDialect.prepare_engine); errors name the variable, never the
+    URL (it may hold a password)."""
     try:
         engine = sa.create_engine(url)  # imports the URL's driver (its DBAPI module) now
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -98,26 +72,21 @@ def create_engine(url: str, setting: str = URL_SETTINGS) -> Engine:
         raise ConfigError(
             f"{setting}: cannot use the database URL ({_redact(str(exc), url)})"
         ) from None
-    if engine.dialect.name == "duckdb" and not _DUCKDB_MEMORY_SETTINGS & {
-        k.lower() for k in engine.url.query
-    }:
-        sa.event.listen(engine, "connect", _limit_duckdb_memory)
+    dialect = dialect_named(engine.dialect.name)
+    if dialect is not None:  # one cio-retl does not speak fails where it is used
+        dialect.prepare_engine(engine)
     return engine
 
 
 def duckdb_file(url: str) -> Path | None:
-    """The database file a DuckDB URL names; None for other databases, ``:memory:`` and
-    MotherDuck (``md:``), which have no local file."""
+    """The database file a URL names, for a database that is a local file (DuckDB); None
+    for other databases, ``:memory:`` and MotherDuck (``md:``), which have no local file."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         return None  # create_engine reports it, naming the variable
-    database = parsed.database
-    if parsed.get_backend_name() != "duckdb" or not database:
-        return None
-    if database == ":memory:" or database.startswith(("md:", "motherduck:")):
-        return None
-    return Path(database)
+    dialect = dialect_named(parsed.get_backend_name())
+    return None if dialect is None else dialect.local_file(parsed)
 
 
 def duckdb_file_exists(url: str) -> bool:
@@ -137,31 +106,15 @@ def require_duckdb_file(url: str, variable: str) -> None:
         )
 
 
-def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:
-    # A global setting: it bounds the database instance every connection of ours shares.
-    dbapi_connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
-
-
 def _driver_problem(url: str, setting: str, exc: Exception) -> str:
     """Which URL form and extra to use when the URL's driver is not installed."""
     parsed = sa.engine.make_url(url)  # it parsed once already: create_engine got this far
     # Read from the URL's text: asking SQLAlchemy for the driver would load it again.
-    backend, _, driver = parsed.drivername.partition("+")
-    driver = driver or {"postgresql": "psycopg2"}.get(backend, backend)
     missing = _redact(str(exc), url)
-    if backend not in _DRIVER_EXTRAS:
+    dialect = dialect_named(parsed.drivername.partition("+")[0])
+    if dialect is None:
         return f"{setting}: {parsed.drivername}:// cannot be loaded ({missing})"
-    form, package, extra = _DRIVER_EXTRAS[backend]
-    install = f"pip install 'cio-retl[{extra}]' (or: uv sync --extra {extra})"
-    if backend == "postgresql" and driver != "psycopg":
-        return (
-            f"{setting}: {parsed.drivername}:// needs the {driver} driver, which is not "
-            f"installed ({missing}); use {form}... with the `{extra}` extra: {install}"
-        )
-    return (
-        f"{setting}: {form} needs {package}, which is not installed ({missing}); "
-        f"install the `{extra}` extra: {install}"
-    )
+    return dialect.missing_driver(setting, parsed.drivername, missing)
 
 
 def database_error(engine: Engine, exc: sa.exc.DBAPIError) -> CioRetlError:
@@ -172,21 +125,19 @@ def database_error(engine: Engine, exc: sa.exc.DBAPIError) -> CioRetlError:
     exist are configuration errors, told apart by the SQLSTATE class the server reports
     (PostgreSQL docs, Appendix A "Error Codes": 28 invalid authorization, 3D invalid
     catalog name). Snowflake's connector raises OperationalError for network failures and
-    ProgrammingError for a refused login. DuckDB is a local file: nothing to reach, except
-    that one process at a time may write it. Messages name the host, never the password.
+    ProgrammingError for a refused login. A database that is a local file (DuckDB) has
+    nothing to reach: its dialect says what failed (Dialect.local_error). Messages name the
+    host, never the password.
     """
     url = engine.url
     message = _db_message(exc)
     if url.password:
         message = message.replace(str(url.password), "***")
     name = engine.dialect.name
-    if name == "duckdb":
-        if "Could not set lock on file" in message:
-            return LockedError(
-                f"the DuckDB database is in use by another process "
-                f"({message.split(': ', 1)[-1]}); one run at a time: try again when it ends"
-            )
-        return ConfigError(f"cannot open the DuckDB database {url.database}: {message}")
+    dialect = dialect_named(name)
+    local = None if dialect is None else dialect.local_error(url, message)
+    if local is not None:
+        return local
     host = url.host or "localhost"
     where = f"{host}:{url.port}" if url.port else host
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not _refused(

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.cli import exit_status
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
+from cio_retl.dialects import DUCKDB_MEMORY_LIMIT
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, GuardrailError, LockedError, ModelError
 from cio_retl.records import RejectionCode
@@ -35,7 +36,7 @@ from cio_retl.state import (
     snapshots,
 )
 from cio_retl.sync import Outcome, RunReport
-from cio_retl.warehouse import DUCKDB_MEMORY_LIMIT, create_engine
+from cio_retl.warehouse import create_engine
 from tests.conftest import (
     API_KEY,
     REPO,

@@ -528,15 +528,7 @@ class StateStore:
         the key index was dropped on DuckDB) without it, rows unchanged, in the caller's
         transaction. DuckDB cannot drop a primary key in place; this runs once per database
         and table, and costs a copy of the table (seconds for millions of rows)."""
-        keyed = conn.execute(
-            sa.text(
-                "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()"
-                " AND schema_name = :schema"
-                " AND table_name = :table AND constraint_type = 'PRIMARY KEY'"
-            ),
-            {"schema": self.schema, "table": table.name},
-        ).scalar_one()
-        if not keyed:
+        if not self.dialect.stale_primary_key(conn, self.schema, table.name):
             return False
         present = self._columns(conn, table)
         columns = ", ".join(self.dialect.quote(c.name) for c in table.columns)

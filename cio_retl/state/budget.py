@@ -86,7 +86,8 @@ class Gcra:
 
 
 class SharedRateBudget:
-    """One workspace budget in PostgreSQL, shared by every process that sends to it.
+    """One workspace budget in PostgreSQL (its statements: Dialect.rate_budget_sql), shared by
+    every process that sends to it.
 
     The generic cell rate algorithm (a token bucket kept as one timestamp): the row holds the
     "theoretical arrival time" ``tat``; a request may go when ``tat <= now + tolerance`` and
@@ -102,25 +103,6 @@ class SharedRateBudget:
     database per request (each request carries up to 1000 items).
     """
 
-    # One statement, one round trip, in autocommit: the UPDATE grants or not, and the SELECT
-    # (which sees the row as it was before the UPDATE) says how long until the next grant.
-    SQL_GRANT = """
-        WITH granted AS (
-            UPDATE {table}
-            SET tat = GREATEST(tat, clock_timestamp()) + make_interval(secs => :interval)
-            WHERE workspace = :workspace
-              AND tat <= clock_timestamp() + make_interval(secs => :tolerance)
-            RETURNING 1
-        )
-        SELECT EXISTS (SELECT 1 FROM granted),
-               EXTRACT(EPOCH FROM (tat - clock_timestamp())) - :tolerance
-        FROM {table} WHERE workspace = :workspace
-    """
-    SQL_CREATE = """
-        INSERT INTO {table} (workspace, tat) VALUES (:workspace, clock_timestamp())
-        ON CONFLICT (workspace) DO NOTHING
-    """
-
     def __init__(
         self,
         state: StateStore,
@@ -131,25 +113,26 @@ class SharedRateBudget:
         headroom: float = HEADROOM,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if state.engine.dialect.name != "postgresql":
+        statements = state.dialect.rate_budget_sql(state.table(rate_budget))
+        if statements is None:
             raise ConfigError(
                 "a shared rate budget needs a PostgreSQL state store (CIO_RETL_STATE_URL); "
-                f"this one is {state.engine.dialect.name}"
+                f"this one is {state.dialect.name}"
             )
+        grant, create = statements
         self.spec = spec or RateSpec()
         self.gcra = Gcra.for_limit(self.spec, share, headroom)
         self.workspace = workspace
         self._engine = state.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sleep = sleep
-        table = state.table(rate_budget)
-        self._grant = sa.text(self.SQL_GRANT.format(table=table))
+        self._grant = sa.text(grant)
         self._params = {
             "workspace": workspace,
             "interval": self.gcra.interval,
             "tolerance": self.gcra.tolerance,
         }
         with state.engine.begin() as conn:
-            conn.execute(sa.text(self.SQL_CREATE.format(table=table)), {"workspace": workspace})
+            conn.execute(sa.text(create), {"workspace": workspace})
 
     def acquire(self) -> None:
         while True:
@@ -173,7 +156,9 @@ def budget_for(
         raise ConfigError(
             f"CIO_RETL_RATE_BUDGET must be one of {', '.join(RATE_BUDGETS)}, not {kind!r}"
         )
-    shared = kind == "shared" or (kind == "auto" and state.engine.dialect.name == "postgresql")
+    shared = kind == "shared" or (
+        kind == "auto" and state.dialect.rate_budget_sql(state.table(rate_budget)) is not None
+    )
     if shared:
         return SharedRateBudget(state, workspace_key(base_url, site_id), spec)
     return workspace_limiter(base_url, site_id, spec)
