@@ -71,6 +71,10 @@ class Dialect(abc.ABC):
     diff_session: tuple[str, ...] = ()
     bucket_session: tuple[str, ...] = ()
 
+    # Whether a run keeps its changeset as a plan table here (cio_retl.plan) when the state
+    # lives in this database too; where not (Snowflake), the streaming diff serves.
+    builds_plans = True
+
     # (URL form, driver package, cio-retl extra) to name when the URL's driver is missing;
     # None where the driver comes with cio-retl itself.
     driver_extra: ClassVar[tuple[str, str, str] | None] = None
@@ -509,6 +513,7 @@ class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
+    builds_plans = False  # not built on Snowflake yet: it keeps the streaming diff
     driver_extra = ("snowflake://", "snowflake-sqlalchemy", "snowflake")
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.

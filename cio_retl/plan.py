@@ -58,11 +58,10 @@ from cio_retl.warehouse import (
 PLAN_PREFIX = "cio_plan_"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
 _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
-PLAN_DIALECTS = frozenset({"duckdb", "postgresql"})
 
 
 def plans_supported(warehouse: Warehouse) -> bool:
-    return warehouse.engine.dialect.name in PLAN_DIALECTS
+    return warehouse.dialect.builds_plans
 
 
 def _literal(text: str) -> str:
