@@ -103,7 +103,10 @@ def project() -> Iterator[Path]:
         run([uv, "venv", "--quiet", "--python", sys.executable, str(root / ".venv")], root)
         requirements = root / "requirements.txt"
         requirements.write_text("\n".join(locked_requirements("dagster-dg-cli")) + "\n")
-        pip = [uv, "pip", "install", "--quiet", "--offline", "--no-deps"]
+        # Exact pins, no resolution, but not --offline: uv's cache holds the wheels `uv sync`
+        # fetched, not the index pages a pinned `uv pip install` reads, so on a fresh machine
+        # an offline install finds nothing ("alembic was not found in the cache").
+        pip = [uv, "pip", "install", "--quiet", "--no-deps"]
         run([*pip, "-r", str(requirements)], root)
         run([*pip, "-e", str(REPO), "-e", str(root)], root)
         yield root
