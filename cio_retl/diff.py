@@ -546,27 +546,33 @@ def differ_for(
     same_database: bool,
     bucket: Bucket | None = None,
     suppressions: Sequence[Model] = (),
+    read_only: bool = False,
 ) -> Differ:
     """Push the diff down when one database holds both; otherwise stage keys in the state.
 
     With a ``bucket``, every query of the diff (model rows and snapshot rows alike) keeps
     only the keys of that bucket, so a run plans and sends one bucket of each model.
     ``suppressions`` are every suppression model (selected for the run or not): the people
-    they hold are left out of person models' upserts.
+    they hold are left out of person models' upserts. A ``read_only`` diff (a dry run)
+    writes to no table of either database.
     """
     if same_database:
         return PushDownDiff(warehouse, state, bucket, suppressions)
-    return CrossDatabaseDiff(warehouse, state, bucket, suppressions)
+    return CrossDatabaseDiff(warehouse, state, bucket, suppressions, read_only=read_only)
+
+
+def _begin_diff(conn: Connection, dialect: Dialect, bucket: Bucket | None) -> None:
+    """Give ``conn``'s transaction its dialect's planner settings for a diff."""
+    for statement in dialect.diff_session + (dialect.bucket_session if bucket else ()):
+        conn.execute(sa.text(statement))
 
 
 @contextmanager
 def _diff_connection(db: Warehouse | StateStore, bucket: Bucket | None) -> Iterator[Connection]:
     """A connection to ``db`` whose transaction carries its dialect's planner settings for a
     diff."""
-    dialect = db.dialect
     with db.engine.connect() as conn:
-        for statement in dialect.diff_session + (dialect.bucket_session if bucket else ()):
-            conn.execute(sa.text(statement))
+        _begin_diff(conn, db.dialect, bucket)
         yield conn
 
 
@@ -684,6 +690,10 @@ class CrossDatabaseDiff(_Differ):
     store's ``staged_keys`` in chunks, then counts there with the same SQL as the push-down
     form; removed keys are an anti-join there too. Upserts stream the warehouse rows and
     look up each chunk's snapshot rows by key. Python never holds more than one chunk.
+
+    A ``read_only`` diff (a dry run) stages into a temporary table of a state connection
+    of its own instead, and runs its state queries there: it writes no table of the state
+    database, and the table ends with the connection.
     """
 
     STAGE_ROWS = 20_000
@@ -694,10 +704,47 @@ class CrossDatabaseDiff(_Differ):
         state: StateStore,
         bucket: Bucket | None = None,
         suppressions: Sequence[Model] = (),
+        *,
+        read_only: bool = False,
     ) -> None:
         super().__init__(warehouse, state, bucket, suppressions)
         self.token = uuid.uuid4().hex
+        self.read_only = read_only
         self._staged: set[str] = set()
+        self._session: Connection | None = None  # a read-only diff's own state connection
+        self._staging = state.staged_keys  # where the keys are staged (a name for text SQL)
+
+    def _own_session(self) -> Connection:
+        if self._session is None:
+            self._session = self.state.engine.connect()
+            self._staging = self.state.create_session_staging(self._session)
+            self._session.commit()
+        return self._session
+
+    @contextmanager
+    def _on_state(self) -> Iterator[Connection]:
+        """A state connection for the diff's queries (planner settings applied): a pooled
+        one, or a read-only diff's own, which holds its staging table."""
+        if not self.read_only:
+            with _diff_connection(self.state, self.bucket) as conn:
+                yield conn
+            return
+        conn = self._own_session()
+        try:
+            _begin_diff(conn, self.state.dialect, self.bucket)
+            yield conn
+        finally:
+            conn.rollback()  # a read: nothing to keep (the staged rows are committed)
+
+    @contextmanager
+    def _staging_transaction(self) -> Iterator[Connection]:
+        if not self.read_only:
+            with self.state.engine.begin() as conn:
+                yield conn
+            return
+        conn = self._own_session()
+        yield conn
+        conn.commit()
 
     def _unsent_keys(self, model: Model, sql: str) -> Iterator[tuple[Chunk, set[str]]]:
         """Chunks of an event query's rows and which of their keys were sent (looked up in
@@ -742,13 +789,18 @@ class CrossDatabaseDiff(_Differ):
     def _stage(self, model: Model) -> None:
         if model.name in self._staged:
             return
-        self.state.unstage_keys(self.token, model.name)
+        if not self.read_only:
+            self.state.unstage_keys(self.token, model.name)
         sql = _keys_and_fingerprints(self.warehouse, model, self.bucket)
         with _diff_connection(self.warehouse, self.bucket) as conn:
             for chunk in self.warehouse.stream(conn, sql, rows=self.STAGE_ROWS):
-                with self.state.engine.begin() as state_conn:
+                with self._staging_transaction() as state_conn:
                     self.state.stage_keys(
-                        state_conn, self.token, model.name, [(k, f) for k, f in chunk.rows]
+                        state_conn,
+                        self.token,
+                        model.name,
+                        [(k, f) for k, f in chunk.rows],
+                        into=self._staging,
                     )
         self._staged.add(model.name)
 
@@ -758,7 +810,7 @@ class CrossDatabaseDiff(_Differ):
         self._stage(model)
         sql = f"""
             WITH src AS (
-                SELECT x.key AS k, x.fingerprint AS f FROM {self.state.staged_keys} AS x
+                SELECT x.key AS k, x.fingerprint AS f FROM {self._staging} AS x
                 WHERE x.token = :token AND x.model = :model
             ), snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
@@ -766,7 +818,7 @@ class CrossDatabaseDiff(_Differ):
             )
             {_counts(keys=keys)}
         """
-        with _diff_connection(self.state, self.bucket) as conn:
+        with self._on_state() as conn:
             params = {"token": self.token, **self.state.scope(model.name)}
             row = conn.execute(sa.text(sql), params).one()
         return ChangeCounts(*(int(v or 0) for v in row))
@@ -818,18 +870,23 @@ class CrossDatabaseDiff(_Differ):
         sql = f"""
             SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
-                SELECT 1 FROM {self.state.staged_keys} AS x
+                SELECT 1 FROM {self._staging} AS x
                 WHERE x.token = :token AND x.model = :model AND x.key = s.key
             )
         """
         params = {"token": self.token, **self.state.scope(model.name)}
-        with _diff_connection(self.state, self.bucket) as conn:
+        with self._on_state() as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(sql), params)
             while rows := result.fetchmany(FETCH_ROWS):
                 yield from _removals(rows, delete=delete)
 
     def close(self) -> None:
-        if self._staged:
+        if self._session is not None:  # a pooled connection would keep the temporary table
+            try:
+                self.state.drop_session_staging(self._session)
+            finally:
+                self._session.close()
+        elif self._staged:
             self.state.unstage_keys(self.token)
 
 

@@ -132,6 +132,7 @@ def run_sync(
                     same_database=same_database,
                     bucket=options.bucket,
                     suppressions=suppressions,
+                    read_only=read_only,
                 )
             run = _Run(differ, warehouse, state, client, models, options, progress, every_model)
             run.run_id = run_id

@@ -4,6 +4,7 @@ row appears in any database; a DuckDB path that does not exist is exit 2 naming 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,10 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from cio_retl.cli import STATUS_WIDTH, main
-from cio_retl.demo import create_demo_warehouse
+from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.warehouse import create_engine
-from tests.conftest import PgSchemas, cli_env, demo_models, sql_rows
+from tests.conftest import PgSchemas, cli_env, demo_models, sql_rows, sql_run
 
 
 @pytest.fixture
@@ -131,6 +132,96 @@ def test_plan_creates_no_state_schema_on_postgres(
     assert pg_schemas.state not in _schemas(pg_schemas.url)
     assert main(["sync"]) == 0
     assert pg_schemas.state in _schemas(pg_schemas.url)
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _schema_contents(url: str, schema: str) -> dict[str, list[str]]:
+    """Every table of ``schema`` with all its rows (as text, sorted)."""
+    tables = [
+        r[0]
+        for r in sql_rows(
+            url,
+            "SELECT table_name FROM information_schema.tables"
+            f" WHERE table_schema = '{schema}' ORDER BY table_name",
+        )
+    ]
+    return {t: sorted(map(repr, sql_rows(url, f"SELECT * FROM {schema}.{t}"))) for t in tables}
+
+
+def _deleted(out: str, model: str) -> int:
+    """The "deleted" cell of ``model``'s row in the last run table the command line printed."""
+    header = [line for line in out.splitlines() if "┃ model" in line][-1]
+    row = [line for line in out.splitlines() if line.startswith(f"│ {model} ")][-1]
+    column = [c.strip() for c in header.split("┃")].index("deleted")
+    return int(row.split("│")[column])
+
+
+def _edit_demo(warehouse_url: str) -> None:
+    """The demo's edits: updates and a removal for the next diff to find."""
+    engine = create_engine(warehouse_url)
+    try:
+        edit_demo_warehouse(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_cross_database_dry_run_leaves_both_duckdb_files_byte_identical(
+    env: dict[str, str],
+    demo_engine: Engine,
+    emulator: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    demo_engine.dispose()
+    monkeypatch.setenv("CIO_RETL_STATE_URL", f"duckdb:///{tmp_path / 'state.duckdb'}")
+    assert main(["sync"]) == 0
+    _edit_demo(env["CIO_RETL_WAREHOUSE_URL"])
+    sent, before = len(emulator.requests), _file_digests(tmp_path)
+    capsys.readouterr()
+    assert main(["plan"]) == 0
+    assert main(["sync", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing sent" in out and _deleted(out, "memberships") == 1  # staged, diffed
+    assert _file_digests(tmp_path) == before  # no byte of either file, and no new file
+    assert len(emulator.requests) == sent
+
+
+@pytest.mark.postgres
+def test_a_cross_database_dry_run_writes_no_state_table_on_postgres(
+    env: dict[str, str],
+    demo_engine: Engine,
+    pg_schemas: PgSchemas,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    demo_engine.dispose()
+    monkeypatch.setenv("CIO_RETL_STATE_URL", pg_schemas.url)
+    monkeypatch.setenv("CIO_RETL_STATE_SCHEMA", pg_schemas.state)
+    assert main(["sync"]) == 0
+    # A killed run's staged keys: a real run's diff clears them, reading must not.
+    sql_run(
+        pg_schemas.url,
+        f"INSERT INTO {pg_schemas.state}.staged_keys VALUES"
+        " ('dead-run', 'users', 'k', 'f', now() - interval '30 days')",
+    )
+    _edit_demo(env["CIO_RETL_WAREHOUSE_URL"])
+    before = (_schema_contents(pg_schemas.url, pg_schemas.state), _file_digests(tmp_path))
+    capsys.readouterr()
+    assert main(["plan"]) == 0
+    assert main(["sync", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing sent" in out and _deleted(out, "memberships") == 1
+    after = (_schema_contents(pg_schemas.url, pg_schemas.state), _file_digests(tmp_path))
+    assert after == before
 
 
 def _status_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

@@ -185,6 +185,16 @@ staged_keys = sa.Table(
 )
 
 
+# A dry run's cross-database diff stages into this instead: a temporary table of the diff's
+# own state connection, so reading writes no table of the state database.
+session_staged_keys = sa.Table(
+    "cio_retl_staged_keys",
+    sa.MetaData(),
+    *(sa.Column(c.name, c.type, nullable=c.nullable) for c in staged_keys.columns),
+    prefixes=["TEMPORARY"],
+)
+
+
 def _without_primary_key(table: sa.Table, name: str) -> sa.Table:
     """``table``'s columns (NOT NULL kept) as a table ``name`` of its own, with no key."""
     return sa.Table(
@@ -737,17 +747,33 @@ class StateStore:
 
     # -- staged keys (the cross-database diff) --------------------------------------------
     def stage_keys(
-        self, conn: Connection, token: str, model: str, rows: Sequence[tuple[str | None, str]]
+        self,
+        conn: Connection,
+        token: str,
+        model: str,
+        rows: Sequence[tuple[str | None, str]],
+        into: str | None = None,
     ) -> None:
-        """Add (key, fingerprint) pairs read from the warehouse to the diff ``token``."""
+        """Add (key, fingerprint) pairs read from the warehouse to the diff ``token``, in
+        ``staged_keys`` or ``into`` (a session's table, :meth:`create_session_staging`)."""
         self.dialect.execute_rows(
             conn,
-            f"INSERT INTO {self.staged_keys} (token, model, key, fingerprint, staged_at)"
+            f"INSERT INTO {into or self.staged_keys} (token, model, key, fingerprint, staged_at)"
             f" SELECT :token, :model, u.key, u.fingerprint, :now FROM {ROWS} AS u",
             ("key", "fingerprint"),
             rows,
             {"token": token, "model": model, "now": utcnow()},
         )
+
+    def create_session_staging(self, conn: Connection) -> str:
+        """Create ``conn``'s temporary staging table (gone with the session, in no schema
+        of the database) and return its name for text SQL."""
+        session_staged_keys.create(conn, checkfirst=False)
+        return self.dialect.quote(session_staged_keys.name)
+
+    def drop_session_staging(self, conn: Connection) -> None:
+        session_staged_keys.drop(conn, checkfirst=False)
+        conn.commit()
 
     def unstage_keys(self, token: str, model: str | None = None) -> None:
         """Drop the diff's staged keys, and any a dead run left behind long ago."""
