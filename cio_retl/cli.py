@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+_MODEL_HELP = "a model: its .sql file's name without .sql (default: every model)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cio-retl", description="Keep Customer.io equal to your warehouse."
@@ -84,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sync = commands.add_parser("sync", help="send what changed (all models by default)")
-    sync.add_argument("models", nargs="*", metavar="MODEL")
-    sync.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
+    sync.add_argument("models", nargs="*", metavar="MODEL", help=_MODEL_HELP)
+    sync.add_argument(
+        "--dry-run", action="store_true", help="plan only; send nothing, write nothing"
+    )
     sync.add_argument("--full-resync", action="store_true", help="send every row in full")
     sync.add_argument(
         "--force", action="store_true", help="let this run exceed the delete/change guardrails"
@@ -101,14 +106,20 @@ def _parser() -> argparse.ArgumentParser:
     sync.set_defaults(handler=_sync)
 
     plan = commands.add_parser("plan", help="what a sync would send: counts + samples")
-    plan.add_argument("models", nargs="*", metavar="MODEL")
-    plan.add_argument("--samples", type=_whole_number(0), default=3, help="sample items per model")
+    plan.add_argument("models", nargs="*", metavar="MODEL", help=_MODEL_HELP)
+    plan.add_argument(
+        "--samples",
+        type=_whole_number(0),
+        default=3,
+        metavar="N",
+        help="sample payloads printed per model (default 3)",
+    )
     plan.add_argument("--bucket", **_BUCKET_ARGUMENT)
     plan.set_defaults(handler=_plan)
 
     status = commands.add_parser("status", help="last runs, pending and rejected rows")
     status.add_argument(
-        "--limit", type=_whole_number(1), default=20, help="runs to show (default 20)"
+        "--limit", type=_whole_number(1), default=20, metavar="N", help="runs to show (default 20)"
     )
     status.add_argument(
         "--json", action="store_true", help="print the same data as JSON, for scripts"
@@ -129,13 +140,15 @@ def _parser() -> argparse.ArgumentParser:
         "--port",
         type=_whole_number(0, 65535),
         default=8765,
+        metavar="N",
         help="port to listen on (default 8765; 0: any free port)",
     )
     emulator.set_defaults(handler=_emulator)
 
     demo = commands.add_parser(
         "demo",
-        help="embedded warehouse + emulator + three syncs (new, six edits, nothing changed)",
+        help="embedded warehouse + emulator + three syncs (everything new, nine edits, "
+        "nothing changed)",
     )
     demo.add_argument(
         "--dir",

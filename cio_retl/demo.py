@@ -243,6 +243,7 @@ class DemoEdits:
     memberships_removed: tuple[tuple[str, str], ...]
     orders_added: tuple[str, ...] = ()  # new order ids: one event each
     devices_changed: tuple[str, ...] = ()  # device tokens whose row changed: add_device again
+    orders_edited: tuple[str, ...] = ()  # sent orders changed afterwards: an event is sent once
 
     @property
     def entities(self) -> int:
@@ -254,6 +255,11 @@ class DemoEdits:
             + len(self.orders_added)
             + len(self.devices_changed)
         )
+
+    @property
+    def rows(self) -> int:
+        """Warehouse rows edited: every sent item's row, and the edited orders (not resent)."""
+        return self.entities + len(self.orders_edited)
 
 
 def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
@@ -310,11 +316,12 @@ def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
                 " CAST('2025-12-30 10:00:00' AS TIMESTAMP), CAST(129.99 AS DECIMAL(10, 2)), 'EUR')"
             )
         )
+        edited_order = conn.execute(
+            sa.text(f"SELECT MIN(order_id) FROM {schema}.orders")
+        ).scalar_one()
         conn.execute(
-            sa.text(
-                f"UPDATE {schema}.orders SET total = total + 1"
-                f" WHERE order_id = (SELECT MIN(order_id) FROM {schema}.orders)"
-            )
+            sa.text(f"UPDATE {schema}.orders SET total = total + 1 WHERE order_id = :order_id"),
+            {"order_id": edited_order},
         )
         updated_device = conn.execute(
             sa.text(
@@ -335,4 +342,5 @@ def edit_demo_warehouse(engine: Engine, *, schema: str = "demo") -> DemoEdits:
         memberships_removed=tuple((email, company_id) for email, _, company_id in removed),
         orders_added=("ord-new-1",),
         devices_changed=(updated_device,),
+        orders_edited=(edited_order,),
     )

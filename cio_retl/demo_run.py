@@ -1,5 +1,5 @@
 """``cio-retl demo``: build the demo warehouse, start the emulator, sync three times (everything
-new, six edits, nothing changed), then print the commands that take a newcomer further.
+new, nine edits, nothing changed), then print the commands that take a newcomer further.
 
 The models come with the package (:func:`demo_models_dir`), so the demo runs from any
 directory and from an installed wheel. Without ``--dir`` everything lives in a temporary
@@ -95,7 +95,7 @@ def _demo(folder: Path, console: Console, *, keep: bool) -> int:
             f"[bold]4.[/] edited the warehouse: {len(edits.users_changed)} users, "
             f"{len(edits.companies_changed)} company, {len(edits.memberships_removed)} membership "
             f"removed, {len(edits.orders_added)} order added, {len(edits.devices_changed)} device "
-            "updated"
+            f"updated, {len(edits.orders_edited)} sent order edited (events are not resent)"
         )
         before = len(emulator.requests)
         second = run_sync(settings)

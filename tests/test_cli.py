@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cio_retl.cli import main
+from cio_retl.cli import _parser, main
+from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, REPO, cli_env
 
 
@@ -103,3 +107,73 @@ def test_demo_command(
     assert main(["demo", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "second sync sent 8 items" in out and "demo ok" in out
+
+
+def _commands() -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    """Each command's parser and its one-line help (argparse keeps them on the subparsers
+    action; there is no public accessor)."""
+    [action] = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {a.dest: a.help or "" for a in action._choices_actions}
+    return {name: (parser, helps[name]) for name, parser in action.choices.items()}
+
+
+def _readme_command_line() -> dict[str, str]:
+    """The README's "Command line" block: each command's lines, whitespace folded."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    sections = re.split(r"\n(?=cio-retl )", block.strip())
+    return {
+        section.split()[1]: " ".join(section.split()) for section in sections if section.strip()
+    }
+
+
+def test_readme_command_line_lists_every_command_option_and_help() -> None:
+    readme = _readme_command_line()
+    commands = _commands()
+    assert sorted(readme) == sorted(commands)
+    for name, (parser, help_text) in commands.items():
+        expected = [help_text]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.option_strings:
+                expected.append(f"[{action.metavar} ...]")
+                continue
+            option = max(action.option_strings, key=len)
+            takes_value = action.nargs != 0
+            expected.append(
+                f"[{option} {action.metavar or action.dest.upper()}]"
+                if takes_value
+                else f"[{option}]"
+            )
+        missing = [e for e in expected if e not in readme[name]]
+        assert not missing, f"README's {name} line lacks {missing}: {readme[name]}"
+
+
+def test_the_demo_help_counts_the_edits_the_demo_makes(tmp_path: Path) -> None:
+    engine = create_engine(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    try:
+        create_demo_warehouse(engine)
+        edits = edit_demo_warehouse(engine)
+    finally:
+        engine.dispose()
+    words = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+    ]
+    assert f"{words[edits.rows]} edits" in _commands()["demo"][1]
+    assert f"{words[edits.rows]} edits" in _readme_command_line()["demo"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"after {words[edits.rows]} edits in the warehouse" in readme
+    assert f"sends exactly {words[edits.entities]} items" in readme
