@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from cio_retl.config import RATE_BUDGETS
 from cio_retl.errors import ConfigError
 from cio_retl.ratelimit import ARRIVAL_MARGIN, HEADROOM, RateBudget, RateSpec, workspace_limiter
-from cio_retl.state import StateStore, rate_budget
+from cio_retl.state import StateStore
+from cio_retl.state.schema import rate_budget
 
 SHARED_SHARE = 0.9  # of the limit a shared budget sustains; the rest is its burst
 
