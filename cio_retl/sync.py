@@ -134,10 +134,19 @@ def run_sync(
                     suppressions=suppressions,
                     read_only=read_only,
                 )
-            run = _Run(differ, warehouse, state, client, models, options, progress, every_model)
-            run.run_id = run_id
-            run.adoption = adoption
-            run.notices = notices
+            run = _Run(
+                differ,
+                warehouse,
+                state,
+                client,
+                models,
+                options,
+                progress,
+                every_model,
+                run_id=run_id,
+                adoption=adoption,
+                notices=notices,
+            )
             with fewer_collections():
                 return run.execute()
         finally:
@@ -162,6 +171,10 @@ class _Run:
         options: SyncOptions,
         progress: Progress | None,
         every_model: Sequence[Model] = (),
+        *,
+        run_id: str,
+        adoption: Adoption | None = None,
+        notices: Sequence[str] = (),
     ) -> None:
         self.differ = differ
         self.warehouse = warehouse
@@ -171,9 +184,10 @@ class _Run:
         self.options = options
         self.progress = progress
         self.bucket = options.bucket
-        self.run_id = new_run_id(self.bucket)
-        self.adoption: Adoption | None = None  # rows from before workspaces this run took over
-        self.notices: list[str] = []
+        # Chosen before the run enters its workspace, which records it with the takeover.
+        self.run_id = run_id
+        self.adoption = adoption  # rows from before workspaces this run took over
+        self.notices = list(notices)
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
         self.every_model = every_model or models  # the run's and the unselected ones
         self._last_heartbeat = time.monotonic()
