@@ -44,6 +44,7 @@ threading.Event().wait()
 
 
 EMULATOR_PIDS: dict[str, int] = {}  # base URL -> pid of the emulator process serving it
+EMULATOR_CHECK_EVERY: dict[str, int | None] = {}  # base URL -> its fast path (None: off)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,6 +78,7 @@ def emulator_process(
     proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, *args])
     base = f"http://127.0.0.1:{port}"
     EMULATOR_PIDS[base] = proc.pid
+    EMULATOR_CHECK_EVERY[base] = check_every
     try:
         for _ in range(200):
             try:
@@ -87,6 +89,7 @@ def emulator_process(
         yield base
     finally:
         EMULATOR_PIDS.pop(base, None)
+        EMULATOR_CHECK_EVERY.pop(base, None)
         proc.terminate()
         proc.wait()
 
@@ -122,23 +125,41 @@ def capacity_batch(offset: int, prefix: str = "cap") -> bytes:
     return orjson.dumps({"batch": items})
 
 
+CHECK_EVERY = 50  # the emulator's fast path in every benchmark: 1 body in 50 checked
+
+
 class Capacity(NamedTuple):
+    """What the emulator absorbed: the wall rate is also bound by the senders (they share
+    the machine), the CPU per item is the emulator's own ceiling."""
+
     items_per_second: float  # wall
     cpu_us_per_item: float  # the emulator process's CPU
+    check_every: int | None = None  # the emulator's fast path, None: every body checked
+
+    def __str__(self) -> str:
+        fast = (
+            "every body checked" if self.check_every is None else f"check_every={self.check_every}"
+        )
+        return (
+            f"{self.items_per_second:,.0f} items/s, {self.cpu_us_per_item:.1f} us of emulator"
+            f" CPU per item = {1e6 / self.cpu_us_per_item:,.0f} items per emulator CPU-second"
+            f" ({fast})"
+        )
 
 
-def emulator_capacity(base: str, batches: int = 40, senders: int = 2) -> Capacity:
-    """Items/s the emulator at ``base`` accepts right now: pre-encoded 1000-item bodies
-    posted by ``senders`` threads. Printed beside a figure, it shows whether the emulator
-    could have been what the figure measured."""
-    bodies = [capacity_batch(n * 1000) for n in range(batches)]
+def _post_all(
+    base: str, requests: list[tuple[str, str, bytes]], items: int, senders: int
+) -> Capacity:
+    """Post pre-encoded ``(method, path, body)`` requests from ``senders`` threads: the
+    ``items`` they carry per second, and the emulator's CPU per item."""
     clients = [
         httpx.Client(base_url=base, auth=(SITE_ID, API_KEY), timeout=60) for _ in range(senders)
     ]
 
     def post(n: int) -> int:
-        response = clients[n % senders].post(
-            "/api/v2/batch", content=bodies[n], headers={"Content-Type": "application/json"}
+        method, path, body = requests[n]
+        response = clients[n % senders].request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
         )
         return response.status_code
 
@@ -146,16 +167,45 @@ def emulator_capacity(base: str, batches: int = 40, senders: int = 2) -> Capacit
         cpu_before = emulator_cpu(base)
         started = time.perf_counter()
         with ThreadPoolExecutor(senders) as pool:
-            statuses = set(pool.map(post, range(batches)))
+            statuses = set(pool.map(post, range(len(requests))))
         seconds = time.perf_counter() - started
         cpu = emulator_cpu(base) - cpu_before
     finally:
         for client in clients:
             client.close()
     if statuses != {200}:
-        raise SystemExit(f"the emulator answered {sorted(statuses)} to the capacity batches")
-    items = batches * 1000
-    return Capacity(items / seconds, cpu / items * 1e6)
+        raise SystemExit(f"the emulator answered {sorted(statuses)} to the capacity requests")
+    return Capacity(items / seconds, cpu / items * 1e6, EMULATOR_CHECK_EVERY[base])
+
+
+def emulator_capacity(base: str, batches: int = 40, senders: int = 2) -> Capacity:
+    """Items/s the emulator at ``base`` accepts right now: pre-encoded 1000-item
+    ``/api/v2/batch`` bodies posted by ``senders`` threads. Printed beside a figure, it shows
+    whether the emulator could have been what the figure measured."""
+    bodies = [("POST", "/api/v2/batch", capacity_batch(n * 1000)) for n in range(batches)]
+    return _post_all(base, bodies, batches * 1000, senders)
+
+
+def emulator_v1_capacity(base: str, people: int = 2000, senders: int = 2) -> Capacity:
+    """Like :func:`emulator_capacity` for the SDK's requests: one ``PUT
+    /api/v1/customers/{id}`` of 8 attributes per person. The fast path does not cover them
+    (the emulator checks and applies every v1 request), so this is its capacity for them."""
+    batch = orjson.loads(capacity_batch(0, prefix="v1cap"))["batch"]
+    requests = []
+    for n in range(people):
+        item = batch[n % len(batch)]
+        attributes = {k: v for k, v in item["attributes"].items() if k != "id"}
+        requests.append(("PUT", f"/api/v1/customers/v1cap{n}", orjson.dumps(attributes)))
+    return _post_all(base, requests, people, senders)
+
+
+def emulator_peak_rss_mib(base: str) -> float:
+    """Peak resident set of the emulator process serving ``base`` (Linux VmHWM)."""
+    with open(f"/proc/{EMULATOR_PIDS[base]}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def load_average() -> str:
