@@ -8,16 +8,37 @@ state that resends at most what was in flight.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+import sqlalchemy as sa
 
 from cio_retl.client import SendResult
 from cio_retl.models import Kind, Model
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, redact
+from cio_retl.plan import PlanTable
 from cio_retl.records import Change, Rejection
 from cio_retl.report import EXAMPLES_PER_CODE, MAX_REPORTED_REJECTIONS, ModelReport
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    """A batch of items the database built: their plan and sequence numbers, no per-row
+    objects but the item bytes (kept for a 207's redacted record of a refused one)."""
+
+    plan: PlanTable
+    seqs: array[int]
+    items: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+Batch = list[Operation] | PlannedBatch
 
 
 class AckContext(Protocol):
@@ -89,11 +110,15 @@ class Acknowledger:
             self.report.updated += updated
             self.report.deleted += deleted
 
-    def acknowledge(self, batches: Sequence[tuple[list[Operation], SendResult]]) -> None:
+    def acknowledge(self, batches: Sequence[tuple[Batch, SendResult]]) -> None:
         """On the state writer: the snapshot of acknowledged rows and the rejected ones, in
         one transaction."""
         acked: list[Operation] = []
+        planned: list[tuple[PlannedBatch, SendResult]] = []
         for operations, result in batches:
+            if isinstance(operations, PlannedBatch):
+                planned.append((operations, result))
+                continue
             acked.extend(operations[i] for i in result.acked)
             for index, rejection in result.rejected.items():
                 op = operations[index]
@@ -107,6 +132,7 @@ class Acknowledger:
         ]
         state = self.run.state
         with state.engine.begin() as conn:
+            created = self._acknowledge_planned(conn, planned)
             state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             state.delete_snapshots(conn, self.model.name, deleted)
             state.save_events(conn, self.model.name, self.run.run_id, events)
@@ -129,7 +155,43 @@ class Acknowledger:
                 newest = max(at for _, _, at in events)
                 self.report.newest_event = max(newest, self.report.newest_event or newest)
         self.count_acked(acked)
+        with self.lock:
+            self.report.created += created
         self.run.heartbeat()
+
+    def _acknowledge_planned(
+        self, conn: sa.Connection, batches: Sequence[tuple[PlannedBatch, SendResult]]
+    ) -> int:
+        """The snapshots of acknowledged built items, inserted from the plan by sequence
+        ranges; the items Customer.io refused are recorded as rejections one by one."""
+        if not batches:
+            return 0
+        ranges: list[tuple[int, int]] = []
+        unacknowledged: list[int] = []
+        refused: list[tuple[int, Rejection, bytes]] = []
+        created = 0
+        for batch, result in batches:
+            ranges.append((batch.seqs[0], batch.seqs[-1]))
+            created += len(result.acked)
+            if len(result.acked) < len(batch):
+                acked = set(result.acked)
+                unacknowledged.extend(s for i, s in enumerate(batch.seqs) if i not in acked)
+            refused.extend(
+                (batch.seqs[i], rejection, batch.items[i])
+                for i, rejection in result.rejected.items()
+            )
+        plan = batches[0][0].plan
+        keys = plan.keys(conn, [seq for seq, _, _ in refused])
+        for seq, rejection, item in refused:
+            self.reject(keys.get(seq), rejection, item)
+        plan.save_acknowledged(
+            conn,
+            self.run.run_id,
+            ranges,
+            unacknowledged,
+            clear_rejections=self._had_rejections,
+        )
+        return created
 
     def take_rejections(self) -> list[RejectionRow]:
         with self.lock:

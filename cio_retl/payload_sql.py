@@ -1,15 +1,19 @@
 """Payloads built by the database: SQL that turns each model row into the bytes to send.
 
 Built beside the Python path (:mod:`cio_retl.normalize`, :mod:`cio_retl.limits`,
-:func:`cio_retl.operations.encode`) and not used by a sync yet. For a person or object
-identify of a *new* row (the whole row is sent) :func:`payload_select` returns, per row:
+:func:`cio_retl.operations.encode`); a run's plan (:mod:`cio_retl.plan`) uses it for the new
+rows of person and object models. For a person or object identify of a *new* row (the whole
+row is sent) :func:`payload_select` returns, per row:
 
 - ``key``: the snapshot key (the key column as text);
 - ``item``: the item's JSON text, ``{"type":..,"action":"identify","identifiers":{..},
   "attributes":{..}}``;
 - ``snapshot``: the attributes' JSON text, keys sorted as the snapshot keeps them;
 - ``reject_code`` / ``reject_reason``: NULL for a valid row, else the
-  :class:`cio_retl.records.RejectionCode` value and the reason the Python path gives.
+  :class:`cio_retl.records.RejectionCode` value and the reason the Python path gives;
+- ``identifiers``: the identifiers' JSON text as the snapshot keeps them (keys sorted);
+- ``python_only``: 1 where the SQL's bytes would not be the Python path's (below), so a
+  sync leaves the row to Python; 0 elsewhere.
 
 Normalization is the contract's: timestamps and dates become Unix seconds (floored), decimals
 JSON numbers (integral ones integers), booleans stay booleans, JSON columns stay nested, NaN
@@ -21,22 +25,21 @@ per-row limits are those of :mod:`cio_retl.limits`, checked in the same order.
 The SQL assembles JSON as text from per-column fragments: a fragment is NULL for a NULL
 value, so absent attributes cost nothing, and the key order is fixed when the statement is
 built (sorted, as ``canonical_json`` sorts). Each column's kind (:class:`ColumnKind`) is
-given by the caller. Known differences from the Python path, kept [open] until the engine
-switches (tests/test_payload_sql.py pins what agrees):
+given by the caller. Where the SQL's text is the same JSON value in other bytes, the row is
+marked ``python_only`` (tests/test_payload_sql.py pins that every other row's bytes agree):
 
 - a nested (JSON) value is passed through as the database prints it: Python rewrites
-  ``1.0`` inside it to ``1`` and sorts its keys, so the snapshot text of such a row can
-  differ byte for byte (its value does not) and its size, as checked against the
-  1000-byte value limit, is the database's text;
-- a number is written in the database's shortest form (``1e+20``), orjson's differs
-  (``1e20``): the same JSON value, other bytes, so an item near the 32 KB limit can be
-  judged differently.
+  ``1.0`` inside it to ``1`` and sorts its keys;
+- a double in the exponent forms the database and orjson write differently (DuckDB
+  ``5e-08``, orjson ``5e-8``; PostgreSQL also ``1.5e+15`` from 1e11 up);
+- DuckDB's escapes of a few control characters in text (``\\u000B``, orjson ``\\u000b``);
+- a decimal of 1e37 or more (no DECIMAL(38, 0) holds it).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -51,6 +54,7 @@ from cio_retl.models import Kind, Model
 from cio_retl.records import RejectionCode
 
 _EXACT = 2**53  # integers beyond +-2^53 travel as text (normalize._EXACT_FLOAT_INT)
+_WIDE_DECIMAL = "1e37"  # decimals this wide are left to Python: no DECIMAL(38, 0) holds them
 
 # Python's str.isspace() characters (what str.strip() and str.split() treat as space), as
 # regular-expression escapes: an identifier of only these is empty.
@@ -132,6 +136,16 @@ class _Sql:
     def decimal_nan(self, x: str) -> str:
         return "FALSE"
 
+    def inexact_double(self, x: str) -> str:
+        """True where the database's text of a double is not orjson's: DuckDB writes
+        ``5e-08`` where orjson writes ``5e-8`` (magnitudes 1e-9 to 1e-5)."""
+        return f"({x} <> 0 AND abs({x}) < 1e-4)"
+
+    def inexact_text(self, x: str) -> str:
+        """True where the JSON string of a text is not orjson's: DuckDB escapes a few
+        control characters in capitals (``\\u000B``), orjson in small letters."""
+        return self.matches(x, "[\\x{b}\\x{e}-\\x{1f}]")
+
 
 class _PostgresSql(_Sql):
     first_control = 1  # PostgreSQL text holds no NUL
@@ -175,6 +189,13 @@ class _PostgresSql(_Sql):
     def decimal_nan(self, x: str) -> str:
         return f"({x} = 'NaN'::numeric)"
 
+    def inexact_double(self, x: str) -> str:
+        # PostgreSQL also writes 1e+15-like forms from 1e11 up (NaN is above every number).
+        return f"(({x} <> 0 AND abs({x}) < 1e-4) OR abs({x}) >= 1e11)"
+
+    def inexact_text(self, x: str) -> str:
+        return "FALSE"
+
 
 class _SnowflakeSql(_Sql):
     """Snowflake's documented functions (TO_JSON, OCTET_LENGTH, REGEXP_LIKE, DATE_PART);
@@ -202,6 +223,9 @@ class _SnowflakeSql(_Sql):
 
     def is_nan(self, x: str) -> str:
         return f"({x} = 'NaN'::FLOAT)"
+
+    def inexact_text(self, x: str) -> str:
+        return "FALSE"  # [open] not measured on Snowflake: no sync builds payloads there yet
 
     def is_inf(self, x: str) -> str:
         return f"({x} IN ('inf'::FLOAT, '-inf'::FLOAT))"
@@ -254,6 +278,7 @@ def _value_json(d: _Sql, x: str, kind: ColumnKind) -> str:
         as_double = _value_json(d, f"CAST({x} AS DOUBLE PRECISION)", ColumnKind.DOUBLE)
         return (
             f"CASE WHEN {d.decimal_nan(x)} OR {d.decimal_infinite(x)} THEN NULL"
+            f" WHEN abs({x}) >= {_WIDE_DECIMAL} THEN NULL"  # python_only: beyond DECIMAL(38)
             f" WHEN {x} = trunc({x}) THEN {_integer_json(d, f'CAST({x} AS DECIMAL(38, 0))')}"
             f" ELSE {as_double} END"
         )
@@ -278,13 +303,97 @@ def _bad_value(d: _Sql, x: str, kind: ColumnKind) -> tuple[str, str] | None:
     return None
 
 
+def _python_only(d: _Sql, x: str, kind: ColumnKind) -> str | None:
+    """SQL true where this value's bytes would not be the Python path's (the same JSON value,
+    other text), so the row is left to Python: a nested value (Python sorts its keys and
+    writes ``1.0`` as ``1``), a double the database prints in another exponent form, a text
+    it escapes otherwise, a decimal too wide for the SQL conversion."""
+    if kind is ColumnKind.JSON:
+        return f"{x} IS NOT NULL"
+    if kind is ColumnKind.TEXT:
+        return d.inexact_text(x)
+    if kind is ColumnKind.DOUBLE:
+        return d.inexact_double(x)
+    if kind is ColumnKind.DECIMAL:
+        double = f"CAST({x} AS DOUBLE PRECISION)"
+        return (
+            f"(abs({x}) >= {_WIDE_DECIMAL} OR ({x} <> trunc({x}) AND {d.inexact_double(double)}))"
+        )
+    return None
+
+
+# The driver's type of a column (DuckDB: its SQL name; PostgreSQL: its type OID) -> kind.
+# Types not named here (FLOAT/REAL, lists, structs, UUID, TIME, CHAR(n)...) leave the
+# model to the Python path.
+_DUCKDB_KINDS = {
+    "VARCHAR": ColumnKind.TEXT,
+    "BOOLEAN": ColumnKind.BOOLEAN,
+    **dict.fromkeys(
+        (
+            "TINYINT",
+            "SMALLINT",
+            "INTEGER",
+            "BIGINT",
+            "HUGEINT",
+            "UTINYINT",
+            "USMALLINT",
+            "UINTEGER",
+            "UBIGINT",
+        ),
+        ColumnKind.INTEGER,
+    ),
+    "DOUBLE": ColumnKind.DOUBLE,
+    "TIMESTAMP": ColumnKind.TIMESTAMP,
+    "TIMESTAMP WITH TIME ZONE": ColumnKind.TIMESTAMP,
+    "DATE": ColumnKind.DATE,
+    "JSON": ColumnKind.JSON,
+    "BLOB": ColumnKind.BINARY,
+}
+_POSTGRES_KINDS = {
+    "25": ColumnKind.TEXT,
+    "1043": ColumnKind.TEXT,
+    "16": ColumnKind.BOOLEAN,
+    "20": ColumnKind.INTEGER,
+    "21": ColumnKind.INTEGER,
+    "23": ColumnKind.INTEGER,
+    "701": ColumnKind.DOUBLE,
+    "1700": ColumnKind.DECIMAL,
+    "1114": ColumnKind.TIMESTAMP,
+    "1184": ColumnKind.TIMESTAMP,
+    "1082": ColumnKind.DATE,
+    "114": ColumnKind.JSON,
+    "3802": ColumnKind.JSON,
+    "17": ColumnKind.BINARY,
+}
+
+
+def _duckdb_kind(type_name: str) -> ColumnKind | None:
+    if type_name.startswith("DECIMAL("):
+        return ColumnKind.DECIMAL
+    return _DUCKDB_KINDS.get(type_name)
+
+
+_KINDS: dict[str, Callable[[str], ColumnKind | None]] = {
+    "duckdb": _duckdb_kind,
+    "postgresql": _POSTGRES_KINDS.get,
+}
+
+
+def column_kind(dialect: str, type_name: str) -> ColumnKind | None:
+    """The kind of a result column from its driver type, or None where SQL builds no
+    payload for it (and on databases where no sync builds payloads)."""
+    kind_of = _KINDS.get(dialect)
+    return None if kind_of is None else kind_of(type_name)
+
+
 def _text(*parts: str) -> str:
     return " || ".join(parts)
 
 
 def payload_select(dialect: str, model: Model, columns: Sequence[Column], source: str) -> str:
-    """The SELECT of (key, item, snapshot, reject_code, reject_reason) per row of ``source``
-    (a relation with the model's columns), for a person or object model."""
+    """The SELECT of (key, item, snapshot, reject_code, reject_reason, identifiers,
+    python_only) per row of ``source`` (a relation with the model's columns), for a person
+    or object model."""
     d = _DIALECTS[dialect]
     if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
         raise ValueError("payloads in SQL are built for person and object models only")
@@ -319,6 +428,12 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
         type_id = orjson_key(str(model.object_type_id))
         identifiers = _text(
             _literal('{"object_type_id":' + type_id + ',"object_id":'), id_json, "'}'"
+        )
+    if model.kind is Kind.PERSON:
+        stored_identifiers = identifiers  # one member: sorted already
+    else:
+        stored_identifiers = _text(
+            _literal('{"object_id":'), id_json, _literal(',"object_type_id":' + type_id + "}")
         )
     head = '{"type":"' + model.kind.value + '","action":"identify","identifiers":'
     item = _text(_literal(head), identifiers, _literal(',"attributes":'), "a.__a", "'}'")
@@ -355,10 +470,10 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             (
                 f"NOT {d.matches(key, f'^[^{spaces}]+@[^@{spaces}]+$')}",
                 RejectionCode.INVALID_IDENTIFIER,
-                _text(
-                    _literal("identifier email "),
-                    f" || {key} || ",  # repr() of a text without quotes
-                    _literal(" is not an email address"),
+                _text(  # repr() of a text without quotes, backslashes or unprintables
+                    _literal("identifier email '"),
+                    key,
+                    _literal("' is not an email address"),
                 ),
             )
         )
@@ -410,14 +525,21 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             ),
         )
     )
+    python_only = [
+        cond
+        for c in others
+        if (cond := _python_only(d, f"a.{d.quote(c.name)}", c.kind)) is not None
+    ]
+    python = " OR ".join(python_only) or "FALSE"
     code = " ".join(f"WHEN {cond} THEN '{rc.value}'" for cond, rc, _ in checks)
     reason = " ".join(f"WHEN {cond} THEN {text}" for cond, _, text in checks)
     return f"""
         SELECT p.__k AS key, CASE WHEN p.reject_code IS NULL THEN p.item END AS item,
                CASE WHEN p.reject_code IS NULL THEN p.__a END AS snapshot,
-               p.reject_code, p.reject_reason
+               p.reject_code, p.reject_reason, p.identifiers, p.python_only
         FROM (
-            SELECT a.__k, a.__a, {item} AS item,
+            SELECT a.__k, a.__a, {item} AS item, {stored_identifiers} AS identifiers,
+                   CASE WHEN {python} THEN 1 ELSE 0 END AS python_only,
                    CASE {code} END AS reject_code, CASE {reason} END AS reject_reason
             FROM (SELECT m.*, {inner_key} AS __k, {attributes} AS __a
                   FROM ({source}) AS m) AS a

@@ -13,15 +13,24 @@ creates nothing persistent anywhere) and keeps the streaming diff. The table is 
 the run ends; one a killed run left behind has the model's (and bucket's) name prefix and is
 dropped by the next run holding that lock, before it builds its own.
 
+For new rows of person and object models the plan also holds what the database built
+(:func:`cio_retl.payload_sql.payload_select`): the item's JSON text and the snapshot's
+attributes and identifiers. Python only joins those items into batch bodies, and on
+acknowledgment the snapshot rows are inserted from the plan by sequence number, set-based.
+Every other row (updates, rows sharing a key, rejected rows, rows the SQL leaves to Python,
+models with columns of other types) goes through the Python path, read from the same plan.
+
 Events (an anti-join with the sent events), the cross-database diff and Snowflake keep the
-streaming diff of :mod:`cio_retl.diff` this session.
+streaming diff of :mod:`cio_retl.diff` this session; so do updates and removals' payloads,
+relationships, devices and suppressions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -39,8 +48,10 @@ from cio_retl.diff import (
     suppressions_for,
 )
 from cio_retl.models import Kind, Model
+from cio_retl.payload_sql import Column, column_kind, payload_select
 from cio_retl.records import RowChange
-from cio_retl.state import StateStore
+from cio_retl.state import StateStore, rejections
+from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
     FINGERPRINT_COLUMN,
@@ -53,7 +64,12 @@ from cio_retl.warehouse import (
     SNAPSHOT_KEY_COLUMN,
     RowReader,
     Warehouse,
+    model_sql,
 )
+
+ITEM_COLUMN = "__cio_item"
+SNAPSHOT_COLUMN = "__cio_snapshot"
+STORED_IDENTIFIERS_COLUMN = "__cio_sids"
 
 PLAN_PREFIX = "cio_plan_"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -73,6 +89,89 @@ def plan_prefix(model: str, bucket: Bucket | None) -> str:
     its lock, so a table with this prefix that is not the run's own is a dead run's."""
     slot = model if bucket is None else f"{model}\x00{bucket.label}"
     return f"{PLAN_PREFIX}{hashlib.blake2b(slot.encode(), digest_size=5).hexdigest()}_"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTable:
+    """One model's plan as the send and the acknowledgment read it."""
+
+    name: str  # quoted, schema-qualified
+    model: str
+    state: StateStore
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        """(sequence number, item bytes) of the rows whose item the database built, in
+        sequence order."""
+        sql = (
+            f"SELECT p.{SEQ_COLUMN}, p.{ITEM_COLUMN} FROM {self.name} AS p"
+            f" WHERE p.{ITEM_COLUMN} IS NOT NULL ORDER BY p.{SEQ_COLUMN}"
+        )
+        with self.state.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True).execute(sa.text(sql))
+            while rows := result.fetchmany(5000):
+                for seq, item in rows:
+                    yield seq, item.encode()
+
+    def keys(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[int, str]:
+        if not seqs:
+            return {}
+        listed = ", ".join(str(int(s)) for s in seqs)
+        sql = (
+            f"SELECT p.{SEQ_COLUMN}, p.{KEY_COLUMN} FROM {self.name} AS p"
+            f" WHERE p.{SEQ_COLUMN} IN ({listed})"
+        )
+        return {int(seq): key for seq, key in conn.execute(sa.text(sql))}
+
+    def save_acknowledged(
+        self,
+        conn: sa.Connection,
+        run_id: str,
+        ranges: Sequence[tuple[int, int]],
+        unacknowledged: Sequence[int],
+        *,
+        clear_rejections: bool,
+    ) -> None:
+        """Insert the snapshots of the built rows in ``ranges`` (first and last sequence
+        number of each acknowledged batch) but ``unacknowledged``, straight from the plan.
+
+        The attributes and identifiers are the plan's text, byte for byte what the Python
+        path stores; ``attrs_hash`` is the database's md5 of that text (the Python path's is
+        a blake2b of the same bytes: a 128-bit digest either way, compared with nothing).
+        """
+        if not ranges:
+            return
+        chosen = " OR ".join(f"p.{SEQ_COLUMN} BETWEEN {int(a)} AND {int(b)}" for a, b in ranges)
+        rows = f"p.{ITEM_COLUMN} IS NOT NULL AND ({chosen})"
+        if unacknowledged:
+            rows += f" AND p.{SEQ_COLUMN} NOT IN ({', '.join(str(int(s)) for s in unacknowledged)})"
+        source = (
+            "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
+            f" p.{KEY_COLUMN} AS key, p.{FINGERPRINT_COLUMN} AS fingerprint,"
+            f" md5(p.{SNAPSHOT_COLUMN}) AS attrs_hash,"
+            f" p.{STORED_IDENTIFIERS_COLUMN} AS identifiers, p.{SNAPSHOT_COLUMN} AS attributes,"
+            f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at"
+            f" FROM {self.name} AS p WHERE {rows}"
+        )
+        params = {**self.state.scope(self.model), "run_id": run_id, "now": utcnow()}
+        if clear_rejections:
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {self.state.table(rejections)} WHERE workspace = :workspace"
+                    f" AND model = :model AND key IN"
+                    f" (SELECT p.{KEY_COLUMN} FROM {self.name} AS p WHERE {rows})"
+                ),
+                self.state.scope(self.model),
+            )
+        # absent: the plan found no snapshot for these keys and the model's lock keeps
+        # other writers out.
+        for statement in self.state.dialect.upsert(
+            self.state.snapshots,
+            ("workspace", "model", "key"),
+            SNAPSHOT_COLUMNS,
+            source,
+            absent=True,
+        ):
+            conn.execute(sa.text(statement), params)
 
 
 class PlanDiff(PushDownDiff):
@@ -162,7 +261,7 @@ class PlanDiff(PushDownDiff):
         table = self.plans.get(model.name) or self._build(model)
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
-            f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"
+            f" AND p.{HELD_COLUMN} = 0 AND p.{ITEM_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
         )
         with _diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
@@ -174,6 +273,11 @@ class PlanDiff(PushDownDiff):
                     yield _upsert_change(
                         model, columns, row, row[previous], full_resync=self.full_resync
                     )
+
+    def planned(self, model: Model) -> PlanTable | None:
+        """The plan whose built items the send reads first, or None (no plan)."""
+        table = self.plans.get(model.name)
+        return None if table is None else PlanTable(table, model.name, self.state)
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
         table = self.plans.get(model.name) or self._build(model)
@@ -212,10 +316,34 @@ class PlanDiff(PushDownDiff):
         )
         held_by = suppressions_for(model, self.suppressions)
         held = (
-            f"CASE WHEN {_suppressed(w, f'j.{KEY_COLUMN}', held_by)} THEN 1 ELSE 0 END"
+            f"CASE WHEN {_suppressed(w, f'src.{KEY_COLUMN}', held_by)} THEN 1 ELSE 0 END"
             if held_by
             else "0"
         )
+        built = self._payloads(model)
+        text = "VARCHAR"
+        if built:
+            ok = "pay.reject_code IS NULL AND pay.python_only = 0"
+            payload_columns = (
+                f"CASE WHEN {ok} THEN pay.item END AS {ITEM_COLUMN},"
+                f" CASE WHEN {ok} THEN pay.snapshot END AS {SNAPSHOT_COLUMN},"
+                f" CASE WHEN {ok} THEN pay.identifiers END AS {STORED_IDENTIFIERS_COLUMN}"
+            )
+            new_rows = (
+                f"SELECT * FROM j WHERE j.{FINGERPRINT_COLUMN} IS NOT NULL"
+                f" AND j.{SNAPSHOT_KEY_COLUMN} IS NULL AND j.{DUPLICATES_COLUMN} = 1"
+                f" AND j.{KEY_COLUMN} IS NOT NULL AND j.{HELD_COLUMN} = 0"
+            )
+            payloads = (
+                f" LEFT JOIN ({payload_select(d.name, model, built, new_rows)}) AS pay"
+                f" ON pay.key = j.{KEY_COLUMN}"
+            )
+        else:
+            payload_columns = ", ".join(
+                f"CAST(NULL AS {text}) AS {c}"
+                for c in (ITEM_COLUMN, SNAPSHOT_COLUMN, STORED_IDENTIFIERS_COLUMN)
+            )
+            payloads = ""
         sql = f"""
             CREATE TABLE {table} AS
             WITH src AS {d.not_materialized}({_source_rows(w, model, bucket)}),
@@ -227,7 +355,8 @@ class PlanDiff(PushDownDiff):
             j AS (
                 SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN},
                        snap.key AS {SNAPSHOT_KEY_COLUMN},
-                       snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN}
+                       snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
+                       {held} AS {HELD_COLUMN}
                 FROM src
                 FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}
                 LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
@@ -235,15 +364,37 @@ class PlanDiff(PushDownDiff):
             )
             SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, j.*,
                    s.attributes AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN},
-                   {held} AS {HELD_COLUMN}
+                   {payload_columns}
             FROM j LEFT JOIN {self.state.snapshots} AS s
-              ON {where} AND s.key = j.{SNAPSHOT_KEY_COLUMN}
+              ON {where} AND s.key = j.{SNAPSHOT_KEY_COLUMN}{payloads}
         """
         with _diff_connection(self.warehouse, bucket) as conn:
             conn.execute(sa.text(sql))
             conn.commit()
         self.plans[model.name] = table
         return table
+
+    def _payloads(self, model: Model) -> list[Column] | None:
+        """The model's columns (as the plan holds them) when SQL builds its new rows'
+        payloads: a person or object model of one key column whose every other column is
+        of a kind :mod:`cio_retl.payload_sql` normalizes as Python does; else None."""
+        if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
+            return None
+        sql = (
+            f"SELECT {self.warehouse.select_list(model, 'm')}"
+            f" FROM ({model_sql(model)}) AS m LIMIT 0"
+        )
+        with self.warehouse.engine.connect() as conn:
+            description = conn.execute(sa.text(sql)).cursor.description or ()
+        dialect = self.warehouse.dialect.name
+        columns = []
+        for name, type_code, *_ in description:
+            kind = column_kind(dialect, str(type_code))
+            if kind is None and name != model.key:
+                return None
+            if kind is not None:
+                columns.append(Column(name, kind))
+        return columns
 
     def _drop_leftovers(self, model: Model) -> None:
         """Drop the plans of this model (and bucket) that killed runs left behind."""

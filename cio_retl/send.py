@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,13 +11,14 @@ from typing import Protocol
 
 import orjson
 
-from cio_retl.ack import AckContext, Acknowledger
+from cio_retl.ack import AckContext, Acknowledger, Batch, PlannedBatch
 from cio_retl.batching import pack
 from cio_retl.client import SendResult, TrackClient
 from cio_retl.errors import CioRetlError, RetriableError
 from cio_retl.models import Model
 from cio_retl.operations import Operation, encode
 from cio_retl.options import Progress, SyncOptions
+from cio_retl.plan import PlanTable
 from cio_retl.records import Change, Rejection, RowChange
 from cio_retl.report import ModelReport
 
@@ -64,17 +66,18 @@ class Sender:
         self._forget: list[str] = []
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
-        self._acked: list[tuple[list[Operation], SendResult]] = []  # not yet handed to the writer
+        self._acked: list[tuple[Batch, SendResult]] = []  # not yet handed to the writer
         self._acked_rows = 0
         self._acked_since = 0.0  # time.monotonic() of the oldest batch in ``_acked``
-        self._in_flight: deque[tuple[list[Operation], Future[SendResult]]] = deque()
+        self._in_flight: deque[tuple[Batch, Future[SendResult]]] = deque()
 
-    def send(self, changes: Iterator[RowChange]) -> None:
+    def send(self, changes: Iterator[RowChange], planned: PlanTable | None = None) -> None:
         """Up to ``max_in_flight`` batches travel at once; their acknowledgments are written
         in batch order by the state writer.
 
         One phase holds each key at most once, so batches of a phase may overlap in flight
-        without an older state of a row overtaking a newer one; phases never overlap.
+        without an older state of a row overtaking a newer one; phases never overlap. The
+        items the database built (``planned``) go first, then the Python path's.
         """
         if self.dry_run:
             for batch in pack(self._operations(changes), max_items=self.run.options.batch_items):
@@ -90,16 +93,11 @@ class Sender:
         try:
             with ThreadPoolExecutor(self.run.options.max_in_flight, "cio-send") as pool:
                 try:
-                    for batch in pack(
-                        self._operations(changes), max_items=self.run.options.batch_items
-                    ):
+                    for sent, items in self._batches(changes, planned):
                         self._settle_done()
                         if len(in_flight) >= self.run.options.max_in_flight:
                             self._settle(*in_flight.popleft())
-                        items = [item for _, item in batch]
-                        in_flight.append(
-                            ([op for op, _ in batch], pool.submit(client.send_batch, items))
-                        )
+                        in_flight.append((sent, pool.submit(client.send_batch, items)))
                 except CioRetlError as exc:
                     failure = exc
                 finally:
@@ -120,6 +118,33 @@ class Sender:
                 self._writer = None
         if failure is not None:
             raise failure
+
+    def _batches(
+        self, changes: Iterator[RowChange], planned: PlanTable | None
+    ) -> Iterator[tuple[Batch, list[bytes]]]:
+        """Batches within every limit (items per batch, bytes per body): the built items
+        first, as (sequence numbers, items), then the Python path's operations."""
+        max_items = self.run.options.batch_items
+        if planned is not None:
+            for packed in pack(self._built(planned), max_items=max_items):
+                items = [item for _, item in packed]
+                self.report.planned += len(items)
+                yield PlannedBatch(planned, array("q", [s for s, _ in packed]), items), items
+        for batch in pack(self._operations(changes), max_items=max_items):
+            yield [op for op, _ in batch], [item for _, item in batch]
+
+    def _built(self, planned: PlanTable) -> Iterator[tuple[int, bytes]]:
+        """The plan's built items; samples taken, acknowledgments kept due meanwhile."""
+        samples, sample_size = self.report.samples, self.run.options.sample_size
+        tick = self.TICK_ROWS
+        for seq, item in planned.items():
+            tick -= 1
+            if not tick:
+                tick = self.TICK_ROWS
+                self._settle_done()
+            if len(samples) < sample_size:
+                samples.append(orjson.loads(item))
+            yield seq, item
 
     def _write(self, task: Callable[[], None]) -> None:
         """Queue a state write; surface the writer's errors and keep its queue short."""
@@ -142,7 +167,7 @@ class Sender:
         if self._acked and time.monotonic() - self._acked_since >= self.ACK_SECONDS:
             self._write_acknowledged()
 
-    def _settle(self, operations: list[Operation], future: Future[SendResult]) -> None:
+    def _settle(self, operations: Batch, future: Future[SendResult]) -> None:
         if not future.done():  # the sender waits anyway: save what is acknowledged first
             self._write_acknowledged()
         try:

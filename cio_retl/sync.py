@@ -331,7 +331,12 @@ class _Run:
             changes = self.differ.upserts(model, full_resync=self.options.full_resync)
         if self.progress:  # the model's clock starts now, before its first batch
             self.progress(model.name, 0, self.expected_items(model))
+        planned = (
+            self.differ.planned(model)
+            if not removal and isinstance(self.differ, PlanDiff)
+            else None
+        )
         with contextlib.closing(changes):  # releases the diff's connection even on errors
-            Sender(self, model, report).send(changes)
+            Sender(self, model, report).send(changes, planned)
         if not removal:
             report.unchanged = max(report.rows - report.planned - report.skipped, 0)

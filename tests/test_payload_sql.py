@@ -153,6 +153,20 @@ def python_payload(model: Model, row: dict[str, Any]) -> tuple[Any, ...]:
     return (None, None, canonical_json(orjson.loads(op.item)), op.attributes)
 
 
+def python_bytes(model: Model, row: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(item, snapshot attributes, snapshot identifiers) as the Python path writes them."""
+    raw = row[model.key or ""]
+    record = None if raw is None else to_record(model, str(raw), row)
+    if record is None or isinstance(record, Rejection):
+        return None
+    op = encode(model, RowChange(Change.CREATE, str(raw), "f", record, send=record.attributes))
+    if isinstance(op, Rejection):
+        return None
+    assert op.attributes is not None
+    identifiers = canonical_json(record.identifiers)
+    return (op.item.decode(), op.attributes.decode(), identifiers.decode())
+
+
 def sql_payload(result: sa.Row[Any]) -> tuple[Any, ...]:
     item = None if result.item is None else canonical_json(orjson.loads(result.item))
     snapshot = None if result.snapshot is None else canonical_json(orjson.loads(result.snapshot))
@@ -188,8 +202,16 @@ class Table:
                 conn.execute(sa.text(f"INSERT INTO {table} VALUES ({values})"), rows)
             sql = payload_select(self.dialect, model, columns, f"SELECT * FROM {table}")
             with self.engine.connect() as conn:
-                got = {r.key: sql_payload(r) for r in conn.execute(sa.text(sql))}
+                results = list(conn.execute(sa.text(sql)))
+            got = {r.key: sql_payload(r) for r in results}
+            # Rows the SQL does not leave to Python: the very bytes the Python path writes.
+            got_bytes = {
+                r.key: (r.item, r.snapshot, r.identifiers)
+                for r in results
+                if r.reject_code is None and not r.python_only
+            }
             expected = {}
+            expected_bytes = {}
             with self.engine.connect() as conn:  # read as a sync reads: streamed
                 for chunk in self.warehouse.stream(conn, f"SELECT * FROM {table}"):
                     reader = RowReader(chunk.rows[0]._fields, chunk.json_columns)
@@ -199,10 +221,14 @@ class Table:
                         expected[None if key is None else str(key)] = python_payload(
                             model, values_of
                         )
+                        if key is not None and str(key) in got_bytes:
+                            expected_bytes[str(key)] = python_bytes(model, values_of)
         finally:
             with self.engine.begin() as conn:
                 conn.execute(sa.text(f"DROP TABLE {table}"))
         assert got == expected
+        if self.warehouse.dialect.builds_plans:  # where a sync builds payloads in SQL
+            assert got_bytes == expected_bytes
         return got
 
 

@@ -3,7 +3,13 @@ plan, and no plan outlives its run, a killed one included."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,14 +18,18 @@ from sqlalchemy.engine import Engine
 
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
-from cio_retl.emulator import Emulator
+from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.limits import MAX_BATCH_BYTES
 from cio_retl.models import load_models
+from cio_retl.normalize import digest
 from cio_retl.plan import PLAN_PREFIX, plan_prefix
-from cio_retl.sync import Outcome, SyncOptions, run_sync
-from tests.conftest import FAST_RETRY, PgSchemas, sync
+from cio_retl.state import StateStore
+from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
+from cio_retl.warehouse import create_engine
+from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, sync
 from tests.test_postgres import expected_workspace as expected_on_postgres
 from tests.test_postgres import pg_engine, pg_settings  # noqa: F401  (fixtures)
-from tests.test_sync_duckdb import actual_workspace, expected_workspace
+from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 
 @pytest.fixture
@@ -144,3 +154,237 @@ def test_postgres_reads_each_model_once_and_keeps_no_plan(
     assert model_reads(statements, pg_settings, "memberships") == 1
     assert plan_tables(pg_engine, pg_schemas.state) == []
     assert actual_workspace(emulator) == expected_on_postgres(pg_engine, pg_schemas.warehouse)
+
+
+# -- payloads built by the database -----------------------------------------------------------
+
+PEOPLE_MODEL = """-- kind: person
+-- identifier: email
+-- key: email
+select * from app.people
+"""
+
+
+def people_rows(n: int, text_size: int = 8) -> list[dict[str, Any]]:
+    """Rows of every kind the SQL builds, edge values among them: values the SQL leaves to
+    Python (tiny doubles, capital escapes), rows Python rejects (a bad email, a too-long
+    text), pre-1970 times, integers beyond 2^53, NULLs."""
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "email": f"person{i}@example.com",
+                "name": ("é" if i % 3 else "x\x0b") + "n" * text_size + str(i),
+                "vip": None if i % 5 == 0 else i % 2 == 0,
+                "visits": [i, 2**53 + i, -(2**60)][i % 3],
+                "score": [0.1 * i, 5e-8, 1e20, float(i), None][i % 5],
+                "balance": Decimal(i) / 8,
+                "seen_at": dt.datetime(1969, 12, 31, 23, 59, 59, 500000) + dt.timedelta(days=i),
+                "born_on": None if i % 4 == 0 else dt.date(1980, 1, 1) + dt.timedelta(days=i),
+            }
+        )
+    rows[1]["email"] = "not an email"
+    rows[2]["name"] = "y" * 1001  # over the 1000-byte value limit
+    return rows
+
+
+PEOPLE_DDL = {
+    "duckdb": (
+        "CREATE TABLE app.people (email VARCHAR, name VARCHAR, vip BOOLEAN, visits BIGINT,"
+        " score DOUBLE, balance DECIMAL(18, 3), seen_at TIMESTAMP, born_on DATE)"
+    ),
+    "postgresql": (
+        "CREATE TABLE app.people (email TEXT, name TEXT, vip BOOLEAN, visits BIGINT,"
+        " score DOUBLE PRECISION, balance NUMERIC(18, 3), seen_at TIMESTAMP, born_on DATE)"
+    ),
+}
+
+
+def people_warehouse(engine: Engine, rows: list[dict[str, Any]], schema: str = "app") -> None:
+    ddl = PEOPLE_DDL[engine.dialect.name].replace("app.", f"{schema}.")
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+        conn.execute(sa.text(ddl))
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {schema}.people VALUES (:email, :name, :vip, :visits, :score,"
+                " :balance, :seen_at, :born_on)"
+            ),
+            rows,
+        )
+
+
+def people_settings(settings: Settings, tmp_path: Path, url: str, schema: str = "app") -> Settings:
+    folder = tmp_path / f"models_{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "people.sql").write_text(PEOPLE_MODEL.replace("app.", f"{schema}."))
+    return replace(settings, warehouse_url=url, state_url=url, models_dir=folder)
+
+
+def stored(engine: Engine, schema: str = "cio_retl") -> dict[str, tuple[str, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT key, fingerprint, identifiers, attributes, attrs_hash"
+                f" FROM {schema}.snapshots WHERE model = 'people'"
+            )
+        )
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def same_items(a: ModelReport, b: ModelReport) -> bool:
+    """The same rows created and rejected, the same item bytes: the built items travel in
+    batches of their own, so the requests (and their envelopes: 11 bytes each) can differ."""
+
+    def items(report: ModelReport) -> dict[str, int]:
+        counts = report.counts()
+        counts["bytes_sent"] -= 11 * counts.pop("requests")
+        return counts
+
+    return items(a) == items(b)
+
+
+def _python_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cio_retl.sync.plans_supported", lambda _warehouse: False)
+
+
+def test_snapshots_from_the_plan_are_the_python_paths_bytes(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = people_rows(60)
+    urls = [f"duckdb:///{tmp_path / name}.duckdb" for name in ("plan", "python")]
+    for url in urls:
+        engine = create_engine(url)
+        people_warehouse(engine, rows)
+        engine.dispose()
+    planned = sync(people_settings(settings, tmp_path, urls[0]))
+    with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
+        _python_path_only(monkeypatch)
+        python = sync(
+            replace(people_settings(settings, tmp_path, urls[1]), track_api_url=other.url)
+        )
+        python_people = other.workspace.people_by("email")
+
+    assert planned.outcome is python.outcome is Outcome.REJECTED
+    assert same_items(planned.models[0], python.models[0])
+    assert planned.models[0].rejections == python.models[0].rejections
+    assert emulator.workspace.people_by("email") == python_people
+    engines = [create_engine(url) for url in urls]
+    try:
+        from_plan, from_python = (stored(engine) for engine in engines)
+    finally:
+        for engine in engines:
+            engine.dispose()
+    assert len(from_plan) == 58
+    # Byte for byte: fingerprint, identifiers and attributes text; only the hash differs
+    # where the database wrote the row (md5 of the same text, against blake2b).
+    assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
+    by_database = [
+        k for k, v in from_plan.items() if v[3] == hashlib.md5(v[2].encode()).hexdigest()
+    ]
+    assert len(by_database) >= 30  # the rows the SQL did not leave to Python
+    assert all(from_python[k][3] == digest(from_python[k][2].encode()) for k in from_python)
+
+
+def test_a_built_item_customerio_refuses_is_rejected_alone(
+    settings: Settings, tmp_path: Path, emulator: Emulator
+) -> None:
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(40))
+    engine.dispose()
+    bad = "person3@example.com"  # a row whose item the database built
+    emulator.faults = FaultPlan(reject_identifiers=frozenset({bad}))
+    people = people_settings(settings, tmp_path, url)
+
+    report = sync(people)
+
+    (model,) = report.models
+    assert model.created == 37 and model.rejected == 3
+    assert (bad, "invalid: rejected by fault plan [identifiers] (HTTP 207)") in model.rejections
+    engine = create_engine(url)
+    try:
+        snapshots = stored(engine)
+        assert bad not in snapshots and len(snapshots) == 37
+        state = StateStore(engine)
+        [row] = [r for r in state.rejections("people") if r["key"] == bad]
+        assert row["status"] == 207 and "<str>" in (row["payload"] or "")
+        assert "person3" not in (row["payload"] or "").replace(bad, "")  # values redacted
+    finally:
+        engine.dispose()
+
+    emulator.faults = FaultPlan()
+    before = len(emulator.requests)
+    retry = sync(people)
+    assert [i["identifiers"]["email"] for i in batch_items(emulator, before)] == [bad]
+    assert retry.models[0].created == 1
+    engine = create_engine(url)
+    try:
+        assert bad in stored(engine)
+        assert bad not in {r["key"] for r in StateStore(engine).rejections("people")}
+    finally:
+        engine.dispose()
+
+
+def test_built_items_respect_the_batch_limits(
+    settings: Settings, tmp_path: Path, emulator: Emulator
+) -> None:
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(1500, text_size=900))  # ~1 KB items
+    engine.dispose()
+
+    report = sync(people_settings(settings, tmp_path, url))
+
+    assert report.models[0].created == 1498
+    batches = [r for r in emulator.requests if r.path == "/api/v2/batch" and r.status == 200]
+    assert all(r.n_bytes <= MAX_BATCH_BYTES for r in batches)
+    assert max(r.n_bytes for r in batches) > MAX_BATCH_BYTES * 0.9  # bodies filled by bytes
+    assert sum(len(r.body["batch"]) for r in batches) == 1498
+
+    small = f"duckdb:///{tmp_path / 'small'}.duckdb"
+    engine = create_engine(small)
+    people_warehouse(engine, people_rows(50))
+    engine.dispose()
+    before = len(emulator.requests)
+    few = sync(people_settings(settings, tmp_path, small), batch_items=7)
+    assert few.models[0].created == 48
+    sized = [r for r in emulator.requests[before:] if r.path == "/api/v2/batch"]
+    assert max(len(r.body["batch"]) for r in sized) == 7
+
+
+@pytest.mark.postgres
+def test_postgres_snapshots_from_the_plan_are_the_python_paths_bytes(
+    settings: Settings,
+    pg_schemas: PgSchemas,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = people_rows(60)
+    engine = create_engine(pg_schemas.url)
+    try:
+        people_warehouse(engine, rows, pg_schemas.warehouse)
+        base = people_settings(settings, tmp_path, pg_schemas.url, pg_schemas.warehouse)
+        planned = sync(replace(base, state_schema=pg_schemas.state))
+        with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
+            _python_path_only(monkeypatch)
+            python_schema = f"{pg_schemas.state}_py"
+            try:
+                python = sync(replace(base, state_schema=python_schema, track_api_url=other.url))
+                python_people = other.workspace.people_by("email")
+                from_python = stored(engine, python_schema)
+            finally:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {python_schema} CASCADE"))
+        from_plan = stored(engine, pg_schemas.state)
+    finally:
+        engine.dispose()
+    assert same_items(planned.models[0], python.models[0])
+    assert emulator.workspace.people_by("email") == python_people
+    assert len(from_plan) == 58
+    assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
+    by_database = [
+        k for k, v in from_plan.items() if v[3] == hashlib.md5(v[2].encode()).hexdigest()
+    ]
+    assert len(by_database) >= 20
