@@ -8,8 +8,9 @@
    decimals as numbers), and Python joins them into 1000-item ``{"batch": [...]}`` bodies.
    No HTTP, no state, no diff: what the machine needs to produce the bytes at all.
 2. **SQL payload path**: the same rows through ``cio_retl.payload_sql`` (items, snapshot text
-   and rejections built by DuckDB), joined into bodies: what a switched initial sync would
-   leave to Python (not yet used by the sync).
+   and rejections built by DuckDB), joined into bodies: what an initial sync leaves to
+   Python now that its plan holds these payloads (the sync adds the plan's join with the
+   snapshot, the HTTP requests and the snapshot writes).
 3. **cio-retl**: ``python -m cio_retl sync`` of the same table, initial (empty state),
    against the emulator's fast path (``check_every``: only every Nth body validated and
    applied), so the emulator is not what is measured; its capacity, measured in the same
