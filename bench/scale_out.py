@@ -204,7 +204,7 @@ def main() -> None:
             whole, per_bucket = plans(env, args.buckets)
             results.update(
                 changed=changed,
-                whole_plan=whole._asdict(),
+                whole_plan={k: v for k, v in whole._asdict().items() if k != "output"},
                 bucket_plan_median_s=statistics.median(p.seconds for p in per_bucket),
                 bucket_plan_median_cpu_s=statistics.median(p.cpu_seconds for p in per_bucket),
                 bucket_plan_max_rss_mib=max(p.rss_mib for p in per_bucket),
