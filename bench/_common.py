@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -264,13 +264,13 @@ class Timed(NamedTuple):
     output: str = ""  # what the command printed (stdout and stderr)
 
 
-def timed_command(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+def timed_command(args: list[str], env: Mapping[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB, from wait4) of one command; raises if it fails."""
     timed = timed_run(args, env)
     return timed.seconds, timed.rss_mib
 
 
-def timed_run(args: list[str], env: dict[str, str]) -> Timed:
+def timed_run(args: list[str], env: Mapping[str, str]) -> Timed:
     """Wall seconds, peak RSS and CPU seconds of one command (wait4); raises if it fails.
 
     On a machine shared with other work the wall time can double between repeats; the CPU
