@@ -20,7 +20,7 @@ from cio_retl.models import Kind, Model
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, redact
 from cio_retl.plan import PlanTable
-from cio_retl.records import Change, Rejection
+from cio_retl.records import Change, Rejection, RejectionCode
 from cio_retl.report import EXAMPLES_PER_CODE, MAX_REPORTED_REJECTIONS, ModelReport
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
 
@@ -94,6 +94,29 @@ class Acknowledger:
                         redact(item) if item else None,
                     )
                 )
+
+    def record_planned_rejections(self, plan: PlanTable) -> int:
+        """The rows the database rejected while planning: recorded set-based, counted and
+        listed in the report as the Python path's rejections are; returns how many."""
+        with self.run.state.engine.begin() as conn:
+            counts, firsts = plan.rejections(conn, MAX_REPORTED_REJECTIONS)
+            if counts:
+                plan.record_rejections(conn, self.run.run_id)
+        report = self.report
+        with self.lock:
+            for code, n in counts.items():
+                report.rejected += n
+                report.rejected_by_code[RejectionCode(code)] = (
+                    report.rejected_by_code.get(RejectionCode(code), 0) + n
+                )
+            for row in firsts:
+                rejection = Rejection(RejectionCode(row.code), row.reason, row.field)
+                if len(report.rejections) < MAX_REPORTED_REJECTIONS:
+                    report.rejections.append((row.key, str(rejection)))
+                examples = report.examples_by_code.setdefault(rejection.code, [])
+                if len(examples) < EXAMPLES_PER_CODE:
+                    examples.append((row.key, str(rejection)))
+        return sum(counts.values())
 
     def count_acked(self, operations: Sequence[Operation]) -> None:
         created = updated = deleted = 0

@@ -11,6 +11,7 @@ row is sent) :func:`payload_select` returns, per row:
 - ``snapshot``: the attributes' JSON text, keys sorted as the snapshot keeps them;
 - ``reject_code`` / ``reject_reason``: NULL for a valid row, else the
   :class:`cio_retl.records.RejectionCode` value and the reason the Python path gives;
+- ``reject_field``: the rejection's field, as the Python path names it;
 - ``identifiers``: the identifiers' JSON text as the snapshot keeps them (keys sorted);
 - ``python_only``: 1 where the SQL's bytes would not be the Python path's (below), so a
   sync leaves the row to Python; 0 elsewhere.
@@ -443,6 +444,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
     spaces = d.char_class(_SPACES)
     control = d.char_class("".join(map(chr, [*range(d.first_control, 0x20), 0x7F])))
     name = id_type
+    fields = [model.key, name, name, name]  # the Python path's Rejection.field, check by check
     checks += [
         (f"{key} IS NULL", RejectionCode.NULL_KEY, _literal(f"key is NULL ({model.key})")),
         (
@@ -477,12 +479,14 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 ),
             )
         )
+        fields.append(name)
     for c in others:
         bad = _bad_value(d, f"a.{d.quote(c.name)}", c.kind)
         if bad is not None:
             checks.append(
                 (bad[0], RejectionCode.INVALID_VALUE, _literal(f"column {c.name!r}: {bad[1]}"))
             )
+            fields.append("attributes")
     count = " + ".join(f"CASE WHEN {outer[n]} IS NULL THEN 0 ELSE 1 END" for n in order)
     checks.append(
         (
@@ -497,6 +501,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             ),
         )
     )
+    fields.append("attributes")
     for c in others:
         if c.kind not in (ColumnKind.TEXT, ColumnKind.JSON):
             continue  # numbers and booleans are far below any limit
@@ -513,6 +518,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 ),
             )
         )
+        fields.append(c.name)
     item_size = d.byte_length(item)
     checks.append(
         (
@@ -525,22 +531,32 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             ),
         )
     )
+    fields.append("item")
+    assert len(fields) == len(checks)
     python_only = [
         cond
         for c in others
         if (cond := _python_only(d, f"a.{d.quote(c.name)}", c.kind)) is not None
     ]
+    if name == "email":
+        # Python's reason quotes the address with repr(), which SQL cannot write for every
+        # text (quotes, backslashes, unprintables): such a row is left to Python.
+        python_only.append(checks[4][0])
     python = " OR ".join(python_only) or "FALSE"
+    field = " ".join(
+        f"WHEN {cond} THEN {_literal(f)}" for (cond, _, _), f in zip(checks, fields, strict=True)
+    )
     code = " ".join(f"WHEN {cond} THEN '{rc.value}'" for cond, rc, _ in checks)
     reason = " ".join(f"WHEN {cond} THEN {text}" for cond, _, text in checks)
     return f"""
         SELECT p.__k AS key, CASE WHEN p.reject_code IS NULL THEN p.item END AS item,
                CASE WHEN p.reject_code IS NULL THEN p.__a END AS snapshot,
-               p.reject_code, p.reject_reason, p.identifiers, p.python_only
+               p.reject_code, p.reject_reason, p.reject_field, p.identifiers, p.python_only
         FROM (
             SELECT a.__k, a.__a, {item} AS item, {stored_identifiers} AS identifiers,
                    CASE WHEN {python} THEN 1 ELSE 0 END AS python_only,
-                   CASE {code} END AS reject_code, CASE {reason} END AS reject_reason
+                   CASE {code} END AS reject_code, CASE {reason} END AS reject_reason,
+                   CASE {field} END AS reject_field
             FROM (SELECT m.*, {inner_key} AS __k, {attributes} AS __a
                   FROM ({source}) AS m) AS a
         ) AS p

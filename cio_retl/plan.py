@@ -70,6 +70,17 @@ from cio_retl.warehouse import (
 ITEM_COLUMN = "__cio_item"
 SNAPSHOT_COLUMN = "__cio_snapshot"
 STORED_IDENTIFIERS_COLUMN = "__cio_sids"
+REJECT_CODE_COLUMN = "__cio_rcode"
+REJECT_REASON_COLUMN = "__cio_rreason"
+REJECT_FIELD_COLUMN = "__cio_rfield"
+_BUILT = (
+    ITEM_COLUMN,
+    SNAPSHOT_COLUMN,
+    STORED_IDENTIFIERS_COLUMN,
+    REJECT_CODE_COLUMN,
+    REJECT_REASON_COLUMN,
+    REJECT_FIELD_COLUMN,
+)
 
 PLAN_PREFIX = "cio_plan_"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -92,6 +103,16 @@ def plan_prefix(model: str, bucket: Bucket | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejected:
+    """One row the database rejected, as a report lists it."""
+
+    key: str
+    code: str
+    reason: str
+    field: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class PlanTable:
     """One model's plan as the send and the acknowledgment read it."""
 
@@ -111,6 +132,57 @@ class PlanTable:
             while rows := result.fetchmany(5000):
                 for seq, item in rows:
                     yield seq, item.encode()
+
+    def rejections(self, conn: sa.Connection, first: int) -> tuple[dict[str, int], list[Rejected]]:
+        """The rows the database rejected before sending: their count per code, and the
+        first ``first`` of each code in sequence order (what a report lists)."""
+        counts = {
+            code: int(n)
+            for code, n in conn.execute(
+                sa.text(
+                    f"SELECT p.{REJECT_CODE_COLUMN}, COUNT(*) FROM {self.name} AS p"
+                    f" WHERE p.{REJECT_CODE_COLUMN} IS NOT NULL GROUP BY p.{REJECT_CODE_COLUMN}"
+                )
+            )
+        }
+        if not counts:
+            return counts, []
+        firsts = conn.execute(
+            sa.text(
+                f"SELECT r.key, r.code, r.reason, r.field FROM ("
+                f" SELECT p.{KEY_COLUMN} AS key, p.{REJECT_CODE_COLUMN} AS code,"
+                f" p.{REJECT_REASON_COLUMN} AS reason, p.{REJECT_FIELD_COLUMN} AS field,"
+                f" p.{SEQ_COLUMN} AS seq, ROW_NUMBER() OVER"
+                f" (PARTITION BY p.{REJECT_CODE_COLUMN} ORDER BY p.{SEQ_COLUMN}) AS n"
+                f" FROM {self.name} AS p WHERE p.{REJECT_CODE_COLUMN} IS NOT NULL"
+                f") AS r WHERE r.n <= {int(first)} ORDER BY r.seq"
+            )
+        )
+        return counts, [Rejected(*row) for row in firsts]
+
+    def record_rejections(self, conn: sa.Connection, run_id: str) -> None:
+        """Record every row the database rejected, set-based: the rejection replaces what
+        its key had."""
+        rejected = f"FROM {self.name} AS p WHERE p.{REJECT_CODE_COLUMN} IS NOT NULL"
+        table, scope = self.state.table(rejections), self.state.scope(self.model)
+        conn.execute(
+            sa.text(
+                f"DELETE FROM {table} WHERE workspace = :workspace AND model = :model"
+                f" AND key IN (SELECT p.{KEY_COLUMN} {rejected})"
+            ),
+            scope,
+        )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {table} (workspace, model, key, run_id, reason, field, status,"
+                " payload, rejected_at, code)"
+                " SELECT CAST(:workspace AS VARCHAR), CAST(:model AS VARCHAR),"
+                f" p.{KEY_COLUMN}, CAST(:run_id AS VARCHAR), p.{REJECT_REASON_COLUMN},"
+                f" p.{REJECT_FIELD_COLUMN}, CAST(NULL AS INTEGER), CAST(NULL AS VARCHAR),"
+                f" :now, p.{REJECT_CODE_COLUMN} {rejected}"
+            ),
+            {**scope, "run_id": run_id, "now": utcnow()},
+        )
 
     def keys(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[int, str]:
         if not seqs:
@@ -261,7 +333,8 @@ class PlanDiff(PushDownDiff):
         table = self.plans.get(model.name) or self._build(model)
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
-            f" AND p.{HELD_COLUMN} = 0 AND p.{ITEM_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
+            f" AND p.{HELD_COLUMN} = 0 AND p.{ITEM_COLUMN} IS NULL"
+            f" AND p.{REJECT_CODE_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
         )
         with _diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
@@ -324,10 +397,14 @@ class PlanDiff(PushDownDiff):
         text = "VARCHAR"
         if built:
             ok = "pay.reject_code IS NULL AND pay.python_only = 0"
+            bad = "pay.reject_code IS NOT NULL AND pay.python_only = 0"
             payload_columns = (
                 f"CASE WHEN {ok} THEN pay.item END AS {ITEM_COLUMN},"
                 f" CASE WHEN {ok} THEN pay.snapshot END AS {SNAPSHOT_COLUMN},"
-                f" CASE WHEN {ok} THEN pay.identifiers END AS {STORED_IDENTIFIERS_COLUMN}"
+                f" CASE WHEN {ok} THEN pay.identifiers END AS {STORED_IDENTIFIERS_COLUMN},"
+                f" CASE WHEN {bad} THEN pay.reject_code END AS {REJECT_CODE_COLUMN},"
+                f" CASE WHEN {bad} THEN pay.reject_reason END AS {REJECT_REASON_COLUMN},"
+                f" CASE WHEN {bad} THEN pay.reject_field END AS {REJECT_FIELD_COLUMN}"
             )
             new_rows = (
                 f"SELECT * FROM j WHERE j.{FINGERPRINT_COLUMN} IS NOT NULL"
@@ -339,10 +416,7 @@ class PlanDiff(PushDownDiff):
                 f" ON pay.key = j.{KEY_COLUMN}"
             )
         else:
-            payload_columns = ", ".join(
-                f"CAST(NULL AS {text}) AS {c}"
-                for c in (ITEM_COLUMN, SNAPSHOT_COLUMN, STORED_IDENTIFIERS_COLUMN)
-            )
+            payload_columns = ", ".join(f"CAST(NULL AS {text}) AS {c}" for c in _BUILT)
             payloads = ""
         sql = f"""
             CREATE TABLE {table} AS

@@ -87,6 +87,8 @@ class Sender:
             return
         client = self.run.client
         assert client is not None
+        if planned is not None:
+            self.report.planned += self.ack.record_planned_rejections(planned)
         in_flight = self._in_flight
         failure: CioRetlError | None = None
         self._writer = ThreadPoolExecutor(1, "cio-state")

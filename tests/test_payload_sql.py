@@ -138,19 +138,19 @@ def person_model(table: str, identifier: str = "id") -> Model:
 
 
 def python_payload(model: Model, row: dict[str, Any]) -> tuple[Any, ...]:
-    """(code, reason, item, snapshot) of one row through today's Python path."""
+    """(code, reason, field, item, snapshot) of one row through today's Python path."""
     raw = row[model.key or ""]
     if raw is None:  # the diff rejects it before to_record (diff._upsert_change)
-        return ("null_key", f"key is NULL ({model.key})", None, None)
+        return ("null_key", f"key is NULL ({model.key})", model.key, None, None)
     key = str(raw)
     record = to_record(model, key, row)
     if isinstance(record, Rejection):
-        return (record.code.value, record.reason, None, None)
+        return (record.code.value, record.reason, record.field, None, None)
     op = encode(model, RowChange(Change.CREATE, key, "f", record, send=record.attributes))
     if isinstance(op, Rejection):
-        return (op.code.value, op.reason, None, None)
+        return (op.code.value, op.reason, op.field, None, None)
     assert op.attributes is not None
-    return (None, None, canonical_json(orjson.loads(op.item)), op.attributes)
+    return (None, None, None, canonical_json(orjson.loads(op.item)), op.attributes)
 
 
 def python_bytes(model: Model, row: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -170,7 +170,7 @@ def python_bytes(model: Model, row: dict[str, Any]) -> tuple[str, str, str] | No
 def sql_payload(result: sa.Row[Any]) -> tuple[Any, ...]:
     item = None if result.item is None else canonical_json(orjson.loads(result.item))
     snapshot = None if result.snapshot is None else canonical_json(orjson.loads(result.snapshot))
-    return (result.reject_code, result.reject_reason, item, snapshot)
+    return (result.reject_code, result.reject_reason, result.reject_field, item, snapshot)
 
 
 class Table:

@@ -244,12 +244,27 @@ def same_items(a: ModelReport, b: ModelReport) -> bool:
     return items(a) == items(b)
 
 
+def rejected(engine: Engine, schema: str = "cio_retl") -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT key, code, reason, field, status, payload"
+                f" FROM {schema}.rejections WHERE model = 'people' ORDER BY key"
+            )
+        )
+        return [tuple(r) for r in rows]
+
+
 def _python_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("cio_retl.sync.plans_supported", lambda _warehouse: False)
 
 
 def test_snapshots_from_the_plan_are_the_python_paths_bytes(
-    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    statements: list[str],
 ) -> None:
     rows = people_rows(60)
     urls = [f"duckdb:///{tmp_path / name}.duckdb" for name in ("plan", "python")]
@@ -258,6 +273,14 @@ def test_snapshots_from_the_plan_are_the_python_paths_bytes(
         people_warehouse(engine, rows)
         engine.dispose()
     planned = sync(people_settings(settings, tmp_path, urls[0]))
+    # The row the database rejected was recorded from the plan, in one statement.
+    assert any(
+        s.lstrip().startswith("INSERT INTO")
+        and "rejections" in s
+        and "FROM " in s
+        and "cio_plan_" in s
+        for s in statements
+    )
     with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
         _python_path_only(monkeypatch)
         python = sync(
@@ -267,15 +290,23 @@ def test_snapshots_from_the_plan_are_the_python_paths_bytes(
 
     assert planned.outcome is python.outcome is Outcome.REJECTED
     assert same_items(planned.models[0], python.models[0])
-    assert planned.models[0].rejections == python.models[0].rejections
+    # The same rejections; those the database found are listed before the Python path's.
+    assert sorted(planned.models[0].rejections) == sorted(python.models[0].rejections)
+    assert planned.models[0].examples_by_code == python.models[0].examples_by_code
+    assert planned.models[0].rejected_by_code == python.models[0].rejected_by_code
     assert emulator.workspace.people_by("email") == python_people
     engines = [create_engine(url) for url in urls]
     try:
         from_plan, from_python = (stored(engine) for engine in engines)
+        rejected_by_plan, rejected_by_python = (rejected(engine) for engine in engines)
     finally:
         for engine in engines:
             engine.dispose()
     assert len(from_plan) == 58
+    # The rejected rows: one the database rejected (a text over the value limit), one it
+    # left to Python (an invalid email); the same records either way.
+    assert rejected_by_plan == rejected_by_python
+    assert {r[1] for r in rejected_by_plan} == {"too_long", "invalid_identifier"}
     # Byte for byte: fingerprint, identifiers and attributes text; only the hash differs
     # where the database wrote the row (md5 of the same text, against blake2b).
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
