@@ -333,8 +333,8 @@ class PlanDiff(PushDownDiff):
         table = self.plans.get(model.name) or self._build(model)
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
-            f" AND p.{HELD_COLUMN} = 0 AND p.{ITEM_COLUMN} IS NULL"
-            f" AND p.{REJECT_CODE_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
+            f" AND p.{ITEM_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
+            f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"  # cio_retl.passes knows this
         )
         with _diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
