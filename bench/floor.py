@@ -181,6 +181,19 @@ def main() -> None:
     parser.add_argument("--dagster-rows", type=int, default=2_000, help="0: skip part 3")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
     parser.add_argument("--payload-child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the sync under py-spy (every thread, native frames off) into FILE as"
+        " collapsed stacks; the sync's figures then include py-spy's sampling cost",
+    )
+    parser.add_argument(
+        "--sync-url-query",
+        default="",
+        metavar="QUERY",
+        help="appended to the sync's DuckDB URL, e.g. memory_limit=1GB (cio-retl's default is"
+        " 128MB): what the plan table costs under DuckDB's memory limit",
+    )
     args = parser.parse_args()
     if args.floor_child:
         floor_child(args.floor_child)
@@ -212,9 +225,20 @@ def main() -> None:
             shutil.copy(pristine, warehouse)  # an empty state each time: an initial sync
             with emulator_process(check_every=args.check_every) as base:
                 cpu_before = emulator_cpu(base)
+                command = [sys.executable, "-m", "cio_retl", "sync"]
+                if args.profile:
+                    spy = shutil.which("py-spy")
+                    assert spy, "--profile needs py-spy (the dev group has it)"
+                    out = f"{args.profile}.{repeat + 1}" if args.repeats > 1 else args.profile
+                    command = [spy, "record", "-r", "200", "-f", "raw", "-o", out, "--", *command]
                 sync = timed_run(
-                    [sys.executable, "-m", "cio_retl", "sync"],
-                    sync_env(f"duckdb:///{warehouse}", models, base),
+                    command,
+                    sync_env(
+                        f"duckdb:///{warehouse}"
+                        + (f"?{args.sync_url_query}" if args.sync_url_query else ""),
+                        models,
+                        base,
+                    ),
                 )
                 sync_emulator_cpu = emulator_cpu(base) - cpu_before
                 requests, sent_bytes = emulator_stats(base)

@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--warehouse", choices=("duckdb", "postgres", "both"), default="duckdb")
     parser.add_argument("--changes", type=int, default=1_000, help="rows the rerun changes")
-    parser.add_argument("--change-pct", type=float, help="change this % of the rows instead")
+    parser.add_argument("--change-pct", type=float, help="change this %% of the rows instead")
     parser.add_argument("--initial-only", action="store_true", help="no reruns")
     parser.add_argument("--diff-only", action="store_true", help="time the no-change diff alone")
     parser.add_argument(
