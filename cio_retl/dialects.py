@@ -74,6 +74,15 @@ class Dialect(abc.ABC):
     # Whether a run keeps its changeset as a plan table here (cio_retl.plan) when the state
     # lives in this database too; where not (Snowflake), the streaming diff serves.
     builds_plans = True
+    # Session settings around the statement that builds a plan table, and what undoes them
+    # before the pooled connection serves anything else (see DuckDBDialect).
+    plan_session: tuple[str, ...] = ()
+    plan_session_reset: tuple[str, ...] = ()
+
+    def out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` is the database refusing a statement for its memory limit (a
+        plan too big for it: the run then diffs that model as a stream instead)."""
+        return False
 
     # (URL form, driver package, cio-retl extra) to name when the URL's driver is missing;
     # None where the driver comes with cio-retl itself.
@@ -278,6 +287,17 @@ class DuckDBDialect(Dialect):
     # the rest of the query runs; inlined, the model is scanned twice and nothing is held.
     # Measured on the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s.
     not_materialized = "NOT MATERIALIZED "
+
+    # A plan's rows need no order (each gets a sequence number as it is written), and
+    # keeping the source's order makes DuckDB buffer the join's wide payload columns instead
+    # of spilling them: "preserve_insertion_order ... Disabling it can reduce memory usage"
+    # (DuckDB docs, Configuration / How to tune workloads). Measured: a 2M-row initial plan
+    # ran out of memory under the 128MB limit with it on, and completed with it off.
+    plan_session = ("SET preserve_insertion_order = false",)
+    plan_session_reset = ("RESET preserve_insertion_order",)
+
+    def out_of_memory(self, error: BaseException) -> bool:
+        return type(getattr(error, "orig", error)).__name__ == "OutOfMemoryException"
 
     def row_fingerprint(self, alias: str, signature: str) -> str:
         """The 64-bit ``hash`` of the whole row, prefixed with the signature (a STRUCT's

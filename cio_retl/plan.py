@@ -28,6 +28,7 @@ relationships, devices and suppressions.
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ _BUILT = (
     REJECT_REASON_COLUMN,
     REJECT_FIELD_COLUMN,
 )
+
+_log = logging.getLogger(__name__)
 
 PLAN_PREFIX = "cio_plan_"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -262,6 +265,8 @@ class PlanDiff(PushDownDiff):
         self.full_resync = full_resync
         self.token = uuid.uuid4().hex[:12]
         self.plans: dict[str, str] = {}  # model -> the plan table's quoted name
+        # Models whose plan did not fit the database's memory limit: diffed as a stream.
+        self.streamed: set[str] = set()
 
     def plan_table(self, model: Model) -> str:
         name = f"{plan_prefix(model.name, self.bucket)}{self.token}"
@@ -269,10 +274,17 @@ class PlanDiff(PushDownDiff):
             f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
         )
 
+    def _table(self, model: Model) -> str | None:
+        """The model's plan table, built on first use; None where the model is diffed as a
+        stream (events, or a plan over the database's memory limit)."""
+        if model.kind is Kind.EVENT or model.name in self.streamed:
+            return None
+        return self.plans.get(model.name) or self._build(model)
+
     def count(self, model: Model, *, keys: bool = False) -> ChangeCounts:
-        if model.kind is Kind.EVENT:
+        table = self._table(model)
+        if table is None:
             return super().count(model, keys=keys)
-        table = self.plans.get(model.name) or self._build(model)
         snapshot_rows = f"""
             SELECT COUNT(*) FROM {self.state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{
@@ -306,9 +318,9 @@ class PlanDiff(PushDownDiff):
         return ChangeCounts(rows, acknowledged, new, changed, removed, *bad_keys)
 
     def key_rejections(self, model: Model, limit: int) -> list[RowChange]:
-        if model.kind is Kind.EVENT:
+        table = self._table(model)
+        if table is None:
             return super().key_rejections(model, limit)
-        table = self.plans.get(model.name) or self._build(model)
         sql = (
             f"SELECT * FROM {table} AS p WHERE {_REJECTED_FOR_KEY}"
             f" AND (p.{KEY_COLUMN} IS NULL OR p.{DUPLICATES_COLUMN} > 1)"
@@ -326,11 +338,11 @@ class PlanDiff(PushDownDiff):
         return found
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
-        if model.kind is Kind.EVENT:
+        table = self._table(model)
+        if table is None:
             yield from super().upserts(model, full_resync=full_resync)
             return
         assert full_resync == self.full_resync or not full_resync, "planned without it"
-        table = self.plans.get(model.name) or self._build(model)
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
             f" AND p.{ITEM_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
@@ -353,7 +365,10 @@ class PlanDiff(PushDownDiff):
         return None if table is None else PlanTable(table, model.name, self.state)
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
-        table = self.plans.get(model.name) or self._build(model)
+        table = self._table(model)
+        if table is None:
+            yield from super().removals(model, delete=delete)
+            return
         sql = (
             f"SELECT p.{SNAPSHOT_KEY_COLUMN}, p.{IDENTIFIERS_COLUMN} FROM {table} AS p"
             f" WHERE p.{FINGERPRINT_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
@@ -369,8 +384,9 @@ class PlanDiff(PushDownDiff):
                 for table in plans.values():
                     conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
 
-    def _build(self, model: Model) -> str:
-        """Plan ``model``: one statement over the model joined with its snapshot."""
+    def _build(self, model: Model) -> str | None:
+        """Plan ``model``: one statement over the model joined with its snapshot; None when
+        that statement does not fit the database's memory limit."""
         self._drop_leftovers(model)
         table = self.plan_table(model)
         w, d, bucket = self.warehouse, self.warehouse.dialect, self.bucket
@@ -443,8 +459,32 @@ class PlanDiff(PushDownDiff):
               ON {where} AND s.key = j.{SNAPSHOT_KEY_COLUMN}{payloads}
         """
         with _diff_connection(self.warehouse, bucket) as conn:
-            conn.execute(sa.text(sql))
-            conn.commit()
+            for setting in d.plan_session:
+                conn.execute(sa.text(setting))
+            try:
+                conn.execute(sa.text(sql))
+                conn.commit()
+            except sa.exc.DBAPIError as exc:
+                if not d.out_of_memory(exc):
+                    raise
+                # A plan holds every changed row's payload at once; past the memory limit
+                # the streaming diff, which holds a chunk at a time, still serves the model.
+                self.streamed.add(model.name)
+                _log.warning(
+                    "%s: its plan does not fit the database's memory limit; diffing it as a"
+                    " stream (slower; a higher memory_limit in the warehouse URL avoids it)",
+                    model.name,
+                )
+            finally:
+                if d.plan_session_reset:
+                    conn.rollback()  # nothing after the commit; a failed build's transaction
+                    for setting in d.plan_session_reset:
+                        conn.execute(sa.text(setting))
+                    conn.commit()
+        if model.name in self.streamed:
+            with self.state.engine.begin() as conn:  # a failed CREATE TABLE AS leaves none
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            return None
         self.plans[model.name] = table
         return table
 

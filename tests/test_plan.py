@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cio_retl.config import Settings
+from cio_retl.config import Secret, Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.limits import MAX_BATCH_BYTES
@@ -95,6 +95,23 @@ def test_the_send_reads_a_plan_that_is_gone_when_the_run_ends(
     assert any(name.startswith(plan_prefix("users", None)) for name in users_plans)
     assert plan_tables(demo_engine) == []
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
+def test_duckdb_builds_a_plan_without_insertion_order_and_restores_it(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, statements: list[str]
+) -> None:
+    """The plan's CREATE TABLE runs with DuckDB's preserve_insertion_order off (kept on, a
+    2M-row initial plan ran out of memory under the 128MB default limit), and the same
+    connection resets it before it goes back to the pool."""
+    assert sync(settings).outcome is Outcome.SYNCED
+    builds = [i for i, s in enumerate(statements) if f"CREATE TABLE cio_retl.{PLAN_PREFIX}" in s]
+    assert builds
+    for i in builds:
+        before = statements[:i]
+        off = max(j for j, s in enumerate(before) if "preserve_insertion_order" in s)
+        assert before[off].strip() == "SET preserve_insertion_order = false"
+        after = statements[i + 1 :]
+        assert next(s for s in after if "preserve_insertion_order" in s).startswith("RESET")
 
 
 def test_a_dry_run_builds_no_plan(settings: Settings, demo_engine: Engine) -> None:
@@ -419,3 +436,54 @@ def test_postgres_snapshots_from_the_plan_are_the_python_paths_bytes(
         k for k, v in from_plan.items() if v[3] == hashlib.md5(v[2].encode()).hexdigest()
     ]
     assert len(by_database) >= 20
+
+
+def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
+    tmp_path: Path, emulator: Emulator, statements: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a tight DuckDB memory_limit the plan's CREATE TABLE AS (every new row's payload
+    at once) runs out of memory; the model is then diffed as a stream, as before plans, and
+    every row still arrives once. Without the fallback the run stops with that error."""
+    rows = 40_000
+    path = tmp_path / "tight.duckdb"
+    engine = create_engine(f"duckdb:///{path}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA wide"))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE wide.people AS SELECT i AS user_id,"
+                " repeat(md5(CAST(i AS VARCHAR)), 12) AS a,"
+                " repeat(md5(CAST(i + 1 AS VARCHAR)), 12) AS b"
+                f" FROM range({rows}) AS t(i)"
+            )
+        )
+    engine.dispose()
+    models = tmp_path / "sql"
+    models.mkdir()
+    (models / "people.sql").write_text(
+        "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from wide.people\n"
+    )
+    url = f"duckdb:///{path}?memory_limit=16MB"
+    settings = Settings(
+        warehouse_url=url,
+        state_url=url,
+        models_dir=models,
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+    )
+    with caplog.at_level("WARNING", logger="cio_retl.plan"):
+        report = sync(settings)
+
+    assert report.outcome is Outcome.SYNCED, report.error
+    assert report.models[0].created == rows
+    assert len(emulator.workspace.people_by("id")) == rows
+    assert any(f"CREATE TABLE cio_retl.{PLAN_PREFIX}" in s for s in statements)  # tried
+    assert "people: its plan does not fit" in caplog.text
+    check = create_engine(url)
+    try:
+        assert plan_tables(check) == []
+    finally:
+        check.dispose()
+    again = sync(settings)  # the snapshot was written: nothing is sent twice
+    assert again.outcome is Outcome.SYNCED and again.models[0].created == 0
