@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import typing
 import uuid
@@ -50,6 +51,21 @@ def _unlink_overload_dummy() -> None:
 
 
 atexit.register(_unlink_overload_dummy)
+
+
+def _drop_hypothesis_gc_callbacks() -> None:
+    """The same leak by a second root: hypothesis appends a timing callback to
+    ``gc.callbacks`` (``junkdrawer.gc_cumulative_time``) and never removes it. Its module
+    globals reach pytest's assertion-rewriting hook, the config and its fixtures, this
+    conftest, SQLAlchemy's Engine event listeners (snowflake-sqlalchemy's) and from there
+    duckdb_engine's and duckdb's globals. Only a run with a hypothesis test, a fakesnow test
+    and the Dagster test modules shows it. No property test runs after atexit."""
+    gc.callbacks[:] = [
+        c for c in gc.callbacks if not getattr(c, "__module__", "").startswith("hypothesis")
+    ]
+
+
+atexit.register(_drop_hypothesis_gc_callbacks)
 
 
 @pytest.fixture
