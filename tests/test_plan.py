@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cio_retl.config import Secret, Settings
+from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.limits import MAX_BATCH_BYTES
@@ -439,7 +439,11 @@ def test_postgres_snapshots_from_the_plan_are_the_python_paths_bytes(
 
 
 def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
-    tmp_path: Path, emulator: Emulator, statements: list[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    settings: Settings,
+    emulator: Emulator,
+    statements: list[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Under a tight DuckDB memory_limit the plan's CREATE TABLE AS (every new row's payload
     at once) runs out of memory; the model is then diffed as a stream, as before plans, and
@@ -464,14 +468,7 @@ def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
         "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from wide.people\n"
     )
     url = f"duckdb:///{path}?memory_limit=16MB"
-    settings = Settings(
-        warehouse_url=url,
-        state_url=url,
-        models_dir=models,
-        track_api_url=emulator.url,
-        site_id=SITE_ID,
-        api_key=Secret(API_KEY),
-    )
+    settings = replace(settings, warehouse_url=url, state_url=url, models_dir=models)
     with caplog.at_level("WARNING", logger="cio_retl.plan"):
         report = sync(settings)
 
