@@ -246,7 +246,9 @@ _DIALECTS: dict[str, _Sql] = {
 }
 
 
-def _literal(text: str) -> str:
+def sql_literal(text: str) -> str:
+    """``text`` as a SQL string literal (quotes doubled), where a statement takes no bind
+    parameters (PostgreSQL's CREATE TABLE AS) or builds its text once."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -415,7 +417,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
     inner_key = d.text(f"m.{d.quote(model.key)}")
     inner = values("m", inner_key)
     body = " || ".join(
-        f"COALESCE(',' || {_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
+        f"COALESCE(',' || {sql_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
         for n in sorted(order)
     )
     attributes = f"'{{' || substr({body}, 2) || '}}'"
@@ -424,20 +426,20 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
     outer = values("a", key)
     id_json = outer[id_type]
     if model.kind is Kind.PERSON:
-        identifiers = _text(_literal("{" + orjson_key(id_type) + ":"), id_json, "'}'")
+        identifiers = _text(sql_literal("{" + orjson_key(id_type) + ":"), id_json, "'}'")
     else:
         type_id = orjson_key(str(model.object_type_id))
         identifiers = _text(
-            _literal('{"object_type_id":' + type_id + ',"object_id":'), id_json, "'}'"
+            sql_literal('{"object_type_id":' + type_id + ',"object_id":'), id_json, "'}'"
         )
     if model.kind is Kind.PERSON:
         stored_identifiers = identifiers  # one member: sorted already
     else:
         stored_identifiers = _text(
-            _literal('{"object_id":'), id_json, _literal(',"object_type_id":' + type_id + "}")
+            sql_literal('{"object_id":'), id_json, sql_literal(',"object_type_id":' + type_id + "}")
         )
     head = '{"type":"' + model.kind.value + '","action":"identify","identifiers":'
-    item = _text(_literal(head), identifiers, _literal(',"attributes":'), "a.__a", "'}'")
+    item = _text(sql_literal(head), identifiers, sql_literal(',"attributes":'), "a.__a", "'}'")
 
     # Rejections, the first failure wins, in the order the Python path meets them.
     checks: list[tuple[str, RejectionCode, str]] = []
@@ -446,25 +448,25 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
     name = id_type
     fields = [model.key, name, name, name]  # the Python path's Rejection.field, check by check
     checks += [
-        (f"{key} IS NULL", RejectionCode.NULL_KEY, _literal(f"key is NULL ({model.key})")),
+        (f"{key} IS NULL", RejectionCode.NULL_KEY, sql_literal(f"key is NULL ({model.key})")),
         (
             d.matches(key, f"^[{spaces}]*$"),
             RejectionCode.INVALID_IDENTIFIER,
-            _literal(f"identifier {name} is empty"),
+            sql_literal(f"identifier {name} is empty"),
         ),
         (
             f"{d.byte_length(key)} > {MAX_IDENTIFIER_BYTES}",
             RejectionCode.TOO_LONG,
             _text(
-                _literal(f"identifier {name} is "),
+                sql_literal(f"identifier {name} is "),
                 d.text(d.byte_length(key)),
-                _literal(f" bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit"),
+                sql_literal(f" bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit"),
             ),
         ),
         (
             d.matches(key, f"[{control}]"),
             RejectionCode.INVALID_IDENTIFIER,
-            _literal(f"identifier {name} contains control characters"),
+            sql_literal(f"identifier {name} contains control characters"),
         ),
     ]
     if name == "email":
@@ -473,9 +475,9 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 f"NOT {d.matches(key, f'^[^{spaces}]+@[^@{spaces}]+$')}",
                 RejectionCode.INVALID_IDENTIFIER,
                 _text(  # repr() of a text without quotes, backslashes or unprintables
-                    _literal("identifier email '"),
+                    sql_literal("identifier email '"),
                     key,
-                    _literal("' is not an email address"),
+                    sql_literal("' is not an email address"),
                 ),
             )
         )
@@ -484,7 +486,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
         bad = _bad_value(d, f"a.{d.quote(c.name)}", c.kind)
         if bad is not None:
             checks.append(
-                (bad[0], RejectionCode.INVALID_VALUE, _literal(f"column {c.name!r}: {bad[1]}"))
+                (bad[0], RejectionCode.INVALID_VALUE, sql_literal(f"column {c.name!r}: {bad[1]}"))
             )
             fields.append("attributes")
     count = " + ".join(f"CASE WHEN {outer[n]} IS NULL THEN 0 ELSE 1 END" for n in order)
@@ -494,7 +496,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             RejectionCode.TOO_MANY_ATTRIBUTES,
             _text(
                 d.text(f"({count})"),
-                _literal(
+                sql_literal(
                     f" attributes, over the {MAX_ATTRIBUTES}-attribute limit"
                     " per person, object or relationship"
                 ),
@@ -512,9 +514,9 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 f"{size} > {MAX_ATTRIBUTE_VALUE_BYTES}",
                 RejectionCode.TOO_LONG,
                 _text(
-                    _literal(f"attribute {c.name!r} value is "),
+                    sql_literal(f"attribute {c.name!r} value is "),
                     d.text(size),
-                    _literal(f" bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit"),
+                    sql_literal(f" bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit"),
                 ),
             )
         )
@@ -525,9 +527,9 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
             f"{item_size} > {MAX_ITEM_BYTES}",
             RejectionCode.ITEM_TOO_LARGE,
             _text(
-                _literal("item is "),
+                sql_literal("item is "),
                 d.text(item_size),
-                _literal(f" bytes, over the {MAX_ITEM_BYTES}-byte limit per item"),
+                sql_literal(f" bytes, over the {MAX_ITEM_BYTES}-byte limit per item"),
             ),
         )
     )
@@ -544,7 +546,7 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
         python_only.append(checks[4][0])
     python = " OR ".join(python_only) or "FALSE"
     field = " ".join(
-        f"WHEN {cond} THEN {_literal(f)}" for (cond, _, _), f in zip(checks, fields, strict=True)
+        f"WHEN {cond} THEN {sql_literal(f)}" for (cond, _, _), f in zip(checks, fields, strict=True)
     )
     code = " ".join(f"WHEN {cond} THEN '{rc.value}'" for cond, rc, _ in checks)
     reason = " ".join(f"WHEN {cond} THEN {text}" for cond, _, text in checks)

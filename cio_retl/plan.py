@@ -49,7 +49,7 @@ from cio_retl.diff import (
     suppressions_for,
 )
 from cio_retl.models import Kind, Model
-from cio_retl.payload_sql import Column, column_kind, payload_select
+from cio_retl.payload_sql import Column, column_kind, payload_select, sql_literal
 from cio_retl.records import RowChange
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
@@ -92,10 +92,6 @@ _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0
 
 def plans_supported(warehouse: Warehouse) -> bool:
     return warehouse.dialect.builds_plans
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def plan_prefix(model: str, bucket: Bucket | None) -> str:
@@ -392,9 +388,7 @@ class PlanDiff(PushDownDiff):
         w, d, bucket = self.warehouse, self.warehouse.dialect, self.bucket
         scope = self.state.scope(model.name)
         # Literals, not bind parameters: PostgreSQL takes none in CREATE TABLE AS.
-        where = (
-            f"s.workspace = {_literal(scope['workspace'])} AND s.model = {_literal(scope['model'])}"
-        )
+        where = f"s.workspace = {sql_literal(scope['workspace'])} AND s.model = {sql_literal(scope['model'])}"
         acted_on = (
             ""
             if self.full_resync
