@@ -77,6 +77,18 @@ def item_sql(conn: Any, table: str) -> str:
     )
 
 
+def join_bodies(cursor: Any, started: float) -> str:
+    """Join the first column of ``cursor``'s rows into 1000-item batch bodies, as the sync
+    does; "items bodies bytes seconds" for :func:`main` to read."""
+    bodies = n_bytes = items = 0
+    while rows := cursor.fetchmany(BATCH_ITEMS):
+        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
+        bodies += 1
+        items += len(rows)
+        n_bytes += len(body)
+    return f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}"
+
+
 def floor_child(path: str) -> None:
     """The floor itself (run as its own process by :func:`main`)."""
     import duckdb
@@ -84,13 +96,7 @@ def floor_child(path: str) -> None:
     started = time.perf_counter()
     conn = duckdb.connect(path, read_only=True)
     cursor = conn.execute(item_sql(conn, "bench_people"))
-    bodies = n_bytes = items = 0
-    while rows := cursor.fetchmany(BATCH_ITEMS):
-        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
-        bodies += 1
-        items += len(rows)
-        n_bytes += len(body)
-    print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
+    print(join_bodies(cursor, started))
 
 
 def _kind(type_name: str) -> str:
@@ -123,13 +129,7 @@ def payload_child(path: str) -> None:
     )
     sql = payload_select("duckdb", model, columns, "SELECT * FROM bench_people")
     cursor = conn.execute(f"SELECT item, snapshot FROM ({sql}) AS p WHERE reject_code IS NULL")
-    bodies = n_bytes = items = 0
-    while rows := cursor.fetchmany(BATCH_ITEMS):
-        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
-        bodies += 1
-        items += len(rows)
-        n_bytes += len(body)
-    print(f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}")
+    print(join_bodies(cursor, started))
 
 
 def dagster_passes(folder: Path, rows: int) -> None:
