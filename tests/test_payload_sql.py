@@ -282,91 +282,33 @@ def snowflake_table(fakesnow_url: str) -> Iterator[Table]:
     table.engine.dispose()
 
 
+def _edge_row(**values: object) -> dict[str, object]:
+    """A row of every column, NULL but for ``values`` (column order kept)."""
+    row: dict[str, object] = dict.fromkeys(
+        ("user_id", "s", "b", "i", "f", "dec", "ts", "d", "j", "bin")
+    )
+    row.update(values)
+    return row
+
+
 EDGE_ROWS = [
-    {
-        "user_id": "u1",
-        "s": 'a"b\\c\x01\n\x7fé/',
-        "b": True,
-        "i": 2**53,
-        "f": 1.0,
-        "dec": Decimal("12.500"),
-        "ts": dt.datetime(1969, 12, 31, 23, 59, 59, 500000),
-        "d": dt.date(1969, 12, 31),
-        "j": '{"k": [1, "x", null]}',
-        "bin": None,
-    },
-    {
-        "user_id": "u2",
-        "s": None,
-        "b": False,
-        "i": -(2**53) + 1,
-        "f": float("nan"),
-        "dec": Decimal("-3.000"),
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": None,
-    },
-    {
-        "user_id": "u3",
-        "s": "x" * 1001,
-        "b": None,
-        "i": None,
-        "f": 1e20,
-        "dec": None,
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": None,
-    },
-    {
-        "user_id": "u4",
-        "s": None,
-        "b": None,
-        "i": None,
-        "f": float("inf"),
-        "dec": None,
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": None,
-    },
-    {
-        "user_id": "u5",
-        "s": None,
-        "b": None,
-        "i": None,
-        "f": None,
-        "dec": None,
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": b"\x00",
-    },
-    {
-        "user_id": None,
-        "s": "x",
-        "b": None,
-        "i": None,
-        "f": None,
-        "dec": None,
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": None,
-    },
-    {
-        "user_id": "\u3000",
-        "s": None,
-        "b": None,
-        "i": None,
-        "f": None,
-        "dec": None,
-        "ts": None,
-        "d": None,
-        "j": None,
-        "bin": None,
-    },
+    _edge_row(
+        user_id="u1",
+        s='a"b\\c\x01\n\x7fé/',
+        b=True,
+        i=2**53,
+        f=1.0,
+        dec=Decimal("12.500"),
+        ts=dt.datetime(1969, 12, 31, 23, 59, 59, 500000),
+        d=dt.date(1969, 12, 31),
+        j='{"k": [1, "x", null]}',
+    ),
+    _edge_row(user_id="u2", b=False, i=-(2**53) + 1, f=float("nan"), dec=Decimal("-3.000")),
+    _edge_row(user_id="u3", s="x" * 1001, f=1e20),
+    _edge_row(user_id="u4", f=float("inf")),
+    _edge_row(user_id="u5", bin=b"\x00"),
+    _edge_row(user_id=None, s="x"),
+    _edge_row(user_id="\u3000"),
 ]
 
 
