@@ -393,68 +393,132 @@ def _text(*parts: str) -> str:
     return " || ".join(parts)
 
 
-def payload_select(dialect: str, model: Model, columns: Sequence[Column], source: str) -> str:
-    """The SELECT of (key, item, snapshot, reject_code, reject_reason, identifiers,
-    python_only) per row of ``source`` (a relation with the model's columns), for a person
-    or object model."""
-    d = _DIALECTS[dialect]
+# The columns a payload relation adds to its source's (names no model column takes: a model's
+# columns never start with the engine's ``__cio_`` prefix).
+KEY = "__cio_pay_key"  # the key as text
+ATTRIBUTES = "__cio_pay_attrs"  # the attributes' JSON text, keys sorted (the snapshot's)
+CODE = "__cio_pay_code"  # the first rejection's code, NULL for a valid row
+PYTHON_ONLY = "__cio_pay_python"  # 1 where the row is left to Python, else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Payloads:
+    """One model's payloads in SQL: a relation with every column of its source plus
+    :data:`KEY`, :data:`ATTRIBUTES`, :data:`CODE` and :data:`PYTHON_ONLY`, and the
+    expressions that build the rest from those columns.
+
+    The relation checks every row once (the code); the item text, the stored identifiers
+    and a rejection's reason and field are built only where they are read, so a plan
+    stores none of them: the item is the snapshot's attributes with the identifiers around
+    them, and a reason is needed for rejected rows only.
+    """
+
+    relation: str
+    _model: Model
+    _columns: tuple[Column, ...]
+    _dialect: str
+
+    def item(self, key: str, attributes: str) -> str:
+        """The item's JSON text from the key text and the attributes' JSON text."""
+        d, model = _DIALECTS[self._dialect], self._model
+        head, tail = _identifier_parts(model)
+        return _text(
+            sql_literal(f'{{"type":"{model.kind.value}","action":"identify","identifiers":{head}'),
+            d.json_string(key),
+            sql_literal(tail + ',"attributes":'),
+            attributes,
+            "'}'",
+        )
+
+    def identifiers(self, key: str) -> str:
+        """The identifiers' JSON text as the snapshot keeps them (keys sorted)."""
+        d, model = _DIALECTS[self._dialect], self._model
+        if model.kind is Kind.PERSON:
+            head, tail = _identifier_parts(model)  # one member: sorted already
+        else:
+            head = '{"object_id":'
+            tail = ',"object_type_id":' + orjson_key(str(model.object_type_id)) + "}"
+        return _text(sql_literal(head), d.json_string(key), sql_literal(tail))
+
+    def reason(self, alias: str) -> str:
+        """A rejected row's reason, over ``alias`` (the relation); NULL for a valid row."""
+        checks = _checks(self._dialect, self._model, self._columns, alias)
+        return "CASE " + " ".join(f"WHEN {c.condition} THEN {c.reason}" for c in checks) + " END"
+
+    def field(self, alias: str) -> str:
+        """A rejected row's field, as the Python path names it; NULL for a valid row."""
+        checks = _checks(self._dialect, self._model, self._columns, alias)
+        return (
+            "CASE "
+            + " ".join(f"WHEN {c.condition} THEN {sql_literal(c.field)}" for c in checks)
+            + " END"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    condition: str
+    code: RejectionCode
+    reason: str  # SQL text
+    field: str
+
+
+def _id_type(model: Model) -> str:
     if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
         raise ValueError("payloads in SQL are built for person and object models only")
     id_type = model.identifier if model.kind is Kind.PERSON else "object_id"
     assert id_type
-    others = [c for c in columns if c.name != model.key]
-    # Python's attribute order (column order, the identifier last, or in place when a column
-    # has its name) decides which failure is reported first; the text is sorted.
+    return id_type
+
+
+def _identifier_parts(model: Model) -> tuple[str, str]:
+    """The item's identifiers as the text before and after the identifier's JSON string."""
+    if model.kind is Kind.PERSON:
+        return "{" + orjson_key(_id_type(model)) + ":", "}"
+    type_id = orjson_key(str(model.object_type_id))
+    return '{"object_type_id":' + type_id + ',"object_id":', "}"
+
+
+def _order(model: Model, others: Sequence[Column]) -> list[str]:
+    """Python's attribute order (column order, the identifier last, or in place when a
+    column has its name): it decides which failure is reported first; the text is sorted."""
     order = [c.name for c in others]
-    if id_type not in order:
-        order.append(id_type)
+    if _id_type(model) not in order:
+        order.append(_id_type(model))
+    return order
 
-    def values(alias: str, key: str) -> dict[str, str]:
-        out = {c.name: _value_json(d, f"{alias}.{d.quote(c.name)}", c.kind) for c in others}
-        out[id_type] = d.json_string(key)
-        return out
 
-    inner_key = d.text(f"m.{d.quote(model.key)}")
-    inner = values("m", inner_key)
-    body = " || ".join(
-        f"COALESCE(',' || {sql_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
-        for n in sorted(order)
-    )
-    attributes = f"'{{' || substr({body}, 2) || '}}'"
+def _values(
+    d: _Sql, model: Model, others: Sequence[Column], alias: str, key: str
+) -> dict[str, str]:
+    out = {c.name: _value_json(d, f"{alias}.{d.quote(c.name)}", c.kind) for c in others}
+    out[_id_type(model)] = d.json_string(key)
+    return out
 
-    key = "a.__k"
-    outer = values("a", key)
-    id_json = outer[id_type]
-    if model.kind is Kind.PERSON:
-        identifiers = _text(sql_literal("{" + orjson_key(id_type) + ":"), id_json, "'}'")
-    else:
-        type_id = orjson_key(str(model.object_type_id))
-        identifiers = _text(
-            sql_literal('{"object_type_id":' + type_id + ',"object_id":'), id_json, "'}'"
-        )
-    if model.kind is Kind.PERSON:
-        stored_identifiers = identifiers  # one member: sorted already
-    else:
-        stored_identifiers = _text(
-            sql_literal('{"object_id":'), id_json, sql_literal(',"object_type_id":' + type_id + "}")
-        )
-    head = '{"type":"' + model.kind.value + '","action":"identify","identifiers":'
-    item = _text(sql_literal(head), identifiers, sql_literal(',"attributes":'), "a.__a", "'}'")
 
-    # Rejections, the first failure wins, in the order the Python path meets them.
-    checks: list[tuple[str, RejectionCode, str]] = []
+def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -> list[_Check]:
+    """The rejections in the order the Python path meets them; the first failure wins."""
+    d = _DIALECTS[dialect]
+    name = _id_type(model)
+    assert model.key is not None
+    others = [c for c in columns if c.name != model.key]
+    key = f"{alias}.{KEY}"
     spaces = d.char_class(_SPACES)
     control = d.char_class("".join(map(chr, [*range(d.first_control, 0x20), 0x7F])))
-    name = id_type
-    fields = [model.key, name, name, name]  # the Python path's Rejection.field, check by check
-    checks += [
-        (f"{key} IS NULL", RejectionCode.NULL_KEY, sql_literal(f"key is NULL ({model.key})")),
-        (
+    checks = [
+        _Check(
+            f"{key} IS NULL",
+            RejectionCode.NULL_KEY,
+            sql_literal(f"key is NULL ({model.key})"),
+            model.key,
+        ),
+        _Check(
             d.matches(key, f"^[{spaces}]*$"),
             RejectionCode.INVALID_IDENTIFIER,
             sql_literal(f"identifier {name} is empty"),
+            name,
         ),
-        (
+        _Check(
             f"{d.byte_length(key)} > {MAX_IDENTIFIER_BYTES}",
             RejectionCode.TOO_LONG,
             _text(
@@ -462,16 +526,18 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 d.text(d.byte_length(key)),
                 sql_literal(f" bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit"),
             ),
+            name,
         ),
-        (
+        _Check(
             d.matches(key, f"[{control}]"),
             RejectionCode.INVALID_IDENTIFIER,
             sql_literal(f"identifier {name} contains control characters"),
+            name,
         ),
     ]
     if name == "email":
         checks.append(
-            (
+            _Check(
                 f"NOT {d.matches(key, f'^[^{spaces}]+@[^@{spaces}]+$')}",
                 RejectionCode.INVALID_IDENTIFIER,
                 _text(  # repr() of a text without quotes, backslashes or unprintables
@@ -479,19 +545,26 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                     key,
                     sql_literal("' is not an email address"),
                 ),
+                name,
             )
         )
-        fields.append(name)
     for c in others:
-        bad = _bad_value(d, f"a.{d.quote(c.name)}", c.kind)
+        bad = _bad_value(d, f"{alias}.{d.quote(c.name)}", c.kind)
         if bad is not None:
             checks.append(
-                (bad[0], RejectionCode.INVALID_VALUE, sql_literal(f"column {c.name!r}: {bad[1]}"))
+                _Check(
+                    bad[0],
+                    RejectionCode.INVALID_VALUE,
+                    sql_literal(f"column {c.name!r}: {bad[1]}"),
+                    "attributes",
+                )
             )
-            fields.append("attributes")
-    count = " + ".join(f"CASE WHEN {outer[n]} IS NULL THEN 0 ELSE 1 END" for n in order)
+    values = _values(d, model, others, alias, key)
+    count = " + ".join(
+        f"CASE WHEN {values[n]} IS NULL THEN 0 ELSE 1 END" for n in _order(model, others)
+    )
     checks.append(
-        (
+        _Check(
             f"({count}) > {MAX_ATTRIBUTES}",
             RejectionCode.TOO_MANY_ATTRIBUTES,
             _text(
@@ -501,16 +574,16 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                     " per person, object or relationship"
                 ),
             ),
+            "attributes",
         )
     )
-    fields.append("attributes")
     for c in others:
         if c.kind not in (ColumnKind.TEXT, ColumnKind.JSON):
             continue  # numbers and booleans are far below any limit
-        x = f"a.{d.quote(c.name)}"
+        x = f"{alias}.{d.quote(c.name)}"
         size = d.byte_length(x if c.kind is ColumnKind.TEXT else d.json_text(x))
         checks.append(
-            (
+            _Check(
                 f"{size} > {MAX_ATTRIBUTE_VALUE_BYTES}",
                 RejectionCode.TOO_LONG,
                 _text(
@@ -518,12 +591,19 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                     d.text(size),
                     sql_literal(f" bytes, over the {MAX_ATTRIBUTE_VALUE_BYTES}-byte limit"),
                 ),
+                c.name,
             )
         )
-        fields.append(c.name)
-    item_size = d.byte_length(item)
+    # The item's size without building its text: the fixed parts plus the identifier's
+    # JSON string and the attributes' text.
+    head, tail = _identifier_parts(model)
+    fixed = len(
+        f'{{"type":"{model.kind.value}","action":"identify","identifiers":{head}'
+        f'{tail},"attributes":}}'.encode()
+    )
+    item_size = f"({fixed} + {d.byte_length(d.json_string(key))} + {d.byte_length(f'{alias}.{ATTRIBUTES}')})"
     checks.append(
-        (
+        _Check(
             f"{item_size} > {MAX_ITEM_BYTES}",
             RejectionCode.ITEM_TOO_LARGE,
             _text(
@@ -531,37 +611,70 @@ def payload_select(dialect: str, model: Model, columns: Sequence[Column], source
                 d.text(item_size),
                 sql_literal(f" bytes, over the {MAX_ITEM_BYTES}-byte limit per item"),
             ),
+            "item",
         )
     )
-    fields.append("item")
-    assert len(fields) == len(checks)
+    return checks
+
+
+def payloads(
+    dialect: str,
+    model: Model,
+    columns: Sequence[Column],
+    source: str,
+    *,
+    key: str | None = None,
+) -> Payloads:
+    """The payloads of every row of ``source`` (a relation with the model's columns) of a
+    person or object model; ``key`` is the key's text over alias ``m`` of ``source`` (by
+    default the key column as text)."""
+    d = _DIALECTS[dialect]
+    _id_type(model)
+    assert model.key is not None
+    others = [c for c in columns if c.name != model.key]
+    key = key or d.text(f"m.{d.quote(model.key)}")
+    inner = _values(d, model, others, "m", key)
+    body = " || ".join(
+        f"COALESCE(',' || {sql_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
+        for n in sorted(_order(model, others))
+    )
+    attributes = f"'{{' || substr({body}, 2) || '}}'"
+    checks = _checks(dialect, model, columns, "a")
     python_only = [
         cond
         for c in others
         if (cond := _python_only(d, f"a.{d.quote(c.name)}", c.kind)) is not None
     ]
-    if name == "email":
+    if _id_type(model) == "email":
         # Python's reason quotes the address with repr(), which SQL cannot write for every
         # text (quotes, backslashes, unprintables): such a row is left to Python.
-        python_only.append(checks[4][0])
+        python_only.append(checks[4].condition)
     python = " OR ".join(python_only) or "FALSE"
-    field = " ".join(
-        f"WHEN {cond} THEN {sql_literal(f)}" for (cond, _, _), f in zip(checks, fields, strict=True)
-    )
-    code = " ".join(f"WHEN {cond} THEN '{rc.value}'" for cond, rc, _ in checks)
-    reason = " ".join(f"WHEN {cond} THEN {text}" for cond, _, text in checks)
+    code = " ".join(f"WHEN {c.condition} THEN '{c.code.value}'" for c in checks)
+    relation = f"""
+        SELECT a.*, CASE {code} END AS {CODE},
+               CASE WHEN {python} THEN 1 ELSE 0 END AS {PYTHON_ONLY}
+        FROM (SELECT m.*, {key} AS {KEY},
+                     {attributes} AS {ATTRIBUTES}
+              FROM ({source}) AS m) AS a
+    """
+    return Payloads(relation, model, tuple(columns), dialect)
+
+
+def payload_select(dialect: str, model: Model, columns: Sequence[Column], source: str) -> str:
+    """The SELECT of (key, item, snapshot, reject_code, reject_reason, reject_field,
+    identifiers, python_only) per row of ``source``, for a person or object model."""
+    built = payloads(dialect, model, columns, source)
+    valid = f"p.{CODE} IS NULL"
     return f"""
-        SELECT p.__k AS key, CASE WHEN p.reject_code IS NULL THEN p.item END AS item,
-               CASE WHEN p.reject_code IS NULL THEN p.__a END AS snapshot,
-               p.reject_code, p.reject_reason, p.reject_field, p.identifiers, p.python_only
-        FROM (
-            SELECT a.__k, a.__a, {item} AS item, {stored_identifiers} AS identifiers,
-                   CASE WHEN {python} THEN 1 ELSE 0 END AS python_only,
-                   CASE {code} END AS reject_code, CASE {reason} END AS reject_reason,
-                   CASE {field} END AS reject_field
-            FROM (SELECT m.*, {inner_key} AS __k, {attributes} AS __a
-                  FROM ({source}) AS m) AS a
-        ) AS p
+        SELECT p.{KEY} AS key,
+               CASE WHEN {valid} THEN {built.item(f"p.{KEY}", f"p.{ATTRIBUTES}")} END AS item,
+               CASE WHEN {valid} THEN p.{ATTRIBUTES} END AS snapshot,
+               p.{CODE} AS reject_code,
+               CASE WHEN NOT {valid} THEN {built.reason("p")} END AS reject_reason,
+               CASE WHEN NOT {valid} THEN {built.field("p")} END AS reject_field,
+               {built.identifiers(f"p.{KEY}")} AS identifiers, p.{PYTHON_ONLY} AS python_only
+        FROM ({built.relation}) AS p
     """
 
 

@@ -49,38 +49,31 @@ from cio_retl.diff import (
     suppressions_for,
 )
 from cio_retl.models import Kind, Model
-from cio_retl.payload_sql import Column, column_kind, payload_select, sql_literal
+from cio_retl.payload_sql import ATTRIBUTES as PAY_ATTRIBUTES
+from cio_retl.payload_sql import CODE as PAY_CODE
+from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
+from cio_retl.payload_sql import Column, Payloads, column_kind, payloads, sql_literal
 from cio_retl.records import RowChange
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
 from cio_retl.warehouse import (
+    BUILT_COLUMNS,
+    BUILT_SNAPSHOT_COLUMN,
     DUPLICATES_COLUMN,
     FINGERPRINT_COLUMN,
     HELD_COLUMN,
     IDENTIFIERS_COLUMN,
     KEY_COLUMN,
     PREVIOUS_COLUMN,
+    REJECT_CODE_COLUMN,
+    REJECT_FIELD_COLUMN,
+    REJECT_REASON_COLUMN,
     SEQ_COLUMN,
     SNAPSHOT_FINGERPRINT_COLUMN,
     SNAPSHOT_KEY_COLUMN,
     RowReader,
     Warehouse,
     model_sql,
-)
-
-ITEM_COLUMN = "__cio_item"
-SNAPSHOT_COLUMN = "__cio_snapshot"
-STORED_IDENTIFIERS_COLUMN = "__cio_sids"
-REJECT_CODE_COLUMN = "__cio_rcode"
-REJECT_REASON_COLUMN = "__cio_rreason"
-REJECT_FIELD_COLUMN = "__cio_rfield"
-_BUILT = (
-    ITEM_COLUMN,
-    SNAPSHOT_COLUMN,
-    STORED_IDENTIFIERS_COLUMN,
-    REJECT_CODE_COLUMN,
-    REJECT_REASON_COLUMN,
-    REJECT_FIELD_COLUMN,
 )
 
 _log = logging.getLogger(__name__)
@@ -118,13 +111,16 @@ class PlanTable:
     name: str  # quoted, schema-qualified
     model: str
     state: StateStore
+    item: str  # the item's text over the plan's row ``p``
+    identifiers: str  # the snapshot's identifiers over ``p``
 
     def items(self) -> Iterator[tuple[int, bytes]]:
         """(sequence number, item bytes) of the rows whose item the database built, in
-        sequence order."""
+        sequence order: the item text is built here, from the snapshot text and the key,
+        so the plan holds each payload once."""
         sql = (
-            f"SELECT p.{SEQ_COLUMN}, p.{ITEM_COLUMN} FROM {self.name} AS p"
-            f" WHERE p.{ITEM_COLUMN} IS NOT NULL ORDER BY p.{SEQ_COLUMN}"
+            f"SELECT p.{SEQ_COLUMN}, {self.item} FROM {self.name} AS p"
+            f" WHERE p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL ORDER BY p.{SEQ_COLUMN}"
         )
         with self.state.engine.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(sql))
@@ -212,14 +208,14 @@ class PlanTable:
         if not ranges:
             return
         chosen = " OR ".join(f"p.{SEQ_COLUMN} BETWEEN {int(a)} AND {int(b)}" for a, b in ranges)
-        rows = f"p.{ITEM_COLUMN} IS NOT NULL AND ({chosen})"
+        rows = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL AND ({chosen})"
         if unacknowledged:
             rows += f" AND p.{SEQ_COLUMN} NOT IN ({', '.join(str(int(s)) for s in unacknowledged)})"
         source = (
             "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
             f" p.{KEY_COLUMN} AS key, p.{FINGERPRINT_COLUMN} AS fingerprint,"
-            f" md5(p.{SNAPSHOT_COLUMN}) AS attrs_hash,"
-            f" p.{STORED_IDENTIFIERS_COLUMN} AS identifiers, p.{SNAPSHOT_COLUMN} AS attributes,"
+            f" md5(p.{BUILT_SNAPSHOT_COLUMN}) AS attrs_hash,"
+            f" {self.identifiers} AS identifiers, p.{BUILT_SNAPSHOT_COLUMN} AS attributes,"
             f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at"
             f" FROM {self.name} AS p WHERE {rows}"
         )
@@ -261,6 +257,7 @@ class PlanDiff(PushDownDiff):
         self.full_resync = full_resync
         self.token = uuid.uuid4().hex[:12]
         self.plans: dict[str, str] = {}  # model -> the plan table's quoted name
+        self.payloads: dict[str, Payloads] = {}  # model -> its new rows' payload SQL
         # Models whose plan did not fit the database's memory limit: diffed as a stream.
         self.streamed: set[str] = set()
 
@@ -341,7 +338,7 @@ class PlanDiff(PushDownDiff):
         assert full_resync == self.full_resync or not full_resync, "planned without it"
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
-            f" AND p.{ITEM_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
+            f" AND p.{BUILT_SNAPSHOT_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
             f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"  # cio_retl.passes knows this
         )
         with _diff_connection(self.state, None) as conn:
@@ -358,7 +355,13 @@ class PlanDiff(PushDownDiff):
     def planned(self, model: Model) -> PlanTable | None:
         """The plan whose built items the send reads first, or None (no plan)."""
         table = self.plans.get(model.name)
-        return None if table is None else PlanTable(table, model.name, self.state)
+        built = self.payloads.get(model.name)
+        if table is None or built is None:
+            return None
+        key, attributes = f"p.{KEY_COLUMN}", f"p.{BUILT_SNAPSHOT_COLUMN}"
+        return PlanTable(
+            table, model.name, self.state, built.item(key, attributes), built.identifiers(key)
+        )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
         table = self._table(model)
@@ -403,33 +406,8 @@ class PlanDiff(PushDownDiff):
             if held_by
             else "0"
         )
-        built = self._payloads(model)
-        text = "VARCHAR"
-        if built:
-            ok = "pay.reject_code IS NULL AND pay.python_only = 0"
-            bad = "pay.reject_code IS NOT NULL AND pay.python_only = 0"
-            payload_columns = (
-                f"CASE WHEN {ok} THEN pay.item END AS {ITEM_COLUMN},"
-                f" CASE WHEN {ok} THEN pay.snapshot END AS {SNAPSHOT_COLUMN},"
-                f" CASE WHEN {ok} THEN pay.identifiers END AS {STORED_IDENTIFIERS_COLUMN},"
-                f" CASE WHEN {bad} THEN pay.reject_code END AS {REJECT_CODE_COLUMN},"
-                f" CASE WHEN {bad} THEN pay.reject_reason END AS {REJECT_REASON_COLUMN},"
-                f" CASE WHEN {bad} THEN pay.reject_field END AS {REJECT_FIELD_COLUMN}"
-            )
-            new_rows = (
-                f"SELECT * FROM j WHERE j.{FINGERPRINT_COLUMN} IS NOT NULL"
-                f" AND j.{SNAPSHOT_KEY_COLUMN} IS NULL AND j.{DUPLICATES_COLUMN} = 1"
-                f" AND j.{KEY_COLUMN} IS NOT NULL AND j.{HELD_COLUMN} = 0"
-            )
-            payloads = (
-                f" LEFT JOIN ({payload_select(d.name, model, built, new_rows)}) AS pay"
-                f" ON pay.key = j.{KEY_COLUMN}"
-            )
-        else:
-            payload_columns = ", ".join(f"CAST(NULL AS {text}) AS {c}" for c in _BUILT)
-            payloads = ""
-        sql = f"""
-            CREATE TABLE {table} AS
+        described = self._payloads(model)
+        joined = f"""
             WITH src AS {d.not_materialized}({_source_rows(w, model, bucket)}),
             dup AS ({_duplicate_keys()}),
             snap AS (
@@ -446,12 +424,51 @@ class PlanDiff(PushDownDiff):
                 LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
                 {acted_on}
             )
-            SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, j.*,
-                   s.attributes AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN},
-                   {payload_columns}
-            FROM j LEFT JOIN {self.state.snapshots} AS s
-              ON {where} AND s.key = j.{SNAPSHOT_KEY_COLUMN}{payloads}
         """
+        previous = f"s.attributes AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN}"
+        snapshot_of = (
+            f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
+        )
+        if described is None:
+            nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
+            select = f"SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
+        else:
+            names, columns = described
+            built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
+            self.payloads[model.name] = built
+            # A new row, valid or not, is the database's to send or reject, unless the SQL
+            # leaves it to Python; every other row keeps its model columns for Python.
+            new = (
+                f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{SNAPSHOT_KEY_COLUMN} IS NULL"
+                f" AND p.{DUPLICATES_COLUMN} = 1 AND p.{KEY_COLUMN} IS NOT NULL"
+                f" AND p.{HELD_COLUMN} = 0 AND p.{PAY_PYTHON_ONLY} = 0"
+            )
+            sent, rejected = (
+                f"{new} AND p.{PAY_CODE} IS NULL",
+                f"{new} AND p.{PAY_CODE} IS NOT NULL",
+            )
+            engine_columns = (
+                KEY_COLUMN,
+                FINGERPRINT_COLUMN,
+                DUPLICATES_COLUMN,
+                SNAPSHOT_KEY_COLUMN,
+                SNAPSHOT_FINGERPRINT_COLUMN,
+                HELD_COLUMN,
+            )
+            kept = [f"p.{c}" for c in engine_columns]
+            model_columns = [
+                f"CASE WHEN NOT ({new}) THEN p.{d.quote(n)} END AS {d.quote(n)}" for n in names
+            ]
+            select = f"""
+                SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
+                       {previous},
+                       CASE WHEN {sent} THEN p.{PAY_ATTRIBUTES} END AS {BUILT_SNAPSHOT_COLUMN},
+                       CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
+                       CASE WHEN {rejected} THEN {built.reason("p")} END AS {REJECT_REASON_COLUMN},
+                       CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
+                FROM ({built.relation}) AS p {snapshot_of}
+            """
+        sql = f"CREATE TABLE {table} AS {joined} {select}"
         with _diff_connection(self.warehouse, bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
@@ -482,10 +499,10 @@ class PlanDiff(PushDownDiff):
         self.plans[model.name] = table
         return table
 
-    def _payloads(self, model: Model) -> list[Column] | None:
-        """The model's columns (as the plan holds them) when SQL builds its new rows'
-        payloads: a person or object model of one key column whose every other column is
-        of a kind :mod:`cio_retl.payload_sql` normalizes as Python does; else None."""
+    def _payloads(self, model: Model) -> tuple[list[str], list[Column]] | None:
+        """The model's column names and, where SQL builds its new rows' payloads, their
+        kinds: a person or object model of one key column whose every other column is of a
+        kind :mod:`cio_retl.payload_sql` normalizes as Python does; else None."""
         if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
             return None
         sql = (
@@ -495,14 +512,15 @@ class PlanDiff(PushDownDiff):
         with self.warehouse.engine.connect() as conn:
             description = conn.execute(sa.text(sql)).cursor.description or ()
         dialect = self.warehouse.dialect.name
-        columns = []
+        names, columns = [], []
         for name, type_code, *_ in description:
             kind = column_kind(dialect, str(type_code))
             if kind is None and name != model.key:
                 return None
+            names.append(name)
             if kind is not None:
                 columns.append(Column(name, kind))
-        return columns
+        return names, columns
 
     def _drop_leftovers(self, model: Model) -> None:
         """Drop the plans of this model (and bucket) that killed runs left behind."""

@@ -33,8 +33,21 @@ SNAPSHOT_KEY_COLUMN = "__cio_snap"
 SNAPSHOT_FINGERPRINT_COLUMN = "__cio_sfp"
 IDENTIFIERS_COLUMN = "__cio_ids"
 HELD_COLUMN = "__cio_held"
+# What the database built for a new row: the snapshot's attributes (NULL unless the row is
+# sent from the plan) or the rejection (code, reason, field).
+BUILT_SNAPSHOT_COLUMN = "__cio_snapshot"
+REJECT_CODE_COLUMN = "__cio_rcode"
+REJECT_REASON_COLUMN = "__cio_rreason"
+REJECT_FIELD_COLUMN = "__cio_rfield"
+BUILT_COLUMNS = (
+    BUILT_SNAPSHOT_COLUMN,
+    REJECT_CODE_COLUMN,
+    REJECT_REASON_COLUMN,
+    REJECT_FIELD_COLUMN,
+)
 INTERNAL_COLUMNS = frozenset(
     {
+        *BUILT_COLUMNS,
         KEY_COLUMN,
         FINGERPRINT_COLUMN,
         DUPLICATES_COLUMN,
