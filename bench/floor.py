@@ -99,30 +99,21 @@ def floor_child(path: str) -> None:
     print(join_bodies(cursor, started))
 
 
-def _kind(type_name: str) -> str:
-    if type_name.startswith("TIMESTAMP"):
-        return "TIMESTAMP"
-    if type_name.startswith("DECIMAL"):
-        return "DECIMAL"
-    return {"VARCHAR": "TEXT", "BOOLEAN": "BOOLEAN", "DOUBLE": "DOUBLE", "DATE": "DATE"}.get(
-        type_name, "INTEGER"
-    )
-
-
 def payload_child(path: str) -> None:
     """cio_retl.payload_sql's items and snapshots for every row, joined into bodies: what a
     switched initial sync would leave to Python (no diff, no HTTP, no state writes)."""
     import duckdb
 
     from cio_retl.models import parse_model
-    from cio_retl.payload_sql import Column, ColumnKind, payload_select
+    from cio_retl.payload_sql import Column, column_kind, payload_select
 
     started = time.perf_counter()
     conn = duckdb.connect(path, read_only=True)
-    columns = [
-        Column(name, ColumnKind[_kind(type_name)])
-        for name, type_name, *_ in conn.execute("DESCRIBE bench_people").fetchall()
-    ]
+    columns = []
+    for name, type_name, *_ in conn.execute("DESCRIBE bench_people").fetchall():
+        kind = column_kind("duckdb", type_name)
+        assert kind is not None, f"{name}: {type_name} has no SQL payload"
+        columns.append(Column(name, kind))
     model = parse_model(
         Path("bench_people.sql"),
         "-- kind: person\n-- identifier: id\n-- key: user_id\nselect * from bench_people\n",

@@ -3,18 +3,13 @@
 Built beside the Python path (:mod:`cio_retl.normalize`, :mod:`cio_retl.limits`,
 :func:`cio_retl.operations.encode`); a run's plan (:mod:`cio_retl.plan`) uses it for the new
 rows of person and object models. For a person or object identify of a *new* row (the whole
-row is sent) :func:`payload_select` returns, per row:
-
-- ``key``: the snapshot key (the key column as text);
-- ``item``: the item's JSON text, ``{"type":..,"action":"identify","identifiers":{..},
-  "attributes":{..}}``;
-- ``snapshot``: the attributes' JSON text, keys sorted as the snapshot keeps them;
-- ``reject_code`` / ``reject_reason``: NULL for a valid row, else the
-  :class:`cio_retl.records.RejectionCode` value and the reason the Python path gives;
-- ``reject_field``: the rejection's field, as the Python path names it;
-- ``identifiers``: the identifiers' JSON text as the snapshot keeps them (keys sorted);
-- ``python_only``: 1 where the SQL's bytes would not be the Python path's (below), so a
-  sync leaves the row to Python; 0 elsewhere.
+row is sent) :func:`payloads` gives a relation that checks each row once, adding to its
+columns the key's text, the attributes' JSON text (keys sorted, as the snapshot keeps them),
+the first rejection's :class:`cio_retl.records.RejectionCode` value (NULL for a valid row)
+and a flag for rows left to Python (below); and the expressions that build from those the
+item's JSON text (``{"type":..,"action":"identify","identifiers":{..},"attributes":{..}}``),
+the identifiers as the snapshot keeps them, and a rejected row's reason and field, worded as
+the Python path words them. :func:`payload_select` composes them into one result row per source row.
 
 Normalization is the contract's: timestamps and dates become Unix seconds (floored), decimals
 JSON numbers (integral ones integers), booleans stay booleans, JSON columns stay nested, NaN

@@ -13,12 +13,15 @@ creates nothing persistent anywhere) and keeps the streaming diff. The table is 
 the run ends; one a killed run left behind has the model's (and bucket's) name prefix and is
 dropped by the next run holding that lock, before it builds its own.
 
-For new rows of person and object models the plan also holds what the database built
-(:func:`cio_retl.payload_sql.payload_select`): the item's JSON text and the snapshot's
-attributes and identifiers. Python only joins those items into batch bodies, and on
-acknowledgment the snapshot rows are inserted from the plan by sequence number, set-based.
-Every other row (updates, rows sharing a key, rejected rows, rows the SQL leaves to Python,
-models with columns of other types) goes through the Python path, read from the same plan.
+For new rows of person and object models the same pass builds the payloads
+(:func:`cio_retl.payload_sql.payloads`): each row is checked once, and the plan keeps the
+snapshot's attributes of a valid row (or a rejected row's code, reason and field) instead of
+its model columns. The item text is the snapshot's attributes with the identifiers around
+them, so it is built while the send reads the plan, not stored: each payload is written
+into the plan once. Python only joins those items into batch bodies, and on acknowledgment
+the snapshot rows are inserted from the plan by sequence number, set-based. Every other row
+(updates, rows sharing a key, rows the SQL leaves to Python, models with columns of other
+types) keeps its model columns and goes through the Python path, read from the same plan.
 
 Events (an anti-join with the sent events), the cross-database diff and Snowflake keep the
 streaming diff of :mod:`cio_retl.diff` this session; so do updates and removals' payloads,
