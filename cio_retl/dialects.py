@@ -288,11 +288,11 @@ class DuckDBDialect(Dialect):
     # Measured on the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s.
     not_materialized = "NOT MATERIALIZED "
 
-    # A plan's rows need no order (each gets a sequence number as it is written), and
-    # keeping the source's order makes DuckDB buffer the join's wide payload columns instead
-    # of spilling them: "preserve_insertion_order ... Disabling it can reduce memory usage"
-    # (DuckDB docs, Configuration / How to tune workloads). Measured: a 2M-row initial plan
-    # ran out of memory under the 128MB limit with it on, and completed with it off.
+    # A plan's rows need no order (each gets a sequence number as it is written):
+    # "preserve_insertion_order ... Disabling it can reduce memory usage" (DuckDB docs,
+    # Configuration / How to tune workloads). Measured (bench/README.md): a 2M-row initial
+    # plan that joined its payloads ran out of memory under the 128MB limit with it on; the
+    # one-pass plan builds 1M rows in 2.5 s with it off, 3.8 s with it on.
     plan_session = ("SET preserve_insertion_order = false",)
     plan_session_reset = ("RESET preserve_insertion_order",)
 
@@ -387,8 +387,11 @@ class DuckDBDialect(Dialect):
         ``state_primary_keys``). It is a ``SET`` on connect, not a connect-time config:
         DuckDB refuses a second connection to a file that this process already holds open
         with another configuration, e.g. through a plain SQLAlchemy engine of the user's."""
-        if not _DUCKDB_MEMORY_SETTINGS & {k.lower() for k in engine.url.query}:
+        given = {k.lower() for k in engine.url.query}
+        if not _DUCKDB_MEMORY_SETTINGS & given:
             sa.event.listen(engine, "connect", _limit_duckdb_memory)
+        if "checkpoint_threshold" not in given:
+            sa.event.listen(engine, "connect", _space_duckdb_checkpoints)
 
     @classmethod
     def local_file(cls, url: sa.URL) -> Path | None:
@@ -425,6 +428,20 @@ _DUCKDB_MEMORY_SETTINGS = frozenset({"memory_limit", "max_memory"})
 def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:
     # A global setting: it bounds the database instance every connection of ours shares.
     dbapi_connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+
+
+# DuckDB's checkpoint_threshold when the URL sets none (DuckDB's own default is 16MB). A sync
+# commits its acknowledged snapshot rows every few thousand rows (so a killed run resends
+# little); past the threshold a commit also checkpoints, recompressing the snapshot table's
+# last row group each time. At 16MB that is a checkpoint every ~60k snapshot rows, and the
+# commits cost more than the inserts (measured in bench/README.md, "Checkpoints"). The WAL
+# holds what is not yet checkpointed: a killed run's next open replays it, nothing is lost.
+DUCKDB_CHECKPOINT_THRESHOLD = "256MB"
+
+
+def _space_duckdb_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+    # A global setting too: the database instance checkpoints for every connection.
+    dbapi_connection.execute(f"SET checkpoint_threshold = '{DUCKDB_CHECKPOINT_THRESHOLD}'")
 
 
 class PostgresDialect(Dialect):
