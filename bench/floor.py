@@ -7,6 +7,8 @@
    identifiers, attributes with the identifier copied in; timestamps as Unix seconds,
    decimals as numbers), and Python joins them into 1000-item ``{"batch": [...]}`` bodies.
    No HTTP, no state, no diff: what the machine needs to produce the bytes at all.
+   Beside it the **store floor**: DuckDB writes the same rows' snapshots (the state a sync
+   must keep of what Customer.io acknowledged) into a table once and checkpoints it.
 2. **SQL payload path**: the same rows through ``cio_retl.payload_sql`` (items, snapshot text
    and rejections built by DuckDB), joined into bodies: what an initial sync leaves to
    Python now that its plan holds these payloads (the sync adds the plan's join with the
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+from cio_retl.dialects import DUCKDB_MEMORY_LIMIT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -97,6 +101,30 @@ def floor_child(path: str) -> None:
     conn = duckdb.connect(path, read_only=True)
     cursor = conn.execute(item_sql(conn, "bench_people"))
     print(join_bodies(cursor, started))
+
+
+def store_child(path: str) -> None:
+    """What keeping the state costs at the least: DuckDB, under cio-retl's default memory
+    limit, writes every row's snapshot (key, fingerprint, attributes hash, identifiers and
+    attributes text) into a table of a database file once, in one statement, and
+    checkpoints it; cio-retl must do this much after Customer.io acknowledged the rows,
+    and the floor above does none of it."""
+    import duckdb
+
+    started = time.perf_counter()
+    conn = duckdb.connect(path)
+    conn.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+    items = item_sql(conn, "bench_people")
+    conn.execute(
+        "CREATE TABLE floor_snapshots AS SELECT i->>'$.identifiers.id' AS key,"
+        " CAST(hash(i) AS VARCHAR) AS fingerprint, md5(CAST(i->'$.attributes' AS VARCHAR))"
+        " AS attrs_hash, CAST(i->'$.identifiers' AS VARCHAR) AS identifiers,"
+        f" CAST(i->'$.attributes' AS VARCHAR) AS attributes FROM ({items}) AS q(i)"
+    )
+    conn.execute("CHECKPOINT")
+    rows = conn.execute("SELECT count(*) FROM floor_snapshots").fetchone()
+    conn.close()
+    print(f"{rows[0] if rows else 0} {time.perf_counter() - started:.3f}")
 
 
 def payload_child(path: str) -> None:
@@ -171,6 +199,7 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=50)
     parser.add_argument("--dagster-rows", type=int, default=2_000, help="0: skip part 3")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
+    parser.add_argument("--store-child", help=argparse.SUPPRESS)
     parser.add_argument("--payload-child", help=argparse.SUPPRESS)
     parser.add_argument(
         "--profile",
@@ -186,6 +215,9 @@ def main() -> None:
         " 128MB): what the plan table costs under DuckDB's memory limit",
     )
     args = parser.parse_args()
+    if args.store_child:
+        store_child(args.store_child)
+        return
     if args.floor_child:
         floor_child(args.floor_child)
         return
@@ -212,6 +244,13 @@ def main() -> None:
             payload_items, _, payload_bytes, payload_work = payload.output.split()[-4:]
             *_, floor_bytes, floor_work_text = floor.output.split()
             floor_work = float(floor_work_text)  # without interpreter start-up
+            stored = folder / f"store{repeat}.duckdb"
+            shutil.copy(pristine, stored)
+            store = timed_run(
+                [sys.executable, str(Path(__file__)), "--store-child", str(stored)], os.environ
+            )
+            stored.unlink()
+            store_rows, store_work = store.output.split()[-2:]
             warehouse = folder / f"sync{repeat}.duckdb"
             shutil.copy(pristine, warehouse)  # an empty state each time: an initial sync
             with emulator_process(check_every=args.check_every) as base:
@@ -246,6 +285,10 @@ def main() -> None:
                 f" {payload.rss_mib:.0f} MiB ({float(payload_work):.2f} s of it the query and"
                 f" the join; {int(payload_bytes):,} bytes); {payload.seconds / floor.seconds:.1f}x"
                 " the floor\n"
+                f"  store floor (DuckDB writes {int(store_rows):,} snapshot rows once, one"
+                f" statement, and checkpoints; {DUCKDB_MEMORY_LIMIT}): {store.seconds:.2f} s"
+                f" wall, {store.cpu_seconds:.2f} s CPU ({float(store_work):.2f} s of it the"
+                " statement and the checkpoint)\n"
                 f"  cio-retl initial sync: {sync.seconds:.2f} s wall, {sync.cpu_seconds:.2f} s"
                 f" CPU, {sync.rss_mib:.0f} MiB; {args.rows / sync.seconds:,.0f} items/s"
                 f" ({requests} requests, {sent_bytes:,} bytes; emulator CPU"
@@ -254,7 +297,10 @@ def main() -> None:
                 f" {capacity.items_per_second:,.0f} items/s,"
                 f" {capacity.cpu_us_per_item:.1f} us CPU per item\n"
                 f"  ratio sync / floor: {sync.seconds / floor.seconds:.1f}x wall,"
-                f" {sync.cpu_seconds / floor.cpu_seconds:.1f}x CPU (target <= 3x)"
+                f" {sync.cpu_seconds / floor.cpu_seconds:.1f}x CPU (target <= 3x)\n"
+                "  ratio sync / (floor + store floor's statement and checkpoint, so one"
+                f" interpreter start-up): {sync.seconds / (floor.seconds + float(store_work)):.1f}x"
+                " wall"
             )
         if args.dagster_rows:
             dagster_passes(folder, args.dagster_rows)
