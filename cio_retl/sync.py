@@ -13,29 +13,19 @@ import contextlib
 import time
 from collections.abc import Sequence
 
-from cio_retl.client import AccountRegion, TrackClient
 from cio_retl.config import Settings
-from cio_retl.diff import ChangeCounts, Differ, differ_for
+from cio_retl.diff import ChangeCounts
 from cio_retl.errors import CioRetlError, RetriableError
 from cio_retl.gc_policy import fewer_collections
 from cio_retl.guardrails import enforce_guardrails, judge_guardrails, planned_changes
 from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.operations import Phase, phases_of
 from cio_retl.options import Progress, SyncOptions
-from cio_retl.plan import PlanDiff, plans_supported
-from cio_retl.preflight import check_columns, check_region, rate_spec, same_environment_notice
+from cio_retl.plan import PlanDiff
 from cio_retl.records import Change
-from cio_retl.report import ModelReport, Outcome, RunReport, new_run_id
+from cio_retl.report import ModelReport, Outcome, RunReport
 from cio_retl.send import Sender
-from cio_retl.state import Adoption, StateStore, Workspace, snapshots
-from cio_retl.state.budget import budget_for
-from cio_retl.warehouse import (
-    Warehouse,
-    check_reachable,
-    create_engine,
-    duckdb_file_exists,
-    require_duckdb_file,
-)
+from cio_retl.session import Session, open_session
 
 # Callers import these from here: the run's entry point and what it takes and returns.
 __all__ = ["ModelReport", "Outcome", "Progress", "RunReport", "SyncOptions", "run_sync"]
@@ -62,132 +52,33 @@ def run_sync(
     # Every suppression model keeps its people from being identified, selected or not, so
     # `cio-retl sync users` never undoes an erasure request either.
     suppressions = [m for m in every_model if m.kind is Kind.SUPPRESSION]
-    rate = rate_spec(settings)
-    # A dry run reads and writes nothing but the warehouse: no DuckDB file, schema, table,
-    # run row or migration is created (the first real send creates the state).
-    read_only = options.dry_run
-    require_duckdb_file(settings.warehouse_url, "CIO_RETL_WAREHOUSE_URL")
-    state_missing = read_only and not duckdb_file_exists(settings.state_url)
-    engine = create_engine(settings.warehouse_url, "CIO_RETL_WAREHOUSE_URL")
-    # The same database: the diff runs there as SQL. Another one: the cross-database diff.
-    state_engine = (
-        engine
-        if settings.state_is_warehouse
-        else create_engine(settings.state_url, "CIO_RETL_STATE_URL")
-    )
-    same_database = settings.state_is_warehouse
-    differ: Differ | None = None
-    try:
-        warehouse = Warehouse(engine)
-        state = StateStore(state_engine, settings.state_schema)
-        for db in {engine} if state_missing else {engine, state_engine}:
-            check_reachable(db)
-        if read_only and (state_missing or not state.exists((snapshots,))):
-            # Nothing synced yet: diff against an empty snapshot, in the warehouse.
-            state, same_database = StateStore.absent(engine, settings.state_schema), True
-        elif read_only:
-            state = StateStore.for_reading(state_engine, settings.state_schema)
-        check_columns(warehouse, [*models, *suppressions])
-        client: TrackClient | None = None
-        site_id: str | None = None
-        if not options.dry_run:
-            site_id, api_key = settings.require_credentials()
-            client = TrackClient(settings.track_api_url, site_id, api_key, retry=options.retry)
-        try:
-            run_id = new_run_id(options.bucket)
-            account: AccountRegion | None = None
-            if client is not None:
-                account = AccountRegion.read(client.check_credentials())
-                check_region(settings, account)
-            if not read_only:
-                state.ensure_schema()
-            adoption: Adoption | None = None
-            notices: list[str] = []
-            if client is not None and account is not None and site_id is not None:
-                client.limiter = budget_for(
-                    settings.rate_budget,
-                    rate,
-                    settings.track_api_url,
-                    site_id,
-                    state,
-                )
-                workspace = Workspace(site_id, account.environment_id, account.region)
-                notices = same_environment_notice(state, workspace)
-                adoption = state.enter_workspace(workspace, run_id)
-            else:
-                workspace = state.plan_workspace(settings.site_id)
-            state = state.bound(workspace)
-            if same_database and not read_only and plans_supported(warehouse):
-                differ = PlanDiff(
-                    warehouse,
-                    state,
-                    options.bucket,
-                    suppressions,
-                    full_resync=options.full_resync,
-                )
-            else:
-                differ = differ_for(
-                    warehouse,
-                    state,
-                    same_database=same_database,
-                    bucket=options.bucket,
-                    suppressions=suppressions,
-                    read_only=read_only,
-                )
-            run = _Run(
-                differ,
-                warehouse,
-                state,
-                client,
-                models,
-                options,
-                progress,
-                every_model,
-                run_id=run_id,
-                adoption=adoption,
-                notices=notices,
-            )
-            with fewer_collections():
-                return run.execute()
-        finally:
-            if client is not None:
-                client.close()
-    finally:
-        if differ is not None:
-            with contextlib.suppress(Exception):  # never hide the run's own error
-                differ.close()
-        engine.dispose()
-        state_engine.dispose()
+    with open_session(settings, models, suppressions, options) as session:
+        run = _Run(session, models, options, progress, every_model)
+        with fewer_collections():
+            return run.execute()
 
 
 class _Run:
     def __init__(
         self,
-        differ: Differ,
-        warehouse: Warehouse,
-        state: StateStore,
-        client: TrackClient | None,
+        session: Session,
         models: list[Model],
         options: SyncOptions,
         progress: Progress | None,
         every_model: Sequence[Model] = (),
-        *,
-        run_id: str,
-        adoption: Adoption | None = None,
-        notices: Sequence[str] = (),
     ) -> None:
-        self.differ = differ
-        self.warehouse = warehouse
-        self.state = state
-        self.client = client
+        self.differ = session.differ
+        self.warehouse = session.warehouse
+        self.state = session.state
+        self.client = session.client
         self.models = models
         self.options = options
         self.progress = progress
         self.bucket = options.bucket
         # Chosen before the run enters its workspace, which records it with the takeover.
-        self.run_id = run_id
-        self.adoption = adoption  # rows from before workspaces this run took over
-        self.notices = list(notices)
+        self.run_id = session.run_id
+        self.adoption = session.adoption  # rows from before workspaces this run took over
+        self.notices = list(session.notices)
         self.reports = {m.name: ModelReport(m.name, m.kind.value, m.mode.value) for m in models}
         self.every_model = every_model or models  # the run's and the unselected ones
         self._last_heartbeat = time.monotonic()

@@ -273,7 +273,7 @@ def rejected(engine: Engine, schema: str = "cio_retl") -> list[tuple[Any, ...]]:
 
 
 def _python_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cio_retl.sync.plans_supported", lambda _warehouse: False)
+    monkeypatch.setattr("cio_retl.session.plans_supported", lambda _warehouse: False)
 
 
 def test_snapshots_from_the_plan_are_the_python_paths_bytes(
