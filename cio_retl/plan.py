@@ -477,6 +477,8 @@ class PlanDiff(PushDownDiff):
                 conn.execute(sa.text(setting))
             try:
                 conn.execute(sa.text(sql))
+                for statement in d.plan_built(table, SEQ_COLUMN):
+                    conn.execute(sa.text(statement))
                 conn.commit()
             except sa.exc.DBAPIError as exc:
                 if not d.out_of_memory(exc):
