@@ -1,0 +1,82 @@
+"""Where an initial sync's database time goes: every SQL statement timed, by kind.
+
+    uv run python bench/statement_times.py --rows 1000000 [--ack-rows 5000]
+
+Builds ``bench_people`` in a DuckDB file, runs one initial sync *in this process* (so a
+SQLAlchemy listener sees every statement; the run's wall time has no interpreter start-up)
+against the emulator's fast path in its own process, and prints the statements' execution
+time summed by their first 60 characters (numbers folded), most expensive first. A
+statement's time is its ``execute``: rows it streams afterwards are fetched outside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emulator_process, load_average, machine, people_table, person_model, sync_env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--check-every", type=int, default=50)
+    parser.add_argument("--ack-rows", type=int, help="Sender.ACK_ROWS for this run")
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+
+    from cio_retl.config import Settings
+    from cio_retl.send import Sender
+    from cio_retl.sync import run_sync
+
+    if args.ack_rows:
+        Sender.ACK_ROWS = args.ack_rows
+    spent: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    started = threading.local()
+
+    def before(*_: Any) -> None:
+        started.at = time.perf_counter()
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        kind = re.sub(r"\d+", "N", " ".join(statement.split())[:60])
+        entry = spent[kind]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - started.at
+
+    print(f"machine: {machine()}; load average {load_average()}")
+    with tempfile.TemporaryDirectory(prefix="cio-statements-") as tmp:
+        warehouse = Path(tmp) / "warehouse.duckdb"
+        engine = sa.create_engine(f"duckdb:///{warehouse}")
+        people_table(engine, args.rows)
+        engine.dispose()
+        models = person_model(Path(tmp) / "models")
+        with emulator_process(check_every=args.check_every) as base:
+            settings = Settings.from_env(sync_env(f"duckdb:///{warehouse}", models, base))
+            sa.event.listen(sa.Engine, "before_cursor_execute", before)
+            sa.event.listen(sa.Engine, "after_cursor_execute", after)
+            began = time.perf_counter()
+            report = run_sync(settings)
+            wall = time.perf_counter() - began
+            sa.event.remove(sa.Engine, "before_cursor_execute", before)
+            sa.event.remove(sa.Engine, "after_cursor_execute", after)
+    (model,) = report.models
+    print(
+        f"initial sync of {args.rows:,} rows: {wall:.2f} s in process, {model.created:,} created,"
+        f" {model.requests:,} requests; load average {load_average()}"
+    )
+    for kind, (count, seconds) in sorted(spent.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(f"  {seconds:7.2f} s  {int(count):5d}x  {kind}")
+
+
+if __name__ == "__main__":
+    main()
