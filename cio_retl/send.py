@@ -6,7 +6,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import orjson
@@ -170,14 +170,8 @@ class Sender:
             self._write_acknowledged()
 
     def _settle(self, operations: Batch, future: Future[SendResult]) -> None:
-        if not future.done() and self._acked:
-            # Waiting for this batch must not hold acknowledgments past their deadline (a
-            # batch in flight can take its retries' whole backoff): wait until the deadline,
-            # then save what is acknowledged and wait on.
-            due = self._acked_since + self.ACK_SECONDS - time.monotonic()
-            wait([future], timeout=max(due, 0.0))
-            if not future.done():
-                self._write_acknowledged()
+        if not future.done():  # the sender waits anyway: save what is acknowledged first
+            self._write_acknowledged()
         try:
             result = future.result()
         except RetriableError as exc:
