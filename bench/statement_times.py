@@ -1,8 +1,9 @@
 """Where an initial sync's database time goes: every SQL statement timed, by kind.
 
-    uv run python bench/statement_times.py --rows 1000000 [--ack-rows 5000]
+    uv run python bench/statement_times.py --rows 1000000 [--warehouse postgres] [--ack-rows 5000]
 
-Builds ``bench_people`` in a DuckDB file, runs one initial sync *in this process* (so a
+Builds ``bench_people`` in a DuckDB file (or a fresh schema of the PostgreSQL of
+``sync_scale.py``), runs one initial sync *in this process* (so a
 SQLAlchemy listener sees every statement; the run's wall time has no interpreter start-up)
 against the emulator's fast path in its own process, and prints the statements' execution
 time summed by their first 60 characters (numbers folded), most expensive first. A
@@ -12,6 +13,7 @@ statement's time is its ``execute``: rows it streams afterwards are fetched outs
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -24,12 +26,14 @@ from typing import Any
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emulator_process, load_average, machine, people_table, person_model, sync_env
+from _common import emulator_process, load_average, machine, sync_env
+from sync_scale import MODEL, POSTGRES_URL, create_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--warehouse", choices=("duckdb", "postgres"), default="duckdb")
     parser.add_argument("--check-every", type=int, default=50)
     parser.add_argument("--ack-rows", type=int, help="Sender.ACK_ROWS for this run")
     parser.add_argument("--top", type=int, default=8)
@@ -55,23 +59,40 @@ def main() -> None:
 
     print(f"machine: {machine()}; load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="cio-statements-") as tmp:
-        warehouse = Path(tmp) / "warehouse.duckdb"
-        engine = sa.create_engine(f"duckdb:///{warehouse}")
-        people_table(engine, args.rows)
-        engine.dispose()
-        models = person_model(Path(tmp) / "models")
-        with emulator_process(check_every=args.check_every) as base:
-            settings = Settings.from_env(sync_env(f"duckdb:///{warehouse}", models, base))
-            sa.event.listen(sa.Engine, "before_cursor_execute", before)
-            sa.event.listen(sa.Engine, "after_cursor_execute", after)
-            began = time.perf_counter()
-            report = run_sync(settings)
-            wall = time.perf_counter() - began
-            sa.event.remove(sa.Engine, "before_cursor_execute", before)
-            sa.event.remove(sa.Engine, "after_cursor_execute", after)
+        if args.warehouse == "duckdb":
+            url, schema, state_schema = (
+                f"duckdb:///{Path(tmp) / 'warehouse.duckdb'}",
+                "main",
+                "cio_retl",
+            )
+        else:
+            url = POSTGRES_URL
+            schema, state_schema = f"bench_{os.getpid()}", f"bench_{os.getpid()}_state"
+        engine = sa.create_engine(url)
+        create_table(engine, schema, args.rows)
+        models = Path(tmp) / "models"
+        models.mkdir()
+        (models / "bench_people.sql").write_text(MODEL.format(schema=schema))
+        try:
+            with emulator_process(check_every=args.check_every) as base:
+                env = {**sync_env(url, models, base), "CIO_RETL_STATE_SCHEMA": state_schema}
+                settings = Settings.from_env(env)
+                sa.event.listen(sa.Engine, "before_cursor_execute", before)
+                sa.event.listen(sa.Engine, "after_cursor_execute", after)
+                began = time.perf_counter()
+                report = run_sync(settings)
+                wall = time.perf_counter() - began
+                sa.event.remove(sa.Engine, "before_cursor_execute", before)
+                sa.event.remove(sa.Engine, "after_cursor_execute", after)
+        finally:
+            if args.warehouse == "postgres":
+                with engine.begin() as conn:
+                    for dropped in (schema, state_schema):
+                        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {dropped} CASCADE"))
+            engine.dispose()
     (model,) = report.models
     print(
-        f"initial sync of {args.rows:,} rows: {wall:.2f} s in process, {model.created:,} created,"
+        f"{args.warehouse} initial sync of {args.rows:,} rows: {wall:.2f} s in process, {model.created:,} created,"
         f" {model.requests:,} requests; load average {load_average()}"
     )
     for kind, (count, seconds) in sorted(spent.items(), key=lambda kv: -kv[1][1])[: args.top]:
