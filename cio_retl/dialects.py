@@ -304,6 +304,13 @@ class DuckDBDialect(Dialect):
     def out_of_memory(self, error: BaseException) -> bool:
         return type(getattr(error, "orig", error)).__name__ == "OutOfMemoryException"
 
+    def bucket(self, key: str, count: int) -> str:
+        # One MD5 per key, its first four hex digits cast as a number: "strings ... in
+        # hexadecimal notation with 0x ... prefixes ... can be cast to integer types, e.g.,
+        # '0xFF'::INT = 255" (DuckDB docs, Literal Types). The portable form's four POSITION
+        # calls each compute the MD5 again: 1M keys 0.29 -> 0.08 s, the same buckets.
+        return f"COALESCE(CAST('0x' || SUBSTR(MD5({key}), 1, 4) AS INTEGER) % {int(count)}, 0)"
+
     def row_fingerprint(self, alias: str, signature: str) -> str:
         """The 64-bit ``hash`` of the whole row, prefixed with the signature (a STRUCT's
         hash covers its values, not its field names). ``md5(to_json(row))`` was measured 5x
