@@ -487,7 +487,7 @@ class PlanDiff(PushDownDiff):
                        CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
                        CASE WHEN {rejected} THEN {built.reason("p")} END AS {REJECT_REASON_COLUMN},
                        CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
-                FROM ({built.relation}) AS p {snapshot_of}
+                FROM ({built.relation}{d.subquery_fence}) AS p {snapshot_of}
             """
         sql = f"CREATE TABLE {table} AS {joined} {select}"
         with _diff_connection(self.warehouse, bucket) as conn:
