@@ -449,7 +449,7 @@ def _limit_duckdb_memory(dbapi_connection: Any, _record: Any) -> None:
 # commits its acknowledged snapshot rows every few thousand rows (so a killed run resends
 # little); past the threshold a commit also checkpoints, recompressing the snapshot table's
 # last row group each time. At 16MB that is a checkpoint every ~60k snapshot rows, and the
-# commits cost more than the inserts (measured in bench/README.md, "Checkpoints"). The WAL
+# commits cost more than the inserts (bench/README.md, "One-pass plan"). The WAL
 # holds what is not yet checkpointed: a killed run's next open replays it, nothing is lost.
 DUCKDB_CHECKPOINT_THRESHOLD = "256MB"
 

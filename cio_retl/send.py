@@ -49,9 +49,8 @@ class Sender:
     # snapshot upsert has a fixed cost per statement), but never later than ACK_SECONDS
     # after the oldest of them was acknowledged, and at once whenever the sender would wait
     # for a batch in flight while the writer is idle: a run killed at any moment resends
-    # only what was in flight or acknowledged in its last second. (Measured on a 1M-row
-    # initial sync: 5,000 rows a transaction made ~200 commits, 8.6-10.0 s; 25,000 made
-    # 43, 7.7 s.)
+    # only what was in flight or acknowledged in its last second. (25,000 rows rather than
+    # 5,000: a fifth of the commits, measured in bench/README.md, "One-pass plan".)
     ACK_ROWS = 25_000
     ACK_SECONDS = 1.0
     # Rows read from the diff between two checks of the ACK_SECONDS deadline: a slow diff
