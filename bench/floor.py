@@ -10,9 +10,9 @@
    Beside it the **store floor**: DuckDB writes the same rows' snapshots (the state a sync
    must keep of what Customer.io acknowledged) into a table once and checkpoints it.
 2. **SQL payload path**: the same rows through ``cio_retl.payload_sql`` (items, snapshot text
-   and rejections built by DuckDB), joined into bodies: what an initial sync leaves to
-   Python now that its plan holds these payloads (the sync adds the plan's join with the
-   snapshot, the HTTP requests and the snapshot writes).
+   and rejections built by DuckDB), joined into bodies: what an initial sync's plan builds
+   for Python to join (the sync adds the plan's join with the snapshot, the plan table, the
+   HTTP requests and the snapshot writes).
 3. **cio-retl**: ``python -m cio_retl sync`` of the same table, initial (empty state),
    against the emulator's fast path (``check_every``: only every Nth body validated and
    applied), so the emulator is not what is measured; its capacity, measured in the same

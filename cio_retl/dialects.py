@@ -405,7 +405,7 @@ class DuckDBDialect(Dialect):
         given = {k.lower() for k in engine.url.query}
         if not _DUCKDB_MEMORY_SETTINGS & given:
             sa.event.listen(engine, "connect", _limit_duckdb_memory)
-        if "checkpoint_threshold" not in given:
+        if not {"checkpoint_threshold", "wal_autocheckpoint"} & given:  # DuckDB's two names
             sa.event.listen(engine, "connect", _space_duckdb_checkpoints)
 
     @classmethod

@@ -55,7 +55,7 @@ from cio_retl.models import Kind, Model
 from cio_retl.payload_sql import ATTRIBUTES as PAY_ATTRIBUTES
 from cio_retl.payload_sql import CODE as PAY_CODE
 from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
-from cio_retl.payload_sql import Column, Payloads, column_kind, payloads, sql_literal
+from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
 from cio_retl.records import RowChange
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
@@ -117,8 +117,11 @@ class PlanTable:
     item: str  # the item's text over the plan's row ``p``
     identifiers: str  # the snapshot's identifiers over ``p``
 
-    # Sequence numbers per read of :meth:`items`: one read sorts this many rows at most.
-    READ_ROWS = 50_000
+    # Bytes of snapshot text per read of :meth:`items` (a range of sequence numbers sized
+    # from the plan's average): one read sorts and holds about this much, whatever the
+    # width of the model's rows.
+    READ_BYTES = 8 * 2**20
+    MAX_READ_ROWS = 50_000
 
     def items(self) -> Iterator[tuple[int, bytes]]:
         """(sequence number, item bytes) of the rows whose item the database built, in
@@ -129,21 +132,23 @@ class PlanTable:
         sorted result: a sort of the whole plan holds memory for as long as the send reads
         it, beside the acknowledgments' inserts (a 10M-row initial sync ran out of DuckDB's
         128MB that way); a range is found by the column's min/max statistics (DuckDB's
-        zone maps, PostgreSQL's index on it).
+        zone maps, PostgreSQL's index on it), and holds about READ_BYTES.
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
         with self.state.engine.connect() as conn:
-            first, last = conn.execute(
+            first, last, size = conn.execute(
                 sa.text(
-                    f"SELECT MIN(p.{SEQ_COLUMN}), MAX(p.{SEQ_COLUMN}) FROM {self.name} AS p WHERE {built}"
+                    f"SELECT MIN(p.{SEQ_COLUMN}), MAX(p.{SEQ_COLUMN}),"
+                    f" AVG(LENGTH(p.{BUILT_SNAPSHOT_COLUMN})) FROM {self.name} AS p WHERE {built}"
                 )
             ).one()
             if first is None:
                 return
-            for low in range(int(first), int(last) + 1, self.READ_ROWS):
+            step = max(1, min(self.MAX_READ_ROWS, int(self.READ_BYTES / (float(size) + 100))))
+            for low in range(int(first), int(last) + 1, step):
                 sql = (
                     f"SELECT p.{SEQ_COLUMN}, {self.item} FROM {self.name} AS p WHERE {built}"
-                    f" AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + self.READ_ROWS - 1}"
+                    f" AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
                     f" ORDER BY p.{SEQ_COLUMN}"
                 )
                 for seq, item in conn.execute(sa.text(sql)).all():
@@ -222,8 +227,8 @@ class PlanTable:
         """Insert the snapshots of the built rows in ``ranges`` (first and last sequence
         number of each acknowledged batch) but ``unacknowledged``, straight from the plan.
 
-        The attributes and identifiers are the plan's text, byte for byte what the Python
-        path stores; ``attrs_hash`` is the database's md5 of that text (the Python path's is
+        The attributes are the plan's text and the identifiers are built from the key, byte
+        for byte what the Python path stores; ``attrs_hash`` is the database's md5 of that text (the Python path's is
         a blake2b of the same bytes: a 128-bit digest either way, compared with nothing).
         """
         if not ranges:
@@ -524,8 +529,9 @@ class PlanDiff(PushDownDiff):
 
     def _payloads(self, model: Model) -> tuple[list[str], list[Column]] | None:
         """The model's column names and, where SQL builds its new rows' payloads, their
-        kinds: a person or object model of one key column whose every other column is of a
-        kind :mod:`cio_retl.payload_sql` normalizes as Python does; else None."""
+        kinds: a person or object model of one key column, text or integers, whose every
+        other column is of a kind :mod:`cio_retl.payload_sql` normalizes as Python does;
+        else None."""
         if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
             return None
         sql = (
@@ -538,11 +544,14 @@ class PlanDiff(PushDownDiff):
         names, columns = [], []
         for name, type_code, *_ in description:
             kind = column_kind(dialect, str(type_code))
-            if kind is None and name != model.key:
+            if name == model.key and kind not in (ColumnKind.TEXT, ColumnKind.INTEGER):
+                # The SQL writes the key as the database prints it; the Python path
+                # normalizes other kinds (a timestamp becomes Unix seconds) or rejects them.
+                return None
+            if kind is None:
                 return None
             names.append(name)
-            if kind is not None:
-                columns.append(Column(name, kind))
+            columns.append(Column(name, kind))
         return names, columns
 
     def _drop_leftovers(self, model: Model) -> None:

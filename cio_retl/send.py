@@ -44,7 +44,8 @@ class Sender:
     """
 
     FLUSH_EVERY = 1000
-    MAX_PENDING_WRITES = 8  # back-pressure: acknowledgments waiting for the state writer
+    # Back-pressure: state writes waiting for the writer (each up to ACK_ROWS rows held).
+    MAX_PENDING_WRITES = 2
     # Acknowledged rows go to the snapshot several batches per statement and transaction (a
     # snapshot upsert has a fixed cost per statement), but never later than ACK_SECONDS
     # after the oldest of them was acknowledged, and at once whenever the sender would wait

@@ -45,6 +45,9 @@ BUILT_COLUMNS = (
     REJECT_REASON_COLUMN,
     REJECT_FIELD_COLUMN,
 )
+# Every column the engine adds to a model's rows starts with this (those above, and the
+# payload SQL's): a model's own may not.
+RESERVED_PREFIX = "__cio_"
 INTERNAL_COLUMNS = frozenset(
     {
         *BUILT_COLUMNS,
@@ -267,9 +270,14 @@ class Warehouse:
         self._signatures[model.name] = hashlib.blake2b(
             orjson.dumps(described), digest_size=6
         ).hexdigest()
-        reserved = sorted(INTERNAL_COLUMNS.intersection(columns))
+        reserved = sorted(c for c in columns if c.lower().startswith(RESERVED_PREFIX))
         if reserved:
-            raise ModelError(str(model.path), f"reserved column names {reserved}", model.sql_line)
+            raise ModelError(
+                str(model.path),
+                f"reserved column names {reserved} (cio-retl names its own columns"
+                f" {RESERVED_PREFIX}...); rename them",
+                model.sql_line,
+            )
         if model.kind in (Kind.PERSON, Kind.OBJECT):
             clash = model.identifier if model.kind is Kind.PERSON else "object_id"
             if clash in columns and clash != model.key:

@@ -217,6 +217,10 @@ BROKEN: dict[str, tuple[str, str]] = {
         "-- kind: person\n-- identifier: id\n-- key: k\nselect 1 as k, 2 as __cio_key\n",
         "reserved column names",
     ),
+    "reserved_prefix": (  # a name the payload SQL adds to the model's columns
+        "-- kind: person\n-- identifier: id\n-- key: k\nselect 1 as k, '{}' as __cio_pay_attrs\n",
+        "reserved column names ['__cio_pay_attrs']",
+    ),
     "identifier_clash": (
         "-- kind: person\n-- identifier: id\n-- key: user_id\nselect 1 as user_id, 2 as id\n",
         "would overwrite the identifier attribute",

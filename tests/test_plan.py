@@ -484,3 +484,88 @@ def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
         check.dispose()
     again = sync(settings)  # the snapshot was written: nothing is sent twice
     assert again.outcome is Outcome.SYNCED and again.models[0].created == 0
+
+
+THINGS_MODELS = {
+    "companies": "-- kind: object\n-- object_type_id: 1\n-- key: id\n"
+    "select id, name, n from app.things\n",
+    "members": "-- kind: person\n-- identifier: id\n-- key: id\nselect id, name, wide from app.things\n",
+    # A timestamp key: the Python path sends its Unix seconds, so the SQL builds nothing.
+    "stamped": "-- kind: person\n-- identifier: id\n-- key: ts\nselect ts, name from app.things\n",
+}
+
+
+def things_warehouse(url: str, rows: int) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA app"))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE app.things AS SELECT CAST(i AS INTEGER) AS id,"
+                " TIMESTAMP '2020-01-01' + i * INTERVAL '1 day' AS ts, 'Thing ' || i AS name,"
+                " repeat('w', 900) || i AS wide, i * 3 AS n FROM range(:rows) AS r(i)"
+            ),
+            {"rows": rows},
+        )
+    engine.dispose()
+
+
+def snapshots_of(url: str) -> dict[tuple[str, str], tuple[str, str, str, str]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT model, key, fingerprint, identifiers, attributes, attrs_hash"
+                    " FROM cio_retl.snapshots"
+                )
+            )
+            return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object model (its item's identifiers in another order than its snapshot's), a
+    person model keyed by an integer id, and one keyed by a timestamp (left to Python): the
+    same items, workspace and snapshots either way. The send reads the plan in ranges of a
+    few rows here (wide rows, a small READ_BYTES), so the ranges' seams are crossed often."""
+    monkeypatch.setattr("cio_retl.plan.PlanTable.READ_BYTES", 8 * 1024)
+    folder = tmp_path / "things_models"
+    folder.mkdir()
+    for name, sql in THINGS_MODELS.items():
+        (folder / f"{name}.sql").write_text(sql)
+    urls = [f"duckdb:///{tmp_path / name}.duckdb" for name in ("plan", "python")]
+    for url in urls:
+        things_warehouse(url, 50)
+    runs = [replace(settings, warehouse_url=u, state_url=u, models_dir=folder) for u in urls]
+
+    planned = sync(runs[0])
+    with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
+        _python_path_only(monkeypatch)
+        python = sync(replace(runs[1], track_api_url=other.url))
+        python_objects, python_people = (
+            dict(other.workspace.objects),
+            other.workspace.people_by("id"),
+        )
+
+    assert planned.outcome is python.outcome is Outcome.SYNCED
+    for a, b in zip(planned.models, python.models, strict=True):
+        assert a.model == b.model and a.created == b.created == 50
+        assert same_items(a, b), (a.model, a.counts(), b.counts())
+    assert dict(emulator.workspace.objects) == python_objects
+    people = emulator.workspace.people_by("id")
+    assert people == python_people
+    assert people["1577923200"]["name"] == "Thing 1"  # the timestamp key's Unix seconds
+    from_plan, from_python = snapshots_of(urls[0]), snapshots_of(urls[1])
+    assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
+    # The database wrote the object and id-keyed snapshots (md5); Python the timestamp-keyed.
+    by_database = {
+        model
+        for (model, _), v in from_plan.items()
+        if v[3] == hashlib.md5(v[2].encode()).hexdigest()
+    }
+    assert by_database == {"companies", "members"}
+    assert from_plan[("companies", "7")][1] == '{"object_id":"7","object_type_id":"1"}'
