@@ -554,24 +554,24 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
                     "attributes",
                 )
             )
-    values = _values(d, model, others, alias, key)
-    count = " + ".join(
-        f"CASE WHEN {values[n]} IS NULL THEN 0 ELSE 1 END" for n in _order(model, others)
-    )
-    checks.append(
-        _Check(
-            f"({count}) > {MAX_ATTRIBUTES}",
-            RejectionCode.TOO_MANY_ATTRIBUTES,
-            _text(
-                d.text(f"({count})"),
-                sql_literal(
-                    f" attributes, over the {MAX_ATTRIBUTES}-attribute limit"
-                    " per person, object or relationship"
+    attributes = _order(model, others)
+    if len(attributes) > MAX_ATTRIBUTES:  # fewer columns can never break the limit
+        values = _values(d, model, others, alias, key)
+        count = " + ".join(f"CASE WHEN {values[n]} IS NULL THEN 0 ELSE 1 END" for n in attributes)
+        checks.append(
+            _Check(
+                f"({count}) > {MAX_ATTRIBUTES}",
+                RejectionCode.TOO_MANY_ATTRIBUTES,
+                _text(
+                    d.text(f"({count})"),
+                    sql_literal(
+                        f" attributes, over the {MAX_ATTRIBUTES}-attribute limit"
+                        " per person, object or relationship"
+                    ),
                 ),
-            ),
-            "attributes",
+                "attributes",
+            )
         )
-    )
     for c in others:
         if c.kind not in (ColumnKind.TEXT, ColumnKind.JSON):
             continue  # numbers and booleans are far below any limit
