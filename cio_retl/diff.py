@@ -70,13 +70,13 @@ def diff_upserts(
     )
     sql = f"""
         WITH src AS {warehouse.dialect.not_materialized}({
-        _without_suppressed(warehouse, _source_rows(warehouse, model, bucket), suppressions)
+        _without_suppressed(warehouse, source_rows_sql(warehouse, model, bucket), suppressions)
     }),
-        dup AS ({_duplicate_keys()}),
+        dup AS ({duplicate_keys_sql()}),
         snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{
-        _in_bucket(state.dialect, "s.key", bucket)
+        in_bucket(state.dialect, "s.key", bucket)
     }
         ),
         c AS (
@@ -96,10 +96,10 @@ def diff_upserts(
         columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
         previous = columns.index[PREVIOUS_COLUMN]
         for row in chunk.rows:
-            yield _upsert_change(model, columns, row, row[previous], full_resync=full_resync)
+            yield upsert_change(model, columns, row, row[previous], full_resync=full_resync)
 
 
-def _source_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
+def source_rows_sql(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
     """The model's rows (of one bucket) with their key text and fingerprint."""
     d = warehouse.dialect
     rows = f"""
@@ -110,17 +110,17 @@ def _source_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> s
     """
     if bucket is None:
         return rows
-    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
 
 
-def _in_bucket(dialect: Dialect, key: str, bucket: Bucket | None) -> str:
+def in_bucket(dialect: Dialect, key: str, bucket: Bucket | None) -> str:
     """``AND <key's bucket> = <index>``, or nothing when the run covers every key."""
     if bucket is None:
         return ""
     return f" AND {dialect.bucket(key, bucket.count)} = {bucket.index}"
 
 
-def _duplicate_keys() -> str:
+def duplicate_keys_sql() -> str:
     """Keys that more than one row of ``src`` shares (an aggregate of keys, not a window)."""
     return (
         f"SELECT {KEY_COLUMN}, COUNT(*) AS n FROM src WHERE {KEY_COLUMN} IS NOT NULL"
@@ -136,16 +136,16 @@ def _model_rows(
 ) -> str:
     """The model's rows with their key text, fingerprint and how many rows share the key
     (but the people ``suppressions`` hold)."""
-    rows = _without_suppressed(warehouse, _source_rows(warehouse, model, bucket), suppressions)
+    rows = _without_suppressed(warehouse, source_rows_sql(warehouse, model, bucket), suppressions)
     return f"""
         WITH src AS {warehouse.dialect.not_materialized}({rows}),
-        dup AS ({_duplicate_keys()})
+        dup AS ({duplicate_keys_sql()})
         SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
         FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
     """
 
 
-def _upsert_change(
+def upsert_change(
     model: Model,
     columns: RowReader,
     row: Sequence[Any],
@@ -218,15 +218,15 @@ def diff_removals(
     d = warehouse.dialect
     sql = f"""
         SELECT s.key, s.identifiers FROM {state.snapshots} AS s
-        WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(state.dialect, "s.key", bucket)} AND NOT EXISTS (
+        WHERE s.workspace = :workspace AND s.model = :model{in_bucket(state.dialect, "s.key", bucket)} AND NOT EXISTS (
             SELECT 1 FROM ({model_sql(model)}) AS m WHERE {d.key_expression(model, "m")} = s.key
         )
     """
     for chunk in warehouse.stream(conn, sql, state.scope(model.name)):
-        yield from _removals(chunk.rows, delete=delete)
+        yield from removal_changes(chunk.rows, delete=delete)
 
 
-def _removals(rows: Iterable[sa.Row[Any]], *, delete: bool) -> Iterator[RowChange]:
+def removal_changes(rows: Iterable[sa.Row[Any]], *, delete: bool) -> Iterator[RowChange]:
     for key, identifiers in rows:
         yield RowChange(
             Change.DELETE if delete else Change.FORGET,
@@ -294,7 +294,7 @@ def count_changes(
     sql = f"""
         WITH src AS ({_keys_and_fingerprints(warehouse, model, bucket)}), snap AS (
             SELECT s.key, s.fingerprint FROM {state.snapshots} AS s
-            WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(state.dialect, "s.key", bucket)}
+            WHERE s.workspace = :workspace AND s.model = :model{in_bucket(state.dialect, "s.key", bucket)}
         )
         {_counts(keys=keys)}
     """
@@ -311,7 +311,7 @@ def _keys_and_fingerprints(warehouse: Warehouse, model: Model, bucket: Bucket | 
     )
     if bucket is None:
         return rows
-    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, 'b.k', bucket)}"
+    return f"SELECT * FROM ({rows}) AS b WHERE TRUE{in_bucket(d, 'b.k', bucket)}"
 
 
 # -- events: append-only -------------------------------------------------------------------
@@ -347,9 +347,9 @@ def _event_rows(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> st
         FROM ({model_sql(model)}) AS m WHERE TRUE{_in_lookback(warehouse, model, "m")}
     """
     if bucket is not None:
-        rows = f"SELECT * FROM ({rows}) AS b WHERE TRUE{_in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
+        rows = f"SELECT * FROM ({rows}) AS b WHERE TRUE{in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
     return f"""
-        WITH src AS {d.not_materialized}({rows}), dup AS ({_duplicate_keys()})
+        WITH src AS {d.not_materialized}({rows}), dup AS ({duplicate_keys_sql()})
         SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN}
         FROM src LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
     """
@@ -423,7 +423,7 @@ def count_events(
     )
     unsent = "SUM(CASE WHEN sent.key IS NULL THEN 1 ELSE 0 END)"
     joined = (
-        f"FROM src LEFT JOIN sent ON sent.key = src.k WHERE TRUE{_in_bucket(d, 'src.k', bucket)}"
+        f"FROM src LEFT JOIN sent ON sent.key = src.k WHERE TRUE{in_bucket(d, 'src.k', bucket)}"
     )
     select = f"SELECT COUNT(*), {unsent} {joined}"
     if keys:
@@ -445,7 +445,7 @@ def count_events(
     acknowledged = conn.execute(
         sa.text(
             f"SELECT COUNT(*) FROM {state.sent_events} AS e"
-            f" WHERE e.workspace = :workspace AND e.model = :model{_in_bucket(state.dialect, 'e.key', bucket)}"
+            f" WHERE e.workspace = :workspace AND e.model = :model{in_bucket(state.dialect, 'e.key', bucket)}"
         ),
         state.scope(model.name),
     ).scalar_one()
@@ -466,7 +466,7 @@ def _before_lookback(warehouse: Warehouse, model: Model) -> str:
 # -- people a suppression model holds --------------------------------------------------------
 
 
-def _suppressed(warehouse: Warehouse, key: str, suppressions: Sequence[Model]) -> str:
+def suppressed_sql(warehouse: Warehouse, key: str, suppressions: Sequence[Model]) -> str:
     """SQL true when the person key text ``key`` is a row of one of ``suppressions``."""
     d = warehouse.dialect
     return " OR ".join(
@@ -479,7 +479,7 @@ def _without_suppressed(warehouse: Warehouse, rows: str, suppressions: Sequence[
     """``rows`` (with KEY_COLUMN) but the people a suppression model holds."""
     if not suppressions:
         return rows
-    held = _suppressed(warehouse, f"r.{KEY_COLUMN}", suppressions)
+    held = suppressed_sql(warehouse, f"r.{KEY_COLUMN}", suppressions)
     return f"SELECT * FROM ({rows}) AS r WHERE NOT ({held})"
 
 
@@ -497,7 +497,7 @@ def count_suppressed(
     key = d.key_expression(model, "m")
     sql = (
         f"SELECT COUNT(*) FROM ({model_sql(model)}) AS m"
-        f" WHERE ({_suppressed(warehouse, key, suppressions)}){_in_bucket(d, key, bucket)}"
+        f" WHERE ({suppressed_sql(warehouse, key, suppressions)}){in_bucket(d, key, bucket)}"
     )
     return int(conn.execute(sa.text(sql)).scalar_one() or 0)
 
@@ -568,7 +568,7 @@ def _begin_diff(conn: Connection, dialect: Dialect, bucket: Bucket | None) -> No
 
 
 @contextmanager
-def _diff_connection(db: Warehouse | StateStore, bucket: Bucket | None) -> Iterator[Connection]:
+def diff_connection(db: Warehouse | StateStore, bucket: Bucket | None) -> Iterator[Connection]:
     """A connection to ``db`` whose transaction carries its dialect's planner settings for a
     diff."""
     with db.engine.connect() as conn:
@@ -595,7 +595,7 @@ class _Differ:
         held = suppressions_for(model, self.suppressions)
         if not held:
             return 0
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             return count_suppressed(conn, self.warehouse, model, held, self.bucket)
 
     def key_rejections(self, model: Model, limit: int) -> list[RowChange]:
@@ -610,7 +610,7 @@ class _Differ:
             held = suppressions_for(model, self.suppressions)
             rows, params = _model_rows(self.warehouse, model, self.bucket, held), {}
         found: list[RowChange] = []
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             for chunk in self.warehouse.stream(
                 conn, f"SELECT * FROM ({rows}) AS r WHERE {bad}", params
             ):
@@ -626,7 +626,7 @@ class _Differ:
                     found += [c for c in changes if c.key not in sent]
                 else:
                     found += [
-                        _upsert_change(model, columns, row, None, full_resync=False)
+                        upsert_change(model, columns, row, None, full_resync=False)
                         for row in chunk.rows
                     ]
                 if len(found) >= limit:
@@ -638,13 +638,13 @@ class PushDownDiff(_Differ):
     """Warehouse and state in one database: every comparison is one SQL statement there."""
 
     def count(self, model: Model, *, keys: bool = False) -> ChangeCounts:
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             if model.kind is Kind.EVENT:
                 return count_events(conn, self.warehouse, self.state, model, self.bucket, keys=keys)
             return count_changes(conn, self.warehouse, self.state, model, self.bucket, keys=keys)
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             if model.kind is Kind.EVENT:  # --full-resync never resends an event
                 yield from diff_events(conn, self.warehouse, self.state, model, self.bucket)
                 return
@@ -666,15 +666,15 @@ class PushDownDiff(_Differ):
             WHERE NOT EXISTS (
                 SELECT 1 FROM {self.state.sent_events} AS e
                 WHERE e.workspace = :workspace AND e.model = :model AND e.key = old.k
-            ){_in_bucket(self.warehouse.dialect, "old.k", self.bucket)}
+            ){in_bucket(self.warehouse.dialect, "old.k", self.bucket)}
         """
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             return int(
                 conn.execute(sa.text(sql), _event_params(self.state, model)).scalar_one() or 0
             )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             yield from diff_removals(
                 conn, self.warehouse, self.state, model, delete=delete, bucket=self.bucket
             )
@@ -726,7 +726,7 @@ class CrossDatabaseDiff(_Differ):
         """A state connection for the diff's queries (planner settings applied): a pooled
         one, or a read-only diff's own, which holds its staging table."""
         if not self.read_only:
-            with _diff_connection(self.state, self.bucket) as conn:
+            with diff_connection(self.state, self.bucket) as conn:
                 yield conn
             return
         conn = self._own_session()
@@ -749,7 +749,7 @@ class CrossDatabaseDiff(_Differ):
     def _unsent_keys(self, model: Model, sql: str) -> Iterator[tuple[Chunk, set[str]]]:
         """Chunks of an event query's rows and which of their keys were sent (looked up in
         the state store, one chunk at a time)."""
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             for chunk in self.warehouse.stream(conn, sql, _event_params(self.state, model)):
                 keys = [row._mapping[KEY_COLUMN] for row in chunk.rows]
                 sent = self.state.sent_event_keys(model.name, [k for k in keys if k is not None])
@@ -760,7 +760,7 @@ class CrossDatabaseDiff(_Differ):
             sql = f"SELECT k AS {KEY_COLUMN} FROM ({_before_lookback(self.warehouse, model)}) AS o"
             if self.bucket is None:
                 return sql
-            return f"{sql} WHERE TRUE{_in_bucket(self.warehouse.dialect, 'o.k', self.bucket)}"
+            return f"{sql} WHERE TRUE{in_bucket(self.warehouse.dialect, 'o.k', self.bucket)}"
         return _event_rows(self.warehouse, model, self.bucket)
 
     def _count_events(self, model: Model) -> ChangeCounts:
@@ -792,7 +792,7 @@ class CrossDatabaseDiff(_Differ):
         if not self.read_only:
             self.state.unstage_keys(self.token, model.name)
         sql = _keys_and_fingerprints(self.warehouse, model, self.bucket)
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             for chunk in self.warehouse.stream(conn, sql, rows=self.STAGE_ROWS):
                 with self._staging_transaction() as state_conn:
                     self.state.stage_keys(
@@ -814,7 +814,7 @@ class CrossDatabaseDiff(_Differ):
                 WHERE x.token = :token AND x.model = :model
             ), snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
-                WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)}
+                WHERE s.workspace = :workspace AND s.model = :model{in_bucket(self.state.dialect, "s.key", self.bucket)}
             )
             {_counts(keys=keys)}
         """
@@ -833,7 +833,7 @@ class CrossDatabaseDiff(_Differ):
                     if row._mapping[KEY_COLUMN] not in sent:
                         yield _event_change(model, reader, row)
             return
-        with _diff_connection(self.warehouse, self.bucket) as conn:
+        with diff_connection(self.warehouse, self.bucket) as conn:
             rows = _model_rows(
                 self.warehouse, model, self.bucket, suppressions_for(model, self.suppressions)
             )
@@ -857,7 +857,7 @@ class CrossDatabaseDiff(_Differ):
                         ):
                             continue  # unchanged since Customer.io acknowledged it
                     assert columns is not None
-                    yield _upsert_change(
+                    yield upsert_change(
                         model,
                         columns,
                         row,
@@ -869,7 +869,7 @@ class CrossDatabaseDiff(_Differ):
         self._stage(model)
         sql = f"""
             SELECT s.key, s.identifiers FROM {self.state.snapshots} AS s
-            WHERE s.workspace = :workspace AND s.model = :model{_in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
+            WHERE s.workspace = :workspace AND s.model = :model{in_bucket(self.state.dialect, "s.key", self.bucket)} AND NOT EXISTS (
                 SELECT 1 FROM {self._staging} AS x
                 WHERE x.token = :token AND x.model = :model AND x.key = s.key
             )
@@ -878,7 +878,7 @@ class CrossDatabaseDiff(_Differ):
         with self._on_state() as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(sql), params)
             while rows := result.fetchmany(FETCH_ROWS):
-                yield from _removals(rows, delete=delete)
+                yield from removal_changes(rows, delete=delete)
 
     def close(self) -> None:
         if self._session is not None:  # a pooled connection would keep the temporary table

@@ -42,14 +42,14 @@ from cio_retl.buckets import Bucket
 from cio_retl.diff import (
     ChangeCounts,
     PushDownDiff,
-    _diff_connection,
-    _duplicate_keys,
-    _in_bucket,
-    _removals,
-    _source_rows,
-    _suppressed,
-    _upsert_change,
+    diff_connection,
+    duplicate_keys_sql,
+    in_bucket,
+    removal_changes,
+    source_rows_sql,
+    suppressed_sql,
     suppressions_for,
+    upsert_change,
 )
 from cio_retl.models import Kind, Model
 from cio_retl.payload_sql import ATTRIBUTES as PAY_ATTRIBUTES
@@ -307,7 +307,7 @@ class PlanDiff(PushDownDiff):
         snapshot_rows = f"""
             SELECT COUNT(*) FROM {self.state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{
-            _in_bucket(self.state.dialect, "s.key", self.bucket)
+            in_bucket(self.state.dialect, "s.key", self.bucket)
         }
         """
         counts = f"""
@@ -346,12 +346,12 @@ class PlanDiff(PushDownDiff):
             f" ORDER BY p.{SEQ_COLUMN} LIMIT {int(limit)}"
         )
         found: list[RowChange] = []
-        with _diff_connection(self.state, None) as conn:
+        with diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
                 if chunk.rows:
                     columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
                     found += [
-                        _upsert_change(model, columns, r, None, full_resync=False)
+                        upsert_change(model, columns, r, None, full_resync=False)
                         for r in chunk.rows
                     ]
         return found
@@ -367,14 +367,14 @@ class PlanDiff(PushDownDiff):
             f" AND p.{BUILT_SNAPSHOT_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
             f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"  # cio_retl.passes knows this
         )
-        with _diff_connection(self.state, None) as conn:
+        with diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
                 if not chunk.rows:
                     continue
                 columns = RowReader(chunk.rows[0]._fields, chunk.json_columns)
                 previous = columns.index[PREVIOUS_COLUMN]
                 for row in chunk.rows:
-                    yield _upsert_change(
+                    yield upsert_change(
                         model, columns, row, row[previous], full_resync=self.full_resync
                     )
 
@@ -398,9 +398,9 @@ class PlanDiff(PushDownDiff):
             f"SELECT p.{SNAPSHOT_KEY_COLUMN}, p.{IDENTIFIERS_COLUMN} FROM {table} AS p"
             f" WHERE p.{FINGERPRINT_COLUMN} IS NULL ORDER BY p.{SEQ_COLUMN}"
         )
-        with _diff_connection(self.state, None) as conn:
+        with diff_connection(self.state, None) as conn:
             for chunk in self.warehouse.stream(conn, sql):
-                yield from _removals(chunk.rows, delete=delete)
+                yield from removal_changes(chunk.rows, delete=delete)
 
     def close(self) -> None:
         plans, self.plans = self.plans, {}
@@ -428,17 +428,17 @@ class PlanDiff(PushDownDiff):
         )
         held_by = suppressions_for(model, self.suppressions)
         held = (
-            f"CASE WHEN {_suppressed(w, f'src.{KEY_COLUMN}', held_by)} THEN 1 ELSE 0 END"
+            f"CASE WHEN {suppressed_sql(w, f'src.{KEY_COLUMN}', held_by)} THEN 1 ELSE 0 END"
             if held_by
             else "0"
         )
         described = self._payloads(model)
         joined = f"""
-            WITH src AS {d.not_materialized}({_source_rows(w, model, bucket)}),
-            dup AS ({_duplicate_keys()}),
+            WITH src AS {d.not_materialized}({source_rows_sql(w, model, bucket)}),
+            dup AS ({duplicate_keys_sql()}),
             snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
-                WHERE {where}{_in_bucket(self.state.dialect, "s.key", bucket)}
+                WHERE {where}{in_bucket(self.state.dialect, "s.key", bucket)}
             ),
             j AS (
                 SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN},
@@ -495,7 +495,7 @@ class PlanDiff(PushDownDiff):
                 FROM ({built.relation}{d.subquery_fence}) AS p {snapshot_of}
             """
         sql = f"CREATE TABLE {table} AS {joined} {select}"
-        with _diff_connection(self.warehouse, bucket) as conn:
+        with diff_connection(self.warehouse, bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:

@@ -224,7 +224,7 @@ def test_diff_planner_settings_hold_for_the_diff_only(postgres_url: str) -> None
     buckets by hash; the settings end with it, so no other statement on a pooled connection
     is planned that way."""
     from cio_retl.buckets import Bucket
-    from cio_retl.diff import _diff_connection
+    from cio_retl.diff import diff_connection
     from cio_retl.warehouse import Warehouse
 
     engine = create_engine(postgres_url)
@@ -237,9 +237,9 @@ def test_diff_planner_settings_hold_for_the_diff_only(postgres_url: str) -> None
         )
 
     try:
-        with _diff_connection(warehouse, None) as conn:
+        with diff_connection(warehouse, None) as conn:
             assert show(conn) == ("1", "on")
-        with _diff_connection(warehouse, Bucket(1, 4)) as conn:
+        with diff_connection(warehouse, Bucket(1, 4)) as conn:
             assert show(conn) == ("1", "off")
         with engine.connect() as conn:  # the pool's next checkout: PostgreSQL's defaults
             assert show(conn) == ("0.1", "on")
