@@ -73,16 +73,25 @@ class Acknowledger:
     def pending_rejections(self) -> int:
         return len(self._rejections)
 
+    def _count(self, code: RejectionCode, n: int) -> None:
+        """Under ``lock``: ``n`` more rejections of ``code`` in the report."""
+        self.report.rejected += n
+        self.report.rejected_by_code[code] = self.report.rejected_by_code.get(code, 0) + n
+
+    def _list(self, key: str | None, rejection: Rejection) -> None:
+        """Under ``lock``: one rejection among the report's first ones, and its code's."""
+        report = self.report
+        if len(report.rejections) < MAX_REPORTED_REJECTIONS:
+            report.rejections.append((key, str(rejection)))
+        examples = report.examples_by_code.setdefault(rejection.code, [])
+        if len(examples) < EXAMPLES_PER_CODE:
+            examples.append((key, str(rejection)))
+
     def reject(self, key: str | None, rejection: Rejection, item: bytes | None) -> None:
-        report, code = self.report, rejection.code
+        code = rejection.code
         with self.lock:
-            report.rejected += 1
-            report.rejected_by_code[code] = report.rejected_by_code.get(code, 0) + 1
-            if len(report.rejections) < MAX_REPORTED_REJECTIONS:
-                report.rejections.append((key, str(rejection)))
-            examples = report.examples_by_code.setdefault(code, [])
-            if len(examples) < EXAMPLES_PER_CODE:
-                examples.append((key, str(rejection)))
+            self._count(code, 1)
+            self._list(key, rejection)
             if key is not None:  # a NULL key cannot be stored; it is reported only
                 self._rejections.append(
                     RejectionRow(
@@ -102,20 +111,11 @@ class Acknowledger:
             counts, firsts = plan.rejections(conn, MAX_REPORTED_REJECTIONS)
             if counts:
                 plan.record_rejections(conn, self.run.run_id)
-        report = self.report
         with self.lock:
             for code, n in counts.items():
-                report.rejected += n
-                report.rejected_by_code[RejectionCode(code)] = (
-                    report.rejected_by_code.get(RejectionCode(code), 0) + n
-                )
+                self._count(RejectionCode(code), n)
             for row in firsts:
-                rejection = Rejection(RejectionCode(row.code), row.reason, row.field)
-                if len(report.rejections) < MAX_REPORTED_REJECTIONS:
-                    report.rejections.append((row.key, str(rejection)))
-                examples = report.examples_by_code.setdefault(rejection.code, [])
-                if len(examples) < EXAMPLES_PER_CODE:
-                    examples.append((row.key, str(rejection)))
+                self._list(row.key, Rejection(RejectionCode(row.code), row.reason, row.field))
         return sum(counts.values())
 
     def count_acked(self, operations: Sequence[Operation]) -> None:

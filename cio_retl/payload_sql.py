@@ -415,14 +415,13 @@ class Payloads:
 
     def item(self, key: str, attributes: str) -> str:
         """The item's JSON text from the key text and the attributes' JSON text."""
-        d, model = _DIALECTS[self._dialect], self._model
-        head, tail = _identifier_parts(model)
+        before, between, after = _item_parts(self._model)
         return _text(
-            sql_literal(f'{{"type":"{model.kind.value}","action":"identify","identifiers":{head}'),
-            d.json_string(key),
-            sql_literal(tail + ',"attributes":'),
+            sql_literal(before),
+            _DIALECTS[self._dialect].json_string(key),
+            sql_literal(between),
             attributes,
-            "'}'",
+            sql_literal(after),
         )
 
     def identifiers(self, key: str) -> str:
@@ -464,6 +463,14 @@ def _id_type(model: Model) -> str:
     id_type = model.identifier if model.kind is Kind.PERSON else "object_id"
     assert id_type
     return id_type
+
+
+def _item_parts(model: Model) -> tuple[str, str, str]:
+    """The item's text around the identifier's JSON string and the attributes' text: what
+    :meth:`Payloads.item` writes and the item-size check counts."""
+    head, tail = _identifier_parts(model)
+    before = f'{{"type":"{model.kind.value}","action":"identify","identifiers":{head}'
+    return before, tail + ',"attributes":', "}"
 
 
 def _identifier_parts(model: Model) -> tuple[str, str]:
@@ -591,12 +598,11 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
         )
     # The item's size without building its text: the fixed parts plus the identifier's
     # JSON string and the attributes' text.
-    head, tail = _identifier_parts(model)
-    fixed = len(
-        f'{{"type":"{model.kind.value}","action":"identify","identifiers":{head}'
-        f'{tail},"attributes":}}'.encode()
+    fixed = len("".join(_item_parts(model)).encode())
+    item_size = (
+        f"({fixed} + {d.byte_length(d.json_string(key))}"
+        f" + {d.byte_length(f'{alias}.{ATTRIBUTES}')})"
     )
-    item_size = f"({fixed} + {d.byte_length(d.json_string(key))} + {d.byte_length(f'{alias}.{ATTRIBUTES}')})"
     checks.append(
         _Check(
             f"{item_size} > {MAX_ITEM_BYTES}",

@@ -228,8 +228,9 @@ class PlanTable:
         number of each acknowledged batch) but ``unacknowledged``, straight from the plan.
 
         The attributes are the plan's text and the identifiers are built from the key, byte
-        for byte what the Python path stores; ``attrs_hash`` is the database's md5 of that text (the Python path's is
-        a blake2b of the same bytes: a 128-bit digest either way, compared with nothing).
+        for byte what the Python path stores; ``attrs_hash`` is the database's md5 of that
+        text (the Python path's is a blake2b of the same bytes: a 128-bit digest either way,
+        compared with nothing).
         """
         if not ranges:
             return
@@ -432,7 +433,7 @@ class PlanDiff(PushDownDiff):
             if held_by
             else "0"
         )
-        described = self._payloads(model)
+        columns = self._payloads(model)
         joined = f"""
             WITH src AS {d.not_materialized}({source_rows_sql(w, model, bucket)}),
             dup AS ({duplicate_keys_sql()}),
@@ -455,11 +456,10 @@ class PlanDiff(PushDownDiff):
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
-        if described is None:
+        if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
             select = f"SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
         else:
-            names, columns = described
             built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
             self.payloads[model.name] = built
             # A new row, valid or not, is the database's to send or reject, unless the SQL
@@ -483,7 +483,8 @@ class PlanDiff(PushDownDiff):
             )
             kept = [f"p.{c}" for c in engine_columns]
             model_columns = [
-                f"CASE WHEN NOT ({new}) THEN p.{d.quote(n)} END AS {d.quote(n)}" for n in names
+                f"CASE WHEN NOT ({new}) THEN p.{d.quote(c.name)} END AS {d.quote(c.name)}"
+                for c in columns
             ]
             select = f"""
                 SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
@@ -527,11 +528,11 @@ class PlanDiff(PushDownDiff):
         self.plans[model.name] = table
         return table
 
-    def _payloads(self, model: Model) -> tuple[list[str], list[Column]] | None:
-        """The model's column names and, where SQL builds its new rows' payloads, their
-        kinds: a person or object model of one key column, text or integers, whose every
-        other column is of a kind :mod:`cio_retl.payload_sql` normalizes as Python does;
-        else None."""
+    def _payloads(self, model: Model) -> list[Column] | None:
+        """The model's columns with their kinds where SQL builds its new rows' payloads: a
+        person or object model of one key column, text or integers, whose every other
+        column is of a kind :mod:`cio_retl.payload_sql` normalizes as Python does; else
+        None."""
         if model.kind not in (Kind.PERSON, Kind.OBJECT) or model.key is None:
             return None
         sql = (
@@ -541,7 +542,7 @@ class PlanDiff(PushDownDiff):
         with self.warehouse.engine.connect() as conn:
             description = conn.execute(sa.text(sql)).cursor.description or ()
         dialect = self.warehouse.dialect.name
-        names, columns = [], []
+        columns = []
         for name, type_code, *_ in description:
             kind = column_kind(dialect, str(type_code))
             if name == model.key and kind not in (ColumnKind.TEXT, ColumnKind.INTEGER):
@@ -550,9 +551,8 @@ class PlanDiff(PushDownDiff):
                 return None
             if kind is None:
                 return None
-            names.append(name)
             columns.append(Column(name, kind))
-        return names, columns
+        return columns
 
     def _drop_leftovers(self, model: Model) -> None:
         """Drop the plans of this model (and bucket) that killed runs left behind."""

@@ -238,13 +238,17 @@ def people_settings(settings: Settings, tmp_path: Path, url: str, schema: str = 
     return replace(settings, warehouse_url=url, state_url=url, models_dir=folder)
 
 
-def stored(engine: Engine, schema: str = "cio_retl") -> dict[str, tuple[str, ...]]:
+def stored(
+    engine: Engine, schema: str = "cio_retl", model: str = "people"
+) -> dict[str, tuple[str, ...]]:
+    """The model's snapshot rows: key -> (fingerprint, identifiers, attributes, attrs_hash)."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
                 "SELECT key, fingerprint, identifiers, attributes, attrs_hash"
-                f" FROM {schema}.snapshots WHERE model = 'people'"
-            )
+                f" FROM {schema}.snapshots WHERE model = :model"
+            ),
+            {"model": model},
         )
         return {r[0]: tuple(r[1:]) for r in rows}
 
@@ -512,21 +516,6 @@ def things_warehouse(url: str, rows: int) -> None:
     )
 
 
-def snapshots_of(url: str) -> dict[tuple[str, str], tuple[str, str, str, str]]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                sa.text(
-                    "SELECT model, key, fingerprint, identifiers, attributes, attrs_hash"
-                    " FROM cio_retl.snapshots"
-                )
-            )
-            return {(r[0], r[1]): tuple(r[2:]) for r in rows}
-    finally:
-        engine.dispose()
-
-
 def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
     settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,7 +550,15 @@ def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
     people = emulator.workspace.people_by("id")
     assert people == python_people
     assert people["1577923200"]["name"] == "Thing 1"  # the timestamp key's Unix seconds
-    from_plan, from_python = snapshots_of(urls[0]), snapshots_of(urls[1])
+    engines = [create_engine(url) for url in urls]
+    try:
+        from_plan, from_python = (
+            {(m, k): v for m in THINGS_MODELS for k, v in stored(engine, model=m).items()}
+            for engine in engines
+        )
+    finally:
+        for engine in engines:
+            engine.dispose()
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
     # The database wrote the object and id-keyed snapshots (md5); Python the timestamp-keyed.
     by_database = {
