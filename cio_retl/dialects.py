@@ -82,9 +82,10 @@ class Dialect(abc.ABC):
     # so that each is computed once per row (see PostgresDialect).
     subquery_fence = ""
 
-    def plan_built(self, table: str, seq: str) -> list[str]:
-        """Statements run once a plan ``table`` is written, before anything reads it by its
-        sequence number column ``seq`` (each acknowledgment reads a range of it)."""
+    def plan_built(self, table: str, columns: Sequence[str]) -> list[str]:
+        """Statements run once a plan ``table`` is written, before anything reads it by
+        ``columns``: ranges of its sequence number (each acknowledgment reads one), after
+        a shared plan's bucket."""
         return []
 
     def out_of_memory(self, error: BaseException) -> bool:
@@ -484,14 +485,15 @@ class PostgresDialect(Dialect):
     # is_simple_subquery). Measured on a 1M-row initial plan: 29.9 -> 12.7 s.
     subquery_fence = " OFFSET 0"
 
-    def plan_built(self, table: str, seq: str) -> list[str]:
-        """A B-tree on the sequence number, and the table's statistics. Without the index each
+    def plan_built(self, table: str, columns: Sequence[str]) -> list[str]:
+        """A B-tree on the sequence number (after the bucket, in a shared plan), and the
+        table's statistics. Without the index each
         acknowledgment (a range of sequence numbers) scans the whole plan: measured, a 2M-row
         initial sync took 333 s, the server busy with ~400 such scans. A table just written
         by CREATE TABLE AS has no statistics until autovacuum's ANALYZE comes by, and the
         planner estimates blind until then ("it is a good idea to run ANALYZE after making
         major changes in the contents of a table", PostgreSQL docs, ANALYZE)."""
-        return [f"CREATE INDEX ON {table} ({seq})", f"ANALYZE {table}"]
+        return [f"CREATE INDEX ON {table} ({', '.join(columns)})", f"ANALYZE {table}"]
 
     def bucket(self, key: str, count: int) -> str:
         # The portable form computes the MD5 once per hex digit (PostgreSQL does not share

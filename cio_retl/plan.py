@@ -56,10 +56,12 @@ from cio_retl.payload_sql import ATTRIBUTES as PAY_ATTRIBUTES
 from cio_retl.payload_sql import CODE as PAY_CODE
 from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
+from cio_retl.plan_slices import SharedPlans, Slice, plan_digest
 from cio_retl.records import RowChange
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
 from cio_retl.warehouse import (
+    BUCKET_COLUMN,
     BUILT_COLUMNS,
     BUILT_SNAPSHOT_COLUMN,
     DUPLICATES_COLUMN,
@@ -136,15 +138,18 @@ class PlanTable:
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
         with self.state.engine.connect() as conn:
-            first, last, size = conn.execute(
+            first, last, rows, size = conn.execute(
                 sa.text(
-                    f"SELECT MIN(p.{SEQ_COLUMN}), MAX(p.{SEQ_COLUMN}),"
+                    f"SELECT MIN(p.{SEQ_COLUMN}), MAX(p.{SEQ_COLUMN}), COUNT(*),"
                     f" AVG(LENGTH(p.{BUILT_SNAPSHOT_COLUMN})) FROM {self.name} AS p WHERE {built}"
                 )
             ).one()
             if first is None:
                 return
-            step = max(1, min(self.MAX_READ_ROWS, int(self.READ_BYTES / (float(size) + 100))))
+            per_read = max(1, min(self.MAX_READ_ROWS, int(self.READ_BYTES / (float(size) + 100))))
+            # The range's width in sequence numbers, for about ``per_read`` of these rows:
+            # wider where they are sparse (one bucket's slice of a shared plan).
+            step = max(1, int(per_read * (int(last) - int(first) + 1) / int(rows)))
             for low in range(int(first), int(last) + 1, step):
                 sql = (
                     f"SELECT p.{SEQ_COLUMN}, {self.item} FROM {self.name} AS p WHERE {built}"
@@ -279,11 +284,17 @@ class PlanDiff(PushDownDiff):
         suppressions: Sequence[Model] = (),
         *,
         full_resync: bool = False,
+        run_id: str | None = None,
     ) -> None:
         super().__init__(warehouse, state, bucket, suppressions)
         self.full_resync = full_resync
         self.token = uuid.uuid4().hex[:12]
-        self.plans: dict[str, str] = {}  # model -> the plan table's quoted name
+        self.run_id = run_id or f"plan-{self.token}"  # who claims a shared plan's slice
+        # model -> the relation its plan is read from: the run's own plan table, or its
+        # bucket's slice of a plan the bucket runs share (cio_retl.plan_slices).
+        self.plans: dict[str, str] = {}
+        self.owned: dict[str, str] = {}  # model -> the plan table this run drops
+        self.slices: dict[str, tuple[SharedPlans, Slice]] = {}  # model -> its claimed slice
         self.payloads: dict[str, Payloads] = {}  # model -> its new rows' payload SQL
         # Models whose plan did not fit the database's memory limit: diffed as a stream.
         self.streamed: set[str] = set()
@@ -305,6 +316,7 @@ class PlanDiff(PushDownDiff):
         table = self._table(model)
         if table is None:
             return super().count(model, keys=keys)
+        claimed = self.slices.get(model.name)
         snapshot_rows = f"""
             SELECT COUNT(*) FROM {self.state.snapshots} AS s
             WHERE s.workspace = :workspace AND s.model = :model{
@@ -326,8 +338,15 @@ class PlanDiff(PushDownDiff):
             FROM {table} AS p
         """
         with self.state.engine.connect() as conn:
-            acknowledged = int(
-                conn.execute(sa.text(snapshot_rows), self.state.scope(model.name)).scalar_one() or 0
+            # A slice's snapshot rows were counted when its plan was built (and no run has
+            # written its bucket since): no scan of the snapshot for the bucket's keys.
+            acknowledged = (
+                claimed[1].acknowledged
+                if claimed is not None
+                else int(
+                    conn.execute(sa.text(snapshot_rows), self.state.scope(model.name)).scalar_one()
+                    or 0
+                )
             )
             planned_rows, planned_snapshots, new, changed, removed, *bad_keys = (
                 int(v or 0) for v in conn.execute(sa.text(counts)).one()
@@ -404,18 +423,68 @@ class PlanDiff(PushDownDiff):
                 yield from removal_changes(chunk.rows, delete=delete)
 
     def close(self) -> None:
-        plans, self.plans = self.plans, {}
-        if plans:
-            with self.state.engine.begin() as conn:
-                for table in plans.values():
-                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        owned, self.owned, self.plans = self.owned, {}, {}
+        slices, self.slices = self.slices, {}
+        try:
+            if owned:
+                with self.state.engine.begin() as conn:
+                    for table in owned.values():
+                        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        finally:
+            for shared, claimed in slices.values():
+                shared.release(claimed)
 
     def _build(self, model: Model) -> str | None:
-        """Plan ``model``: one statement over the model joined with its snapshot; None when
-        that statement does not fit the database's memory limit."""
+        """Plan ``model``; the relation the plan is read from, or None when the plan does
+        not fit the database's memory limit.
+
+        A run of the whole model builds its own plan table. A bucket run reads its slice of
+        the plan the runs of its bucket count share, building that (for every bucket) when
+        there is none it may claim."""
         self._drop_leftovers(model)
-        table = self.plan_table(model)
-        w, d, bucket = self.warehouse, self.warehouse.dialect, self.bucket
+        columns = self._payloads(model)
+        if self.bucket is None:
+            table = self.plan_table(model)
+            if not self._create(model, table, self._plan_sql(model, columns, None), ()):
+                return None
+            self.plans[model.name] = self.owned[model.name] = table
+            return table
+        count = self.bucket.count
+        sql = self._plan_sql(model, columns, count)
+        shared = SharedPlans(
+            self.state, model.name, plan_prefix(model.name, None), count, self.run_id
+        )
+        digest = plan_digest(sql)
+        with self.state.planning(model.name, count, self.run_id):
+            shared.sweep()
+            claimed = shared.claim(self.bucket.index, digest)
+            if claimed is None:
+                name = shared.name(digest, self.token)
+                table = f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
+                if not self._create(model, table, sql, (BUCKET_COLUMN,)):
+                    return None
+                claimed = shared.register(name, self.bucket.index, self._acknowledged(model))
+        self.slices[model.name] = (shared, claimed)
+        self.plans[model.name] = claimed.relation
+        return claimed.relation
+
+    def _acknowledged(self, model: Model) -> dict[int, int]:
+        """The model's snapshot rows per bucket (of the run's count)."""
+        assert self.bucket is not None
+        bucket = self.state.dialect.bucket("s.key", self.bucket.count)
+        sql = (
+            f"SELECT {bucket} AS b, COUNT(*) FROM {self.state.snapshots} AS s"
+            " WHERE s.workspace = :workspace AND s.model = :model GROUP BY 1"
+        )
+        with self.state.engine.connect() as conn:
+            rows = conn.execute(sa.text(sql), self.state.scope(model.name)).all()
+        return {int(b): int(n) for b, n in rows}
+
+    def _plan_sql(self, model: Model, columns: list[Column] | None, shared: int | None) -> str:
+        """The query a plan table is created as: of the run's bucket, or (``shared``, a
+        bucket count) of every key with each row's bucket in BUCKET_COLUMN."""
+        w, d = self.warehouse, self.warehouse.dialect
+        bucket = None if shared is not None else self.bucket
         scope = self.state.scope(model.name)
         # Literals, not bind parameters: PostgreSQL takes none in CREATE TABLE AS.
         where = f"s.workspace = {sql_literal(scope['workspace'])} AND s.model = {sql_literal(scope['model'])}"
@@ -433,7 +502,12 @@ class PlanDiff(PushDownDiff):
             if held_by
             else "0"
         )
-        columns = self._payloads(model)
+        # A row's bucket is its key's; a NULL key's is 0, as in a run of one bucket.
+        bucket_of = (
+            f", {d.bucket(f'COALESCE(src.{KEY_COLUMN}, snap.key)', shared)} AS {BUCKET_COLUMN}"
+            if shared is not None
+            else ""
+        )
         joined = f"""
             WITH src AS {d.not_materialized}({source_rows_sql(w, model, bucket)}),
             dup AS ({duplicate_keys_sql()}),
@@ -445,7 +519,7 @@ class PlanDiff(PushDownDiff):
                 SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN},
                        snap.key AS {SNAPSHOT_KEY_COLUMN},
                        snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
-                       {held} AS {HELD_COLUMN}
+                       {held} AS {HELD_COLUMN}{bucket_of}
                 FROM src
                 FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}
                 LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
@@ -458,50 +532,55 @@ class PlanDiff(PushDownDiff):
         )
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
-            select = f"SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
-        else:
-            built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
-            self.payloads[model.name] = built
-            # A new row, valid or not, is the database's to send or reject, unless the SQL
-            # leaves it to Python; every other row keeps its model columns for Python.
-            new = (
-                f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{SNAPSHOT_KEY_COLUMN} IS NULL"
-                f" AND p.{DUPLICATES_COLUMN} = 1 AND p.{KEY_COLUMN} IS NOT NULL"
-                f" AND p.{HELD_COLUMN} = 0 AND p.{PAY_PYTHON_ONLY} = 0"
-            )
-            sent, rejected = (
-                f"{new} AND p.{PAY_CODE} IS NULL",
-                f"{new} AND p.{PAY_CODE} IS NOT NULL",
-            )
-            engine_columns = (
-                KEY_COLUMN,
-                FINGERPRINT_COLUMN,
-                DUPLICATES_COLUMN,
-                SNAPSHOT_KEY_COLUMN,
-                SNAPSHOT_FINGERPRINT_COLUMN,
-                HELD_COLUMN,
-            )
-            kept = [f"p.{c}" for c in engine_columns]
-            model_columns = [
-                f"CASE WHEN NOT ({new}) THEN p.{d.quote(c.name)} END AS {d.quote(c.name)}"
-                for c in columns
-            ]
-            select = f"""
-                SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
-                       {previous},
-                       CASE WHEN {sent} THEN p.{PAY_ATTRIBUTES} END AS {BUILT_SNAPSHOT_COLUMN},
-                       CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
-                       CASE WHEN {rejected} THEN {built.reason("p")} END AS {REJECT_REASON_COLUMN},
-                       CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
-                FROM ({built.relation}{d.subquery_fence}) AS p {snapshot_of}
-            """
-        sql = f"CREATE TABLE {table} AS {joined} {select}"
-        with diff_connection(self.warehouse, bucket) as conn:
+            return f"{joined} SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
+        built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
+        self.payloads[model.name] = built
+        # A new row, valid or not, is the database's to send or reject, unless the SQL
+        # leaves it to Python; every other row keeps its model columns for Python.
+        new = (
+            f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{SNAPSHOT_KEY_COLUMN} IS NULL"
+            f" AND p.{DUPLICATES_COLUMN} = 1 AND p.{KEY_COLUMN} IS NOT NULL"
+            f" AND p.{HELD_COLUMN} = 0 AND p.{PAY_PYTHON_ONLY} = 0"
+        )
+        sent, rejected = (
+            f"{new} AND p.{PAY_CODE} IS NULL",
+            f"{new} AND p.{PAY_CODE} IS NOT NULL",
+        )
+        engine_columns = (
+            KEY_COLUMN,
+            FINGERPRINT_COLUMN,
+            DUPLICATES_COLUMN,
+            SNAPSHOT_KEY_COLUMN,
+            SNAPSHOT_FINGERPRINT_COLUMN,
+            HELD_COLUMN,
+            *((BUCKET_COLUMN,) if shared is not None else ()),
+        )
+        kept = [f"p.{c}" for c in engine_columns]
+        model_columns = [
+            f"CASE WHEN NOT ({new}) THEN p.{d.quote(c.name)} END AS {d.quote(c.name)}"
+            for c in columns
+        ]
+        return f"""{joined}
+            SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
+                   {previous},
+                   CASE WHEN {sent} THEN p.{PAY_ATTRIBUTES} END AS {BUILT_SNAPSHOT_COLUMN},
+                   CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
+                   CASE WHEN {rejected} THEN {built.reason("p")} END AS {REJECT_REASON_COLUMN},
+                   CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
+            FROM ({built.relation}{d.subquery_fence}) AS p {snapshot_of}
+        """
+
+    def _create(self, model: Model, table: str, sql: str, by: Sequence[str]) -> bool:
+        """CREATE ``table`` AS ``sql``; False (and no table) when that does not fit the
+        database's memory limit. ``by``: the columns its reads filter by before the
+        sequence number."""
+        d = self.warehouse.dialect
+        with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
-                conn.execute(sa.text(sql))
-                for statement in d.plan_built(table, SEQ_COLUMN):
+                conn.execute(sa.text(f"CREATE TABLE {table} AS {sql}"))
+                for statement in d.plan_built(table, (*by, SEQ_COLUMN)):
                     conn.execute(sa.text(statement))
                 conn.commit()
             except sa.exc.DBAPIError as exc:
@@ -524,9 +603,8 @@ class PlanDiff(PushDownDiff):
         if model.name in self.streamed:
             with self.state.engine.begin() as conn:  # a failed CREATE TABLE AS leaves none
                 conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-            return None
-        self.plans[model.name] = table
-        return table
+            return False
+        return True
 
     def _payloads(self, model: Model) -> list[Column] | None:
         """The model's columns with their kinds where SQL builds its new rows' payloads: a

@@ -105,7 +105,12 @@ def open_session(
         state = state.bound(workspace)
         if same_database and not read_only and plans_supported(warehouse):
             differ = PlanDiff(
-                warehouse, state, options.bucket, suppressions, full_resync=options.full_resync
+                warehouse,
+                state,
+                options.bucket,
+                suppressions,
+                full_resync=options.full_resync,
+                run_id=run_id,
             )
         else:
             differ = differ_for(

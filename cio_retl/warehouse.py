@@ -33,6 +33,7 @@ SNAPSHOT_KEY_COLUMN = "__cio_snap"
 SNAPSHOT_FINGERPRINT_COLUMN = "__cio_sfp"
 IDENTIFIERS_COLUMN = "__cio_ids"
 HELD_COLUMN = "__cio_held"
+BUCKET_COLUMN = "__cio_bucket"  # a row's bucket, in a plan the bucket runs share
 # What the database built for a new row: the snapshot's attributes (NULL unless the row is
 # sent from the plan) or the rejection (code, reason, field).
 BUILT_SNAPSHOT_COLUMN = "__cio_snapshot"
@@ -56,6 +57,7 @@ INTERNAL_COLUMNS = frozenset(
         DUPLICATES_COLUMN,
         PREVIOUS_COLUMN,
         SEQ_COLUMN,
+        BUCKET_COLUMN,
         SNAPSHOT_KEY_COLUMN,
         SNAPSHOT_FINGERPRINT_COLUMN,
         IDENTIFIERS_COLUMN,

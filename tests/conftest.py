@@ -69,6 +69,19 @@ atexit.register(_drop_hypothesis_gc_callbacks)
 
 
 @pytest.fixture
+def statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine of this process runs while the test does."""
+    seen: list[str] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", listen)
+    yield seen
+    sa.event.remove(sa.engine.Engine, "before_cursor_execute", listen)
+
+
+@pytest.fixture
 def emulator() -> Iterator[Emulator]:
     with Emulator(site_id=SITE_ID, api_key=API_KEY) as emu:
         yield emu

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -30,19 +29,6 @@ from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, sync
 from tests.test_postgres import expected_workspace as expected_on_postgres
 from tests.test_postgres import pg_engine, pg_settings  # noqa: F401  (fixtures)
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
-
-
-@pytest.fixture
-def statements() -> Iterator[list[str]]:
-    """Every SQL statement any engine of this process runs while the test does."""
-    seen: list[str] = []
-
-    def listen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(statement)
-
-    sa.event.listen(sa.engine.Engine, "before_cursor_execute", listen)
-    yield seen
-    sa.event.remove(sa.engine.Engine, "before_cursor_execute", listen)
 
 
 def model_reads(statements: list[str], settings: Settings, name: str) -> int:

@@ -11,7 +11,8 @@ import contextlib
 import datetime as dt
 import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -21,6 +22,9 @@ from cio_retl.errors import LockedError
 from cio_retl.state.schema import StoreBase, locks, utcnow
 
 STALE_LOCK_AFTER = dt.timedelta(minutes=30)
+# How long a bucket run waits for another's claim or build of a shared plan (a build of a
+# large model's plan takes minutes); past it the run stops as locked.
+PLANNING_WAIT = dt.timedelta(minutes=15)
 
 
 class Locks(StoreBase):
@@ -113,6 +117,40 @@ class Locks(StoreBase):
             f"{what} is being synced by another run{owner}; try again when it ends. "
             f"A lock whose process is gone, or silent for {minutes} min, is taken over."
         )
+
+    @contextlib.contextmanager
+    def planning(
+        self, model: str, count: int, run_id: str, *, wait: dt.timedelta = PLANNING_WAIT
+    ) -> Iterator[None]:
+        """Hold the lock under which the bucket runs of one count claim slices of a shared
+        plan of ``model`` and build one (:mod:`cio_retl.plan_slices`), waiting while another
+        run holds it: one claims or builds at a time, so no slice is claimed from a plan
+        being built, and a run that waited finds the plan the other one built.
+
+        Its name (``people#plan/16``) has the count of the buckets it serves, so it
+        overlaps what they overlap: the whole model and other counts.
+        """
+        name = f"{model}{BUCKET_SEPARATOR}plan/{int(count)}"
+        deadline = time.monotonic() + wait.total_seconds()
+        while True:
+            try:
+                self._take_lock(name, run_id)
+                break
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    sa.delete(locks).where(locks.c.model == name, locks.c.run_id == run_id)
+                )
+
+    def live_runs(self, model: str) -> set[str]:
+        """The runs holding a lock of ``model`` or of one of its buckets now."""
+        return {held.run_id for held in self._live_locks(model)}
 
     def heartbeat(self, models: Sequence[str], run_id: str, bucket: Bucket | None = None) -> None:
         with self.engine.begin() as conn:

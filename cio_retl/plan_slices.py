@@ -1,0 +1,279 @@
+"""One plan for every bucket run of a model: built once, each bucket run reads its slice.
+
+A bucket run used to plan its bucket alone, and that plan still scanned the whole model and
+hashed every key of model and snapshot to find its own rows: N bucket runs cost about N
+whole-model plans. Instead the first bucket run of a round builds the plan of the whole
+model with each row's bucket beside it (a *shared plan*), and every bucket run of the same
+count reads its bucket's rows of it: its *slice*.
+
+A slice is its bucket's changeset as of the moment the plan was built. It stays right as long
+as nothing else wrote that bucket's snapshots since, which these rules keep:
+
+- A slice is claimed once, by the run that then sends it; claiming bucket i's slice of one
+  plan retires bucket i's slice of every other shared plan of the model and count.
+- Claims and builds take turns under one lock per model and count (``people#plan/16``,
+  :meth:`cio_retl.state.locking.Locks.planning`). A plan built while another run sends
+  bucket j's slice of an older plan has its own slice j retired from the start; every other
+  bucket's slice of an older plan is retired then (the new plan is fresher).
+- A run of the whole model, or of another bucket count, overlaps every bucket (the locks keep
+  it from running beside them) and drops every shared plan of the model before it plans.
+- A slice can be claimed for REUSE_SECONDS after its plan was built; a bucket run after that
+  plans anew, so a later round sends what the warehouse holds then.
+- A plan is dropped once none of its slices can be claimed or is being read: each is done,
+  retired, claimed by a run that holds no lock any more, or unclaimed past REUSE_SECONDS.
+
+Each shared plan has a small table beside it, ``<plan>_s``: a row per bucket with its
+snapshot rows when the plan was built (the run's counts need them), who claimed it and
+whether its run is done. Its name carries the model (hashed), the count and a digest of the
+plan's SQL, so a plan of another definition of the model is never claimed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from cio_retl.errors import LockedError
+from cio_retl.state import StateStore
+from cio_retl.warehouse import BUCKET_COLUMN
+
+REUSE_SECONDS = 600
+RETIRED = "-retired-"  # claimed_by of a slice no run may claim (run ids never look like it)
+SLICES_SUFFIX = "_s"
+
+
+def shared_prefix(model_prefix: str, count: int) -> str:
+    """The name prefix of the shared plans of one model (its plan prefix) and count."""
+    return f"{model_prefix}n{int(count)}_"
+
+
+def plan_digest(sql: str) -> str:
+    """What a shared plan's name says of the SQL that built it."""
+    return hashlib.blake2b(sql.encode(), digest_size=4).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One bucket's rows of a shared plan, claimed by this run."""
+
+    table: str  # the shared plan, quoted and schema-qualified
+    slices: str  # its table of slices, the same
+    bucket: int
+    acknowledged: int  # the bucket's snapshot rows when the plan was built
+
+    @property
+    def relation(self) -> str:
+        """The slice as a relation the plan's readers select from (``FROM <it> AS p``)."""
+        return f"(SELECT * FROM {self.table} AS g WHERE g.{BUCKET_COLUMN} = {int(self.bucket)})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    bucket: int
+    acknowledged: int
+    built_at: int  # microseconds since the epoch
+    claimed_by: str | None
+    done: int
+
+
+class SharedPlans:
+    """The shared plans of one model and bucket count in the state schema, for one run.
+
+    Every method but :meth:`release` expects the caller to hold
+    :meth:`~cio_retl.state.locking.Locks.planning` for the model and count.
+    """
+
+    def __init__(
+        self, state: StateStore, model: str, model_prefix: str, count: int, run_id: str
+    ) -> None:
+        self.state = state
+        self.model = model
+        self.model_prefix = model_prefix
+        self.prefix = shared_prefix(model_prefix, count)
+        self.count = count
+        self.run_id = run_id
+
+    def name(self, digest: str, token: str) -> str:
+        """The unquoted name of a new shared plan."""
+        return f"{self.prefix}{digest}_{token}"
+
+    def claim(self, bucket: int, digest: str) -> Slice | None:
+        """Claim ``bucket``'s slice of the newest plan of ``digest`` where it is unclaimed
+        and young, and retire the bucket's slice of every other plan; None when no plan has
+        one (the bucket's slices are retired all the same: the run plans anew)."""
+        now = _now()
+        plans = self._plans()
+        found: tuple[str, _Row] | None = None
+        for name, rows in sorted(plans.items(), key=lambda p: -_built_at(p[1])):
+            row = rows.get(bucket)
+            if (
+                found is None
+                and name.startswith(f"{self.prefix}{digest}_")
+                and row is not None
+                and row.claimed_by is None
+                and now - row.built_at < REUSE_SECONDS * 1_000_000
+            ):
+                found = (name, row)
+        with self.state.engine.begin() as conn:
+            for name in plans:
+                claimer = self.run_id if found is not None and name == found[0] else RETIRED
+                conn.execute(
+                    sa.text(
+                        f"UPDATE {self._quoted(name + SLICES_SUFFIX)} SET claimed_by = :by"
+                        " WHERE bucket = :bucket AND claimed_by IS NULL"
+                    ),
+                    {"by": claimer, "bucket": bucket},
+                )
+        if found is None:
+            return None
+        return self._slice(found[0], bucket, found[1].acknowledged)
+
+    def busy(self) -> set[int]:
+        """Buckets whose slice of some plan a live run (not this one) is reading or sending."""
+        live = self.state.live_runs(self.model) - {self.run_id}
+        return {
+            row.bucket
+            for rows in self._plans().values()
+            for row in rows.values()
+            if row.claimed_by in live and not row.done
+        }
+
+    def register(self, name: str, bucket: int, acknowledged: Mapping[int, int]) -> Slice:
+        """Record the plan ``name`` just built, its slice of ``bucket`` claimed by this run
+        and the slices of :meth:`busy` buckets retired."""
+        busy = self.busy()
+        now = _now()
+        slices = self._quoted(name + SLICES_SUFFIX)
+        rows = [
+            {
+                "bucket": b,
+                "acknowledged": int(acknowledged.get(b, 0)),
+                "built_at": now,
+                "claimed_by": self.run_id if b == bucket else RETIRED if b in busy else None,
+            }
+            for b in range(self.count)
+        ]
+        older = self._plans()
+        with self.state.engine.begin() as conn:
+            # The new plan is the fresher changeset of every bucket no run is busy with:
+            # their slices of older plans are not to be sent any more.
+            for other in older:
+                conn.execute(
+                    sa.text(
+                        f"UPDATE {self._quoted(other + SLICES_SUFFIX)} SET claimed_by = :by"
+                        " WHERE claimed_by IS NULL"
+                    ),
+                    {"by": RETIRED},
+                )
+            conn.execute(
+                sa.text(
+                    f"CREATE TABLE {slices} (bucket INTEGER NOT NULL, acknowledged BIGINT NOT"
+                    " NULL, built_at BIGINT NOT NULL, claimed_by VARCHAR(64), done INTEGER NOT"
+                    " NULL)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {slices} (bucket, acknowledged, built_at, claimed_by, done)"
+                    " VALUES (:bucket, :acknowledged, :built_at, :claimed_by, 0)"
+                ),
+                rows,
+            )
+        return self._slice(name, bucket, int(acknowledged.get(bucket, 0)))
+
+    def release(self, claimed: Slice) -> None:
+        """Mark this run's slice done, and drop the plans nothing needs any more if no
+        other run is claiming or building (else the next one that does drops them)."""
+        self._finish(claimed)
+        with (
+            contextlib.suppress(LockedError),
+            self.state.planning(self.model, self.count, self.run_id, wait=dt.timedelta(0)),
+        ):
+            self.sweep()
+
+    def _finish(self, claimed: Slice) -> None:
+        with self.state.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"UPDATE {claimed.slices} SET done = 1 WHERE bucket = :b AND claimed_by = :by"
+                ),
+                {"b": claimed.bucket, "by": self.run_id},
+            )
+
+    def sweep(self) -> None:
+        """Drop the shared plans of other counts (no run of theirs can be live beside this
+        one), a plan whose build died before its slices were recorded, and every plan of
+        this count that nothing can claim or is reading."""
+        names = self._names()
+        live = self.state.live_runs(self.model) - {self.run_id}
+        now = _now()
+        plans = self._plans(names)
+        dead = [n for n in names if not n.startswith(self.prefix)]  # other counts
+        dead += [
+            n
+            for n in names
+            if n.startswith(self.prefix) and not n.endswith(SLICES_SUFFIX) and n not in plans
+        ]
+        for name, rows in plans.items():
+            if all(
+                row.done
+                or row.claimed_by == RETIRED
+                or (row.claimed_by is not None and row.claimed_by not in live)
+                or (row.claimed_by is None and now - row.built_at >= REUSE_SECONDS * 1_000_000)
+                for row in rows.values()
+            ):
+                dead += [name, name + SLICES_SUFFIX]
+        self._drop(dead)
+
+    # -- internals -----------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        return [
+            n
+            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
+            if n.startswith(self.model_prefix + "n")
+        ]
+
+    def _plans(self, names: list[str] | None = None) -> dict[str, dict[int, _Row]]:
+        """Each shared plan of this count with its slices' rows, by the plan's name."""
+        names = self._names() if names is None else names
+        plans: dict[str, dict[int, _Row]] = {}
+        with self.state.engine.connect() as conn:
+            for name in names:
+                if not name.startswith(self.prefix) or not name.endswith(SLICES_SUFFIX):
+                    continue
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT bucket, acknowledged, built_at, claimed_by, done"
+                        f" FROM {self._quoted(name)}"
+                    )
+                ).all()
+                plans[name[: -len(SLICES_SUFFIX)]] = {r[0]: _Row(*r) for r in rows}
+        return plans
+
+    def _slice(self, name: str, bucket: int, acknowledged: int) -> Slice:
+        return Slice(self._quoted(name), self._quoted(name + SLICES_SUFFIX), bucket, acknowledged)
+
+    def _quoted(self, name: str) -> str:
+        d = self.state.dialect
+        return f"{d.quote_schema(self.state.schema)}.{d.quote(name)}"
+
+    def _drop(self, names: list[str]) -> None:
+        if not names:
+            return
+        with self.state.engine.begin() as conn:
+            for name in names:
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {self._quoted(name)}"))
+
+
+def _now() -> int:
+    return time.time_ns() // 1000
+
+
+def _built_at(rows: Mapping[int, _Row]) -> int:
+    return max((r.built_at for r in rows.values()), default=0)
