@@ -88,6 +88,30 @@ PLAN_PREFIX = "cio_plan_"
 _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
 
 
+def _plan_counts(relation: str, by: str | None = None) -> str:
+    """The counts a run reads of its plan (of each ``by`` value, when given): planned model
+    rows, snapshot keys, new, changed and removed rows, rows of a NULL key, rows sharing a
+    key."""
+    group = (f"p.{by}, ", f" GROUP BY p.{by}") if by else ("", "")
+    return f"""
+        SELECT {group[0]}
+            SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN 1 ELSE 0 END),
+            COUNT(DISTINCT p.{SNAPSHOT_KEY_COLUMN}),
+            SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
+                      AND p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
+            SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
+                      AND p.{SNAPSHOT_FINGERPRINT_COLUMN} <> p.{FINGERPRINT_COLUMN}
+                     THEN 1 ELSE 0 END),
+            SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NULL THEN 1 ELSE 0 END),
+            SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
+            SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{DUPLICATES_COLUMN} > 1 THEN 1 ELSE 0 END)
+        FROM {relation} AS p{group[1]}
+    """
+
+
+_PLAN_COUNTS = 7  # the columns of _plan_counts
+
+
 def plans_supported(warehouse: Warehouse) -> bool:
     return warehouse.dialect.builds_plans
 
@@ -317,40 +341,25 @@ class PlanDiff(PushDownDiff):
         if table is None:
             return super().count(model, keys=keys)
         claimed = self.slices.get(model.name)
-        snapshot_rows = f"""
-            SELECT COUNT(*) FROM {self.state.snapshots} AS s
-            WHERE s.workspace = :workspace AND s.model = :model{
-            in_bucket(self.state.dialect, "s.key", self.bucket)
-        }
-        """
-        counts = f"""
-            SELECT
-                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN 1 ELSE 0 END),
-                COUNT(DISTINCT p.{SNAPSHOT_KEY_COLUMN}),
-                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
-                          AND p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
-                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL
-                          AND p.{SNAPSHOT_FINGERPRINT_COLUMN} <> p.{FINGERPRINT_COLUMN}
-                         THEN 1 ELSE 0 END),
-                SUM(CASE WHEN p.{FINGERPRINT_COLUMN} IS NULL THEN 1 ELSE 0 END),
-                SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{KEY_COLUMN} IS NULL THEN 1 ELSE 0 END),
-                SUM(CASE WHEN {_REJECTED_FOR_KEY} AND p.{DUPLICATES_COLUMN} > 1 THEN 1 ELSE 0 END)
-            FROM {table} AS p
-        """
-        with self.state.engine.connect() as conn:
-            # A slice's snapshot rows were counted when its plan was built (and no run has
-            # written its bucket since): no scan of the snapshot for the bucket's keys.
-            acknowledged = (
-                claimed[1].acknowledged
-                if claimed is not None
-                else int(
+        if claimed is not None:
+            # Counted when the slice's plan was built (no run wrote its bucket since).
+            acknowledged, planned = claimed[1].acknowledged, claimed[1].planned
+        else:
+            snapshot_rows = f"""
+                SELECT COUNT(*) FROM {self.state.snapshots} AS s
+                WHERE s.workspace = :workspace AND s.model = :model{
+                in_bucket(self.state.dialect, "s.key", self.bucket)
+            }
+            """
+            with self.state.engine.connect() as conn:
+                acknowledged = int(
                     conn.execute(sa.text(snapshot_rows), self.state.scope(model.name)).scalar_one()
                     or 0
                 )
-            )
-            planned_rows, planned_snapshots, new, changed, removed, *bad_keys = (
-                int(v or 0) for v in conn.execute(sa.text(counts)).one()
-            )
+                planned = tuple(
+                    int(v or 0) for v in conn.execute(sa.text(_plan_counts(table))).one()
+                )
+        planned_rows, planned_snapshots, new, changed, removed, *bad_keys = planned
         # Snapshot rows the plan left out are the unchanged ones: one model row each.
         rows = planned_rows + acknowledged - planned_snapshots
         # The plan holds every row of a bad key anyway: counting them costs nothing here.
@@ -456,14 +465,19 @@ class PlanDiff(PushDownDiff):
         )
         digest = plan_digest(sql)
         with self.state.planning(model.name, count, self.run_id):
-            shared.sweep()
+            shared.survey()
             claimed = shared.claim(self.bucket.index, digest)
             if claimed is None:
                 name = shared.name(digest, self.token)
                 table = f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
                 if not self._create(model, table, sql, (BUCKET_COLUMN,)):
                     return None
-                claimed = shared.register(name, self.bucket.index, self._acknowledged(model))
+                with self.state.engine.connect() as conn:
+                    rows = conn.execute(sa.text(_plan_counts(table, BUCKET_COLUMN))).all()
+                planned = {int(r[0]): tuple(r[1:]) for r in rows}
+                claimed = shared.register(
+                    name, self.bucket.index, self._acknowledged(model), planned, _PLAN_COUNTS
+                )
         self.slices[model.name] = (shared, claimed)
         self.plans[model.name] = claimed.relation
         return claimed.relation

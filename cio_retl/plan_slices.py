@@ -23,7 +23,8 @@ as nothing else wrote that bucket's snapshots since, which these rules keep:
   retired, claimed by a run that holds no lock any more, or unclaimed past REUSE_SECONDS.
 
 Each shared plan has a small table beside it, ``<plan>_s``: a row per bucket with its
-snapshot rows when the plan was built (the run's counts need them), who claimed it and
+counts when the plan was built (its snapshot rows and the plan's counts of its slice, what a
+run reads first: no bucket run scans the snapshot or the plan to count), who claimed it and
 whether its run is done. Its name carries the model (hashed), the count and a digest of the
 plan's SQL, so a plan of another definition of the model is never claimed.
 """
@@ -34,9 +35,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
 import sqlalchemy as sa
 
 from cio_retl.errors import LockedError
@@ -60,12 +62,13 @@ def plan_digest(sql: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Slice:
-    """One bucket's rows of a shared plan, claimed by this run."""
+    """One bucket's rows of a shared plan, claimed by this run, and its counts."""
 
     table: str  # the shared plan, quoted and schema-qualified
     slices: str  # its table of slices, the same
     bucket: int
     acknowledged: int  # the bucket's snapshot rows when the plan was built
+    planned: tuple[int, ...]  # the plan's counts of the slice (PlanDiff's counts query)
 
     @property
     def relation(self) -> str:
@@ -77,6 +80,7 @@ class Slice:
 class _Row:
     bucket: int
     acknowledged: int
+    planned: str  # JSON list of the slice's counts
     built_at: int  # microseconds since the epoch
     claimed_by: str | None
     done: int
@@ -85,8 +89,9 @@ class _Row:
 class SharedPlans:
     """The shared plans of one model and bucket count in the state schema, for one run.
 
-    Every method but :meth:`release` expects the caller to hold
-    :meth:`~cio_retl.state.locking.Locks.planning` for the model and count.
+    :meth:`survey`, :meth:`claim` and :meth:`register` expect the caller to hold
+    :meth:`~cio_retl.state.locking.Locks.planning` for the model and count, and to survey
+    first: they act on what it found.
     """
 
     def __init__(
@@ -98,19 +103,54 @@ class SharedPlans:
         self.prefix = shared_prefix(model_prefix, count)
         self.count = count
         self.run_id = run_id
+        self._plans: dict[str, dict[int, _Row]] = {}  # what the survey left: name -> slices
+        self._live: set[str] = set()  # the other runs holding a lock of the model
 
     def name(self, digest: str, token: str) -> str:
         """The unquoted name of a new shared plan."""
         return f"{self.prefix}{digest}_{token}"
+
+    def survey(self) -> None:
+        """Read the model's shared plans and who is live, and drop the plans of other counts
+        (no run of theirs can be live beside this one), a plan whose build died before its
+        slices were recorded, and every plan of this count that nothing can claim or is
+        reading."""
+        names = [
+            n
+            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
+            if n.startswith(self.model_prefix + "n")
+        ]
+        self._live = self.state.live_runs(self.model) - {self.run_id}
+        self._plans = self._read(n for n in names if n.startswith(self.prefix))
+        now = _now()
+        dead = [n for n in names if not n.startswith(self.prefix)]  # other counts
+        dead += [
+            n
+            for n in names
+            if n.startswith(self.prefix) and not n.endswith(SLICES_SUFFIX) and n not in self._plans
+        ]
+        for name, rows in list(self._plans.items()):
+            if all(
+                row.done
+                or row.claimed_by == RETIRED
+                or (row.claimed_by is not None and row.claimed_by not in self._live)
+                or (row.claimed_by is None and now - row.built_at >= REUSE_SECONDS * 1_000_000)
+                for row in rows.values()
+            ):
+                dead += [name, name + SLICES_SUFFIX]
+                del self._plans[name]
+        if dead:
+            with self.state.engine.begin() as conn:
+                for name in dead:
+                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {self._quoted(name)}"))
 
     def claim(self, bucket: int, digest: str) -> Slice | None:
         """Claim ``bucket``'s slice of the newest plan of ``digest`` where it is unclaimed
         and young, and retire the bucket's slice of every other plan; None when no plan has
         one (the bucket's slices are retired all the same: the run plans anew)."""
         now = _now()
-        plans = self._plans()
         found: tuple[str, _Row] | None = None
-        for name, rows in sorted(plans.items(), key=lambda p: -_built_at(p[1])):
+        for name, rows in sorted(self._plans.items(), key=lambda p: -_built_at(p[1])):
             row = rows.get(bucket)
             if (
                 found is None
@@ -121,7 +161,7 @@ class SharedPlans:
             ):
                 found = (name, row)
         with self.state.engine.begin() as conn:
-            for name in plans:
+            for name in self._plans:
                 claimer = self.run_id if found is not None and name == found[0] else RETIRED
                 conn.execute(
                     sa.text(
@@ -132,38 +172,44 @@ class SharedPlans:
                 )
         if found is None:
             return None
-        return self._slice(found[0], bucket, found[1].acknowledged)
+        name, row = found
+        return self._slice(name, bucket, row.acknowledged, tuple(orjson.loads(row.planned)))
 
-    def busy(self) -> set[int]:
-        """Buckets whose slice of some plan a live run (not this one) is reading or sending."""
-        live = self.state.live_runs(self.model) - {self.run_id}
-        return {
+    def register(
+        self,
+        name: str,
+        bucket: int,
+        acknowledged: Mapping[int, int],
+        planned: Mapping[int, Sequence[int]],
+        width: int,
+    ) -> Slice:
+        """Record the plan ``name`` just built, with each bucket's snapshot rows and plan
+        counts (``width`` of them; a bucket without plan rows has zeros): its slice of
+        ``bucket`` claimed by this run, and retired where a live run sends that bucket's
+        slice of an older plan. The older plans' unclaimed slices are retired: this plan
+        holds the fresher changeset of their buckets."""
+        busy = {
             row.bucket
-            for rows in self._plans().values()
+            for rows in self._plans.values()
             for row in rows.values()
-            if row.claimed_by in live and not row.done
+            if row.claimed_by in self._live and not row.done
         }
-
-    def register(self, name: str, bucket: int, acknowledged: Mapping[int, int]) -> Slice:
-        """Record the plan ``name`` just built, its slice of ``bucket`` claimed by this run
-        and the slices of :meth:`busy` buckets retired."""
-        busy = self.busy()
         now = _now()
+        counts = {b: tuple(int(v or 0) for v in values) for b, values in planned.items()}
+        zeros = (0,) * width
         slices = self._quoted(name + SLICES_SUFFIX)
         rows = [
             {
                 "bucket": b,
                 "acknowledged": int(acknowledged.get(b, 0)),
+                "planned": orjson.dumps(counts.get(b, zeros)).decode(),
                 "built_at": now,
                 "claimed_by": self.run_id if b == bucket else RETIRED if b in busy else None,
             }
             for b in range(self.count)
         ]
-        older = self._plans()
         with self.state.engine.begin() as conn:
-            # The new plan is the fresher changeset of every bucket no run is busy with:
-            # their slices of older plans are not to be sent any more.
-            for other in older:
+            for other in self._plans:
                 conn.execute(
                     sa.text(
                         f"UPDATE {self._quoted(other + SLICES_SUFFIX)} SET claimed_by = :by"
@@ -174,30 +220,24 @@ class SharedPlans:
             conn.execute(
                 sa.text(
                     f"CREATE TABLE {slices} (bucket INTEGER NOT NULL, acknowledged BIGINT NOT"
-                    " NULL, built_at BIGINT NOT NULL, claimed_by VARCHAR(64), done INTEGER NOT"
-                    " NULL)"
+                    " NULL, planned VARCHAR(400) NOT NULL, built_at BIGINT NOT NULL,"
+                    " claimed_by VARCHAR(64), done INTEGER NOT NULL)"
                 )
             )
             conn.execute(
                 sa.text(
-                    f"INSERT INTO {slices} (bucket, acknowledged, built_at, claimed_by, done)"
-                    " VALUES (:bucket, :acknowledged, :built_at, :claimed_by, 0)"
+                    f"INSERT INTO {slices} (bucket, acknowledged, planned, built_at, claimed_by,"
+                    " done) VALUES (:bucket, :acknowledged, :planned, :built_at, :claimed_by, 0)"
                 ),
                 rows,
             )
-        return self._slice(name, bucket, int(acknowledged.get(bucket, 0)))
+        return self._slice(
+            name, bucket, int(acknowledged.get(bucket, 0)), counts.get(bucket, zeros)
+        )
 
     def release(self, claimed: Slice) -> None:
         """Mark this run's slice done, and drop the plans nothing needs any more if no
         other run is claiming or building (else the next one that does drops them)."""
-        self._finish(claimed)
-        with (
-            contextlib.suppress(LockedError),
-            self.state.planning(self.model, self.count, self.run_id, wait=dt.timedelta(0)),
-        ):
-            self.sweep()
-
-    def _finish(self, claimed: Slice) -> None:
         with self.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
@@ -205,70 +245,37 @@ class SharedPlans:
                 ),
                 {"b": claimed.bucket, "by": self.run_id},
             )
-
-    def sweep(self) -> None:
-        """Drop the shared plans of other counts (no run of theirs can be live beside this
-        one), a plan whose build died before its slices were recorded, and every plan of
-        this count that nothing can claim or is reading."""
-        names = self._names()
-        live = self.state.live_runs(self.model) - {self.run_id}
-        now = _now()
-        plans = self._plans(names)
-        dead = [n for n in names if not n.startswith(self.prefix)]  # other counts
-        dead += [
-            n
-            for n in names
-            if n.startswith(self.prefix) and not n.endswith(SLICES_SUFFIX) and n not in plans
-        ]
-        for name, rows in plans.items():
-            if all(
-                row.done
-                or row.claimed_by == RETIRED
-                or (row.claimed_by is not None and row.claimed_by not in live)
-                or (row.claimed_by is None and now - row.built_at >= REUSE_SECONDS * 1_000_000)
-                for row in rows.values()
-            ):
-                dead += [name, name + SLICES_SUFFIX]
-        self._drop(dead)
+        with (
+            contextlib.suppress(LockedError),
+            self.state.planning(self.model, self.count, self.run_id, wait=dt.timedelta(0)),
+        ):
+            self.survey()
 
     # -- internals -----------------------------------------------------------------------
-    def _names(self) -> list[str]:
-        return [
-            n
-            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
-            if n.startswith(self.model_prefix + "n")
-        ]
-
-    def _plans(self, names: list[str] | None = None) -> dict[str, dict[int, _Row]]:
-        """Each shared plan of this count with its slices' rows, by the plan's name."""
-        names = self._names() if names is None else names
+    def _read(self, names: Iterable[str]) -> dict[str, dict[int, _Row]]:
+        """Each shared plan with its slices' rows, by the plan's name."""
         plans: dict[str, dict[int, _Row]] = {}
         with self.state.engine.connect() as conn:
             for name in names:
-                if not name.startswith(self.prefix) or not name.endswith(SLICES_SUFFIX):
+                if not name.endswith(SLICES_SUFFIX):
                     continue
                 rows = conn.execute(
                     sa.text(
-                        "SELECT bucket, acknowledged, built_at, claimed_by, done"
+                        "SELECT bucket, acknowledged, planned, built_at, claimed_by, done"
                         f" FROM {self._quoted(name)}"
                     )
                 ).all()
                 plans[name[: -len(SLICES_SUFFIX)]] = {r[0]: _Row(*r) for r in rows}
         return plans
 
-    def _slice(self, name: str, bucket: int, acknowledged: int) -> Slice:
-        return Slice(self._quoted(name), self._quoted(name + SLICES_SUFFIX), bucket, acknowledged)
+    def _slice(self, name: str, bucket: int, acknowledged: int, planned: tuple[int, ...]) -> Slice:
+        return Slice(
+            self._quoted(name), self._quoted(name + SLICES_SUFFIX), bucket, acknowledged, planned
+        )
 
     def _quoted(self, name: str) -> str:
         d = self.state.dialect
         return f"{d.quote_schema(self.state.schema)}.{d.quote(name)}"
-
-    def _drop(self, names: list[str]) -> None:
-        if not names:
-            return
-        with self.state.engine.begin() as conn:
-            for name in names:
-                conn.execute(sa.text(f"DROP TABLE IF EXISTS {self._quoted(name)}"))
 
 
 def _now() -> int:
