@@ -7,6 +7,10 @@ snapshot and keeps what the run acts on: new rows, rows whose fingerprint moved,
 a key, and snapshot rows whose key left the model. It lands in a table of its own in the
 state schema; counts, guardrail verdicts, sample payloads and the send all read that table.
 
+A bucket run (``--bucket I/N``) reads its bucket's slice of one plan that every bucket run
+of N shares, built by the first of a round (:mod:`cio_retl.plan_slices`), instead of a plan
+of its own: a plan of one bucket still scans the whole model and snapshot to find its keys.
+
 Why a table, not a TEMP table: the state writer reads the plan from another connection, and
 a temporary table is visible to its own connection only. A dry run builds no plan (it
 creates nothing persistent anywhere) and keeps the streaming diff. The table is dropped when
