@@ -472,6 +472,7 @@ class PlanDiff(PushDownDiff):
             shared.survey()
             claimed = shared.claim(self.bucket.index, digest)
             if claimed is None:
+                shared.begin_build()
                 name = shared.name(digest, self.token)
                 table = f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
                 if not self._create(model, table, sql, (BUCKET_COLUMN,)):

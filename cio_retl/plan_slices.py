@@ -12,9 +12,11 @@ as nothing else wrote that bucket's snapshots since, which these rules keep:
 - A slice is claimed once, by the run that then sends it; claiming bucket i's slice of one
   plan retires bucket i's slice of every other shared plan of the model and count.
 - Claims and builds take turns under one lock per model and count (``people#plan/16``,
-  :meth:`cio_retl.state.locking.Locks.planning`). A plan built while another run sends
-  bucket j's slice of an older plan has its own slice j retired from the start; every other
-  bucket's slice of an older plan is retired then (the new plan is fresher).
+  :meth:`cio_retl.state.locking.Locks.planning`), so runs that start together build one
+  plan. A plan's slice j is retired from the start if another run may have written bucket j
+  while the plan was built (it claimed, sent or ended a slice j then, or has not ended);
+  every other bucket's unclaimed slice of an older plan is retired then (the new plan is
+  fresher). That holds even if the lock was taken over as stale.
 - A run of the whole model, or of another bucket count, overlaps every bucket (the locks keep
   it from running beside them) and drops every shared plan of the model before it plans.
 - A slice can be claimed for REUSE_SECONDS after its plan was built; a bucket run after that
@@ -81,9 +83,10 @@ class _Row:
     bucket: int
     acknowledged: int
     planned: str  # JSON list of the slice's counts
-    built_at: int  # microseconds since the epoch
+    built_at: int  # microseconds since the epoch, as the times below
     claimed_by: str | None
-    done: int
+    claimed_at: int | None
+    done_at: int | None  # when its run ended
 
 
 class SharedPlans:
@@ -105,6 +108,7 @@ class SharedPlans:
         self.run_id = run_id
         self._plans: dict[str, dict[int, _Row]] = {}  # what the survey left: name -> slices
         self._live: set[str] = set()  # the other runs holding a lock of the model
+        self._started = 0  # when this run began building a plan
 
     def name(self, digest: str, token: str) -> str:
         """The unquoted name of a new shared plan."""
@@ -115,11 +119,7 @@ class SharedPlans:
         (no run of theirs can be live beside this one), a plan whose build died before its
         slices were recorded, and every plan of this count that nothing can claim or is
         reading."""
-        names = [
-            n
-            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
-            if n.startswith(self.model_prefix + "n")
-        ]
+        names = self._names()
         self._live = self.state.live_runs(self.model) - {self.run_id}
         self._plans = self._read(n for n in names if n.startswith(self.prefix))
         now = _now()
@@ -131,7 +131,7 @@ class SharedPlans:
         ]
         for name, rows in list(self._plans.items()):
             if all(
-                row.done
+                row.done_at is not None
                 or row.claimed_by == RETIRED
                 or (row.claimed_by is not None and row.claimed_by not in self._live)
                 or (row.claimed_by is None and now - row.built_at >= REUSE_SECONDS * 1_000_000)
@@ -165,15 +165,20 @@ class SharedPlans:
                 claimer = self.run_id if found is not None and name == found[0] else RETIRED
                 conn.execute(
                     sa.text(
-                        f"UPDATE {self._quoted(name + SLICES_SUFFIX)} SET claimed_by = :by"
-                        " WHERE bucket = :bucket AND claimed_by IS NULL"
+                        f"UPDATE {self._quoted(name + SLICES_SUFFIX)} SET claimed_by = :by,"
+                        " claimed_at = :now WHERE bucket = :bucket AND claimed_by IS NULL"
                     ),
-                    {"by": claimer, "bucket": bucket},
+                    {"by": claimer, "now": now, "bucket": bucket},
                 )
         if found is None:
             return None
         name, row = found
         return self._slice(name, bucket, row.acknowledged, tuple(orjson.loads(row.planned)))
+
+    def begin_build(self) -> None:
+        """Note when this run starts building a plan: a slice of another plan claimed or
+        sent since then may have written its bucket while the plan read it."""
+        self._started = _now()
 
     def register(
         self,
@@ -184,15 +189,27 @@ class SharedPlans:
         width: int,
     ) -> Slice:
         """Record the plan ``name`` just built, with each bucket's snapshot rows and plan
-        counts (``width`` of them; a bucket without plan rows has zeros): its slice of
-        ``bucket`` claimed by this run, and retired where a live run sends that bucket's
-        slice of an older plan. The older plans' unclaimed slices are retired: this plan
-        holds the fresher changeset of their buckets."""
+        counts (``width`` of them; a bucket without plan rows has zeros), its slice of
+        ``bucket`` claimed by this run.
+
+        A bucket's slice is retired from the start when another run may have written the
+        bucket while the plan was built: its slice of another plan was claimed then, or its
+        run ended then, or it has not ended (a live run sending it, or a dead one). This
+        holds whatever the planning lock did (a lock taken over as stale included). The
+        older plans' unclaimed slices are retired: this plan holds the fresher changeset of
+        their buckets."""
+        others = self._read(self._names())
+        started = self._started
         busy = {
             row.bucket
-            for rows in self._plans.values()
+            for rows in others.values()
             for row in rows.values()
-            if row.claimed_by in self._live and not row.done
+            if row.claimed_by not in (None, RETIRED, self.run_id)
+            and (
+                row.done_at is None
+                or row.done_at >= started
+                or (row.claimed_at is not None and row.claimed_at >= started)
+            )
         }
         now = _now()
         counts = {b: tuple(int(v or 0) for v in values) for b, values in planned.items()}
@@ -205,29 +222,31 @@ class SharedPlans:
                 "planned": orjson.dumps(counts.get(b, zeros)).decode(),
                 "built_at": now,
                 "claimed_by": self.run_id if b == bucket else RETIRED if b in busy else None,
+                "claimed_at": now if b == bucket or b in busy else None,
             }
             for b in range(self.count)
         ]
         with self.state.engine.begin() as conn:
-            for other in self._plans:
+            for other in others:
                 conn.execute(
                     sa.text(
-                        f"UPDATE {self._quoted(other + SLICES_SUFFIX)} SET claimed_by = :by"
-                        " WHERE claimed_by IS NULL"
+                        f"UPDATE {self._quoted(other + SLICES_SUFFIX)} SET claimed_by = :by,"
+                        " claimed_at = :now WHERE claimed_by IS NULL"
                     ),
-                    {"by": RETIRED},
+                    {"by": RETIRED, "now": now},
                 )
             conn.execute(
                 sa.text(
                     f"CREATE TABLE {slices} (bucket INTEGER NOT NULL, acknowledged BIGINT NOT"
                     " NULL, planned VARCHAR(400) NOT NULL, built_at BIGINT NOT NULL,"
-                    " claimed_by VARCHAR(64), done INTEGER NOT NULL)"
+                    " claimed_by VARCHAR(64), claimed_at BIGINT, done_at BIGINT)"
                 )
             )
             conn.execute(
                 sa.text(
                     f"INSERT INTO {slices} (bucket, acknowledged, planned, built_at, claimed_by,"
-                    " done) VALUES (:bucket, :acknowledged, :planned, :built_at, :claimed_by, 0)"
+                    " claimed_at) VALUES (:bucket, :acknowledged, :planned, :built_at,"
+                    " :claimed_by, :claimed_at)"
                 ),
                 rows,
             )
@@ -241,9 +260,10 @@ class SharedPlans:
         with self.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
-                    f"UPDATE {claimed.slices} SET done = 1 WHERE bucket = :b AND claimed_by = :by"
+                    f"UPDATE {claimed.slices} SET done_at = :now"
+                    " WHERE bucket = :b AND claimed_by = :by"
                 ),
-                {"b": claimed.bucket, "by": self.run_id},
+                {"now": _now(), "b": claimed.bucket, "by": self.run_id},
             )
         with (
             contextlib.suppress(LockedError),
@@ -252,6 +272,14 @@ class SharedPlans:
             self.survey()
 
     # -- internals -----------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        """The tables of the model's shared plans (of every count)."""
+        return [
+            n
+            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
+            if n.startswith(self.model_prefix + "n")
+        ]
+
     def _read(self, names: Iterable[str]) -> dict[str, dict[int, _Row]]:
         """Each shared plan with its slices' rows, by the plan's name."""
         plans: dict[str, dict[int, _Row]] = {}
@@ -261,7 +289,8 @@ class SharedPlans:
                     continue
                 rows = conn.execute(
                     sa.text(
-                        "SELECT bucket, acknowledged, planned, built_at, claimed_by, done"
+                        "SELECT bucket, acknowledged, planned, built_at, claimed_by, claimed_at,"
+                        " done_at"
                         f" FROM {self._quoted(name)}"
                     )
                 ).all()

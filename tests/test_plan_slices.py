@@ -17,8 +17,8 @@ from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator
 from cio_retl.models import load_models
 from cio_retl.passes import PLAN
-from cio_retl.plan import PlanDiff
-from cio_retl.plan_slices import RETIRED, SLICES_SUFFIX
+from cio_retl.plan import PlanDiff, plan_prefix
+from cio_retl.plan_slices import RETIRED, SLICES_SUFFIX, SharedPlans
 from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import Warehouse, create_engine
@@ -196,6 +196,33 @@ def test_a_plan_built_while_a_slice_is_sent_retires_that_bucket(
     d = planned("run-d", 3)
     done("run-d", d)
     assert plan_tables(demo_engine) == []  # every slice sent or retired: both plans dropped
+
+
+def test_a_slice_sent_while_a_plan_was_built_is_left_out_of_it(
+    store: tuple[Warehouse, StateStore], demo_engine: Engine
+) -> None:
+    """Run x ends its slice of bucket 0 while run y builds a plan: y's plan may hold bucket
+    0 as it was before x wrote it, so its slice 0 is retired. A plan built after x ended
+    keeps it."""
+    _, state = store
+
+    def plans(run: str) -> SharedPlans:
+        shared = SharedPlans(state, "users", plan_prefix("users", None), 4, run)
+        shared.survey()
+        shared.begin_build()
+        return shared
+
+    x = plans("run-x")
+    sent = x.register(x.name("00000000", "x" * 12), 0, {}, {}, 7)
+    y = plans("run-y")  # y starts its build ...
+    x.release(sent)  # ... x ends its slice meanwhile ...
+    y.register(y.name("00000000", "y" * 12), 1, {}, {}, 7)  # ... y's build ends
+    z = plans("run-z")  # z builds after x ended
+    z.register(z.name("00000000", "z" * 12), 2, {}, {}, 7)
+
+    claims = {name[-14:-2]: slices for name, slices in slices_of(demo_engine).items()}
+    assert claims["y" * 12][0] == RETIRED
+    assert claims["z" * 12] == {0: None, 1: RETIRED, 2: "run-z", 3: None}  # 1: y's, unended
 
 
 def test_counts_of_a_slice_equal_a_plan_of_the_bucket_alone(
