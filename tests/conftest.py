@@ -185,12 +185,41 @@ def demo_models(folder: Path, schema: str) -> Path:
 
 
 @pytest.fixture
-def fakesnow_url() -> Iterator[str]:
+def fakesnow_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A Snowflake URL served in-process by fakesnow (Snowflake SQL run on DuckDB)."""
     pytest.importorskip("snowflake.sqlalchemy", reason="needs the snowflake extra")
     fakesnow = pytest.importorskip("fakesnow")
+    from fakesnow.cursor import FakeSnowflakeCursor
+
+    monkeypatch.setattr(
+        FakeSnowflakeCursor,
+        "_rewrite_with_params",
+        _interpolating_empty_params(FakeSnowflakeCursor._rewrite_with_params),
+    )
     with fakesnow.patch():
         yield "snowflake://fake:snow@fakesnow/CIO_TEST/PUBLIC?warehouse=test_wh"
+
+
+def _interpolating_empty_params(rewrite: Any) -> Any:
+    """fakesnow's client-side binding as the Snowflake connector's: SQLAlchemy doubles every
+    ``%`` of a pyformat statement, and snowflake-sqlalchemy sets the connection's
+    ``_interpolate_empty_sequences`` for such a statement, so the connector runs
+    ``command % {}`` even without parameters (SnowflakeCursor._preprocess_pyformat_query)
+    and ``'100%%'`` reaches Snowflake as ``'100%'``. fakesnow interpolates only when there
+    are parameters: a statement without any (a plan's CREATE TABLE AS of a model with a
+    ``%`` literal) kept ``%%``."""
+
+    def rewrite_with_params(self: Any, command: str, params: Any = None) -> Any:
+        if (
+            params is not None
+            and len(params) == 0
+            and getattr(self._conn, "_interpolate_empty_sequences", False)
+            and self._conn._paramstyle in ("pyformat", "format")
+        ):
+            return command % params, None
+        return rewrite(self, command, params)
+
+    return rewrite_with_params
 
 
 def cli_env(warehouse_url: str, emulator_url: str) -> dict[str, str]:
