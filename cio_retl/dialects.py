@@ -2,9 +2,10 @@
 
 The engine writes dialect-neutral SQL and asks this module for the few parts that are not:
 the text form of a key, the per-row fingerprint, how a Python-side batch of rows becomes a
-relation the database can join (state-store writes and lookups), the upsert statement, the
-shared rate budget's statements, and what a new engine, a URL's file or a failed connection
-means for the database. :class:`Dialect` holds what they share; :class:`DuckDBDialect`,
+relation the database can join (state-store writes and lookups), the upsert statement, a
+run's plan table (cio_retl.plan: its kind, its sequence numbers, what follows its writing),
+the shared rate budget's statements, and what a new engine, a URL's file or a failed
+connection means for the database. :class:`Dialect` holds what they share; :class:`DuckDBDialect`,
 :class:`PostgresDialect` and :class:`SnowflakeDialect` what differs. Nothing outside this
 module asks which database it is talking to.
 
@@ -72,7 +73,7 @@ class Dialect(abc.ABC):
     bucket_session: tuple[str, ...] = ()
 
     # Whether a run keeps its changeset as a plan table here (cio_retl.plan) when the state
-    # lives in this database too; where not (Snowflake), the streaming diff serves.
+    # lives in this database too; where not, the streaming diff serves. All three do.
     builds_plans = True
     # Session settings around the statement that builds a plan table, and what undoes them
     # before the pooled connection serves anything else (see DuckDBDialect).
@@ -82,11 +83,28 @@ class Dialect(abc.ABC):
     # so that each is computed once per row (see PostgresDialect).
     subquery_fence = ""
 
+    def create_plan(self, table: str, query: str, order: Sequence[str]) -> str:
+        """The statement writing a plan ``table`` from ``query``; ``order``: the columns its
+        reads filter by (as plan_built's). A plain table: the state writer reads it from
+        another connection, so not a temporary one."""
+        return f"CREATE TABLE {table} AS {query}"
+
+    def plan_sequence(self, order: Sequence[str]) -> str:
+        """The sequence number of a plan row: dense from 1, unique. Where the dialect needs
+        one, ``order`` (expressions over the planned row) orders it; here no order is
+        asked for, the rows are numbered as they are written."""
+        return "ROW_NUMBER() OVER ()"
+
     def plan_built(self, table: str, columns: Sequence[str]) -> list[str]:
         """Statements run once a plan ``table`` is written, before anything reads it by
         ``columns``: ranges of its sequence number (each acknowledgment reads one), after
         a shared plan's bucket."""
         return []
+
+    def result_type(self, column: Sequence[Any]) -> str:
+        """The type of a result column (a DB-API ``cursor.description`` entry) as
+        :func:`cio_retl.payload_sql.column_kind` reads it: the driver's type code."""
+        return str(column[1])
 
     def out_of_memory(self, error: BaseException) -> bool:
         """Whether ``error`` is the database refusing a statement for its memory limit (a
@@ -591,7 +609,6 @@ class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
-    builds_plans = False  # not built on Snowflake yet: it keeps the streaming diff
     driver_extra = ("snowflake://", "snowflake-sqlalchemy", "snowflake")
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
@@ -605,6 +622,69 @@ class SnowflakeDialect(Dialect):
     # VARIANT, OBJECT and ARRAY: the connector returns their values as JSON text.
     # fakesnow reports all three as VARIANT (5); real Snowflake says OBJECT (9) and ARRAY (10).
     _JSON_TYPE_CODES = frozenset({5, 9, 10})
+
+    # The names of ResultMetadata.type_code values, by code (the connector's
+    # snowflake.connector.constants.FIELD_TYPES order), as far as cio-retl reads them.
+    _TYPE_NAMES = (
+        "FIXED",
+        "REAL",
+        "TEXT",
+        "DATE",
+        "TIMESTAMP",
+        "VARIANT",
+        "TIMESTAMP_LTZ",
+        "TIMESTAMP_TZ",
+        "TIMESTAMP_NTZ",
+        "OBJECT",
+        "ARRAY",
+        "BINARY",
+        "TIME",
+        "BOOLEAN",
+    )
+
+    def create_plan(self, table: str, query: str, order: Sequence[str]) -> str:
+        """A TRANSIENT table: it is visible to every session (the state writer reads it from
+        another connection; a temporary table "only exist[s] within the session in which
+        [it was] created") and, unlike a permanent one, has no Fail-safe period, so a plan
+        costs no Fail-safe storage after it is dropped (Snowflake docs, "Working with
+        Temporary and Transient Tables"). Its Time Travel stays the transient default (up to
+        1 day after the drop): DATA_RETENTION_TIME_IN_DAYS = 0 is left to the schema, as the
+        CTAS syntax does not list the parameter and fakesnow cannot parse ALTER TABLE ... SET.
+        fakesnow ignores TRANSIENT (sqlglot logs "Unsupported property transientproperty")
+        and makes a plain table.
+
+        Written in the order its reads filter by (a shared plan's bucket, then the sequence
+        number): Snowflake keeps each micro-partition's range of values per column and
+        prunes on it, and a table is clustered as its rows were inserted (Snowflake docs,
+        "Micro-partitions & Data Clustering"), so each read of a range of sequence numbers
+        (the send, every acknowledgment) scans a few micro-partitions, not the plan
+        (Snowflake has no indexes to build instead). The ``AS (SELECT * FROM (...) ORDER BY
+        ...)`` form is the one dbt-snowflake writes for a sorted CTAS."""
+        by = ", ".join(f"q.{c}" for c in order)
+        return f"CREATE TRANSIENT TABLE {table} AS (SELECT * FROM ({query}) AS q ORDER BY {by})"
+
+    def plan_sequence(self, order: Sequence[str]) -> str:
+        """ROW_NUMBER ordered by ``order``. Snowflake's syntax of a ranking function's
+        window has ORDER BY as required (Snowflake docs, ROW_NUMBER and "Window function
+        syntax and usage"), and Snowflake refuses ``OVER ()`` ("Window function type
+        [ROW_NUMBER] requires ORDER BY in window specification", as reported against
+        Snowflake in tidyverse/dbplyr#1332); fakesnow, running DuckDB, accepts it. A
+        sequence object needs no order, but "Snowflake does not guarantee generating
+        sequence numbers without gaps" (Snowflake docs, "Using Sequences"), and the send
+        sizes its reads as ranges of dense numbers. The order (key, snapshot key,
+        fingerprint) is deterministic but among rows equal in all three, which are the
+        same row; it costs one sort of the planned rows."""
+        return f"ROW_NUMBER() OVER (ORDER BY {', '.join(order)})"
+
+    def result_type(self, column: Sequence[Any]) -> str:
+        """The type's name, a number with its precision and scale (``NUMBER(38,0)``): the
+        scale tells an integer from a decimal, which the type code alone does not."""
+        code, precision, scale = column[1], column[4], column[5]
+        if code == 0:
+            return f"NUMBER({precision},{scale})"
+        if isinstance(code, int) and 0 <= code < len(self._TYPE_NAMES):
+            return self._TYPE_NAMES[code]
+        return str(code)
 
     def row_fingerprint(self, alias: str, signature: str) -> str:
         # OBJECT_CONSTRUCT_KEEP_NULL(m.*) keeps NULL columns, so NULL -> value changes the

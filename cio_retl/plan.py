@@ -27,9 +27,10 @@ the snapshot rows are inserted from the plan by sequence number, set-based. Ever
 (updates, rows sharing a key, rows the SQL leaves to Python, models with columns of other
 types) keeps its model columns and goes through the Python path, read from the same plan.
 
-Events (an anti-join with the sent events), the cross-database diff and Snowflake keep the
-streaming diff of :mod:`cio_retl.diff` this session; so do updates and removals' payloads,
-relationships, devices and suppressions.
+Events (an anti-join with the sent events) and the cross-database diff keep the streaming
+diff of :mod:`cio_retl.diff`; so do updates and removals' payloads, relationships, devices
+and suppressions. The few statements that differ by database (the table's kind, how rows
+are numbered, what is built after) are the dialect's (:mod:`cio_retl.dialects`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ from cio_retl.warehouse import (
 _log = logging.getLogger(__name__)
 
 PLAN_PREFIX = "cio_plan_"
+# What orders the plan's sequence numbers where the dialect needs an order (Snowflake).
+_PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
 _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
 
@@ -549,9 +552,10 @@ class PlanDiff(PushDownDiff):
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
+        seq = d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER])
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
-            return f"{joined} SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
+            return f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
         built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
         self.payloads[model.name] = built
         # A new row, valid or not, is the database's to send or reject, unless the SQL
@@ -580,7 +584,7 @@ class PlanDiff(PushDownDiff):
             for c in columns
         ]
         return f"""{joined}
-            SELECT ROW_NUMBER() OVER () AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
+            SELECT {seq} AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
                    {previous},
                    CASE WHEN {sent} THEN p.{PAY_ATTRIBUTES} END AS {BUILT_SNAPSHOT_COLUMN},
                    CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
@@ -598,7 +602,7 @@ class PlanDiff(PushDownDiff):
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
-                conn.execute(sa.text(f"CREATE TABLE {table} AS {sql}"))
+                conn.execute(sa.text(d.create_plan(table, sql, (*by, SEQ_COLUMN))))
                 for statement in d.plan_built(table, (*by, SEQ_COLUMN)):
                     conn.execute(sa.text(statement))
                 conn.commit()
@@ -637,11 +641,14 @@ class PlanDiff(PushDownDiff):
             f" FROM ({model_sql(model)}) AS m LIMIT 0"
         )
         with self.warehouse.engine.connect() as conn:
-            description = conn.execute(sa.text(sql)).cursor.description or ()
-        dialect = self.warehouse.dialect.name
+            result = conn.execute(sa.text(sql))
+            # The names as the rows carry them (Snowflake's unquoted USER_ID is user_id, as
+            # the Python path names its attribute), the types as the driver describes them.
+            described = list(zip(result.keys(), result.cursor.description or (), strict=True))
+        d = self.warehouse.dialect
         columns = []
-        for name, type_code, *_ in description:
-            kind = column_kind(dialect, str(type_code))
+        for name, column in described:
+            kind = column_kind(d.name, d.result_type(column))
             if name == model.key and kind not in (ColumnKind.TEXT, ColumnKind.INTEGER):
                 # The SQL writes the key as the database prints it; the Python path
                 # normalizes other kinds (a timestamp becomes Unix seconds) or rejects them.

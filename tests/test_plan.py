@@ -200,6 +200,10 @@ PEOPLE_DDL = {
         "CREATE TABLE app.people (email TEXT, name TEXT, vip BOOLEAN, visits BIGINT,"
         " score DOUBLE PRECISION, balance NUMERIC(18, 3), seen_at TIMESTAMP, born_on DATE)"
     ),
+    "snowflake": (
+        "CREATE TABLE app.people (email VARCHAR, name VARCHAR, vip BOOLEAN, visits NUMBER(38, 0),"
+        " score FLOAT, balance NUMBER(18, 3), seen_at TIMESTAMP_NTZ, born_on DATE)"
+    ),
 }
 
 
