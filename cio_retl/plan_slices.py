@@ -255,8 +255,9 @@ class SharedPlans:
         )
 
     def release(self, claimed: Slice) -> None:
-        """Mark this run's slice done, and drop the plans nothing needs any more if no
-        other run is claiming or building (else the next one that does drops them)."""
+        """Mark this run's slice done; when it was the plan's last one to be sent, drop the
+        plans nothing needs any more, unless another run is claiming or building (the next
+        one to do so drops them)."""
         with self.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
@@ -265,6 +266,15 @@ class SharedPlans:
                 ),
                 {"now": _now(), "b": claimed.bucket, "by": self.run_id},
             )
+            pending = conn.execute(
+                sa.text(
+                    f"SELECT COUNT(*) FROM {claimed.slices} WHERE done_at IS NULL"
+                    " AND (claimed_by IS NULL OR claimed_by <> :retired)"
+                ),
+                {"retired": RETIRED},
+            ).scalar_one()
+        if pending:
+            return
         with (
             contextlib.suppress(LockedError),
             self.state.planning(self.model, self.count, self.run_id, wait=dt.timedelta(0)),
