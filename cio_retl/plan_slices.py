@@ -258,20 +258,22 @@ class SharedPlans:
         """Mark this run's slice done; when it was the plan's last one to be sent, drop the
         plans nothing needs any more, unless another run is claiming or building (the next
         one to do so drops them)."""
+        now = _now()
         with self.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
                     f"UPDATE {claimed.slices} SET done_at = :now"
                     " WHERE bucket = :b AND claimed_by = :by"
                 ),
-                {"now": _now(), "b": claimed.bucket, "by": self.run_id},
+                {"now": now, "b": claimed.bucket, "by": self.run_id},
             )
+            # Slices still to be claimed (while young) or sent.
             pending = conn.execute(
                 sa.text(
-                    f"SELECT COUNT(*) FROM {claimed.slices} WHERE done_at IS NULL"
-                    " AND (claimed_by IS NULL OR claimed_by <> :retired)"
+                    f"SELECT COUNT(*) FROM {claimed.slices} WHERE done_at IS NULL AND"
+                    " ((claimed_by IS NULL AND built_at > :young) OR claimed_by <> :retired)"
                 ),
-                {"retired": RETIRED},
+                {"young": now - REUSE_SECONDS * 1_000_000, "retired": RETIRED},
             ).scalar_one()
         if pending:
             return
