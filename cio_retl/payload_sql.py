@@ -11,6 +11,15 @@ item's JSON text (``{"type":..,"action":"identify","identifiers":{..},"attribute
 the identifiers as the snapshot keeps them, and a rejected row's reason and field, worded as
 the Python path words them. :func:`payload_select` composes them into one result row per source row.
 
+Given each row's previous snapshot attributes (``payloads(previous=...)``), a row that has one
+is an *update*, built as :func:`cio_retl.diff.upsert_change` builds it: only the attributes
+whose normalized value changed, ``""`` (the Track API's removal form) for those the snapshot
+holds and the row no longer does, every attribute under ``--full-resync``; the limits of the
+whole record, the item's size of what it sends; and a flag for an update with nothing to
+send. A column's new JSON fragment is compared with the snapshot's member as the same JSON
+value, both printed again by the database's own JSON writer: exact for the canonical forms a
+snapshot holds (written by ``canonical_json``, or byte for byte the same by this SQL).
+
 Normalization is the contract's: timestamps and dates become Unix seconds (floored), decimals
 JSON numbers (integral ones integers), booleans stay booleans, JSON columns stay nested, NaN
 becomes NULL (and a NULL attribute is left out), infinities and bytes reject the row,
@@ -32,7 +41,9 @@ marked ``python_only`` (tests/test_payload_sql.py pins that every other row's by
 - a decimal of 1e37 or more (no DECIMAL(38, 0) holds it);
 - on Snowflake, whose documentation does not give the text of a FLOAT nor TO_JSON's
   escapes: every double but an integral one within 2^53, and a text with control
-  characters.
+  characters;
+- an update whose snapshot holds the identifier in another form (an integer ``id`` written
+  before identifiers were text), or the name of a dropped column that JSON must escape.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from cio_retl.limits import (
     MAX_IDENTIFIER_BYTES,
     MAX_ITEM_BYTES,
 )
-from cio_retl.models import Kind, Model
+from cio_retl.models import Kind, Model, RemovedColumns
 from cio_retl.records import RejectionCode
 
 _EXACT = 2**53  # integers beyond +-2^53 travel as text (normalize._EXACT_FLOAT_INT)
@@ -89,6 +100,9 @@ class _Sql:
     """The few expressions that differ by dialect; DuckDB here, PostgreSQL below."""
 
     first_control = 0  # the first control character a text value can hold
+    # Appended to a subquery whose computed columns the outer query reads more than once, so
+    # each is computed once per row (PostgreSQL pulls a simple subquery up into its parent).
+    fence = ""
 
     def quote(self, name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
@@ -146,9 +160,42 @@ class _Sql:
         control characters in capitals (``\\u000B``), orjson in small letters."""
         return self.matches(x, "[\\x{b}\\x{e}-\\x{1f}]")
 
+    # -- the previous snapshot (updates) ---------------------------------------------------
+
+    def parse_previous(self, text: str, names: Sequence[str]) -> str:
+        """The previous snapshot's attributes text parsed once per row, in the form
+        :meth:`member` reads. DuckDB: the members ``names`` as a list of JSON values, all
+        extracted by one parse (JSON Pointer paths, RFC 6901: ``~`` and ``/`` escaped)."""
+        paths = ", ".join(sql_literal("/" + n.replace("~", "~0").replace("/", "~1")) for n in names)
+        return f"json_extract({text}, [{paths}])"
+
+    def member(self, parsed: str, names: Sequence[str], name: str) -> str:
+        """The previous snapshot's member ``name`` (one of ``names``), NULL where absent."""
+        return f"{parsed}[{list(names).index(name) + 1}]"
+
+    def same_json(self, member: str, fragment: str) -> str:
+        """True where a member of the snapshot and a value's JSON text are the same JSON
+        value. Both are printed again by the database's JSON writer (DuckDB: text equality
+        of two yyjson prints), which keeps ``1`` and ``1.0`` apart as Python's types do."""
+        return f"({member} = json({fragment}))"
+
+    def other_keys(self, text: str, known: Sequence[str]) -> str:
+        """The keys of the snapshot's attributes ``text`` not among ``known``, as an array
+        :meth:`joined` reads. DuckDB: a JSON merge patch of nulls removes the known ones
+        (RFC 7396), without a lambda (whose syntax changed in DuckDB 1.3)."""
+        # A space after each colon: ":null" would read as a bind parameter in sa.text.
+        patch = "{" + ", ".join(f"{orjson_key(n)}: null" for n in known) + "}"
+        return f"json_keys(json_merge_patch({text}, {sql_literal(patch)}))"
+
+    def joined(self, keys: str, separator: str) -> str:
+        """The array ``keys`` as one text, ``separator`` between them; '' for none."""
+        return f"COALESCE(array_to_string({keys}, {sql_literal(separator)}), '')"
+
 
 class _PostgresSql(_Sql):
     first_control = 1  # PostgreSQL text holds no NUL
+    # src/backend/optimizer/prep/prepjointree.c, is_simple_subquery: OFFSET keeps it apart.
+    fence = " OFFSET 0"
 
     def text(self, x: str) -> str:
         return f"CAST({x} AS TEXT)"
@@ -195,6 +242,24 @@ class _PostgresSql(_Sql):
 
     def inexact_text(self, x: str) -> str:
         return "FALSE"
+
+    def parse_previous(self, text: str, names: Sequence[str]) -> str:
+        return f"CAST({text} AS jsonb)"
+
+    def member(self, parsed: str, names: Sequence[str], name: str) -> str:
+        return f"({parsed} -> {sql_literal(name)})"
+
+    def same_json(self, member: str, fragment: str) -> str:
+        # jsonb's text, not jsonb's = (which holds 1 and 1.0 equal): a numeric keeps the
+        # scale it was written with, so the text tells 1 from 1.0 as Python's types do.
+        return f"(CAST({member} AS TEXT) = CAST(CAST({fragment} AS jsonb) AS TEXT))"
+
+    def other_keys(self, text: str, known: Sequence[str]) -> str:
+        listed = ", ".join(sql_literal(n) for n in known)
+        return (
+            f"ARRAY(SELECT jsonb_object_keys(CAST({text} AS jsonb)"
+            f" - CAST(ARRAY[{listed}] AS TEXT[])))"
+        )
 
 
 class _SnowflakeSql(_Sql):
@@ -260,6 +325,22 @@ class _SnowflakeSql(_Sql):
 
     def date_seconds(self, x: str) -> str:
         return f"CAST(DATEDIFF(day, DATE '1970-01-01', {x}) * 86400 AS VARCHAR)"
+
+    def parse_previous(self, text: str, names: Sequence[str]) -> str:
+        return f"PARSE_JSON({text})"
+
+    def member(self, parsed: str, names: Sequence[str], name: str) -> str:
+        # Bracket notation takes the field name as it is (GET_PATH's dots would be a path).
+        return f"{parsed}[{sql_literal(name)}]"
+
+    def same_json(self, member: str, fragment: str) -> str:
+        # [open] Not measured on Snowflake (fakesnow runs it on DuckDB): TO_JSON of both
+        # VARIANTs, so a string never equals a number as a VARIANT comparison might.
+        return f"(TO_JSON({member}) = TO_JSON(PARSE_JSON({fragment})))"
+
+    def other_keys(self, text: str, known: Sequence[str]) -> str:
+        listed = ", ".join(sql_literal(n) for n in known)
+        return f"ARRAY_EXCEPT(OBJECT_KEYS(PARSE_JSON({text})), ARRAY_CONSTRUCT({listed}))"
 
 
 _DIALECTS: dict[str, _Sql] = {
@@ -449,27 +530,40 @@ KEY = "__cio_pay_key"  # the key as text
 ATTRIBUTES = "__cio_pay_attrs"  # the attributes' JSON text, keys sorted (the snapshot's)
 CODE = "__cio_pay_code"  # the first rejection's code, NULL for a valid row
 PYTHON_ONLY = "__cio_pay_python"  # 1 where the row is left to Python, else 0
+# And those of a relation given the previous snapshots (``payloads(previous=...)``):
+SEND = "__cio_pay_send"  # an update's item attributes; NULL for a row without a snapshot
+# 1: an update with something to send (the Python path's UPDATE, sent or rejected by a
+# limit), 0: nothing changed (its REFRESH: only the fingerprint is stored), NULL: a row
+# without a snapshot, or one the record rejects (its REJECT).
+CHANGED = "__cio_pay_changed"
+_PREVIOUS = "__cio_pay_prev"  # the previous attributes, parsed (parse_previous)
+_OTHERS = "__cio_pay_others"  # the previous attributes' names that are no model column's
+
+REMOVED = '""'  # the Track API's removal form of an attribute, as JSON (diff.REMOVED)
 
 
 @dataclass(frozen=True, slots=True)
 class Payloads:
     """One model's payloads in SQL: a relation with every column of its source plus
-    :data:`KEY`, :data:`ATTRIBUTES`, :data:`CODE` and :data:`PYTHON_ONLY`, and the
-    expressions that build the rest from those columns.
+    :data:`KEY`, :data:`ATTRIBUTES`, :data:`CODE` and :data:`PYTHON_ONLY` (and, given the
+    previous snapshots, :data:`SEND` and :data:`CHANGED`), and the expressions that build
+    the rest from those columns.
 
     The relation checks every row once (the code); the item text, the stored identifiers
     and a rejection's reason and field are built only where they are read, so a plan
-    stores none of them: the item is the snapshot's attributes with the identifiers around
-    them, and a reason is needed for rejected rows only.
+    stores none of them: the item is the snapshot's attributes (an update's: the changed
+    ones) with the identifiers around them, and a reason is needed for rejected rows only.
     """
 
     relation: str
     _model: Model
     _columns: tuple[Column, ...]
     _dialect: str
+    _updates: bool = False
 
     def item(self, key: str, attributes: str) -> str:
-        """The item's JSON text from the key text and the attributes' JSON text."""
+        """The item's JSON text from the key text and the item's attributes' JSON text
+        (:data:`ATTRIBUTES` of a new row, :data:`SEND` of an update)."""
         before, between, after = _item_parts(self._model)
         return _text(
             sql_literal(before),
@@ -491,17 +585,20 @@ class Payloads:
 
     def reason(self, alias: str) -> str:
         """A rejected row's reason, over ``alias`` (the relation); NULL for a valid row."""
-        checks = _checks(self._dialect, self._model, self._columns, alias)
+        checks = self._checks(alias)
         return "CASE " + " ".join(f"WHEN {c.condition} THEN {c.reason}" for c in checks) + " END"
 
     def field(self, alias: str) -> str:
         """A rejected row's field, as the Python path names it; NULL for a valid row."""
-        checks = _checks(self._dialect, self._model, self._columns, alias)
+        checks = self._checks(alias)
         return (
             "CASE "
             + " ".join(f"WHEN {c.condition} THEN {sql_literal(c.field)}" for c in checks)
             + " END"
         )
+
+    def _checks(self, alias: str) -> list[_Check]:
+        return _checks(self._dialect, self._model, self._columns, alias, updates=self._updates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,6 +607,9 @@ class _Check:
     code: RejectionCode
     reason: str  # SQL text
     field: str
+    # A check of the record (normalize.to_record), met before the diff; the others are the
+    # item's limits (operations.encode), met only by a row with something to send.
+    record: bool = False
 
 
 def _id_type(model: Model) -> str:
@@ -553,8 +653,17 @@ def _values(
     return out
 
 
-def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -> list[_Check]:
-    """The rejections in the order the Python path meets them; the first failure wins."""
+def _checks(
+    dialect: str,
+    model: Model,
+    columns: Sequence[Column],
+    alias: str,
+    *,
+    updates: bool = False,
+) -> list[_Check]:
+    """The rejections in the order the Python path meets them; the first failure wins.
+    With ``updates`` the item's size is that of the attributes it sends (:data:`SEND`, an
+    update's changed ones) where the row has a snapshot."""
     d = _DIALECTS[dialect]
     name = _id_type(model)
     assert model.key is not None
@@ -568,12 +677,14 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
             RejectionCode.NULL_KEY,
             sql_literal(f"key is NULL ({model.key})"),
             model.key,
+            record=True,
         ),
         _Check(
             d.matches(key, f"^[{spaces}]*$"),
             RejectionCode.INVALID_IDENTIFIER,
             sql_literal(f"identifier {name} is empty"),
             name,
+            record=True,
         ),
         _Check(
             f"{d.byte_length(key)} > {MAX_IDENTIFIER_BYTES}",
@@ -584,12 +695,14 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
                 sql_literal(f" bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit"),
             ),
             name,
+            record=True,
         ),
         _Check(
             d.matches(key, f"[{control}]"),
             RejectionCode.INVALID_IDENTIFIER,
             sql_literal(f"identifier {name} contains control characters"),
             name,
+            record=True,
         ),
     ]
     if name == "email":
@@ -603,6 +716,7 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
                     sql_literal("' is not an email address"),
                 ),
                 name,
+                record=True,
             )
         )
     for c in others:
@@ -614,8 +728,11 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
                     RejectionCode.INVALID_VALUE,
                     sql_literal(f"column {c.name!r}: {bad[1]}"),
                     "attributes",
+                    record=True,
                 )
             )
+    # The item's limits: operations.encode checks the record's attributes, all of them
+    # (an update's too: limits.check_attributes of record.attributes), then the item.
     attributes = _order(model, others)
     if len(attributes) > MAX_ATTRIBUTES:  # fewer columns can never break the limit
         values = _values(d, model, others, alias, key)
@@ -652,12 +769,14 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
             )
         )
     # The item's size without building its text: the fixed parts plus the identifier's
-    # JSON string and the attributes' text.
+    # JSON string and the text of the attributes it sends (limits.check_item_size of the
+    # item encode built: an update's holds only what changed, so a row whose whole item
+    # would be over 32 KB can still be updated).
+    sent = f"{alias}.{ATTRIBUTES}"
+    if updates:
+        sent = f"COALESCE({alias}.{SEND}, {sent})"
     fixed = len("".join(_item_parts(model)).encode())
-    item_size = (
-        f"({fixed} + {d.byte_length(d.json_string(key))}"
-        f" + {d.byte_length(f'{alias}.{ATTRIBUTES}')})"
-    )
+    item_size = f"({fixed} + {d.byte_length(d.json_string(key))} + {d.byte_length(sent)})"
     checks.append(
         _Check(
             f"{item_size} > {MAX_ITEM_BYTES}",
@@ -673,6 +792,91 @@ def _checks(dialect: str, model: Model, columns: Sequence[Column], alias: str) -
     return checks
 
 
+def _object(members: Sequence[str]) -> str:
+    """A JSON object's text from member texts that each start with a comma ('' for none)."""
+    return f"'{{' || substr({' || '.join(members)}, 2) || '}}'"
+
+
+def _member(name: str, value: str) -> str:
+    return _text(sql_literal("," + orjson_key(name) + ":"), value)
+
+
+def _update_attributes(
+    d: _Sql, model: Model, others: Sequence[Column], alias: str, *, full_resync: bool
+) -> str:
+    """An update's item attributes over ``alias`` (a row with :data:`_PREVIOUS`), as
+    diff.upsert_change builds them from the previous snapshot (diff.changed_attributes):
+    the attributes whose normalized value is new or differs from the snapshot's, and
+    ``""`` (the Track API's removal form, README "Semantics worth knowing") for those the
+    snapshot holds and the row does not: a NULL now, the key column's name, and names no
+    model column has (a dropped column; left alone under ``removed_columns: keep``).
+
+    The identifier never changes for a key (the plan joins on it), so an update leaves it
+    to ``identifiers``; a row whose snapshot holds another value for it is left to Python
+    (:func:`_update_python_only`). A full resync sends every attribute, and the removals.
+
+    Members are in sorted name order, the removals of dropped columns last: the Python
+    path's order differs (record order), the JSON value and its size do not.
+    """
+    id_type = _id_type(model)
+    assert model.key is not None
+    values = _values(d, model, others, alias, f"{alias}.{KEY}")
+    read = _previous_names(model, others)
+    parsed = f"{alias}.{_PREVIOUS}"
+    members = []
+    for name in sorted({*values, model.key}):
+        if name == id_type:
+            if full_resync:
+                members.append(_member(name, values[name]))
+            continue
+        previous = d.member(parsed, read, name)
+        removal = f"WHEN {previous} IS NOT NULL THEN {sql_literal(',' + orjson_key(name) + ':' + REMOVED)}"
+        if name not in values:  # the key column: never an attribute (it is the identifier)
+            members.append(f"CASE {removal} ELSE '' END")
+            continue
+        value = values[name]
+        if full_resync:
+            sent = _member(name, value)
+        else:
+            unchanged = f"{previous} IS NOT NULL AND {d.same_json(previous, value)}"
+            sent = f"CASE WHEN {unchanged} THEN '' ELSE {_member(name, value)} END"
+        members.append(f"CASE WHEN {value} IS NOT NULL THEN {sent} {removal} ELSE '' END")
+    if model.removed_columns is RemovedColumns.REMOVE:
+        # Every name a snapshot holds is a column name (never empty: models.py refuses
+        # one) or the identifier; those left are plain text (else left to Python), so
+        # joined with '":"","' they are the removals' text.
+        dropped = d.joined(f"{alias}.{_OTHERS}", '":"","')
+        removals = _text(sql_literal(',"'), dropped, sql_literal('":' + REMOVED))
+        members.append(f"CASE WHEN {dropped} = '' THEN '' ELSE {removals} END")
+    return _object(members)
+
+
+def _previous_names(model: Model, others: Sequence[Column]) -> list[str]:
+    """The snapshot members an update reads: every attribute's and the key column's."""
+    assert model.key is not None
+    return sorted({*_order(model, others), model.key})
+
+
+def _update_python_only(
+    d: _Sql, model: Model, others: Sequence[Column], alias: str, *, full_resync: bool
+) -> list[str]:
+    """SQL true where an update's SQL would not be exact, so the row is left to Python: a
+    snapshot whose identifier attribute is not the key's text (an integer ``id`` written
+    before identifiers became text, which normalize.upgrade_previous reads as its text),
+    and names of dropped columns that JSON must escape."""
+    parsed = f"{alias}.{_PREVIOUS}"
+    conditions = []
+    if not full_resync:  # a full resync sends the identifier whatever the snapshot holds
+        previous = d.member(parsed, _previous_names(model, others), _id_type(model))
+        key = d.json_string(f"{alias}.{KEY}")
+        conditions.append(f"({previous} IS NULL OR NOT {d.same_json(previous, key)})")
+    if model.removed_columns is RemovedColumns.REMOVE:
+        names = d.joined(f"{alias}.{_OTHERS}", "")  # plain iff every name is
+        quote = sql_literal('"')
+        conditions.append(f"{d.json_string(names)} <> {_text(quote, names, quote)}")
+    return [f"({parsed} IS NOT NULL AND ({' OR '.join(conditions)}))"] if conditions else []
+
+
 def payloads(
     dialect: str,
     model: Model,
@@ -680,22 +884,27 @@ def payloads(
     source: str,
     *,
     key: str | None = None,
+    previous: str | None = None,
+    full_resync: bool = False,
 ) -> Payloads:
     """The payloads of every row of ``source`` (a relation with the model's columns) of a
     person or object model; ``key`` is the key's text over alias ``m`` of ``source`` (by
-    default the key column as text)."""
+    default the key column as text).
+
+    ``previous`` names the column of ``source`` holding the row's previous snapshot
+    attributes (NULL for a row without one): such a row's item is an update's
+    (:func:`_update_attributes`), and :data:`CHANGED` says whether it has anything to send.
+    """
     d = _DIALECTS[dialect]
     _id_type(model)
     assert model.key is not None
     others = [c for c in columns if c.name != model.key]
     key = key or d.text(f"m.{d.quote(model.key)}")
     inner = _values(d, model, others, "m", key)
-    body = " || ".join(
-        f"COALESCE(',' || {sql_literal(orjson_key(n))} || ':' || {inner[n]}, '')"
-        for n in sorted(_order(model, others))
+    attributes = _object(
+        [f"COALESCE({_member(n, inner[n])}, '')" for n in sorted(_order(model, others))]
     )
-    attributes = f"'{{' || substr({body}, 2) || '}}'"
-    checks = _checks(dialect, model, columns, "a")
+    checks = _checks(dialect, model, columns, "a", updates=previous is not None)
     python_only = [
         cond
         for c in others
@@ -705,31 +914,72 @@ def payloads(
         # Python's reason quotes the address with repr(), which SQL cannot write for every
         # text (quotes, backslashes, unprintables): such a row is left to Python.
         python_only.append(checks[4].condition)
+    rows = f"SELECT m.*, {key} AS {KEY}, {attributes} AS {ATTRIBUTES}"
+    changed = ""
+    if previous is None:
+        code = " ".join(f"WHEN {c.condition} THEN '{c.code.value}'" for c in checks)
+        rows = f"{rows} FROM ({source}) AS m"
+    else:
+        text = f"m.{d.quote(previous)}"
+        parse = d.parse_previous(text, _previous_names(model, others))
+        rows = f"{rows}, {parse} AS {_PREVIOUS}"
+        if model.removed_columns is RemovedColumns.REMOVE:
+            known = sorted({*_order(model, others), *(c.name for c in columns)})
+            rows = f"{rows}, {d.other_keys(text, known)} AS {_OTHERS}"
+        send = _update_attributes(d, model, others, "b", full_resync=full_resync)
+        rows = f"""
+            SELECT b.*, CASE WHEN b.{_PREVIOUS} IS NOT NULL THEN {send} END AS {SEND}
+            FROM ({rows} FROM ({source}) AS m{d.fence}) AS b{d.fence}
+        """
+        python_only += _update_python_only(d, model, others, "a", full_resync=full_resync)
+        # diff.upsert_change: a record it rejects is a REJECT; then an update with nothing
+        # to send is a REFRESH (no limit is checked), and only then encode's limits apply.
+        record = [c for c in checks if c.record]
+        nothing = f"a.{SEND} = '{{}}'"
+        code = " ".join(
+            [f"WHEN {c.condition} THEN '{c.code.value}'" for c in record]
+            + [f"WHEN {nothing} THEN NULL"]
+            + [f"WHEN {c.condition} THEN '{c.code.value}'" for c in checks if not c.record]
+        )
+        rejected = " OR ".join(c.condition for c in record)
+        changed = (
+            f", CASE WHEN a.{SEND} IS NULL OR {rejected} THEN NULL"
+            f" WHEN {nothing} THEN 0 ELSE 1 END AS {CHANGED}"
+        )
     python = " OR ".join(python_only) or "FALSE"
-    code = " ".join(f"WHEN {c.condition} THEN '{c.code.value}'" for c in checks)
     relation = f"""
         SELECT a.*, CASE {code} END AS {CODE},
-               CASE WHEN {python} THEN 1 ELSE 0 END AS {PYTHON_ONLY}
-        FROM (SELECT m.*, {key} AS {KEY},
-                     {attributes} AS {ATTRIBUTES}
-              FROM ({source}) AS m) AS a
+               CASE WHEN {python} THEN 1 ELSE 0 END AS {PYTHON_ONLY}{changed}
+        FROM ({rows}) AS a
     """
-    return Payloads(relation, model, tuple(columns), dialect)
+    return Payloads(relation, model, tuple(columns), dialect, previous is not None)
 
 
-def payload_select(dialect: str, model: Model, columns: Sequence[Column], source: str) -> str:
+def payload_select(
+    dialect: str,
+    model: Model,
+    columns: Sequence[Column],
+    source: str,
+    *,
+    previous: str | None = None,
+    full_resync: bool = False,
+) -> str:
     """The SELECT of (key, item, snapshot, reject_code, reject_reason, reject_field,
-    identifiers, python_only) per row of ``source``, for a person or object model."""
-    built = payloads(dialect, model, columns, source)
+    identifiers, python_only, changed) per row of ``source``, for a person or object
+    model; ``previous`` as :func:`payloads` takes it (``changed`` is NULL without it)."""
+    built = payloads(dialect, model, columns, source, previous=previous, full_resync=full_resync)
     valid = f"p.{CODE} IS NULL"
+    sent = f"p.{ATTRIBUTES}" if previous is None else f"COALESCE(p.{SEND}, p.{ATTRIBUTES})"
+    changed = "NULL" if previous is None else f"p.{CHANGED}"
     return f"""
         SELECT p.{KEY} AS key,
-               CASE WHEN {valid} THEN {built.item(f"p.{KEY}", f"p.{ATTRIBUTES}")} END AS item,
+               CASE WHEN {valid} THEN {built.item(f"p.{KEY}", sent)} END AS item,
                CASE WHEN {valid} THEN p.{ATTRIBUTES} END AS snapshot,
                p.{CODE} AS reject_code,
                CASE WHEN NOT {valid} THEN {built.reason("p")} END AS reject_reason,
                CASE WHEN NOT {valid} THEN {built.field("p")} END AS reject_field,
-               {built.identifiers(f"p.{KEY}")} AS identifiers, p.{PYTHON_ONLY} AS python_only
+               {built.identifiers(f"p.{KEY}")} AS identifiers, p.{PYTHON_ONLY} AS python_only,
+               {changed} AS changed
         FROM ({built.relation}) AS p
     """
 

@@ -1,9 +1,14 @@
 """The SQL payload path (cio_retl.payload_sql) against today's Python path, per dialect.
 
-Random rows of every supported type go into a real table (DuckDB, PostgreSQL); the SQL path
-builds their items there, and the same rows, read the way a sync reads them
+Random rows of every supported type go into a real table (DuckDB, PostgreSQL, fakesnow); the
+SQL path builds their items there, and the same rows, read the way a sync reads them
 (``Warehouse.stream``), go through ``to_record`` and ``encode``. Both must agree row by row:
 the same rejection (code and reason) or the same item and snapshot, as JSON values.
+
+Updates likewise: each row beside the snapshot the Python path wrote of a previous row of
+the same key, through the SQL's update (``payload_select(previous=...)``) and through
+``diff.upsert_change`` and ``encode``: the same rejection, the same "nothing to send", or the
+same item and snapshot.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,21 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cio_retl.diff import upsert_change
 from cio_retl.models import Model, parse_model
 from cio_retl.normalize import canonical_json, normalize_value, to_record
 from cio_retl.operations import encode
 from cio_retl.payload_sql import Column, ColumnKind, payload_select
 from cio_retl.records import Change, Rejection, RowChange
-from cio_retl.warehouse import RowReader, Warehouse, create_engine
+from cio_retl.warehouse import (
+    DUPLICATES_COLUMN,
+    FINGERPRINT_COLUMN,
+    KEY_COLUMN,
+    PREVIOUS_COLUMN,
+    RowReader,
+    Warehouse,
+    create_engine,
+)
 
 K = ColumnKind
 COLUMNS = [
@@ -130,10 +145,12 @@ ROW = st.fixed_dictionaries(
 ROWS = st.lists(ROW, min_size=1, max_size=8, unique_by=lambda r: r["user_id"])
 
 
-def person_model(table: str, identifier: str = "id") -> Model:
+def person_model(table: str, identifier: str = "id", *, keep: bool = False) -> Model:
+    removed = "-- removed_columns: keep\n" if keep else ""
     return parse_model(
         Path(f"{table}.sql"),
-        f"-- kind: person\n-- identifier: {identifier}\n-- key: user_id\nselect * from {table}\n",
+        f"-- kind: person\n-- identifier: {identifier}\n-- key: user_id\n{removed}"
+        f"select * from {table}\n",
     )
 
 
@@ -182,9 +199,11 @@ class Table:
         self.dialect = dialect
         self.schema = schema
 
-    def compare(
-        self, rows: list[dict[str, Any]], columns: list[Column] = COLUMNS
-    ) -> dict[str | None, tuple[Any, ...]]:
+    @contextmanager
+    def filled(
+        self, rows: list[dict[str, Any]], columns: list[Column], *, previous: bool = False
+    ) -> Iterator[str]:
+        """A table of ``columns`` (and the previous snapshot's text) holding ``rows``."""
         name = f"payload_{uuid.uuid4().hex[:10]}"
         table = f"{self.schema}.{name}" if self.schema else name
         types = SQL_TYPES[self.dialect]
@@ -194,12 +213,24 @@ class Table:
             json_value.format(c.name, types[c.kind]) if c.kind is K.JSON else f":{c.name}"
             for c in columns
         )
-        model = person_model(table)
+        if previous:
+            ddl += f", {PREVIOUS_COLUMN} {types[K.TEXT]}"
+            values += f", :{PREVIOUS_COLUMN}"
         with self.engine.begin() as conn:
             conn.execute(sa.text(f"CREATE TABLE {table} ({ddl})"))
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.text(f"INSERT INTO {table} VALUES ({values})"), rows)
+            yield table
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(f"DROP TABLE {table}"))
+
+    def compare(
+        self, rows: list[dict[str, Any]], columns: list[Column] = COLUMNS
+    ) -> dict[str | None, tuple[Any, ...]]:
+        with self.filled(rows, columns) as table:
+            model = person_model(table)
             sql = payload_select(self.dialect, model, columns, f"SELECT * FROM {table}")
             with self.engine.connect() as conn:
                 results = list(conn.execute(sa.text(sql)))
@@ -223,13 +254,91 @@ class Table:
                         )
                         if key is not None and str(key) in got_bytes:
                             expected_bytes[str(key)] = python_bytes(model, values_of)
-        finally:
-            with self.engine.begin() as conn:
-                conn.execute(sa.text(f"DROP TABLE {table}"))
         assert got == expected
         if self.warehouse.dialect.builds_plans:  # where a sync builds payloads in SQL
             assert got_bytes == expected_bytes
         return got
+
+    def compare_updates(
+        self,
+        rows: list[dict[str, Any]],
+        columns: list[Column] = COLUMNS,
+        *,
+        full_resync: bool = False,
+        keep: bool = False,
+    ) -> dict[str | None, tuple[Any, ...]]:
+        """Rows beside their previous snapshot's attributes (``PREVIOUS_COLUMN``, NULL for
+        a new row) through the SQL update and the Python path; returns the SQL's outcome of
+        every row the SQL does not leave to Python."""
+        with self.filled(rows, columns, previous=True) as table:
+            model = person_model(table, keep=keep)
+            sql = payload_select(
+                self.dialect,
+                model,
+                columns,
+                f"SELECT * FROM {table}",
+                previous=PREVIOUS_COLUMN,
+                full_resync=full_resync,
+            )
+            with self.engine.connect() as conn:
+                results = [r for r in conn.execute(sa.text(sql)) if not r.python_only]
+            got = {r.key: sql_update(r) for r in results}
+            got_bytes = {r.key: sql_update_bytes(r) for r in results}
+            expected = {}
+            expected_bytes = {}
+            read = (  # as the plan reads a row: its key text, fingerprint, duplicate count
+                f"SELECT CAST(t.user_id AS VARCHAR) AS {KEY_COLUMN}, 'f' AS {FINGERPRINT_COLUMN},"
+                f" 1 AS {DUPLICATES_COLUMN}, t.* FROM {table} AS t"
+            )
+            with self.engine.connect() as conn:
+                for chunk in self.warehouse.stream(conn, read):
+                    reader = RowReader(chunk.rows[0]._fields, chunk.json_columns)
+                    for row in chunk.rows:
+                        key = row[reader.index[KEY_COLUMN]]
+                        if key in got:
+                            expected[key], expected_bytes[key] = python_update(
+                                model, reader, row, full_resync=full_resync
+                            )
+        assert got == expected
+        if self.warehouse.dialect.builds_plans:
+            assert got_bytes == expected_bytes
+        return got
+
+
+def python_update(
+    model: Model, reader: RowReader, row: Any, *, full_resync: bool
+) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """(outcome, (item size, snapshot bytes)) of a row and its previous snapshot through
+    diff.upsert_change and encode: a rejection, a refresh, or the item and snapshot."""
+    previous = row[reader.index[PREVIOUS_COLUMN]]
+    change = upsert_change(model, reader, row, previous, full_resync=full_resync)
+    if change.change is Change.REFRESH:
+        return ("refresh",), None
+    encoded = change.rejection if change.change is Change.REJECT else encode(model, change)
+    assert encoded is not None
+    if isinstance(encoded, Rejection):
+        return ("reject", encoded.code.value, encoded.reason, encoded.field), None
+    assert encoded.attributes is not None
+    item, snapshot = (canonical_json(orjson.loads(b)) for b in (encoded.item, encoded.attributes))
+    sent = ("send", item, snapshot)
+    return sent, (len(encoded.item), encoded.attributes)
+
+
+def sql_update(result: sa.Row[Any]) -> tuple[Any, ...]:
+    if result.reject_code is not None:
+        return ("reject", result.reject_code, result.reject_reason, result.reject_field)
+    if result.changed == 0:
+        return ("refresh",)
+    snapshot = canonical_json(orjson.loads(result.snapshot))
+    return ("send", canonical_json(orjson.loads(result.item)), snapshot)
+
+
+def sql_update_bytes(result: sa.Row[Any]) -> tuple[Any, ...] | None:
+    """The item's size (its members' order is not the Python path's; their bytes are)
+    and the snapshot's bytes."""
+    if result.reject_code is not None or result.changed == 0:
+        return None
+    return (len(result.item.encode()), result.snapshot.encode())
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +514,259 @@ def test_snowflake_attribute_count_and_item_size(
 ) -> None:
     columns, rows = _wide(n_columns, value)
     snowflake_table.compare(rows, columns)
+
+
+# -- updates --------------------------------------------------------------------------------
+
+# Values of any type a column may have held before (a column's type can change).
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-(2**60), 2**60),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(TEXT, max_size=6),
+)
+# New rows of mostly valid keys and values (a rejected row has no update to compare), and
+# a nested value leaves its row to Python: JSON is mostly NULL here.
+UPDATE_ROW = st.tuples(
+    ROW,
+    st.one_of(
+        st.from_regex(r"u[0-9]{1,3}", fullmatch=True),
+        st.from_regex(r"u[0-9]{1,3}", fullmatch=True),
+        KEYS,
+    ),
+    st.integers(0, 3),
+).map(
+    lambda t: {
+        **t[0],
+        "user_id": t[1],
+        "j": t[0]["j"] if t[2] == 0 else None,
+        "bin": t[0]["bin"] if t[2] == 0 else None,
+    }
+)
+
+
+def _same_json_value(name: str, value: Any) -> Any:
+    """Another value of another type that the Python path normalizes to the same JSON:
+    1.0 for 1, 12.5 for Decimal('12.500'), the same second's other microseconds..."""
+    if value is None:
+        return None
+    if name == "i":
+        return float(value) if abs(value) < 2**53 else str(value)
+    if name == "f":
+        if not abs(value) < float("inf"):
+            return value
+        return int(value) if value.is_integer() and abs(value) < 2**53 else Decimal(repr(value))
+    if name == "dec":
+        return int(value) if value == value.to_integral_value() else float(value)
+    if name == "ts":
+        return value.replace(microsecond=(value.microsecond * 7 + 1) % 1_000_000)
+    if name == "d":
+        return dt.datetime.combine(value, dt.time())
+    return value
+
+
+@st.composite
+def update_rows(draw: st.DrawFn, rows: st.SearchStrategy[dict[str, Any]] = UPDATE_ROW) -> Any:
+    """Rows, each beside the attributes the Python path stored of a previous row of its key
+    (or none: a new row). The previous row keeps, replaces, re-types or clears each value;
+    its snapshot may also hold a column since dropped, and an attribute named like the key
+    column (written while that was an ordinary column)."""
+    out = []
+    for row in draw(st.lists(rows, min_size=1, max_size=8, unique_by=lambda r: r["user_id"])):
+        other = draw(ROW)
+        before: dict[str, Any] = {"user_id": row["user_id"]}
+        # Often a previous row of the same values, or equivalent ones: nothing to send.
+        unchanged = draw(st.integers(0, 3)) == 0
+        for name in row:
+            if name == "user_id":
+                continue
+            hows = (
+                ["same", "equivalent"]
+                if unchanged
+                else ["same", "equivalent", "other", "null", "type"]
+            )
+            how = draw(st.sampled_from(hows))
+            if name == "bin" and how in ("same", "equivalent", "other"):
+                how = "null"  # a binary value rejects the row: no snapshot would hold it
+            if how == "type":
+                before[name] = draw(SCALARS)
+                continue
+            value = {
+                "same": row[name],
+                "equivalent": _same_json_value(name, row[name]),
+                "other": other[name],
+                "null": None,
+            }[how]
+            # The JSON column's text, decoded as the driver decodes it.
+            before[name] = orjson.loads(value) if name == "j" and value is not None else value
+        if not unchanged and draw(st.booleans()):
+            before["gone"] = draw(SCALARS)  # a column since dropped from the model
+        previous = None
+        if row["user_id"] is not None and draw(st.integers(0, 9)):
+            record = to_record(person_model("t"), str(row["user_id"]), before)
+            if not isinstance(record, Rejection):
+                attributes = dict(record.attributes)
+                if not unchanged and not draw(st.integers(0, 7)):
+                    attributes["user_id"] = normalize_value(draw(SCALARS))
+                previous = canonical_json(attributes).decode()
+        out.append({**row, PREVIOUS_COLUMN: previous})
+    return out
+
+
+UPDATE_EXAMPLES = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+
+
+@UPDATE_EXAMPLES
+@given(rows=update_rows(), full_resync=st.booleans(), keep=st.booleans())
+def test_duckdb_sql_updates_equal_the_python_path(
+    duckdb_table: Table, rows: list[dict[str, Any]], full_resync: bool, keep: bool
+) -> None:
+    duckdb_table.compare_updates(rows, full_resync=full_resync, keep=keep)
+
+
+@pytest.mark.postgres
+@UPDATE_EXAMPLES
+@given(rows=update_rows(), full_resync=st.booleans(), keep=st.booleans())
+def test_postgres_sql_updates_equal_the_python_path(
+    postgres_table: Table, rows: list[dict[str, Any]], full_resync: bool, keep: bool
+) -> None:
+    postgres_table.compare_updates(rows, full_resync=full_resync, keep=keep)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    rows=update_rows(
+        UPDATE_ROW.map(
+            lambda r: {**r, "f": r["f"] if r["f"] is None or abs(r["f"]) < 1e400 else None}
+        )
+    ),
+    full_resync=st.booleans(),
+    keep=st.booleans(),
+)
+def test_snowflake_sql_updates_equal_the_python_path(
+    snowflake_table: Table, rows: list[dict[str, Any]], full_resync: bool, keep: bool
+) -> None:
+    snowflake_table.compare_updates(rows, full_resync=full_resync, keep=keep)
+
+
+def _snapshot(row: dict[str, Any], **extra: Any) -> str:
+    """The attributes the Python path stores of ``row`` (plus ``extra`` ones, as a snapshot
+    written by an older model holds them)."""
+    record = to_record(person_model("t"), str(row["user_id"]), row)
+    assert not isinstance(record, Rejection)
+    return canonical_json({**record.attributes, **extra}).decode()
+
+
+def _updates(*pairs: tuple[dict[str, Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**row, PREVIOUS_COLUMN: _snapshot(before)} for before, row in pairs]
+
+
+SECOND = dt.datetime(2024, 5, 1, 12, 0, 0)
+EDGE_UPDATES = _updates(
+    (  # NULL -> value, value -> NULL, and three values equal once normalized
+        _edge_row(user_id="u1", i=5, f=1, ts=SECOND.replace(microsecond=100), dec=12.5),
+        _edge_row(
+            user_id="u1",
+            s="x",
+            f=1.0,
+            ts=SECOND.replace(microsecond=900_000),
+            dec=Decimal("12.500"),
+        ),
+    ),
+    (  # nothing changed once normalized: a refresh
+        _edge_row(
+            user_id="u2",
+            s="same",
+            d=dt.datetime(2020, 1, 2),
+            ts=dt.datetime(1969, 12, 31, 23, 59, 59, 200_000),
+        ),
+        _edge_row(
+            user_id="u2",
+            s="same",
+            d=dt.date(2020, 1, 2),
+            ts=dt.datetime(1969, 12, 31, 23, 59, 59, 700_000),
+        ),
+    ),
+    (  # a boolean that was an integer, a text that was a number, a nested value now NULL
+        _edge_row(user_id="u3", b=1, s=7, j={"k": [1, "x"]}),
+        _edge_row(user_id="u3", b=True, s="7"),
+    ),
+)
+EDGE_UPDATES.append(  # a column since dropped, and the key column's name, in the snapshot
+    {
+        **_edge_row(user_id="u4", s="a"),
+        PREVIOUS_COLUMN: _snapshot(_edge_row(user_id="u4", s="a"), gone=1, user_id="u4"),
+    }
+)
+EDGE_UPDATES.append({**_edge_row(user_id="u5", s="new"), PREVIOUS_COLUMN: None})  # a new row
+
+
+DIALECTS = ["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres), "snowflake"]
+FIXTURES = {
+    "duckdb": "duckdb_table",
+    "postgresql": "postgres_table",
+    "snowflake": "snowflake_table",
+}
+
+
+def _attributes(outcome: tuple[Any, ...]) -> Any:
+    assert outcome[0] == "send", outcome
+    return orjson.loads(outcome[1])["attributes"]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_edge_updates(dialect: str, request: pytest.FixtureRequest) -> None:
+    table: Table = request.getfixturevalue(FIXTURES[dialect])
+    got = table.compare_updates(EDGE_UPDATES)
+    assert _attributes(got["u1"]) == {"s": "x", "i": ""}  # only the changes, "" removes
+    assert got["u2"] == ("refresh",)
+    assert _attributes(got["u3"]) == {"b": True, "s": "7", "j": ""}
+    assert _attributes(got["u4"]) == {"gone": "", "user_id": ""}
+    assert "id" in _attributes(got["u5"])  # a new row sends its whole record
+    kept = table.compare_updates(EDGE_UPDATES, keep=True)
+    assert _attributes(kept["u4"]) == {"user_id": ""}  # the dropped column is left alone
+    resync = table.compare_updates(EDGE_UPDATES, full_resync=True)
+    assert _attributes(resync["u2"]) == {"id": "u2", "s": "same", "d": 1577923200, "ts": -1}
+    assert _attributes(resync["u1"])["i"] == ""  # a full resync sends the removals too
+
+
+def test_a_snapshot_of_an_integer_id_leaves_the_update_to_python(duckdb_table: Table) -> None:
+    """Written before identifiers were text: normalize.upgrade_previous reads 42 as "42";
+    the SQL leaves such a row to Python rather than compare 42 with "42"."""
+    row = _edge_row(user_id="42", s="x")
+    previous = canonical_json({"id": 42, "s": "x"}).decode()
+    assert duckdb_table.compare_updates([{**row, PREVIOUS_COLUMN: previous}]) == {}
+
+
+@pytest.mark.parametrize(
+    ("n_columns", "full_resync", "outcome"),
+    [
+        (40, False, "send"),  # 40 values of 900 bytes: the item of one changed value fits
+        (40, True, "item_too_large"),  # the whole record does not
+        (300, False, "too_many_attributes"),  # 301 attributes: every update checks them all
+    ],
+)
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_update_limits(
+    dialect: str, n_columns: int, full_resync: bool, outcome: str, request: pytest.FixtureRequest
+) -> None:
+    table: Table = request.getfixturevalue(FIXTURES[dialect])
+    columns, (full, _) = _wide(n_columns, "x" * (900 if n_columns == 40 else 1))
+    changed = {**full, "c000": "y"}
+    same = {**full, "user_id": "same"}
+    rows = [
+        {**changed, PREVIOUS_COLUMN: _snapshot(full)},
+        {**same, PREVIOUS_COLUMN: _snapshot(same)},
+    ]
+    got = table.compare_updates(rows, columns, full_resync=full_resync)
+    assert (got["full"][0] if outcome == "send" else got["full"][1]) == outcome
+    # Nothing changed: a refresh, whatever the limits (the Python path checks none then);
+    # a full resync sends (and checks) the whole record.
+    assert got["same"][0 if not full_resync else 1] == ("refresh" if not full_resync else outcome)
