@@ -28,11 +28,13 @@ from cio_retl.state import RejectionRow, SnapshotRow, StateStore
 @dataclass(frozen=True, slots=True)
 class PlannedBatch:
     """A batch of items the database built: their plan and sequence numbers, no per-row
-    objects but the item bytes (kept for a 207's redacted record of a refused one)."""
+    objects but the item bytes (kept for a 207's redacted record of a refused one) and
+    which of them are updates (1) rather than new rows (0), as the report counts them."""
 
     plan: PlanTable
     seqs: array[int]
     items: list[bytes]
+    updates: array[int]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -104,13 +106,16 @@ class Acknowledger:
                     )
                 )
 
-    def record_planned_rejections(self, plan: PlanTable) -> int:
-        """The rows the database rejected while planning: recorded set-based, counted and
-        listed in the report as the Python path's rejections are; returns how many."""
+    def record_planned(self, plan: PlanTable) -> int:
+        """What the database decided while planning, but the items to send: the rows it
+        rejected, recorded set-based, counted and listed in the report as the Python path's
+        rejections are (returns how many), and the new fingerprints of the rows with
+        nothing to send."""
         with self.run.state.engine.begin() as conn:
             counts, firsts = plan.rejections(conn, MAX_REPORTED_REJECTIONS)
             if counts:
                 plan.record_rejections(conn, self.run.run_id)
+            plan.refresh_fingerprints(conn)
         with self.lock:
             for code, n in counts.items():
                 self._count(RejectionCode(code), n)
@@ -155,7 +160,7 @@ class Acknowledger:
         ]
         state = self.run.state
         with state.engine.begin() as conn:
-            created = self._acknowledge_planned(conn, planned)
+            created, updated = self._acknowledge_planned(conn, planned)
             state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             state.delete_snapshots(conn, self.model.name, deleted)
             state.save_events(conn, self.model.name, self.run.run_id, events)
@@ -180,22 +185,26 @@ class Acknowledger:
         self.count_acked(acked)
         with self.lock:
             self.report.created += created
+            self.report.updated += updated
         self.run.heartbeat()
 
     def _acknowledge_planned(
         self, conn: sa.Connection, batches: Sequence[tuple[PlannedBatch, SendResult]]
-    ) -> int:
-        """The snapshots of acknowledged built items, inserted from the plan by sequence
-        ranges; the items Customer.io refused are recorded as rejections one by one."""
+    ) -> tuple[int, int]:
+        """The snapshots of acknowledged built items, written from the plan by sequence
+        ranges; the items Customer.io refused are recorded as rejections one by one (an
+        update's keeps its old snapshot). Returns how many were created and updated."""
         if not batches:
-            return 0
+            return 0, 0
         ranges: list[tuple[int, int]] = []
         unacknowledged: list[int] = []
         refused: list[tuple[int, Rejection, bytes]] = []
-        created = 0
+        created = updated = 0
         for batch, result in batches:
             ranges.append((batch.seqs[0], batch.seqs[-1]))
-            created += len(result.acked)
+            acked_updates = sum(batch.updates[i] for i in result.acked)
+            updated += acked_updates
+            created += len(result.acked) - acked_updates
             if len(result.acked) < len(batch):
                 acked = set(result.acked)
                 unacknowledged.extend(s for i, s in enumerate(batch.seqs) if i not in acked)
@@ -213,8 +222,9 @@ class Acknowledger:
             ranges,
             unacknowledged,
             clear_rejections=self._had_rejections,
+            updates=updated > 0,
         )
-        return created
+        return created, updated
 
     def take_rejections(self) -> list[RejectionRow]:
         with self.lock:

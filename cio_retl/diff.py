@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -526,6 +526,11 @@ class Differ(Protocol):
 
     def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]: ...
 
+    def real_updates(self, model: Model) -> int:
+        """Rows whose normalized attributes changed (an upper bound's true count: a moved
+        fingerprint may change nothing); read only when a guardrail trips."""
+        ...
+
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]: ...
 
     def skipped(self, model: Model) -> int:
@@ -590,6 +595,14 @@ class _Differ:
         self.state = state
         self.bucket = bucket
         self.suppressions = tuple(suppressions)
+
+    def upserts(self, model: Model, *, full_resync: bool = False) -> Generator[RowChange]:
+        raise NotImplementedError
+
+    def real_updates(self, model: Model) -> int:
+        changes = self.upserts(model)
+        with closing(changes):
+            return sum(1 for change in changes if change.change is Change.UPDATE)
 
     def skipped(self, model: Model) -> int:
         held = suppressions_for(model, self.suppressions)

@@ -17,20 +17,22 @@ creates nothing persistent anywhere) and keeps the streaming diff. The table is 
 the run ends; one a killed run left behind has the model's (and bucket's) name prefix and is
 dropped by the next run holding that lock, before it builds its own.
 
-For new rows of person and object models the same pass builds the payloads
-(:func:`cio_retl.payload_sql.payloads`): each row is checked once, and the plan keeps the
-snapshot's attributes of a valid row (or a rejected row's code, reason and field) instead of
-its model columns. The item text is the snapshot's attributes with the identifiers around
-them, so it is built while the send reads the plan, not stored: each payload is written
-into the plan once. Python only joins those items into batch bodies, and on acknowledgment
-the snapshot rows are inserted from the plan by sequence number, set-based. Every other row
-(updates, rows sharing a key, rows the SQL leaves to Python, models with columns of other
-types) keeps its model columns and goes through the Python path, read from the same plan.
+For the new and changed rows of person and object models the same pass builds the payloads
+(:func:`cio_retl.payload_sql.payloads`, given the previous snapshot's attributes): each row
+is checked once, and the plan keeps the snapshot's attributes of a valid row (an update's
+also the changed attributes its item sends; a full resync's, all of them) or a rejected
+row's code, reason and field, instead of its model columns; an update with nothing to send
+is marked, and only its fingerprint is stored. The item text is built while the send reads
+the plan, not stored: each payload is written into the plan once. Python only joins those
+items into batch bodies, and on acknowledgment the snapshot rows are written from the plan
+by sequence number, set-based. Every other row (rows sharing a key, rows the SQL leaves to
+Python, models with columns of other types) keeps its model columns and goes through the
+Python path, read from the same plan.
 
 Events (an anti-join with the sent events) and the cross-database diff keep the streaming
-diff of :mod:`cio_retl.diff`; so do updates and removals' payloads, relationships, devices
-and suppressions. The few statements that differ by database (the table's kind, how rows
-are numbered, what is built after) are the dialect's (:mod:`cio_retl.dialects`).
+diff of :mod:`cio_retl.diff`; so do removals' payloads, relationships, devices and
+suppressions. The few statements that differ by database (the table's kind, how rows are
+numbered, what is built after) are the dialect's (:mod:`cio_retl.dialects`).
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ from cio_retl.diff import (
 )
 from cio_retl.models import Kind, Model
 from cio_retl.payload_sql import ATTRIBUTES as PAY_ATTRIBUTES
+from cio_retl.payload_sql import CHANGED as PAY_CHANGED
 from cio_retl.payload_sql import CODE as PAY_CODE
 from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
+from cio_retl.payload_sql import SEND as PAY_SEND
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
 from cio_retl.plan_slices import SharedPlans, Slice, plan_digest
 from cio_retl.records import RowChange
@@ -68,7 +72,9 @@ from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
 from cio_retl.warehouse import (
     BUCKET_COLUMN,
     BUILT_COLUMNS,
+    BUILT_SEND_COLUMN,
     BUILT_SNAPSHOT_COLUMN,
+    CHANGED_COLUMN,
     DUPLICATES_COLUMN,
     FINGERPRINT_COLUMN,
     HELD_COLUMN,
@@ -91,6 +97,8 @@ _log = logging.getLogger(__name__)
 PLAN_PREFIX = "cio_plan_"
 # What orders the plan's sequence numbers where the dialect needs an order (Snowflake).
 _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
+# The attributes text a built item carries: an update's changed ones, else the snapshot's.
+ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
 _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
 
@@ -156,10 +164,11 @@ class PlanTable:
     READ_BYTES = 8 * 2**20
     MAX_READ_ROWS = 50_000
 
-    def items(self) -> Iterator[tuple[int, bytes]]:
-        """(sequence number, item bytes) of the rows whose item the database built, in
-        sequence order: the item text is built here, from the snapshot text and the key,
-        so the plan holds each payload once.
+    def items(self) -> Iterator[tuple[int, bytes, bool]]:
+        """(sequence number, item bytes, whether it is an update) of the rows whose item the
+        database built, in sequence order: the item text is built here, from the key and
+        the attributes text (an update's changed ones, else the snapshot's), so the plan
+        holds each payload once.
 
         Read a range of sequence numbers at a time (they are dense: ROW_NUMBER), not as one
         sorted result: a sort of the whole plan holds memory for as long as the send reads
@@ -168,11 +177,12 @@ class PlanTable:
         zone maps, PostgreSQL's index on it), and holds about READ_BYTES.
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
+        update = f"CASE WHEN p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 0 ELSE 1 END"
         with self.state.engine.connect() as conn:
             first, last, rows, size = conn.execute(
                 sa.text(
                     f"SELECT MIN(p.{SEQ_COLUMN}), MAX(p.{SEQ_COLUMN}), COUNT(*),"
-                    f" AVG(LENGTH(p.{BUILT_SNAPSHOT_COLUMN})) FROM {self.name} AS p WHERE {built}"
+                    f" AVG(LENGTH({ITEM_ATTRIBUTES})) FROM {self.name} AS p WHERE {built}"
                 )
             ).one()
             if first is None:
@@ -183,12 +193,12 @@ class PlanTable:
             step = max(1, int(per_read * (int(last) - int(first) + 1) / int(rows)))
             for low in range(int(first), int(last) + 1, step):
                 sql = (
-                    f"SELECT p.{SEQ_COLUMN}, {self.item} FROM {self.name} AS p WHERE {built}"
-                    f" AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
+                    f"SELECT p.{SEQ_COLUMN}, {self.item}, {update} FROM {self.name} AS p"
+                    f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
                     f" ORDER BY p.{SEQ_COLUMN}"
                 )
-                for seq, item in conn.execute(sa.text(sql)).all():
-                    yield seq, item.encode()
+                for seq, item, is_update in conn.execute(sa.text(sql)).all():
+                    yield seq, item.encode(), bool(is_update)
 
     def rejections(self, conn: sa.Connection, first: int) -> tuple[dict[str, int], list[Rejected]]:
         """The rows the database rejected before sending: their count per code, and the
@@ -241,6 +251,22 @@ class PlanTable:
             {**scope, "run_id": run_id, "now": utcnow()},
         )
 
+    def refresh_fingerprints(self, conn: sa.Connection) -> None:
+        """Store the new fingerprint of every row whose normalized attributes did not change
+        (diff.upsert_change's REFRESH: nothing is sent), set-based."""
+        refreshed = f"FROM {self.name} AS p WHERE p.{CHANGED_COLUMN} = 0"
+        if not conn.execute(sa.text(f"SELECT COUNT(*) {refreshed}")).scalar_one():
+            return
+        table = self.state.snapshots
+        conn.execute(
+            sa.text(
+                f"UPDATE {table} SET fingerprint = p.{FINGERPRINT_COLUMN} {refreshed}"
+                f" AND {table}.workspace = :workspace AND {table}.model = :model"
+                f" AND {table}.key = p.{KEY_COLUMN}"
+            ),
+            self.state.scope(self.model),
+        )
+
     def keys(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[int, str]:
         if not seqs:
             return {}
@@ -259,11 +285,14 @@ class PlanTable:
         unacknowledged: Sequence[int],
         *,
         clear_rejections: bool,
+        updates: bool,
     ) -> None:
-        """Insert the snapshots of the built rows in ``ranges`` (first and last sequence
-        number of each acknowledged batch) but ``unacknowledged``, straight from the plan.
+        """Write the snapshots of the built rows in ``ranges`` (first and last sequence
+        number of each acknowledged batch) but ``unacknowledged``, straight from the plan:
+        new rows inserted, and (where the batches hold ``updates``) updated rows' replaced.
 
-        The attributes are the plan's text and the identifiers are built from the key, byte
+        The attributes are the plan's text (an update's too: the snapshot keeps the whole
+        record, not what its item sent) and the identifiers are built from the key, byte
         for byte what the Python path stores; ``attrs_hash`` is the database's md5 of that
         text (the Python path's is a blake2b of the same bytes: a 128-bit digest either way,
         compared with nothing).
@@ -292,16 +321,19 @@ class PlanTable:
                 ),
                 self.state.scope(self.model),
             )
-        # absent: the plan found no snapshot for these keys and the model's lock keeps
-        # other writers out.
-        for statement in self.state.dialect.upsert(
-            self.state.snapshots,
-            ("workspace", "model", "key"),
-            SNAPSHOT_COLUMNS,
-            source,
-            absent=True,
-        ):
-            conn.execute(sa.text(statement), params)
+        # absent: the plan found no snapshot for the new rows' keys and the model's lock
+        # keeps other writers out. Updated rows replace theirs (without ``updates`` that
+        # statement is not run: on DuckDB its DELETE scans the model's snapshot).
+        for had_snapshot in (False, True) if updates else (False,):
+            which = "NOT NULL" if had_snapshot else "NULL"
+            for statement in self.state.dialect.upsert(
+                self.state.snapshots,
+                ("workspace", "model", "key"),
+                SNAPSHOT_COLUMNS,
+                f"{source} AND p.{SNAPSHOT_KEY_COLUMN} IS {which}",
+                absent=not had_snapshot,
+            ):
+                conn.execute(sa.text(statement), params)
 
 
 class PlanDiff(PushDownDiff):
@@ -401,6 +433,7 @@ class PlanDiff(PushDownDiff):
         sql = (
             f"SELECT * FROM {table} AS p WHERE p.{FINGERPRINT_COLUMN} IS NOT NULL"
             f" AND p.{BUILT_SNAPSHOT_COLUMN} IS NULL AND p.{REJECT_CODE_COLUMN} IS NULL"
+            f" AND p.{CHANGED_COLUMN} IS NULL"
             f" AND p.{HELD_COLUMN} = 0 ORDER BY p.{SEQ_COLUMN}"  # cio_retl.passes knows this
         )
         with diff_connection(self.state, None) as conn:
@@ -414,15 +447,24 @@ class PlanDiff(PushDownDiff):
                         model, columns, row, row[previous], full_resync=self.full_resync
                     )
 
+    def real_updates(self, model: Model) -> int:
+        table = self._table(model)
+        if table is None:
+            return super().real_updates(model)
+        sql = f"SELECT COUNT(*) FROM {table} AS p WHERE p.{CHANGED_COLUMN} = 1"
+        with self.state.engine.connect() as conn:
+            diffed = int(conn.execute(sa.text(sql)).scalar_one() or 0)
+        return diffed + super().real_updates(model)  # and the rows left to Python
+
     def planned(self, model: Model) -> PlanTable | None:
         """The plan whose built items the send reads first, or None (no plan)."""
         table = self.plans.get(model.name)
         built = self.payloads.get(model.name)
         if table is None or built is None:
             return None
-        key, attributes = f"p.{KEY_COLUMN}", f"p.{BUILT_SNAPSHOT_COLUMN}"
+        key = f"p.{KEY_COLUMN}"
         return PlanTable(
-            table, model.name, self.state, built.item(key, attributes), built.identifiers(key)
+            table, model.name, self.state, built.item(key, ITEM_ATTRIBUTES), built.identifiers(key)
         )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
@@ -548,26 +590,42 @@ class PlanDiff(PushDownDiff):
                 {acted_on}
             )
         """
-        previous = f"s.attributes AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN}"
+        # A model row's previous attributes (a removed row needs only its identifiers).
+        previous = (
+            f"CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN s.attributes END"
+            f" AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN}"
+        )
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
         seq = d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER])
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
-            return f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*, {previous}, {nulls} FROM j AS p {snapshot_of}"
-        built = payloads(d.name, model, columns, "SELECT * FROM j", key=f"m.{KEY_COLUMN}")
+            return (
+                f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*, {previous}, {nulls},"
+                f" CAST(NULL AS INTEGER) AS {CHANGED_COLUMN} FROM j AS p {snapshot_of}"
+            )
+        built = payloads(
+            d.name,
+            model,
+            columns,
+            f"SELECT p.*, {previous} FROM j AS p {snapshot_of}",
+            key=f"m.{KEY_COLUMN}",
+            previous=PREVIOUS_COLUMN,
+            full_resync=self.full_resync,
+        )
         self.payloads[model.name] = built
-        # A new row, valid or not, is the database's to send or reject, unless the SQL
-        # leaves it to Python; every other row keeps its model columns for Python.
-        new = (
-            f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{SNAPSHOT_KEY_COLUMN} IS NULL"
-            f" AND p.{DUPLICATES_COLUMN} = 1 AND p.{KEY_COLUMN} IS NOT NULL"
-            f" AND p.{HELD_COLUMN} = 0 AND p.{PAY_PYTHON_ONLY} = 0"
+        # A new or changed row, valid or not, is the database's to send, reject or refresh,
+        # unless the SQL leaves it to Python; every other row keeps its model columns (and
+        # previous attributes) for Python.
+        decided = (
+            f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{DUPLICATES_COLUMN} = 1"
+            f" AND p.{KEY_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
+            f" AND p.{PAY_PYTHON_ONLY} = 0"
         )
         sent, rejected = (
-            f"{new} AND p.{PAY_CODE} IS NULL",
-            f"{new} AND p.{PAY_CODE} IS NOT NULL",
+            f"{decided} AND p.{PAY_CODE} IS NULL AND COALESCE(p.{PAY_CHANGED}, 1) = 1",
+            f"{decided} AND p.{PAY_CODE} IS NOT NULL",
         )
         engine_columns = (
             KEY_COLUMN,
@@ -580,17 +638,24 @@ class PlanDiff(PushDownDiff):
         )
         kept = [f"p.{c}" for c in engine_columns]
         model_columns = [
-            f"CASE WHEN NOT ({new}) THEN p.{d.quote(c.name)} END AS {d.quote(c.name)}"
+            f"CASE WHEN NOT ({decided}) THEN p.{d.quote(c.name)} END AS {d.quote(c.name)}"
             for c in columns
         ]
+        # An update's item attributes, unless they are the snapshot's text (a full resync's
+        # without removals): the plan holds each payload once.
+        update = f"p.{SNAPSHOT_KEY_COLUMN} IS NOT NULL"
         return f"""{joined}
             SELECT {seq} AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
-                   {previous},
+                   CASE WHEN NOT ({decided}) THEN p.{PREVIOUS_COLUMN} END AS {PREVIOUS_COLUMN},
+                   p.{IDENTIFIERS_COLUMN},
                    CASE WHEN {sent} THEN p.{PAY_ATTRIBUTES} END AS {BUILT_SNAPSHOT_COLUMN},
+                   CASE WHEN {sent} AND {update}
+                        THEN NULLIF(p.{PAY_SEND}, p.{PAY_ATTRIBUTES}) END AS {BUILT_SEND_COLUMN},
+                   CASE WHEN {decided} THEN p.{PAY_CHANGED} END AS {CHANGED_COLUMN},
                    CASE WHEN {rejected} THEN p.{PAY_CODE} END AS {REJECT_CODE_COLUMN},
                    CASE WHEN {rejected} THEN {built.reason("p")} END AS {REJECT_REASON_COLUMN},
                    CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
-            FROM ({built.relation}{d.subquery_fence}) AS p {snapshot_of}
+            FROM ({built.relation}{d.subquery_fence}) AS p
         """
 
     def _create(self, model: Model, table: str, sql: str, by: Sequence[str]) -> bool:

@@ -90,7 +90,7 @@ class Sender:
         client = self.run.client
         assert client is not None
         if planned is not None:
-            self.report.planned += self.ack.record_planned_rejections(planned)
+            self.report.planned += self.ack.record_planned(planned)
         in_flight = self._in_flight
         failure: CioRetlError | None = None
         self._writer = ThreadPoolExecutor(1, "cio-state")
@@ -133,22 +133,25 @@ class Sender:
             for packed in pack(self._built(planned), max_items=max_items):
                 items = [item for _, item in packed]
                 self.report.planned += len(items)
-                yield PlannedBatch(planned, array("q", [s for s, _ in packed]), items), items
+                seqs = array("q", [seq for (seq, _), _ in packed])
+                updates = array("b", [update for (_, update), _ in packed])
+                yield PlannedBatch(planned, seqs, items, updates), items
         for batch in pack(self._operations(changes), max_items=max_items):
             yield [op for op, _ in batch], [item for _, item in batch]
 
-    def _built(self, planned: PlanTable) -> Iterator[tuple[int, bytes]]:
-        """The plan's built items; samples taken, acknowledgments kept due meanwhile."""
+    def _built(self, planned: PlanTable) -> Iterator[tuple[tuple[int, bool], bytes]]:
+        """The plan's built items, tagged (sequence number, whether an update); samples
+        taken, acknowledgments kept due meanwhile."""
         samples, sample_size = self.report.samples, self.run.options.sample_size
         tick = self.TICK_ROWS
-        for seq, item in planned.items():
+        for seq, item, update in planned.items():
             tick -= 1
             if not tick:
                 tick = self.TICK_ROWS
                 self._settle_done()
             if len(samples) < sample_size:
                 samples.append(orjson.loads(item))
-            yield seq, item
+            yield (seq, update), item
 
     def _write(self, task: Callable[[], None]) -> None:
         """Queue a state write; surface the writer's errors and keep its queue short."""

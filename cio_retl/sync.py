@@ -22,7 +22,6 @@ from cio_retl.models import Kind, Model, load_models, ordered_for_sync
 from cio_retl.operations import Phase, phases_of
 from cio_retl.options import Progress, SyncOptions
 from cio_retl.plan import PlanDiff
-from cio_retl.records import Change
 from cio_retl.report import ModelReport, Outcome, RunReport
 from cio_retl.send import Sender
 from cio_retl.session import Session, open_session
@@ -190,9 +189,7 @@ class _Run:
         return False
 
     def _count_real_updates(self, model: Model) -> int:
-        changes = self.differ.upserts(model)
-        with contextlib.closing(changes):
-            return sum(1 for change in changes if change.change is Change.UPDATE)
+        return self.differ.real_updates(model)
 
     def _finish(self, model: Model, report: ModelReport) -> None:
         if self.options.dry_run:

@@ -34,24 +34,31 @@ SNAPSHOT_FINGERPRINT_COLUMN = "__cio_sfp"
 IDENTIFIERS_COLUMN = "__cio_ids"
 HELD_COLUMN = "__cio_held"
 BUCKET_COLUMN = "__cio_bucket"  # a row's bucket, in a plan the bucket runs share
-# What the database built for a new row: the snapshot's attributes (NULL unless the row is
-# sent from the plan) or the rejection (code, reason, field).
+# What the database built for a row: the snapshot's attributes (NULL unless the row is sent
+# from the plan), an update's item attributes (the changed ones; NULL for a new row, whose
+# item carries the snapshot's), or the rejection (code, reason, field).
 BUILT_SNAPSHOT_COLUMN = "__cio_snapshot"
+BUILT_SEND_COLUMN = "__cio_send"
 REJECT_CODE_COLUMN = "__cio_rcode"
 REJECT_REASON_COLUMN = "__cio_rreason"
 REJECT_FIELD_COLUMN = "__cio_rfield"
 BUILT_COLUMNS = (
     BUILT_SNAPSHOT_COLUMN,
+    BUILT_SEND_COLUMN,
     REJECT_CODE_COLUMN,
     REJECT_REASON_COLUMN,
     REJECT_FIELD_COLUMN,
 )
+# Of a row with a snapshot that the database diffed: 1 an update (sent or rejected), 0
+# nothing to send (only its fingerprint is stored); NULL for every other row.
+CHANGED_COLUMN = "__cio_changed"
 # Every column the engine adds to a model's rows starts with this (those above, and the
 # payload SQL's): a model's own may not.
 RESERVED_PREFIX = "__cio_"
 INTERNAL_COLUMNS = frozenset(
     {
         *BUILT_COLUMNS,
+        CHANGED_COLUMN,
         KEY_COLUMN,
         FINGERPRINT_COLUMN,
         DUPLICATES_COLUMN,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -18,9 +19,10 @@ from sqlalchemy.engine import Engine
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.emulator import Emulator, FaultPlan
+from cio_retl.errors import GuardrailError
 from cio_retl.limits import MAX_BATCH_BYTES
 from cio_retl.models import load_models
-from cio_retl.normalize import digest
+from cio_retl.normalize import canonical_json, digest
 from cio_retl.plan import PLAN_PREFIX, plan_prefix
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
@@ -231,11 +233,12 @@ def people_settings(settings: Settings, tmp_path: Path, url: str, schema: str = 
 def stored(
     engine: Engine, schema: str = "cio_retl", model: str = "people"
 ) -> dict[str, tuple[str, ...]]:
-    """The model's snapshot rows: key -> (fingerprint, identifiers, attributes, attrs_hash)."""
+    """The model's snapshot rows: key -> (fingerprint, identifiers, attributes, attrs_hash,
+    run_id)."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT key, fingerprint, identifiers, attributes, attrs_hash"
+                "SELECT key, fingerprint, identifiers, attributes, attrs_hash, run_id"
                 f" FROM {schema}.snapshots WHERE model = :model"
             ),
             {"model": model},
@@ -558,3 +561,257 @@ def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
     }
     assert by_database == {"companies", "members"}
     assert from_plan[("companies", "7")][1] == '{"object_id":"7","object_type_id":"1"}'
+
+
+# -- updates built by the database ------------------------------------------------------------
+
+
+def edit_people(engine: Engine, schema: str = "app") -> None:
+    """Every kind of change to ``people_rows``: a changed value (person3), a value gone NULL
+    (person4's vip, person5's born_on: removals), a rejected row made valid (person2: a
+    create), and every row's time moved within its second (equal once normalized: the rows
+    with nothing else changed are only refreshed). person6 (a tiny double) is left to Python."""
+    with engine.begin() as conn:
+        for sql in (
+            f"UPDATE {schema}.people SET seen_at = seen_at + INTERVAL '300 milliseconds'",
+            f"UPDATE {schema}.people SET name = 'renamed' WHERE email = 'person3@example.com'",
+            f"UPDATE {schema}.people SET vip = NULL WHERE email = 'person4@example.com'",
+            f"UPDATE {schema}.people SET born_on = NULL WHERE email = 'person5@example.com'",
+            f"UPDATE {schema}.people SET name = 'fixed' WHERE email = 'person2@example.com'",
+            f"UPDATE {schema}.people SET vip = NOT vip WHERE email = 'person6@example.com'",
+        ):
+            conn.execute(sa.text(sql))
+
+
+@dataclass
+class Twins:
+    """One warehouse's changes synced twice: from the plan, and by the Python path alone
+    (its own state and emulator), so every run of both can be compared."""
+
+    plan: Settings
+    python: Settings
+    emulator: Emulator
+    other: Emulator
+    monkeypatch: pytest.MonkeyPatch
+
+    def sync(self, **options: Any) -> tuple[ModelReport, ModelReport, list[Any], list[Any]]:
+        """Both runs' reports and the items each emulator received (canonical JSON, sorted)."""
+        seen = len(self.emulator.requests), len(self.other.requests)
+        planned = sync(self.plan, **options)
+        with self.monkeypatch.context() as patch:
+            _python_path_only(patch)
+            python = sync(replace(self.python, track_api_url=self.other.url), **options)
+        items = (
+            sorted(canonical_json(i) for i in batch_items(emulator, since))
+            for emulator, since in zip((self.emulator, self.other), seen, strict=True)
+        )
+        return planned.models[0], python.models[0], *items
+
+
+def md5(text: str) -> str:
+    """The hash the database gives a snapshot it writes (the Python path's is a blake2b)."""
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def planned_run_id(twins: Twins) -> str:
+    """The run id of the latest run from the plan."""
+    engine = create_engine(twins.plan.state_url)
+    try:
+        with engine.connect() as conn:
+            return str(
+                conn.execute(
+                    sa.text(
+                        f"SELECT run_id FROM {twins.plan.state_schema}.runs"
+                        " ORDER BY started_at DESC LIMIT 1"
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def by_email(items: list[bytes]) -> dict[str, Any]:
+    return {
+        i["identifiers"]["email"]: i["attributes"] for i in (orjson.loads(item) for item in items)
+    }
+
+
+def check_updates(twins: Twins, stored_of: Any, execute: Any, *, full_resync: bool = False) -> None:
+    """The update run of ``edit_people``'s changes, and one after a dropped column, against
+    the Python path: the same items, report and snapshots."""
+    # Every fingerprint moved (the times): a full resync is over the guardrail, forced.
+    planned, python, sent, expected = twins.sync(full_resync=full_resync, force=full_resync)
+    assert sent == expected
+    assert same_items(planned, python), (planned.counts(), python.counts())
+    attributes = by_email(sent)
+    if full_resync:
+        assert planned.updated == 58 and planned.created == 1
+        assert attributes["person4@example.com"]["vip"] == ""  # and every other attribute
+        assert attributes["person3@example.com"]["email"] == "person3@example.com"
+    else:
+        assert planned.updated == 4 and planned.created == 1 and planned.planned == 6
+        assert attributes["person3@example.com"] == {"name": "renamed"}  # only what changed
+        assert attributes["person4@example.com"] == {"vip": ""}  # "", the removal form
+        assert attributes["person5@example.com"] == {"born_on": ""}
+        assert set(attributes) == {f"person{i}@example.com" for i in (2, 3, 4, 5, 6)}
+    from_plan, from_python = stored_of()
+    assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
+    by_database = {k for k, v in from_plan.items() if v[3] == md5(v[2])}
+    assert {"person3@example.com", "person4@example.com"} <= by_database
+    assert "person6@example.com" not in by_database  # left to Python: its snapshot's blake2b
+
+    again, _, resent, _ = twins.sync()
+    assert resent == [] and again.planned == 1  # the row rejected every run
+    if full_resync:
+        return
+    # A dropped column: the rows that held it remove it, the others are only refreshed. Over
+    # the guardrail, both count the same real updates (the plan's and Python's together).
+    execute("ALTER TABLE {schema}.people DROP COLUMN born_on")
+    stops = []
+    for run in (twins.plan, replace(twins.python, track_api_url=twins.other.url)):
+        with twins.monkeypatch.context() as patch, pytest.raises(GuardrailError) as stop:
+            if run is not twins.plan:
+                _python_path_only(patch)
+            sync(run)
+        stops.append(str(stop.value))
+    assert stops[0] == stops[1] and "43 of 59 synced rows" in stops[0]
+    planned, python, sent, expected = twins.sync(force=True)
+    assert sent == expected and same_items(planned, python)
+    assert planned.updated == 43
+    assert set(map(str, by_email(sent).values())) == {"{'born_on': ''}"}
+    from_plan, from_python = stored_of()
+    assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
+    written = {k for k, v in from_plan.items() if v[4] == planned_run_id(twins)}
+    assert len(written) == 43
+    by_database = {k for k in written if from_plan[k][3] == md5(from_plan[k][2])}
+    assert len(by_database) >= 20  # the rows the SQL did not leave to Python
+
+
+@pytest.mark.parametrize("full_resync", [False, True], ids=["update", "full-resync"])
+def test_updates_from_the_plan_send_what_the_python_path_sends(
+    settings: Settings,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    full_resync: bool,
+) -> None:
+    urls = [f"duckdb:///{tmp_path / name}.duckdb" for name in ("plan", "python")]
+    for url in urls:
+        engine = create_engine(url)
+        people_warehouse(engine, people_rows(60))
+        engine.dispose()
+    with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
+        twins = Twins(
+            *(people_settings(settings, tmp_path, u) for u in urls), emulator, other, monkeypatch
+        )
+        first, first_python, *_ = twins.sync()
+        assert first.created == first_python.created == 58
+        for url in urls:
+            engine = create_engine(url)
+            edit_people(engine)
+            engine.dispose()
+
+        def stored_of() -> tuple[dict[str, Any], ...]:
+            engines = [create_engine(url) for url in urls]
+            try:
+                return tuple(stored(engine) for engine in engines)
+            finally:
+                for engine in engines:
+                    engine.dispose()
+
+        def execute(sql: str) -> None:
+            for url in urls:
+                engine = create_engine(url)
+                with engine.begin() as conn:
+                    conn.execute(sa.text(sql.format(schema="app")))
+                engine.dispose()
+
+        check_updates(twins, stored_of, execute, full_resync=full_resync)
+        assert emulator.workspace.people_by("email") == other.workspace.people_by("email")
+        assert "vip" not in emulator.workspace.people_by("email")["person4@example.com"]
+
+
+def test_a_refused_update_keeps_its_old_snapshot(
+    settings: Settings, tmp_path: Path, emulator: Emulator, statements: list[str]
+) -> None:
+    """A 207 for a built update: the row is rejected alone and keeps the snapshot of what
+    Customer.io last accepted, so the next run sends the same change again; the other
+    updates' snapshots are replaced from the plan, set-based."""
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(40))
+    people = people_settings(settings, tmp_path, url)
+    try:
+        assert sync(people).models[0].created == 38
+        before = stored(engine)
+        edit_people(engine)
+        bad = "person3@example.com"  # its update is built by the database
+        emulator.faults = FaultPlan(reject_identifiers=frozenset({bad}))
+        statements.clear()
+
+        (model,) = sync(people).models
+
+        assert model.updated == 3 and model.rejected == 2  # the refusal and person1's email
+        assert (bad, "invalid: rejected by fault plan [identifiers] (HTTP 207)") in model.rejections
+        after = stored(engine)
+        assert after[bad] == before[bad]  # fingerprint and attributes as acknowledged
+        assert after["person4@example.com"][2] != before["person4@example.com"][2]
+        assert after["person4@example.com"][3] == md5(after["person4@example.com"][2])
+        [row] = [r for r in StateStore(engine).rejections("people") if r["key"] == bad]
+        assert row["status"] == 207 and "<str>" in (row["payload"] or "")
+        replaced = [
+            s for s in statements if s.lstrip().startswith("DELETE FROM cio_retl.snapshots")
+        ]
+        assert any(PLAN_PREFIX in s for s in replaced)  # (person6's: the Python path's)
+
+        emulator.faults = FaultPlan()
+        seen = len(emulator.requests)
+        retry = sync(people).models[0]
+        assert [
+            (i["identifiers"]["email"], i["attributes"]) for i in batch_items(emulator, seen)
+        ] == [(bad, {"name": "renamed"})]
+        assert retry.updated == 1
+        assert stored(engine)[bad][2] != before[bad][2]
+        assert bad not in {r["key"] for r in StateStore(engine).rejections("people")}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_updates_from_the_plan_send_what_the_python_path_sends(
+    settings: Settings,
+    pg_schemas: PgSchemas,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = create_engine(pg_schemas.url)
+    python_schema = f"{pg_schemas.state}_py"
+    try:
+        people_warehouse(engine, people_rows(60), pg_schemas.warehouse)
+        base = people_settings(settings, tmp_path, pg_schemas.url, pg_schemas.warehouse)
+        with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
+            twins = Twins(
+                replace(base, state_schema=pg_schemas.state),
+                replace(base, state_schema=python_schema),
+                emulator,
+                other,
+                monkeypatch,
+            )
+            first, first_python, *_ = twins.sync()
+            assert first.created == first_python.created == 58
+            edit_people(engine, pg_schemas.warehouse)
+
+            def stored_of() -> tuple[dict[str, Any], ...]:
+                return stored(engine, pg_schemas.state), stored(engine, python_schema)
+
+            def execute(sql: str) -> None:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(sql.format(schema=pg_schemas.warehouse)))
+
+            check_updates(twins, stored_of, execute)
+            assert emulator.workspace.people_by("email") == other.workspace.people_by("email")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {python_schema} CASCADE"))
+        engine.dispose()
