@@ -725,7 +725,13 @@ def _attributes(outcome: tuple[Any, ...]) -> Any:
 def test_edge_updates(dialect: str, request: pytest.FixtureRequest) -> None:
     table: Table = request.getfixturevalue(FIXTURES[dialect])
     got = table.compare_updates(EDGE_UPDATES)
-    assert _attributes(got["u1"]) == {"s": "x", "i": ""}  # only the changes, "" removes
+    if dialect == "snowflake":
+        # Its decimal 12.500 is fractional, sent as its double, and Snowflake leaves every
+        # non-integral double to Python (the text of a FLOAT is not documented);
+        # compare_updates has checked every row the SQL does build against Python's.
+        assert "u1" not in got
+    else:
+        assert _attributes(got["u1"]) == {"s": "x", "i": ""}  # only the changes, "" removes
     assert got["u2"] == ("refresh",)
     assert _attributes(got["u3"]) == {"b": True, "s": "7", "j": ""}
     assert _attributes(got["u4"]) == {"gone": "", "user_id": ""}
@@ -734,7 +740,8 @@ def test_edge_updates(dialect: str, request: pytest.FixtureRequest) -> None:
     assert _attributes(kept["u4"]) == {"user_id": ""}  # the dropped column is left alone
     resync = table.compare_updates(EDGE_UPDATES, full_resync=True)
     assert _attributes(resync["u2"]) == {"id": "u2", "s": "same", "d": 1577923200, "ts": -1}
-    assert _attributes(resync["u1"])["i"] == ""  # a full resync sends the removals too
+    if dialect != "snowflake":
+        assert _attributes(resync["u1"])["i"] == ""  # a full resync sends the removals too
 
 
 def test_a_snapshot_of_an_integer_id_leaves_the_update_to_python(duckdb_table: Table) -> None:
