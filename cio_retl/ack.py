@@ -19,7 +19,7 @@ from cio_retl.client import SendResult
 from cio_retl.models import Kind, Model
 from cio_retl.normalize import canonical_json, digest
 from cio_retl.operations import Operation, redact
-from cio_retl.plan import PlanTable
+from cio_retl.plan import PlanTable, retire_shared_plans
 from cio_retl.records import Change, Rejection, RejectionCode
 from cio_retl.report import EXAMPLES_PER_CODE, MAX_REPORTED_REJECTIONS, ModelReport
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
@@ -171,6 +171,8 @@ class Acknowledger:
                 # unsuppressed they are identified again in full, as new people.
                 for people in self.run.people_models(self.model.identifier):
                     state.delete_snapshots(conn, people.name, [row.key for row in upserted])
+                    # A shared plan of their buckets, planned before, may not send them.
+                    retire_shared_plans(conn, state, people.name)
             if self._had_rejections:
                 state.clear_rejections(conn, self.model.name, [op.key for op in acked])
             state.record_rejections(conn, self.model.name, self.run.run_id, self.take_rejections())

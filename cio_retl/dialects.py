@@ -83,6 +83,10 @@ class Dialect(abc.ABC):
     # so that each is computed once per row (see PostgresDialect).
     subquery_fence = ""
 
+    # Microseconds since the epoch on the database's clock, as an integer (a shared plan's
+    # claims compare times taken by runs on different hosts).
+    now_micros = "epoch_us(now())"
+
     def create_plan(self, table: str, query: str, order: Sequence[str]) -> str:
         """The statement writing a plan ``table`` from ``query``; ``order``: the columns its
         reads filter by (as plan_built's). A plain table: the state writer reads it from
@@ -482,6 +486,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     driver = "psycopg"  # the one driver cio-retl supports (its `postgres` extra)
     driver_extra = ("postgresql+psycopg://", "psycopg", "postgres")
+    now_micros = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)"
 
     # A B-tree on disk: no memory cost, and it makes the upsert one statement.
     state_primary_keys = True
@@ -609,6 +614,9 @@ class SnowflakeDialect(Dialect):
     """Snowflake through snowflake-connector-python and snowflake-sqlalchemy."""
 
     name = "snowflake"
+    # "EPOCH_MICROSECOND" is a date part of DATE_PART (Snowflake docs, "Supported date and
+    # time parts").
+    now_micros = "DATE_PART(EPOCH_MICROSECOND, CURRENT_TIMESTAMP())"
     driver_extra = ("snowflake://", "snowflake-sqlalchemy", "snowflake")
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.

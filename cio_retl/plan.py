@@ -65,7 +65,7 @@ from cio_retl.payload_sql import CODE as PAY_CODE
 from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
 from cio_retl.payload_sql import SEND as PAY_SEND
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
-from cio_retl.plan_slices import SharedPlans, Slice, plan_digest
+from cio_retl.plan_slices import SharedPlans, Slice, plan_digest, retire_unclaimed
 from cio_retl.records import RowChange
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
@@ -136,6 +136,12 @@ def plan_prefix(model: str, bucket: Bucket | None) -> str:
     its lock, so a table with this prefix that is not the run's own is a dead run's."""
     slot = model if bucket is None else f"{model}\x00{bucket.label}"
     return f"{PLAN_PREFIX}{hashlib.blake2b(slot.encode(), digest_size=5).hexdigest()}_"
+
+
+def retire_shared_plans(conn: sa.Connection, state: StateStore, model: str) -> None:
+    """No bucket run may send a slice of ``model`` planned before now (``conn``'s
+    transaction, which writes its snapshots from another model's run)."""
+    retire_unclaimed(conn, state, plan_prefix(model, None))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,12 @@ as nothing else wrote that bucket's snapshots since, which these rules keep:
   fresher). That holds even if the lock was taken over as stale.
 - A run of the whole model, or of another bucket count, overlaps every bucket (the locks keep
   it from running beside them) and drops every shared plan of the model before it plans.
+- A suppression run, which forgets the snapshots of the people it suppresses in the person
+  models of its identifier, retires every unclaimed slice of those models' shared plans in
+  the same transaction (:func:`retire_unclaimed`): they were planned without that erasure.
+- Times are the state database's clock (hosts' clocks may disagree). The holder of the
+  planning lock refreshes it, and its run's other locks, while it builds (one statement
+  that takes minutes); a slice's claim checks it took the row it meant to.
 - A slice can be claimed for REUSE_SECONDS after its plan was built; a bucket run after that
   plans anew, so a later round sends what the warehouse holds then.
 - A plan is dropped once none of its slices can be claimed or is being read: each is done,
@@ -36,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -114,16 +119,16 @@ class SharedPlans:
         """The unquoted name of a new shared plan."""
         return f"{self.prefix}{digest}_{token}"
 
-    def survey(self) -> None:
-        """Read the model's shared plans and who is live, and drop the plans of other counts
-        (no run of theirs can be live beside this one), a plan whose build died before its
-        slices were recorded, and every plan of this count that nothing can claim or is
-        reading."""
+    def survey(self, *, other_counts: bool = True) -> None:
+        """Read the model's shared plans and who is live, and drop a plan whose build died
+        before its slices were recorded, every plan of this count that nothing can claim or
+        is reading, and (``other_counts``, while this run holds its bucket's lock: no run of
+        another count can be live beside it) the plans of other counts."""
         names = self._names()
         self._live = self.state.live_runs(self.model) - {self.run_id}
         self._plans = self._read(n for n in names if n.startswith(self.prefix))
-        now = _now()
-        dead = [n for n in names if not n.startswith(self.prefix)]  # other counts
+        now = self._now()
+        dead = [n for n in names if other_counts and not n.startswith(self.prefix)]
         dead += [
             n
             for n in names
@@ -147,8 +152,9 @@ class SharedPlans:
     def claim(self, bucket: int, digest: str) -> Slice | None:
         """Claim ``bucket``'s slice of the newest plan of ``digest`` where it is unclaimed
         and young, and retire the bucket's slice of every other plan; None when no plan has
-        one (the bucket's slices are retired all the same: the run plans anew)."""
-        now = _now()
+        one (the bucket's slices are retired all the same: the run plans anew), or when the
+        slice was taken meanwhile (by a run that took the planning lock over as stale)."""
+        now = self._now()
         found: tuple[str, _Row] | None = None
         for name, rows in sorted(self._plans.items(), key=lambda p: -_built_at(p[1])):
             row = rows.get(bucket)
@@ -160,17 +166,19 @@ class SharedPlans:
                 and now - row.built_at < REUSE_SECONDS * 1_000_000
             ):
                 found = (name, row)
+        claimed = 0
         with self.state.engine.begin() as conn:
             for name in self._plans:
-                claimer = self.run_id if found is not None and name == found[0] else RETIRED
-                conn.execute(
+                mine = found is not None and name == found[0]
+                result = conn.execute(
                     sa.text(
                         f"UPDATE {self._quoted(name + SLICES_SUFFIX)} SET claimed_by = :by,"
                         " claimed_at = :now WHERE bucket = :bucket AND claimed_by IS NULL"
                     ),
-                    {"by": claimer, "now": now, "bucket": bucket},
+                    {"by": self.run_id if mine else RETIRED, "now": now, "bucket": bucket},
                 )
-        if found is None:
+                claimed += result.rowcount if mine else 0
+        if found is None or claimed != 1:
             return None
         name, row = found
         return self._slice(name, bucket, row.acknowledged, tuple(orjson.loads(row.planned)))
@@ -178,7 +186,7 @@ class SharedPlans:
     def begin_build(self) -> None:
         """Note when this run starts building a plan: a slice of another plan claimed or
         sent since then may have written its bucket while the plan read it."""
-        self._started = _now()
+        self._started = self._now()
 
     def register(
         self,
@@ -211,7 +219,7 @@ class SharedPlans:
                 or (row.claimed_at is not None and row.claimed_at >= started)
             )
         }
-        now = _now()
+        now = self._now()
         counts = {b: tuple(int(v or 0) for v in values) for b, values in planned.items()}
         zeros = (0,) * width
         slices = self._quoted(name + SLICES_SUFFIX)
@@ -256,9 +264,13 @@ class SharedPlans:
 
     def release(self, claimed: Slice) -> None:
         """Mark this run's slice done; when it was the plan's last one to be sent, drop the
-        plans nothing needs any more, unless another run is claiming or building (the next
-        one to do so drops them)."""
-        now = _now()
+        plans of this count nothing needs any more, unless another run is claiming or
+        building (the next one to do so drops them).
+
+        Counted after the commit: of two runs ending at once, the later sees both done. The
+        bucket's lock is given back by now, so a run of another count may be live: its
+        plans are not this run's to drop."""
+        now = self._now()
         with self.state.engine.begin() as conn:
             conn.execute(
                 sa.text(
@@ -267,6 +279,7 @@ class SharedPlans:
                 ),
                 {"now": now, "b": claimed.bucket, "by": self.run_id},
             )
+        with self.state.engine.connect() as conn:
             # Slices still to be claimed (while young) or sent.
             pending = conn.execute(
                 sa.text(
@@ -281,7 +294,7 @@ class SharedPlans:
             contextlib.suppress(LockedError),
             self.state.planning(self.model, self.count, self.run_id, wait=dt.timedelta(0)),
         ):
-            self.survey()
+            self.survey(other_counts=False)
 
     # -- internals -----------------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -309,6 +322,13 @@ class SharedPlans:
                 plans[name[: -len(SLICES_SUFFIX)]] = {r[0]: _Row(*r) for r in rows}
         return plans
 
+    def _now(self) -> int:
+        """Microseconds since the epoch on the state database's clock: every run compares
+        its times with other runs' (hosts' clocks may disagree)."""
+        with self.state.engine.connect() as conn:
+            now = conn.execute(sa.text(f"SELECT {self.state.dialect.now_micros}")).scalar_one()
+        return int(now)
+
     def _slice(self, name: str, bucket: int, acknowledged: int, planned: tuple[int, ...]) -> Slice:
         return Slice(
             self._quoted(name), self._quoted(name + SLICES_SUFFIX), bucket, acknowledged, planned
@@ -319,8 +339,24 @@ class SharedPlans:
         return f"{d.quote_schema(self.state.schema)}.{d.quote(name)}"
 
 
-def _now() -> int:
-    return time.time_ns() // 1000
+def retire_unclaimed(conn: sa.Connection, state: StateStore, model_prefix: str) -> None:
+    """Retire every unclaimed slice of the shared plans of a model (its plan prefix), in
+    ``conn``'s transaction: another model's run has written its snapshots (a suppression
+    run forgets the people it suppresses), so no slice planned before may be sent."""
+    names = [
+        n
+        for n in sa.inspect(conn).get_table_names(schema=state.schema)
+        if n.startswith(model_prefix + "n") and n.endswith(SLICES_SUFFIX)
+    ]
+    d = state.dialect
+    for name in names:
+        conn.execute(
+            sa.text(
+                f"UPDATE {d.quote_schema(state.schema)}.{d.quote(name)} SET claimed_by = :by,"
+                f" claimed_at = {d.now_micros} WHERE claimed_by IS NULL"
+            ),
+            {"by": RETIRED},
+        )
 
 
 def _built_at(rows: Mapping[int, _Row]) -> int:

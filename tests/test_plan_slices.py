@@ -23,6 +23,7 @@ from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import Warehouse, create_engine
 from tests.conftest import SITE_ID, PgSchemas, sync
+from tests.test_events import Backend, backend, life_settings  # noqa: F401  (fixtures)
 from tests.test_plan import plan_tables
 from tests.test_postgres import expected_workspace as expected_on_postgres
 from tests.test_postgres import pg_engine, pg_settings  # noqa: F401  (fixtures)
@@ -223,6 +224,63 @@ def test_a_slice_sent_while_a_plan_was_built_is_left_out_of_it(
     claims = {name[-14:-2]: slices for name, slices in slices_of(demo_engine).items()}
     assert claims["y" * 12][0] == RETIRED
     assert claims["z" * 12] == {0: None, 1: RETIRED, 2: "run-z", 3: None}  # 1: y's, unended
+
+
+def test_a_claim_the_lock_did_not_guard_is_not_taken(
+    store: tuple[Warehouse, StateStore], demo_engine: Engine
+) -> None:
+    """y surveyed while plan P's slice 1 was free; x (whose lock was taken over as stale,
+    say) registered plan Q meanwhile, which retired it. y's claim finds it taken and y
+    plans anew, rather than sending P's slice 1 while Q's stays claimable."""
+    _, state = store
+
+    def shared(run: str) -> SharedPlans:
+        return SharedPlans(state, "users", plan_prefix("users", None), 4, run)
+
+    w = shared("run-w")
+    w.survey()
+    w.begin_build()
+    w.register(w.name("00000000", "p" * 12), 0, {}, {}, 7)
+    y = shared("run-y")
+    y.survey()
+    x = shared("run-x")
+    x.survey()
+    x.begin_build()
+    x.register(x.name("00000000", "q" * 12), 2, {}, {}, 7)
+
+    assert y.claim(1, "00000000") is None
+    claims = {name[-14:-2]: slices for name, slices in slices_of(demo_engine).items()}
+    assert claims["p" * 12][1] == RETIRED
+
+
+@pytest.mark.parametrize(
+    "backend", ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_slice_planned_before_a_suppression_run_is_not_sent(
+    backend: Backend,  # noqa: F811
+    life_settings: Settings,  # noqa: F811
+    emulator: Emulator,
+) -> None:
+    """An erasure synced between the plan's build and bucket 1's claim forgets the person's
+    snapshot from another model's run: bucket 1 plans anew, and the person the erasure
+    holds is not identified again."""
+    users = [f"u{i}" for i in range(40)]
+    backend.run("INSERT INTO {s}.users VALUES (:u, 'free')", [{"u": u} for u in users])
+    assert sync(life_settings, "users").outcome is Outcome.SYNCED
+    target = next(u for u in users if Bucket(1, 2).holds(u))
+    backend.run("UPDATE {s}.users SET plan = 'pro' WHERE user_id = :u", {"u": target})
+    assert sync(life_settings, "users", bucket=Bucket(0, 2)).outcome is Outcome.SYNCED
+    backend.run("INSERT INTO {s}.erasures VALUES (:u)", {"u": target})
+    assert sync(life_settings, "erasures").outcome is Outcome.SYNCED
+    assert emulator.workspace.is_suppressed("id", target)
+    before = len(emulator.requests)
+
+    late = sync(life_settings, "users", bucket=Bucket(1, 2))
+
+    assert late.outcome is Outcome.SYNCED
+    people = [i for i in batch_items(emulator, before) if i["type"] == "person"]
+    assert [i for i in people if i["identifiers"]["id"] == target] == []
+    assert emulator.invalid_items == []
 
 
 def test_counts_of_a_slice_equal_a_plan_of_the_bucket_alone(

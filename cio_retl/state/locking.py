@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
@@ -22,9 +23,13 @@ from cio_retl.errors import LockedError
 from cio_retl.state.schema import StoreBase, locks, utcnow
 
 STALE_LOCK_AFTER = dt.timedelta(minutes=30)
-# How long a bucket run waits for another's claim or build of a shared plan (a build of a
-# large model's plan takes minutes); past it the run stops as locked.
-PLANNING_WAIT = dt.timedelta(minutes=15)
+# How long a bucket run waits for another's claim or build of a shared plan, whose holder
+# keeps its lock fresh meanwhile (a large model's plan takes minutes): past it the run
+# stops as locked. A holder that died is taken over sooner (see _is_abandoned).
+PLANNING_WAIT = dt.timedelta(hours=1)
+# How often a holder of the planning lock refreshes it, and every other lock of its run
+# (one statement building a plan holds the run's thread for minutes).
+PLANNING_HEARTBEAT = dt.timedelta(seconds=30)
 
 
 class Locks(StoreBase):
@@ -140,12 +145,28 @@ class Locks(StoreBase):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)
+        stop = threading.Event()
+        beats = threading.Thread(
+            target=self._beat, args=(run_id, stop), name="cio-planning", daemon=True
+        )
+        beats.start()
         try:
             yield
         finally:
+            stop.set()
+            beats.join()
             with self.engine.begin() as conn:
                 conn.execute(
                     sa.delete(locks).where(locks.c.model == name, locks.c.run_id == run_id)
+                )
+
+    def _beat(self, run_id: str, stop: threading.Event) -> None:
+        """Refresh every lock of ``run_id`` until ``stop``: the build of a plan is one long
+        statement, and a lock silent for STALE_LOCK_AFTER is taken over."""
+        while not stop.wait(PLANNING_HEARTBEAT.total_seconds()):
+            with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:
+                conn.execute(
+                    sa.update(locks).where(locks.c.run_id == run_id).values(heartbeat_at=utcnow())
                 )
 
     def live_runs(self, model: str) -> set[str]:
