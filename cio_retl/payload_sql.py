@@ -352,8 +352,18 @@ _DIALECTS: dict[str, _Sql] = {
 
 def sql_literal(text: str) -> str:
     """``text`` as a SQL string literal (quotes doubled), where a statement takes no bind
-    parameters (PostgreSQL's CREATE TABLE AS) or builds its text once."""
-    return "'" + text.replace("'", "''") + "'"
+    parameters (PostgreSQL's CREATE TABLE AS) or builds its text once.
+
+    A backslash is written as ``CHR(92)`` between literals: Snowflake reads backslash escape
+    sequences inside single-quoted string constants (Snowflake docs, "Escape sequences in
+    single-quoted string constants", data-types-text), where DuckDB and PostgreSQL (with
+    standard_conforming_strings) take the backslash as it is; CHR(92) is a backslash in all
+    three, so one text serves every dialect (an attribute named ``a\b``, the JSON escape
+    of a quote in one named ``a"b``)."""
+    if "\\" not in text:
+        return "'" + text.replace("'", "''") + "'"
+    parts = ("'" + part.replace("'", "''") + "'" for part in text.split("\\"))
+    return "(" + " || CHR(92) || ".join(parts) + ")"
 
 
 def _integer_json(d: _Sql, x: str) -> str:

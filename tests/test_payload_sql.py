@@ -31,7 +31,7 @@ from cio_retl.diff import upsert_change
 from cio_retl.models import Model, parse_model
 from cio_retl.normalize import canonical_json, normalize_value, to_record
 from cio_retl.operations import encode
-from cio_retl.payload_sql import Column, ColumnKind, payload_select
+from cio_retl.payload_sql import Column, ColumnKind, payload_select, sql_literal
 from cio_retl.records import Change, Rejection, RowChange
 from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
@@ -777,3 +777,18 @@ def test_update_limits(
     # Nothing changed: a refresh, whatever the limits (the Python path checks none then);
     # a full resync sends (and checks) the whole record.
     assert got["same"][0 if not full_resync else 1] == ("refresh" if not full_resync else outcome)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_a_literal_with_backslashes_reads_back_as_its_text(
+    dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """No backslash is written inside a literal (Snowflake would read it as an escape:
+    ``'a\\"b'`` is ``a"b`` there): each becomes CHR(92), the same text in every dialect."""
+    table: Table = request.getfixturevalue(FIXTURES[dialect])
+    texts = ["plain", "it's", "a\\b", '\\"', "\\\\", "x\\", "\\u0041\\n", ',"a\\"b":']
+    for text in texts:
+        literal = sql_literal(text)
+        assert "\\" not in literal
+        with table.engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT {literal}")).scalar_one() == text
