@@ -54,7 +54,16 @@ def test_each_model_is_read_once_per_run(
     assert model_reads(statements, settings, "users") == 1
     assert model_reads(statements, settings, "memberships") == 1
 
-    edit_demo_warehouse(demo_engine)  # users change; a membership leaves (a removal)
+    resync_edits_reading_each_model_once(settings, demo_engine, statements)
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
+def resync_edits_reading_each_model_once(
+    settings: Settings, engine: Engine, statements: list[str]
+) -> None:
+    """Edit the demo warehouse (users change; a membership leaves, a removal) and sync: the
+    changes are sent, and each model is read once."""
+    edit_demo_warehouse(engine)
     statements.clear()
     second = sync(settings)
 
@@ -63,7 +72,6 @@ def test_each_model_is_read_once_per_run(
     assert reports["users"].updated == 4 and reports["memberships"].deleted == 1
     assert model_reads(statements, settings, "users") == 1
     assert model_reads(statements, settings, "memberships") == 1
-    assert actual_workspace(emulator) == expected_workspace(demo_engine)
 
 
 def test_the_send_reads_a_plan_that_is_gone_when_the_run_ends(

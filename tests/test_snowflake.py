@@ -32,12 +32,12 @@ from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, FAST_RETRY, REPO, SITE_ID, sync
 from tests.test_plan import (
     _python_path_only,
-    model_reads,
     people_rows,
     people_settings,
     people_warehouse,
     plan_tables,
     rejected,
+    resync_edits_reading_each_model_once,
     same_items,
     stored,
 )
@@ -238,15 +238,7 @@ def test_snowflake_sync_plans_each_model_once_and_drops_the_plans(
     leftover = f"{plan_prefix('users', None)}deadbeef0000"
     with sf_engine.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE cio_retl.{leftover} AS SELECT 1 AS __cio_seq"))
-    edit_demo_warehouse(sf_engine)
-    statements.clear()
-    second = sync(sf_settings)
-
-    assert second.outcome is Outcome.SYNCED
-    reports = {m.model: m for m in second.models}
-    assert reports["users"].updated == 4 and reports["memberships"].deleted == 1
-    assert model_reads(statements, sf_settings, "users") == 1
-    assert model_reads(statements, sf_settings, "memberships") == 1
+    resync_edits_reading_each_model_once(sf_settings, sf_engine, statements)
     assert plan_tables(sf_engine) == []
     assert actual_workspace(emulator) == duckdb_expected(tmp_path / "edited", edited=True)
 
