@@ -4,6 +4,8 @@ something else wrote its bucket."""
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +21,7 @@ from cio_retl.models import load_models
 from cio_retl.passes import PLAN
 from cio_retl.plan import PlanDiff, plan_prefix
 from cio_retl.plan_slices import RETIRED, SLICES_SUFFIX, SharedPlans
-from cio_retl.state import StateStore, Workspace
+from cio_retl.state import StateStore, Workspace, locking
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import Warehouse, create_engine
 from tests.conftest import SITE_ID, PgSchemas, sync
@@ -317,3 +319,46 @@ def test_postgres_round_plans_the_model_once(
     assert actual["people"] == expected["people"]
     assert actual["objects"] == expected["objects"]
     assert plan_tables(pg_engine, pg_schemas.state) == []
+
+
+@pytest.mark.parametrize(
+    "url_fixture",
+    ["warehouse_url", pytest.param("postgres_url", marks=pytest.mark.postgres), "fakesnow_url"],
+)
+def test_the_database_clock_is_microseconds_since_the_epoch(
+    url_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Claims compare times of runs on different hosts by the state database's clock: the
+    dialect's expression must be microseconds (REUSE_SECONDS is counted in them)."""
+    engine = create_engine(request.getfixturevalue(url_fixture))
+    try:
+        state = StateStore(engine)
+        with engine.connect() as conn:
+            now = int(conn.execute(sa.text(f"SELECT {state.dialect.now_micros}")).scalar_one())
+    finally:
+        engine.dispose()
+    assert abs(now / 1_000_000 - time.time()) < 60
+
+
+def test_the_planning_lock_keeps_its_runs_locks_fresh(
+    store: tuple[Warehouse, StateStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan's build is one long statement: while it runs, the planning lock and the
+    run's bucket lock are refreshed, so neither looks abandoned to another run."""
+    _, state = store
+    monkeypatch.setattr(locking, "PLANNING_HEARTBEAT", dt.timedelta(milliseconds=50))
+    state.acquire_lock("users", "run-a", Bucket(0, 4))
+
+    def beats() -> dict[str, dt.datetime]:
+        with state.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT model, heartbeat_at FROM cio_retl.locks"))
+            return dict(rows.all())
+
+    with state.planning("users", 4, "run-a"):
+        first = beats()
+        time.sleep(0.5)
+        later = beats()
+    assert set(first) == {"users#0/4", "users#plan/4"}
+    assert all(later[name] > first[name] for name in first)
+    assert set(beats()) == {"users#0/4"}  # the planning lock is given back
+    state.release_lock("users", "run-a", Bucket(0, 4))
