@@ -620,6 +620,7 @@ class _Check:
     # A check of the record (normalize.to_record), met before the diff; the others are the
     # item's limits (operations.encode), met only by a row with something to send.
     record: bool = False
+    email: bool = False  # the email identifier's form, whose reason Python words with repr()
 
 
 def _id_type(model: Model) -> str:
@@ -727,6 +728,7 @@ def _checks(
                 ),
                 name,
                 record=True,
+                email=True,
             )
         )
     for c in others:
@@ -923,7 +925,7 @@ def payloads(
     if _id_type(model) == "email":
         # Python's reason quotes the address with repr(), which SQL cannot write for every
         # text (quotes, backslashes, unprintables): such a row is left to Python.
-        python_only.append(checks[4].condition)
+        python_only += [c.condition for c in checks if c.email]
     rows = f"SELECT m.*, {key} AS {KEY}, {attributes} AS {ATTRIBUTES}"
     changed = ""
     if previous is None:
