@@ -83,6 +83,10 @@ class Dialect(abc.ABC):
     # so that each is computed once per row (see PostgresDialect).
     subquery_fence = ""
 
+    # Whether a rerun's plan joins model and snapshot by key and fingerprint alone, then
+    # joins the rows it keeps back with their columns (cio_retl.plan): it needs a hash join
+    # on IS NOT DISTINCT FROM, which DuckDB has (PostgreSQL cannot hash it).
+    narrow_diff_join = False
     # Microseconds since the epoch on the database's clock, as an integer (a shared plan's
     # claims compare times taken by runs on different hosts).
     now_micros = "epoch_us(now())"
@@ -305,6 +309,7 @@ class DuckDBDialect(Dialect):
     """DuckDB: an in-process database in a local file (or in memory)."""
 
     name = "duckdb"
+    narrow_diff_join = True
 
     # Not on DuckDB: its ART index lives in memory and cannot spill to disk, so under a
     # memory_limit inserts fail once the index outgrows it (measured: "Out of Memory" near

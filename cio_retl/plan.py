@@ -538,6 +538,15 @@ class PlanDiff(PushDownDiff):
         self.plans[model.name] = claimed.relation
         return claimed.relation
 
+    def _has_snapshot(self, model: Model) -> bool:
+        """Whether the model has acknowledged rows here (a rerun, not an initial sync)."""
+        sql = (
+            f"SELECT 1 FROM {self.state.snapshots} AS s"
+            " WHERE s.workspace = :workspace AND s.model = :model LIMIT 1"
+        )
+        with self.state.engine.connect() as conn:
+            return conn.execute(sa.text(sql), self.state.scope(model.name)).first() is not None
+
     def _acknowledged(self, model: Model) -> dict[int, int]:
         """The model's snapshot rows per bucket (of the run's count)."""
         assert self.bucket is not None
@@ -578,13 +587,40 @@ class PlanDiff(PushDownDiff):
             if shared is not None
             else ""
         )
-        joined = f"""
+        head = f"""
             WITH src AS {d.not_materialized}({source_rows_sql(w, model, bucket)}),
             dup AS ({duplicate_keys_sql()}),
             snap AS (
                 SELECT s.key, s.fingerprint FROM {self.state.snapshots} AS s
                 WHERE {where}{in_bucket(self.state.dialect, "s.key", bucket)}
             ),
+        """
+        if shared is None and acted_on and d.narrow_diff_join and self._has_snapshot(model):
+            # A rerun: the full join carries only keys and fingerprints, and the model rows
+            # it keeps (few, as a rule) are joined back, by key and fingerprint, with their
+            # columns: the join no longer moves every unchanged row's columns (measured in
+            # bench/README.md, "Shared bucket plans"). DISTINCT: rows of one key alike in
+            # every column are one row of ``moved``, each joined back once.
+            joined = f"""{head}
+            moved AS (
+                SELECT DISTINCT src.{KEY_COLUMN} AS mk, src.{FINGERPRINT_COLUMN} AS mfp,
+                       COALESCE(dup.n, 1) AS mn, snap.key AS sk, snap.fingerprint AS sfp
+                FROM (SELECT {KEY_COLUMN}, {FINGERPRINT_COLUMN} FROM src) AS src
+                FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}
+                LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
+                {acted_on}
+            ),
+            j AS (
+                SELECT src.*, moved.mn AS {DUPLICATES_COLUMN},
+                       moved.sk AS {SNAPSHOT_KEY_COLUMN},
+                       moved.sfp AS {SNAPSHOT_FINGERPRINT_COLUMN},
+                       {held} AS {HELD_COLUMN}
+                FROM moved LEFT JOIN src ON src.{KEY_COLUMN} IS NOT DISTINCT FROM moved.mk
+                                        AND src.{FINGERPRINT_COLUMN} = moved.mfp
+            )
+            """
+        else:
+            joined = f"""{head}
             j AS (
                 SELECT src.*, COALESCE(dup.n, 1) AS {DUPLICATES_COLUMN},
                        snap.key AS {SNAPSHOT_KEY_COLUMN},
@@ -595,7 +631,7 @@ class PlanDiff(PushDownDiff):
                 LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
                 {acted_on}
             )
-        """
+            """
         # A model row's previous attributes (a removed row needs only its identifiers).
         previous = (
             f"CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN s.attributes END"

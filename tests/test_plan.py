@@ -29,7 +29,7 @@ from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, sync
 from tests.test_postgres import expected_workspace as expected_on_postgres
-from tests.test_postgres import pg_engine, pg_settings  # noqa: F401  (fixtures)
+from tests.test_postgres import pg_engine, pg_settings, sorted_items  # noqa: F401  (fixtures)
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
 
 
@@ -823,3 +823,86 @@ def test_postgres_updates_from_the_plan_send_what_the_python_path_sends(
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {python_schema} CASCADE"))
         engine.dispose()
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_a_rerun_joins_keys_then_rows_as_the_full_join_does(
+    settings: Settings,
+    tmp_path: Path,
+    emulator: Emulator,
+    narrow: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DuckDB's rerun plan joins keys and fingerprints with the snapshot, then the rows it
+    keeps back with their columns: against the Python path's reports, items, snapshots and
+    rejections, over a rerun with every kind of row: unchanged, changed, new, removed (in
+    mirror mode), two rows alike of one key, two rows unlike of one key, two rows alike
+    without a key."""
+    monkeypatch.setattr("cio_retl.dialects.DuckDBDialect.narrow_diff_join", narrow)
+    rows = people_rows(30)
+    results = []
+    for path in ("plan", "python"):
+        url = f"duckdb:///{tmp_path / f'{path}.duckdb'}"
+        engine = create_engine(url)
+        people_warehouse(engine, rows)
+        run = people_settings(settings, tmp_path, url)
+        text = (run.models_dir / "people.sql").read_text()
+        (run.models_dir / "people.sql").write_text(
+            text.replace("-- key:", "-- mode: mirror\n-- key:")
+        )
+        with monkeypatch.context() as patch:
+            if path == "python":
+                _python_path_only(patch)
+            first = sync(run)
+            assert first.outcome in (Outcome.SYNCED, Outcome.REJECTED), first
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "UPDATE app.people SET vip = NOT COALESCE(vip, FALSE) WHERE email IN ('person10@example.com', 'person11@example.com')"
+                    )
+                )
+                conn.execute(sa.text("DELETE FROM app.people WHERE email = 'person3@example.com'"))
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO app.people SELECT * FROM app.people WHERE email IN ('person4@example.com', 'person6@example.com')"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "UPDATE app.people SET name = 'other' WHERE email = 'person6@example.com' AND rowid = (SELECT max(rowid) FROM app.people WHERE email = 'person6@example.com')"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO app.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person7@example.com'"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO app.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person7@example.com'"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO app.people SELECT 'new' || email, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person8@example.com'"
+                    )
+                )
+            before = len(emulator.requests)
+            second = sync(run, force=True)
+        results.append(
+            (
+                second.outcome,
+                second.models[0].counts(),
+                sorted_items(emulator, before),
+                {k: v[:3] for k, v in stored(engine).items()},
+                [r[:4] for r in rejected(engine)],
+            )
+        )
+        engine.dispose()
+    plan, python = results
+    assert plan[0] == python[0] == Outcome.REJECTED  # the shared keys and the missing one
+    assert plan[1]["deleted"] == 1 and plan[1]["updated"] >= 2
+    assert plan[2:] == python[2:]
+    assert {k: v for k, v in plan[1].items() if k not in ("requests", "bytes_sent")} == {
+        k: v for k, v in python[1].items() if k not in ("requests", "bytes_sent")
+    }
