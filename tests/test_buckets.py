@@ -406,13 +406,14 @@ def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -
 
 
 LIMIT = (40, 1.0)  # requests per second: small, so four processes hit it within seconds
-# The processes are told 36/1 s: the shared budget grants at most 35 in any 1.05 s (its 2%
+# The processes are told 34/1 s: the shared budget grants at most 33 in any 1.05 s (its 2%
 # headroom and its 50 ms arrival margin), so 41 arrivals in one second need requests that
-# reach the emulator about 240 ms later than others granted around them. A CI run on this
-# 2-core machine once put 43 arrivals into one second under a 38/1 budget without the
-# margin, a spread of at least 170 ms, which a 38/1 budget with the margin (up to 168 ms)
-# would not have absorbed. The bound asserted stays the emulator's limit.
-BUDGET = "36/1"
+# reach the emulator a quarter of a second or more later than others granted around them.
+# CI runs on this 2-core machine (four processes, the emulator and PostgreSQL on 2 cores:
+# the spread is the scheduler's) once put 43 arrivals into one second under a 38/1 budget
+# without the margin, and once 42 under 36/1 with it. The bound asserted stays the
+# emulator's limit.
+BUDGET = "34/1"
 
 
 def _bucket_processes(
@@ -478,7 +479,7 @@ def test_four_processes_share_one_rate_budget_and_equal_one_run(
         busiest = emulator.max_requests_in(LIMIT[1])
         print(f"{requests} requests; busiest {LIMIT[1]:g} s window: {busiest}")
         assert busiest <= LIMIT[0]
-        assert busiest >= 30  # and paced near the budget (35 per 1.05 s), not merely slow
+        assert busiest >= 28  # and paced near the budget (33 per 1.05 s), not merely slow
         assert emulator.rate_limited == 0
         assert emulator.invalid_items == []
 
