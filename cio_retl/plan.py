@@ -362,17 +362,15 @@ class PlanDiff(PushDownDiff):
         # model -> the relation its plan is read from: the run's own plan table, or its
         # bucket's slice of a plan the bucket runs share (cio_retl.plan_slices).
         self.plans: dict[str, str] = {}
-        self.owned: dict[str, str] = {}  # model -> the plan table this run drops
+        self.owned: dict[str, str] = {}  # model -> the (unquoted) plan table this run drops
         self.slices: dict[str, tuple[SharedPlans, Slice]] = {}  # model -> its claimed slice
         self.payloads: dict[str, Payloads] = {}  # model -> its new rows' payload SQL
         # Models whose plan did not fit the database's memory limit: diffed as a stream.
         self.streamed: set[str] = set()
 
-    def plan_table(self, model: Model) -> str:
-        name = f"{plan_prefix(model.name, self.bucket)}{self.token}"
-        return (
-            f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
-        )
+    def plan_name(self, model: Model) -> str:
+        """The (unquoted) name of this run's own plan table of ``model``."""
+        return f"{plan_prefix(model.name, self.bucket)}{self.token}"
 
     def _table(self, model: Model) -> str | None:
         """The model's plan table, built on first use; None where the model is diffed as a
@@ -490,10 +488,7 @@ class PlanDiff(PushDownDiff):
         owned, self.owned, self.plans = self.owned, {}, {}
         slices, self.slices = self.slices, {}
         try:
-            if owned:
-                with self.state.engine.begin() as conn:
-                    for table in owned.values():
-                        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            self.state.drop_tables(owned.values())
         finally:
             for shared, claimed in slices.values():
                 shared.release(claimed)
@@ -508,11 +503,12 @@ class PlanDiff(PushDownDiff):
         self._drop_leftovers(model)
         columns = self._payloads(model)
         if self.bucket is None:
-            table = self.plan_table(model)
-            if not self._create(model, table, self._plan_sql(model, columns, None), ()):
+            name = self.plan_name(model)
+            if not self._create(model, name, self._plan_sql(model, columns, None), ()):
                 return None
-            self.plans[model.name] = self.owned[model.name] = table
-            return table
+            self.owned[model.name] = name
+            self.plans[model.name] = self.state.qualified(name)
+            return self.plans[model.name]
         count = self.bucket.count
         sql = self._plan_sql(model, columns, count)
         shared = SharedPlans(
@@ -525,9 +521,9 @@ class PlanDiff(PushDownDiff):
             if claimed is None:
                 shared.begin_build()
                 name = shared.name(digest, self.token)
-                table = f"{self.state.dialect.quote_schema(self.state.schema)}.{self.state.dialect.quote(name)}"
-                if not self._create(model, table, sql, (BUCKET_COLUMN,)):
+                if not self._create(model, name, sql, (BUCKET_COLUMN,)):
                     return None
+                table = self.state.qualified(name)
                 with self.state.engine.connect() as conn:
                     rows = conn.execute(sa.text(_plan_counts(table, BUCKET_COLUMN))).all()
                 planned = {int(r[0]): tuple(r[1:]) for r in rows}
@@ -700,17 +696,17 @@ class PlanDiff(PushDownDiff):
             FROM ({built.relation}{d.subquery_fence}) AS p
         """
 
-    def _create(self, model: Model, table: str, sql: str, by: Sequence[str]) -> bool:
-        """CREATE ``table`` AS ``sql``; False (and no table) when that does not fit the
-        database's memory limit. ``by``: the columns its reads filter by before the
-        sequence number."""
-        d = self.warehouse.dialect
+    def _create(self, model: Model, name: str, sql: str, by: Sequence[str]) -> bool:
+        """CREATE the plan table ``name`` AS ``sql``; False (and no table) when that does
+        not fit the database's memory limit. ``by``: the columns its reads filter by before
+        the sequence number."""
+        d, table, order = self.warehouse.dialect, self.state.qualified(name), (*by, SEQ_COLUMN)
         with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
-                conn.execute(sa.text(d.create_plan(table, sql, (*by, SEQ_COLUMN))))
-                for statement in d.plan_built(table, (*by, SEQ_COLUMN)):
+                conn.execute(sa.text(d.create_plan(table, sql, order)))
+                for statement in d.plan_built(table, order):
                     conn.execute(sa.text(statement))
                 conn.commit()
             except sa.exc.DBAPIError as exc:
@@ -731,8 +727,7 @@ class PlanDiff(PushDownDiff):
                         conn.execute(sa.text(setting))
                     conn.commit()
         if model.name in self.streamed:
-            with self.state.engine.begin() as conn:  # a failed CREATE TABLE AS leaves none
-                conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            self.state.drop_tables([name])  # a failed CREATE TABLE AS leaves none
             return False
         return True
 
@@ -767,14 +762,4 @@ class PlanDiff(PushDownDiff):
 
     def _drop_leftovers(self, model: Model) -> None:
         """Drop the plans of this model (and bucket) that killed runs left behind."""
-        prefix = plan_prefix(model.name, self.bucket)
-        names = sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
-        leftovers = [n for n in names if n.startswith(prefix)]
-        if not leftovers:
-            return
-        quote, schema = self.state.dialect.quote, self.state.dialect.quote_schema
-        with self.state.engine.begin() as conn:
-            for name in leftovers:
-                conn.execute(
-                    sa.text(f"DROP TABLE IF EXISTS {schema(self.state.schema)}.{quote(name)}")
-                )
+        self.state.drop_tables(self.state.tables_starting(plan_prefix(model.name, self.bucket)))

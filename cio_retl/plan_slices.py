@@ -59,7 +59,7 @@ SLICES_SUFFIX = "_s"
 
 def shared_prefix(model_prefix: str, count: int) -> str:
     """The name prefix of the shared plans of one model (its plan prefix) and count."""
-    return f"{model_prefix}n{int(count)}_"
+    return f"{_shared_root(model_prefix)}{int(count)}_"
 
 
 def plan_digest(sql: str) -> str:
@@ -139,15 +139,12 @@ class SharedPlans:
                 row.done_at is not None
                 or row.claimed_by == RETIRED
                 or (row.claimed_by is not None and row.claimed_by not in self._live)
-                or (row.claimed_by is None and now - row.built_at >= REUSE_SECONDS * 1_000_000)
+                or (row.claimed_by is None and now - row.built_at >= _reuse_micros())
                 for row in rows.values()
             ):
                 dead += [name, name + SLICES_SUFFIX]
                 del self._plans[name]
-        if dead:
-            with self.state.engine.begin() as conn:
-                for name in dead:
-                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {self._quoted(name)}"))
+        self.state.drop_tables(dead)
 
     def claim(self, bucket: int, digest: str) -> Slice | None:
         """Claim ``bucket``'s slice of the newest plan of ``digest`` where it is unclaimed
@@ -163,7 +160,7 @@ class SharedPlans:
                 and name.startswith(f"{self.prefix}{digest}_")
                 and row is not None
                 and row.claimed_by is None
-                and now - row.built_at < REUSE_SECONDS * 1_000_000
+                and now - row.built_at < _reuse_micros()
             ):
                 found = (name, row)
         claimed = 0
@@ -236,13 +233,7 @@ class SharedPlans:
         ]
         with self.state.engine.begin() as conn:
             for other in others:
-                conn.execute(
-                    sa.text(
-                        f"UPDATE {self._quoted(other + SLICES_SUFFIX)} SET claimed_by = :by,"
-                        " claimed_at = :now WHERE claimed_by IS NULL"
-                    ),
-                    {"by": RETIRED, "now": now},
-                )
+                _retire(conn, self.state, other + SLICES_SUFFIX)
             conn.execute(
                 sa.text(
                     f"CREATE TABLE {slices} (bucket INTEGER NOT NULL, acknowledged BIGINT NOT"
@@ -286,7 +277,7 @@ class SharedPlans:
                     f"SELECT COUNT(*) FROM {claimed.slices} WHERE done_at IS NULL AND"
                     " ((claimed_by IS NULL AND built_at > :young) OR claimed_by <> :retired)"
                 ),
-                {"young": now - REUSE_SECONDS * 1_000_000, "retired": RETIRED},
+                {"young": now - _reuse_micros(), "retired": RETIRED},
             ).scalar_one()
         if pending:
             return
@@ -299,11 +290,7 @@ class SharedPlans:
     # -- internals -----------------------------------------------------------------------
     def _names(self) -> list[str]:
         """The tables of the model's shared plans (of every count)."""
-        return [
-            n
-            for n in sa.inspect(self.state.engine).get_table_names(schema=self.state.schema)
-            if n.startswith(self.model_prefix + "n")
-        ]
+        return self.state.tables_starting(_shared_root(self.model_prefix))
 
     def _read(self, names: Iterable[str]) -> dict[str, dict[int, _Row]]:
         """Each shared plan with its slices' rows, by the plan's name."""
@@ -335,28 +322,38 @@ class SharedPlans:
         )
 
     def _quoted(self, name: str) -> str:
-        d = self.state.dialect
-        return f"{d.quote_schema(self.state.schema)}.{d.quote(name)}"
+        return self.state.qualified(name)
 
 
 def retire_unclaimed(conn: sa.Connection, state: StateStore, model_prefix: str) -> None:
     """Retire every unclaimed slice of the shared plans of a model (its plan prefix), in
     ``conn``'s transaction: another model's run has written its snapshots (a suppression
     run forgets the people it suppresses), so no slice planned before may be sent."""
-    names = [
-        n
-        for n in sa.inspect(conn).get_table_names(schema=state.schema)
-        if n.startswith(model_prefix + "n") and n.endswith(SLICES_SUFFIX)
-    ]
-    d = state.dialect
-    for name in names:
-        conn.execute(
-            sa.text(
-                f"UPDATE {d.quote_schema(state.schema)}.{d.quote(name)} SET claimed_by = :by,"
-                f" claimed_at = {d.now_micros} WHERE claimed_by IS NULL"
-            ),
-            {"by": RETIRED},
-        )
+    for name in state.tables_starting(_shared_root(model_prefix), conn):
+        if name.endswith(SLICES_SUFFIX):
+            _retire(conn, state, name)
+
+
+def _retire(conn: sa.Connection, state: StateStore, slices: str) -> None:
+    """Retire the unclaimed slices of the table of slices ``slices`` (unquoted)."""
+    conn.execute(
+        sa.text(
+            f"UPDATE {state.qualified(slices)} SET claimed_by = :by,"
+            f" claimed_at = {state.dialect.now_micros} WHERE claimed_by IS NULL"
+        ),
+        {"by": RETIRED},
+    )
+
+
+def _shared_root(model_prefix: str) -> str:
+    """The name prefix of a model's shared plans of every count."""
+    return f"{model_prefix}n"
+
+
+def _reuse_micros() -> int:
+    """REUSE_SECONDS in the microseconds the times are kept in (read when asked: tests set
+    it)."""
+    return REUSE_SECONDS * 1_000_000
 
 
 def _built_at(rows: Mapping[int, _Row]) -> int:

@@ -286,7 +286,30 @@ class StoreBase:
 
     def table(self, table: sa.Table) -> str:
         """The quoted, schema-qualified name of a state table, for text SQL."""
-        return f"{self.dialect.quote_schema(self.schema)}.{self.dialect.quote(table.name)}"
+        return self.qualified(table.name)
+
+    def qualified(self, name: str) -> str:
+        """The quoted, schema-qualified name of any table of the state schema (a run's
+        plans among them), for text SQL."""
+        return f"{self.dialect.quote_schema(self.schema)}.{self.dialect.quote(name)}"
+
+    def tables_starting(self, prefix: str, bind: Engine | Connection | None = None) -> list[str]:
+        """The names of the state schema's tables that start with ``prefix`` (a run's plans
+        are found by theirs), as ``bind`` (by default a connection of its own) sees them."""
+        names = sa.inspect(self.engine if bind is None else bind).get_table_names(
+            schema=self.schema
+        )
+        return [n for n in names if n.startswith(prefix)]
+
+    def drop_tables(self, names: Iterable[str]) -> None:
+        """Drop the state schema's tables of these (unquoted) names, if they exist, in one
+        transaction."""
+        names = list(names)
+        if not names:
+            return
+        with self.engine.begin() as conn:
+            for name in names:
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {self.qualified(name)}"))
 
     def _columns(self, conn: Connection, table: sa.Table) -> set[str]:
         """The column names ``table`` has in the database (lower case: Snowflake says upper)."""
