@@ -706,7 +706,7 @@ class PlanDiff(PushDownDiff):
                 conn.execute(sa.text(setting))
             try:
                 conn.execute(sa.text(d.create_plan(table, sql, order)))
-                for statement in d.plan_built(table, order):
+                for statement in d.plan_built(table, by, SEQ_COLUMN):
                     conn.execute(sa.text(statement))
                 conn.commit()
             except sa.exc.DBAPIError as exc:

@@ -110,6 +110,43 @@ def test_duckdb_builds_a_plan_without_insertion_order_and_restores_it(
         assert next(s for s in after if "preserve_insertion_order" in s).startswith("RESET")
 
 
+def test_duckdb_numbers_a_plan_after_writing_it_dense_from_one(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, statements: list[str]
+) -> None:
+    """The statement that builds a DuckDB plan has no ``ROW_NUMBER() OVER ()`` (it would
+    make that statement single-threaded and hold every payload in its window); the rows are
+    numbered after, in the same transaction, and the send reads them numbered 1..n."""
+    seen: list[tuple[int, int, int, int]] = []
+
+    def progress(model: str, _done: int, _total: int) -> None:
+        if model == "users" and not seen:
+            (name,) = [
+                n for n in plan_tables(demo_engine) if n.startswith(plan_prefix("users", None))
+            ]
+            with demo_engine.connect() as conn:
+                seen.append(
+                    tuple(
+                        conn.execute(
+                            sa.text(
+                                "SELECT COUNT(*), COUNT(DISTINCT __cio_seq), MIN(__cio_seq),"
+                                f" MAX(__cio_seq) FROM cio_retl.{name}"
+                            )
+                        ).one()
+                    )
+                )
+
+    report = run_sync(settings, None, SyncOptions(retry=FAST_RETRY), progress=progress)
+
+    assert report.outcome is Outcome.SYNCED
+    ((rows, distinct, first, last),) = seen
+    assert rows > 1 and distinct == rows and (first, last) == (1, rows)
+    builds = [s for s in statements if f"CREATE TABLE cio_retl.{PLAN_PREFIX}" in s]
+    assert builds and not any("OVER ()" in s for s in builds)
+    numbered = [s for s in statements if s.startswith(f"UPDATE cio_retl.{PLAN_PREFIX}")]
+    assert len(numbered) == len(builds)
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
 def test_a_dry_run_builds_no_plan(settings: Settings, demo_engine: Engine) -> None:
     assert sync(settings).outcome is Outcome.SYNCED
     edit_demo_warehouse(demo_engine)
