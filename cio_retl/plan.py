@@ -170,17 +170,19 @@ class PlanTable:
     READ_BYTES = 8 * 2**20
     MAX_READ_ROWS = 50_000
 
-    def items(self) -> Iterator[tuple[int, bytes, bool]]:
-        """(sequence number, item bytes, whether it is an update) of the rows whose item the
-        database built, in sequence order: the item text is built here, from the key and
-        the attributes text (an update's changed ones, else the snapshot's), so the plan
-        holds each payload once.
+    def chunks(self) -> Iterator[tuple[Sequence[tuple[int, str, int]], list[bytes]]]:
+        """The rows whose item the database built, in sequence order, a read at a time: the
+        rows as (sequence number, item text, 1 for an update or 0), and their items' bytes.
+        The item text is built here, from the key and the attributes text (an update's
+        changed ones, else the snapshot's), so the plan holds each payload once.
 
-        Read a range of sequence numbers at a time (they are dense: ROW_NUMBER), not as one
-        sorted result: a sort of the whole plan holds memory for as long as the send reads
-        it, beside the acknowledgments' inserts (a 10M-row initial sync ran out of DuckDB's
-        128MB that way); a range is found by the column's min/max statistics (DuckDB's
-        zone maps, PostgreSQL's index on it), and holds about READ_BYTES.
+        Read a range of sequence numbers at a time (unique, and dense but where a bucket's
+        slice skips the others' rows), not as one sorted result: a sort of the whole plan
+        holds memory for as long as the send reads it, beside the acknowledgments' inserts
+        (a 10M-row initial sync ran out of DuckDB's 128MB that way); a range is found by the
+        column's min/max statistics (DuckDB's zone maps, PostgreSQL's index on it), and
+        holds about READ_BYTES. Each read goes through the driver's own cursor: its rows
+        stay the driver's tuples, with no SQLAlchemy row object made per item.
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
         update = f"CASE WHEN p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 0 ELSE 1 END"
@@ -197,14 +199,18 @@ class PlanTable:
             # The range's width in sequence numbers, for about ``per_read`` of these rows:
             # wider where they are sparse (one bucket's slice of a shared plan).
             step = max(1, int(per_read * (int(last) - int(first) + 1) / int(rows)))
-            for low in range(int(first), int(last) + 1, step):
-                sql = (
-                    f"SELECT p.{SEQ_COLUMN}, {self.item}, {update} FROM {self.name} AS p"
-                    f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
-                    f" ORDER BY p.{SEQ_COLUMN}"
-                )
-                for seq, item, is_update in conn.execute(sa.text(sql)).all():
-                    yield seq, item.encode(), bool(is_update)
+            cursor = conn.connection.cursor()
+            try:
+                for low in range(int(first), int(last) + 1, step):
+                    cursor.execute(
+                        f"SELECT p.{SEQ_COLUMN}, {self.item}, {update} FROM {self.name} AS p"
+                        f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
+                        f" ORDER BY p.{SEQ_COLUMN}"
+                    )
+                    read = cursor.fetchall()
+                    yield read, [text.encode() for _, text, _ in read]
+            finally:
+                cursor.close()
 
     def rejections(self, conn: sa.Connection, first: int) -> tuple[dict[str, int], list[Rejected]]:
         """The rows the database rejected before sending: their count per code, and the

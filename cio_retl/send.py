@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
 import orjson
 
 from cio_retl.ack import AckContext, Acknowledger, Batch, PlannedBatch
-from cio_retl.batching import pack
+from cio_retl.batching import pack, pack_chunks
 from cio_retl.client import SendResult, TrackClient
 from cio_retl.errors import CioRetlError, RetriableError
 from cio_retl.models import Model
@@ -130,28 +130,25 @@ class Sender:
         first, as (sequence numbers, items), then the Python path's operations."""
         max_items = self.run.options.batch_items
         if planned is not None:
-            for packed in pack(self._built(planned), max_items=max_items):
-                items = [item for _, item in packed]
+            for rows, items in pack_chunks(self._built(planned), max_items=max_items):
                 self.report.planned += len(items)
-                seqs = array("q", [seq for (seq, _), _ in packed])
-                updates = array("b", [update for (_, update), _ in packed])
+                seqs = array("q", [seq for seq, _, _ in rows])
+                updates = array("b", [update for _, _, update in rows])
                 yield PlannedBatch(planned, seqs, items, updates), items
         for batch in pack(self._operations(changes), max_items=max_items):
             yield [op for op, _ in batch], [item for _, item in batch]
 
-    def _built(self, planned: PlanTable) -> Iterator[tuple[tuple[int, bool], bytes]]:
-        """The plan's built items, tagged (sequence number, whether an update); samples
+    def _built(
+        self, planned: PlanTable
+    ) -> Iterator[tuple[Sequence[tuple[int, str, int]], list[bytes]]]:
+        """The plan's built items, a read at a time (:meth:`PlanTable.chunks`); samples
         taken, acknowledgments kept due meanwhile."""
         samples, sample_size = self.report.samples, self.run.options.sample_size
-        tick = self.TICK_ROWS
-        for seq, item, update in planned.items():
-            tick -= 1
-            if not tick:
-                tick = self.TICK_ROWS
-                self._settle_done()
+        for rows, items in planned.chunks():
+            self._settle_done()
             if len(samples) < sample_size:
-                samples.append(orjson.loads(item))
-            yield (seq, update), item
+                samples.extend(orjson.loads(item) for item in items[: sample_size - len(samples)])
+            yield rows, items
 
     def _write(self, task: Callable[[], None]) -> None:
         """Queue a state write; surface the writer's errors and keep its queue short."""

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cio_retl.batching import batch_body, pack
+from cio_retl.batching import batch_body, pack, pack_chunks
 from cio_retl.client import RetryPolicy, TrackClient
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import FatalSendError, RetriableError
@@ -55,6 +55,46 @@ def test_pack_keeps_order_and_limits(sizes: list[int], max_items: int, max_bytes
             len(current) == max_items
             or batch_body_size(sum(len(d) for _, d in current) + nxt, len(current) + 1) > max_bytes
         )
+
+
+def one_at_a_time(sizes: list[int], max_items: int, max_bytes: int) -> list[list[int]]:
+    """The greedy batching an item at a time, as indexes: the oracle of pack_chunks."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    body = 0
+    for i, size in enumerate(sizes):
+        if batch and (len(batch) >= max_items or body + size + 1 > max_bytes):
+            batches.append(batch)
+            batch = []
+        body = batch_body_size(size, 1) if not batch else body + size + 1
+        batch.append(i)
+    return [*batches, batch] if batch else batches
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=300),
+    cuts=st.lists(st.integers(0, 300), max_size=12),
+    max_items=st.integers(1, 50),
+    max_bytes=st.integers(3100, 20_000),
+)
+def test_chunks_pack_as_one_item_at_a_time(
+    sizes: list[int], cuts: list[int], max_items: int, max_bytes: int
+) -> None:
+    """However the items are cut into chunks (empty ones too), the batches are the ones an
+    item at a time gives: a batch spans chunks."""
+    items = [b"x" * s for s in sizes]
+    bounds = [0, *sorted(min(c, len(items)) for c in cuts), len(items)]
+    chunks = [(list(range(a, b)), items[a:b]) for a, b in itertools.pairwise(bounds)]
+    batches = list(pack_chunks(chunks, max_items=max_items, max_bytes=max_bytes))
+    assert [tags for tags, _ in batches] == one_at_a_time(sizes, max_items, max_bytes)
+    assert all(batch == [items[t] for t in tags] for tags, batch in batches)
+
+
+def test_an_item_no_batch_can_hold_is_refused() -> None:
+    with pytest.raises(ValueError, match="an item of 489 bytes cannot fit any batch of 500"):
+        list(pack_chunks([([1, 2], [b"x", b"y" * 489])], max_bytes=500))
+    assert list(pack_chunks([([1], [b"y" * 488])], max_bytes=500)) == [([1], [b"y" * 488])]
 
 
 def test_pack_at_the_real_limits() -> None:
