@@ -32,6 +32,7 @@ from cio_retl.warehouse import (
     DUPLICATES_COLUMN,
     FETCH_ROWS,
     FINGERPRINT_COLUMN,
+    FINGERPRINT_NUMBER_COLUMN,
     KEY_COLUMN,
     PREVIOUS_COLUMN,
     Chunk,
@@ -99,13 +100,20 @@ def diff_upserts(
             yield upsert_change(model, columns, row, row[previous], full_resync=full_resync)
 
 
-def source_rows_sql(warehouse: Warehouse, model: Model, bucket: Bucket | None) -> str:
-    """The model's rows (of one bucket) with their key text and fingerprint."""
+def source_rows_sql(
+    warehouse: Warehouse, model: Model, bucket: Bucket | None, number: str | None = None
+) -> str:
+    """The model's rows (of one bucket) with their key text and fingerprint; or, given
+    ``number`` (over the row ``m``), their key text and that number alone."""
     d = warehouse.dialect
+    columns = (
+        f"{number} AS {FINGERPRINT_NUMBER_COLUMN}"
+        if number is not None
+        else f"{warehouse.fingerprint(model, 'm')} AS {FINGERPRINT_COLUMN},"
+        f" {warehouse.select_list(model, 'm')}"
+    )
     rows = f"""
-        SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN},
-               {warehouse.fingerprint(model, "m")} AS {FINGERPRINT_COLUMN},
-               {warehouse.select_list(model, "m")}
+        SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN}, {columns}
         FROM ({model_sql(model)}) AS m
     """
     if bucket is None:

@@ -77,6 +77,7 @@ from cio_retl.warehouse import (
     CHANGED_COLUMN,
     DUPLICATES_COLUMN,
     FINGERPRINT_COLUMN,
+    FINGERPRINT_NUMBER_COLUMN,
     HELD_COLUMN,
     IDENTIFIERS_COLUMN,
     KEY_COLUMN,
@@ -97,6 +98,9 @@ _log = logging.getLogger(__name__)
 PLAN_PREFIX = "cio_plan_"
 # What orders the plan's sequence numbers where the dialect needs an order (Snowflake).
 _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
+# A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
+# connection that builds the plan.
+MOVED_TABLE = "__cio_moved"
 # The attributes text a built item carries: an update's changed ones, else the snapshot's.
 ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -510,13 +514,15 @@ class PlanDiff(PushDownDiff):
         columns = self._payloads(model)
         if self.bucket is None:
             name = self.plan_name(model)
-            if not self._create(model, name, self._plan_sql(model, columns, None), ()):
+            sql, staged = self._plan_sql(model, columns, None)
+            if not self._create(model, name, sql, (), staged):
                 return None
             self.owned[model.name] = name
             self.plans[model.name] = self.state.qualified(name)
             return self.plans[model.name]
         count = self.bucket.count
-        sql = self._plan_sql(model, columns, count)
+        sql, staged = self._plan_sql(model, columns, count)
+        assert staged is None  # the narrow join is a whole-model rerun's
         shared = SharedPlans(
             self.state, model.name, plan_prefix(model.name, None), count, self.run_id
         )
@@ -561,9 +567,12 @@ class PlanDiff(PushDownDiff):
             rows = conn.execute(sa.text(sql), self.state.scope(model.name)).all()
         return {int(b): int(n) for b, n in rows}
 
-    def _plan_sql(self, model: Model, columns: list[Column] | None, shared: int | None) -> str:
+    def _plan_sql(
+        self, model: Model, columns: list[Column] | None, shared: int | None
+    ) -> tuple[str, str | None]:
         """The query a plan table is created as: of the run's bucket, or (``shared``, a
-        bucket count) of every key with each row's bucket in BUCKET_COLUMN."""
+        bucket count) of every key with each row's bucket in BUCKET_COLUMN; and the query
+        of a rerun's moved keys it reads as MOVED_TABLE, written first (or None)."""
         w, d = self.warehouse, self.warehouse.dialect
         bucket = None if shared is not None else self.bucket
         scope = self.state.scope(model.name)
@@ -597,28 +606,56 @@ class PlanDiff(PushDownDiff):
                 WHERE {where}{in_bucket(self.state.dialect, "s.key", bucket)}
             ),
         """
-        if shared is None and acted_on and d.narrow_diff_join and self._has_snapshot(model):
-            # A rerun: the full join carries only keys and fingerprints, and the model rows
-            # it keeps (few, as a rule) are joined back, by key and fingerprint, with their
-            # columns: the join no longer moves every unchanged row's columns (measured in
-            # bench/README.md, "Shared bucket plans"). DISTINCT: rows of one key alike in
-            # every column are one row of ``moved``, each joined back once.
+        staged = None
+        numbers = w.fingerprint_numbers(model, "m", "s.fingerprint")
+        narrow = shared is None and acted_on and d.narrow_diff_join
+        if narrow and numbers is not None and self._has_snapshot(model):
+            # A rerun: the full join with the snapshot carries only keys and the numbers
+            # inside the fingerprints, and the model rows it keeps (few, as a rule) are
+            # joined back by key with their columns: the join no longer moves every
+            # unchanged row's columns, nor a fingerprint text per row (measured in
+            # bench/README.md, "Shared bucket plans" and "Rerun joins on numbers"). Every
+            # row of a key that ``moved`` keeps is kept (a shared key's rows all are; the
+            # rows of a NULL key are all new), so DISTINCT makes one ``moved`` row per key
+            # and the join back takes each model row once; a removed row (no model row)
+            # joins nothing.
+            #
+            # The moved keys are written first, as a temporary table: of a CTE, DuckDB's
+            # optimizer cannot know they are few, and built the next joins' hash tables
+            # of the model's 2M snapshots (their attributes too) instead of the moved
+            # rows (measured: 1.9-2.2 s against 0.57 + 0.05 s).
+            row_number, snapshot_number = numbers
+            fpn, moved = FINGERPRINT_NUMBER_COLUMN, MOVED_TABLE
+            staged = f"""{head}
+            fps AS ({source_rows_sql(w, model, bucket, row_number)}),
+            snapn AS (
+                SELECT s.key, {snapshot_number} AS {fpn} FROM {self.state.snapshots} AS s
+                WHERE {where}{in_bucket(self.state.dialect, "s.key", bucket)}
+            )
+            SELECT DISTINCT f.{KEY_COLUMN} AS __cio_mk, f.{fpn} IS NOT NULL AS __cio_mr,
+                   COALESCE(dup.n, 1) AS __cio_mn, sn.key AS __cio_sk
+            FROM fps AS f
+            FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}
+            LEFT JOIN dup ON dup.{KEY_COLUMN} = f.{KEY_COLUMN}
+            WHERE f.{fpn} IS NULL OR sn.key IS NULL OR sn.{fpn} IS DISTINCT FROM f.{fpn}
+               OR dup.n > 1
+            """
             joined = f"""{head}
-            moved AS (
-                SELECT DISTINCT src.{KEY_COLUMN} AS mk, src.{FINGERPRINT_COLUMN} AS mfp,
-                       COALESCE(dup.n, 1) AS mn, snap.key AS sk, snap.fingerprint AS sfp
-                FROM (SELECT {KEY_COLUMN}, {FINGERPRINT_COLUMN} FROM src) AS src
-                FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}
-                LEFT JOIN dup ON dup.{KEY_COLUMN} = src.{KEY_COLUMN}
-                {acted_on}
+            kept AS (
+                SELECT src.*, moved.__cio_mn, moved.__cio_sk
+                FROM {moved} AS moved
+                JOIN src ON src.{KEY_COLUMN} IS NOT DISTINCT FROM moved.__cio_mk
+                WHERE moved.__cio_mr
+                UNION ALL BY NAME
+                SELECT moved.__cio_mn, moved.__cio_sk FROM {moved} AS moved
+                WHERE NOT moved.__cio_mr
             ),
             j AS (
-                SELECT src.*, moved.mn AS {DUPLICATES_COLUMN},
-                       moved.sk AS {SNAPSHOT_KEY_COLUMN},
-                       moved.sfp AS {SNAPSHOT_FINGERPRINT_COLUMN},
+                SELECT src.* EXCLUDE (__cio_mn, __cio_sk), src.__cio_mn AS {DUPLICATES_COLUMN},
+                       src.__cio_sk AS {SNAPSHOT_KEY_COLUMN},
+                       snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
                        {held} AS {HELD_COLUMN}
-                FROM moved LEFT JOIN src ON src.{KEY_COLUMN} IS NOT DISTINCT FROM moved.mk
-                                        AND src.{FINGERPRINT_COLUMN} = moved.mfp
+                FROM kept AS src LEFT JOIN snap ON snap.key = src.__cio_sk
             )
             """
         else:
@@ -648,7 +685,7 @@ class PlanDiff(PushDownDiff):
             return (
                 f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*, {previous}, {nulls},"
                 f" CAST(NULL AS INTEGER) AS {CHANGED_COLUMN} FROM j AS p {snapshot_of}"
-            )
+            ), staged
         built = payloads(
             d.name,
             model,
@@ -688,7 +725,7 @@ class PlanDiff(PushDownDiff):
         # An update's item attributes, unless they are the snapshot's text (a full resync's
         # without removals): the plan holds each payload once.
         update = f"p.{SNAPSHOT_KEY_COLUMN} IS NOT NULL"
-        return f"""{joined}
+        sql = f"""{joined}
             SELECT {seq} AS {SEQ_COLUMN}, {", ".join(kept + model_columns)},
                    CASE WHEN NOT ({decided}) THEN p.{PREVIOUS_COLUMN} END AS {PREVIOUS_COLUMN},
                    p.{IDENTIFIERS_COLUMN},
@@ -701,16 +738,22 @@ class PlanDiff(PushDownDiff):
                    CASE WHEN {rejected} THEN {built.field("p")} END AS {REJECT_FIELD_COLUMN}
             FROM ({built.relation}{d.subquery_fence}) AS p
         """
+        return sql, staged
 
-    def _create(self, model: Model, name: str, sql: str, by: Sequence[str]) -> bool:
+    def _create(
+        self, model: Model, name: str, sql: str, by: Sequence[str], staged: str | None = None
+    ) -> bool:
         """CREATE the plan table ``name`` AS ``sql``; False (and no table) when that does
         not fit the database's memory limit. ``by``: the columns its reads filter by before
-        the sequence number."""
+        the sequence number. ``staged``: the query written first as the temporary
+        MOVED_TABLE, which ``sql`` reads (dropped after)."""
         d, table, order = self.warehouse.dialect, self.state.qualified(name), (*by, SEQ_COLUMN)
         with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
+                if staged is not None:
+                    conn.execute(sa.text(f"CREATE TEMPORARY TABLE {MOVED_TABLE} AS {staged}"))
                 conn.execute(sa.text(d.create_plan(table, sql, order)))
                 for statement in d.plan_built(table, by, SEQ_COLUMN):
                     conn.execute(sa.text(statement))
@@ -727,10 +770,12 @@ class PlanDiff(PushDownDiff):
                     model.name,
                 )
             finally:
-                if d.plan_session_reset:
+                if d.plan_session_reset or staged is not None:
                     conn.rollback()  # nothing after the commit; a failed build's transaction
                     for setting in d.plan_session_reset:
                         conn.execute(sa.text(setting))
+                    if staged is not None:  # the pooled connection keeps its temporary tables
+                        conn.execute(sa.text(f"DROP TABLE IF EXISTS {MOVED_TABLE}"))
                     conn.commit()
         if model.name in self.streamed:
             self.state.drop_tables([name])  # a failed CREATE TABLE AS leaves none

@@ -25,6 +25,8 @@ from cio_retl.models import Kind, Model, did_you_mean
 # Columns the diff adds to a model's rows; a model may not use these names.
 KEY_COLUMN = "__cio_key"
 FINGERPRINT_COLUMN = "__cio_fp"
+# The number inside a fingerprint (Dialect.fingerprint_numbers), where a join compares those.
+FINGERPRINT_NUMBER_COLUMN = "__cio_fpn"
 DUPLICATES_COLUMN = "__cio_n"
 PREVIOUS_COLUMN = "__cio_prev"
 # And those a run's plan (cio_retl.plan) adds to them.
@@ -61,6 +63,7 @@ INTERNAL_COLUMNS = frozenset(
         CHANGED_COLUMN,
         KEY_COLUMN,
         FINGERPRINT_COLUMN,
+        FINGERPRINT_NUMBER_COLUMN,
         DUPLICATES_COLUMN,
         PREVIOUS_COLUMN,
         SEQ_COLUMN,
@@ -231,6 +234,15 @@ class Warehouse:
         if model.name not in self._signatures:
             self.columns(model)
         return self.dialect.row_fingerprint(alias, self._signatures[model.name])
+
+    def fingerprint_numbers(
+        self, model: Model, alias: str, fingerprint: str
+    ) -> tuple[str, str] | None:
+        """The dialect's :meth:`~cio_retl.dialects.Dialect.fingerprint_numbers` of the
+        model's rows ``alias`` and the fingerprint texts ``fingerprint``."""
+        if model.name not in self._signatures:
+            self.columns(model)
+        return self.dialect.fingerprint_numbers(alias, fingerprint, self._signatures[model.name])
 
     def select_list(self, model: Model, alias: str) -> str:
         """The model's columns of ``alias``, under their own names, those the dialect can
