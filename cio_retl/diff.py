@@ -107,18 +107,24 @@ def source_rows_sql(
     ``number`` (over the row ``m``), their key text and that number alone."""
     d = warehouse.dialect
     columns = (
-        f"{number} AS {FINGERPRINT_NUMBER_COLUMN}"
+        f"{d.key_expression(model, 'm')} AS {KEY_COLUMN}, {number} AS {FINGERPRINT_NUMBER_COLUMN}"
         if number is not None
-        else f"{warehouse.fingerprint(model, 'm')} AS {FINGERPRINT_COLUMN},"
-        f" {warehouse.select_list(model, 'm')}"
+        else source_columns_sql(warehouse, model, "m")
     )
-    rows = f"""
-        SELECT {d.key_expression(model, "m")} AS {KEY_COLUMN}, {columns}
-        FROM ({model_sql(model)}) AS m
-    """
+    rows = f"SELECT {columns} FROM ({model_sql(model)}) AS m"
     if bucket is None:
         return rows
     return f"SELECT * FROM ({rows}) AS b WHERE TRUE{in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
+
+
+def source_columns_sql(warehouse: Warehouse, model: Model, alias: str) -> str:
+    """The select list of a model row ``alias`` as the diff reads it: its key text, its
+    fingerprint and its columns."""
+    return (
+        f"{warehouse.dialect.key_expression(model, alias)} AS {KEY_COLUMN},"
+        f" {warehouse.fingerprint(model, alias)} AS {FINGERPRINT_COLUMN},"
+        f" {warehouse.select_list(model, alias)}"
+    )
 
 
 def in_bucket(dialect: Dialect, key: str, bucket: Bucket | None) -> str:

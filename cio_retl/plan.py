@@ -53,6 +53,7 @@ from cio_retl.diff import (
     duplicate_keys_sql,
     in_bucket,
     removal_changes,
+    source_columns_sql,
     source_rows_sql,
     suppressed_sql,
     suppressions_for,
@@ -612,8 +613,10 @@ class PlanDiff(PushDownDiff):
         if narrow and numbers is not None and self._has_snapshot(model):
             # A rerun: the full join with the snapshot carries only keys and the numbers
             # inside the fingerprints, and the model rows it keeps (few, as a rule) are
-            # joined back by key with their columns: the join no longer moves every
-            # unchanged row's columns, nor a fingerprint text per row (measured in
+            # joined back by key, their fingerprints and normalized columns computed after
+            # that join: the join no longer moves every unchanged row's columns, nor a
+            # fingerprint text per row, and the join back no longer computes them for
+            # every model row, only its key (measured in
             # bench/README.md, "Shared bucket plans" and "Rerun joins on numbers"). Every
             # row of a key that ``moved`` keeps is kept (a shared key's rows all are; the
             # rows of a NULL key are all new), so DISTINCT makes one ``moved`` row per key
@@ -642,9 +645,10 @@ class PlanDiff(PushDownDiff):
             """
             joined = f"""{head}
             kept AS (
-                SELECT src.*, moved.__cio_mn, moved.__cio_sk
+                SELECT {source_columns_sql(w, model, "m")}, moved.__cio_mn, moved.__cio_sk
                 FROM {moved} AS moved
-                JOIN src ON src.{KEY_COLUMN} IS NOT DISTINCT FROM moved.__cio_mk
+                JOIN ({model_sql(model)}) AS m
+                  ON {d.key_expression(model, "m")} IS NOT DISTINCT FROM moved.__cio_mk
                 WHERE moved.__cio_mr
                 UNION ALL BY NAME
                 SELECT moved.__cio_mn, moved.__cio_sk FROM {moved} AS moved
