@@ -198,3 +198,38 @@ def test_duckdb_sql_normalization_matches_python(tmp_path: Path) -> None:
             # The SQL already did the work: no datetime/Decimal left where it converts.
             if name in ("ts", "tstz", "day", "d12_2", "d15_2", "d15_0", "d15_14"):
                 assert after is None or type(after) in (int, float), (name, after)
+
+
+def test_duckdb_fingerprint_numbers_agree_with_the_fingerprint_texts(tmp_path: Path) -> None:
+    """The numbers a rerun's join compares stand for the texts: a row's number is the one
+    its own fingerprint text holds, and a text of another signature holds none."""
+    engine = create_engine(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE t AS SELECT i AS id, CASE WHEN i % 3 = 0 THEN NULL ELSE 'v' || i END"
+                " AS name, i * 1.5 AS score FROM range(-500, 500) r(i)"
+            )
+        )
+    model = parse_model(
+        Path("people.sql"), "-- kind: person\n-- identifier: id\n-- key: id\nselect * from t\n"
+    )
+    warehouse = Warehouse(engine)
+    numbers = warehouse.fingerprint_numbers(model, "m", "f.fp")
+    assert numbers is not None
+    row_number, text_number = numbers
+    fingerprint = warehouse.fingerprint(model, "m")
+    other = fingerprint.replace(fingerprint[2:14], "0" * 12)  # the same hash, another signature
+    assert other != fingerprint
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"SELECT r.n, {text_number.replace('f.fp', 'r.fp')},"
+                f" {text_number.replace('f.fp', 'r.other')} FROM ("
+                f"SELECT {row_number} AS n, {fingerprint} AS fp, {other} AS other"
+                " FROM (SELECT * FROM t) AS m) AS r"
+            )
+        ).all()
+    assert len(rows) == 1000 and len({n for n, _, _ in rows}) == 1000
+    assert all(n == parsed and theirs is None for n, parsed, theirs in rows)
+    engine.dispose()
