@@ -28,7 +28,9 @@ def pack(
     max_bytes: int = MAX_BATCH_BYTES,
 ) -> Iterator[list[tuple[T, bytes]]]:
     """Group ``(tag, item bytes)`` pairs into batches whose body stays within the limits
-    (:func:`pack_chunks`, read ``STREAM_CHUNK`` pairs at a time)."""
+    (:func:`pack_chunks`, read ``STREAM_CHUNK`` pairs at a time: a batch is yielded once
+    the pairs after it are read, and an item too large for any batch is refused before
+    the batches of its chunk that precede it)."""
     chunks = _chunked(items, STREAM_CHUNK)
     for tags, batch in pack_chunks(chunks, max_items=max_items, max_bytes=max_bytes):
         yield list(zip(tags, batch, strict=True))
@@ -58,6 +60,8 @@ def pack_chunks(
     bisection: no Python code runs per item but a ``len``, so a database's read of tens of
     thousands of built items is batched in a few C calls.
     """
+    if max_items < 1:
+        raise ValueError(f"a batch holds at least one item, not {max_items}")
     empty = batch_body_size(0, 0)  # the envelope alone
     largest = max_bytes - empty  # the largest item a batch can hold by itself
     room = largest + 1  # the most a batch's sizes plus one each may sum to (n items, n-1 commas)

@@ -83,9 +83,10 @@ class Dialect(abc.ABC):
     # so that each is computed once per row (see PostgresDialect).
     subquery_fence = ""
 
-    # Whether a rerun's plan joins model and snapshot by key and fingerprint alone, then
-    # joins the rows it keeps back with their columns (cio_retl.plan): it needs a hash join
-    # on IS NOT DISTINCT FROM, which DuckDB has (PostgreSQL cannot hash it).
+    # Whether a rerun's plan joins model and snapshot by key and fingerprint number alone
+    # (fingerprint_numbers, which it needs too), writes the keys that moved first, and
+    # joins them back to the model's rows by key (cio_retl.plan): it needs a hash join on
+    # IS NOT DISTINCT FROM, which DuckDB has (PostgreSQL cannot hash it).
     narrow_diff_join = False
     # Microseconds since the epoch on the database's clock, as an integer (a shared plan's
     # claims compare times taken by runs on different hosts).
@@ -97,16 +98,21 @@ class Dialect(abc.ABC):
         another connection, so not a temporary one."""
         return f"CREATE TABLE {table} AS {query}"
 
-    def plan_sequence(self, order: Sequence[str]) -> str:
-        """The sequence number of a plan row: dense from 1, unique. Where the dialect needs
+    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
+        """The sequence number of a plan row as the plan is written: dense from 1, unique
+        (or NULL where :meth:`plan_built` numbers the rows after). Where the dialect needs
         one, ``order`` (expressions over the planned row) orders it; here no order is
-        asked for, the rows are numbered as they are written."""
+        asked for, the rows are numbered as they are written. ``columns``: the names of
+        the model's columns the plan carries."""
         return "ROW_NUMBER() OVER ()"
 
-    def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
+    def plan_built(
+        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+    ) -> list[str]:
         """Statements run once a plan ``table`` is written, in its transaction, before
         anything reads it by ranges of its sequence number ``seq`` (each acknowledgment
-        reads one), after the columns ``by`` (a shared plan's bucket)."""
+        reads one), after the columns ``by`` (a shared plan's bucket). ``columns`` as
+        :meth:`plan_sequence`'s."""
         return []
 
     def result_type(self, column: Sequence[Any]) -> str:
@@ -334,7 +340,7 @@ class DuckDBDialect(Dialect):
     # Measured on the 2M-row upsert diff: 838 -> 438 MiB peak RSS, 3.6 -> 1.9 s.
     not_materialized = "NOT MATERIALIZED "
 
-    # A plan's rows need no order (each gets a sequence number as it is written):
+    # A plan's rows need no order (they are numbered as they lie, once written):
     # "preserve_insertion_order ... Disabling it can reduce memory usage" (DuckDB docs,
     # Configuration / How to tune workloads). Measured (bench/README.md): a 2M-row initial
     # plan that joined its payloads ran out of memory under the 128MB limit with it on; the
@@ -342,21 +348,26 @@ class DuckDBDialect(Dialect):
     plan_session = ("SET preserve_insertion_order = false",)
     plan_session_reset = ("RESET preserve_insertion_order",)
 
-    def plan_sequence(self, order: Sequence[str]) -> str:
+    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
         """None yet: :meth:`plan_built` numbers the written rows. ``ROW_NUMBER() OVER ()``
         in the statement that builds the payloads "limits the pipeline it is in to be
         single-threaded" (duckdb/duckdb#21971, whose push-down into table scans needs a
         scan without filters or joins), and its window holds every planned row, payloads
         and all, before one is written: measured (bench/README.md, "Plans numbered after
         they are written"), a 1M-row initial plan 4.1 s with it, 2.0 s plus 0.17 s
-        numbering without."""
-        return "CAST(NULL AS BIGINT)"
+        numbering without. A model column named ``rowid`` hides the row ids that
+        numbering reads, so such a model's plan keeps the window."""
+        return "ROW_NUMBER() OVER ()" if _hides_rowid(columns) else "CAST(NULL AS BIGINT)"
 
-    def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
+    def plan_built(
+        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+    ) -> list[str]:
         """Number the plan's rows, dense from 1, over their row ids alone (a window over
         one integer column). Not ``rowid + 1``: within the transaction that creates a table
         its row ids are the transaction's own (they start near 2^55), and a deletion would
         leave gaps."""
+        if _hides_rowid(columns):
+            return []
         return [
             f"UPDATE {table} AS t SET {seq} = s.n FROM"
             f" (SELECT rowid AS r, ROW_NUMBER() OVER (ORDER BY rowid) AS n FROM {table}) AS s"
@@ -501,6 +512,13 @@ class DuckDBDialect(Dialect):
         return ConfigError(f"cannot open the DuckDB database {url.database}: {message}")
 
 
+def _hides_rowid(columns: Sequence[str]) -> bool:
+    """Whether a table of these columns hides DuckDB's ``rowid`` pseudo-column: a column
+    of that name, in any case, is what ``rowid`` then names (measured: a plan numbered
+    over it numbered nothing, and sent nothing)."""
+    return any(c.lower() == "rowid" for c in columns)
+
+
 # DuckDB's memory_limit when the URL sets none (DuckDB's own default is 80% of RAM). The
 # limit bounds DuckDB's buffer manager, not Python: RSS sits about 100-470 MiB above it.
 # Measured (bench/README.md): at 128MB the no-change diff peaks at 227 MiB RSS
@@ -559,7 +577,9 @@ class PostgresDialect(Dialect):
     # is_simple_subquery). Measured on a 1M-row initial plan: 29.9 -> 12.7 s.
     subquery_fence = " OFFSET 0"
 
-    def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
+    def plan_built(
+        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+    ) -> list[str]:
         """A B-tree on the sequence number (after the bucket, in a shared plan), and the
         table's statistics. Without the index each
         acknowledgment (a range of sequence numbers) scans the whole plan: measured, a 2M-row
@@ -722,7 +742,7 @@ class SnowflakeDialect(Dialect):
         by = ", ".join(f"q.{c}" for c in order)
         return f"CREATE TRANSIENT TABLE {table} AS (SELECT * FROM ({query}) AS q ORDER BY {by})"
 
-    def plan_sequence(self, order: Sequence[str]) -> str:
+    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
         """ROW_NUMBER ordered by ``order``. Snowflake's syntax of a ranking function's
         window has ORDER BY as required (Snowflake docs, ROW_NUMBER and "Window function
         syntax and usage"), and Snowflake refuses ``OVER ()`` ("Window function type

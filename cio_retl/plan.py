@@ -101,7 +101,7 @@ PLAN_PREFIX = "cio_plan_"
 _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
 # A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
 # connection that builds the plan.
-MOVED_TABLE = "__cio_moved"
+MOVED_TABLE = "temp.main.__cio_moved"  # qualified: never a table of the same name in main
 # The attributes text a built item carries: an update's changed ones, else the snapshot's.
 ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -169,7 +169,7 @@ class PlanTable:
     item: str  # the item's text over the plan's row ``p``
     identifiers: str  # the snapshot's identifiers over ``p``
 
-    # Bytes of snapshot text per read of :meth:`items` (a range of sequence numbers sized
+    # Bytes of snapshot text per read of :meth:`chunks` (a range of sequence numbers sized
     # from the plan's average): one read sorts and holds about this much, whatever the
     # width of the model's rows.
     READ_BYTES = 8 * 2**20
@@ -683,7 +683,7 @@ class PlanDiff(PushDownDiff):
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
-        seq = d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER])
+        seq = d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER], w.column_names(model))
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
             return (
@@ -757,9 +757,12 @@ class PlanDiff(PushDownDiff):
                 conn.execute(sa.text(setting))
             try:
                 if staged is not None:
-                    conn.execute(sa.text(f"CREATE TEMPORARY TABLE {MOVED_TABLE} AS {staged}"))
+                    conn.execute(
+                        sa.text(f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE} AS {staged}")
+                    )
                 conn.execute(sa.text(d.create_plan(table, sql, order)))
-                for statement in d.plan_built(table, by, SEQ_COLUMN):
+                names = self.warehouse.column_names(model)
+                for statement in d.plan_built(table, by, SEQ_COLUMN, names):
                     conn.execute(sa.text(statement))
                 conn.commit()
             except sa.exc.DBAPIError as exc:

@@ -244,6 +244,12 @@ class Warehouse:
             self.columns(model)
         return self.dialect.fingerprint_numbers(alias, fingerprint, self._signatures[model.name])
 
+    def column_names(self, model: Model) -> list[str]:
+        """The names of the model's result columns."""
+        if model.name not in self._types:
+            self.columns(model)
+        return [name for name, _ in self._types[model.name]]
+
     def select_list(self, model: Model, alias: str) -> str:
         """The model's columns of ``alias``, under their own names, those the dialect can
         normalize in SQL already normalized (the columns the header names stay as they are:

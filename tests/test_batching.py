@@ -95,6 +95,8 @@ def test_an_item_no_batch_can_hold_is_refused() -> None:
     with pytest.raises(ValueError, match="an item of 489 bytes cannot fit any batch of 500"):
         list(pack_chunks([([1, 2], [b"x", b"y" * 489])], max_bytes=500))
     assert list(pack_chunks([([1], [b"y" * 488])], max_bytes=500)) == [([1], [b"y" * 488])]
+    with pytest.raises(ValueError, match="at least one item, not 0"):
+        list(pack_chunks([([1], [b"x"])], max_items=0))
 
 
 def test_pack_at_the_real_limits() -> None:

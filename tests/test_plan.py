@@ -39,7 +39,11 @@ def model_reads(statements: list[str], settings: Settings, name: str) -> int:
     narrow join), are part of that one read: the next statement must be the plan's."""
     (model,) = load_models(settings.models_dir, [name])
     reads = [i for i, s in enumerate(statements) if model.sql in s and "LIMIT 0" not in s]
-    staged = [i for i in reads if statements[i].startswith(f"CREATE TEMPORARY TABLE {MOVED_TABLE}")]
+    staged = [
+        i
+        for i in reads
+        if statements[i].startswith(f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE}")
+    ]
     for i in staged:
         assert statements[i + 1].startswith(f"CREATE TABLE cio_retl.{PLAN_PREFIX}")
     return len(reads) - len(staged)
@@ -151,6 +155,31 @@ def test_duckdb_numbers_a_plan_after_writing_it_dense_from_one(
     numbered = [s for s in statements if s.startswith(f"UPDATE cio_retl.{PLAN_PREFIX}")]
     assert len(numbered) == len(builds)
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
+
+
+def test_a_model_column_named_rowid_keeps_duckdb_plans_numbered(
+    settings: Settings, tmp_path: Path, emulator: Emulator, statements: list[str]
+) -> None:
+    """A column named ``rowid`` (in any case) hides DuckDB's row ids, which the numbering
+    after the write reads: such a plan is numbered as it is written, and every row goes."""
+    url = f"duckdb:///{tmp_path / 'rowid.duckdb'}"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(20))
+    run = people_settings(settings, tmp_path, url)
+    (run.models_dir / "people.sql").write_text(
+        PEOPLE_MODEL.replace("select *", "select email, name, visits AS RowId")
+    )
+
+    report = sync(run)
+
+    assert report.outcome is Outcome.REJECTED  # the bad email and the value over the limit
+    (people,) = report.models
+    assert people.created == 18 and people.rejected == 2
+    assert len(stored(engine)) == 18
+    builds = [s for s in statements if f"CREATE TABLE cio_retl.{PLAN_PREFIX}" in s]
+    assert builds and all("ROW_NUMBER() OVER ()" in s for s in builds)
+    assert not [s for s in statements if s.startswith(f"UPDATE cio_retl.{PLAN_PREFIX}")]
+    engine.dispose()
 
 
 def test_a_dry_run_builds_no_plan(settings: Settings, demo_engine: Engine) -> None:
