@@ -15,16 +15,19 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from cio_retl.plan import NARROW_JOIN
 from cio_retl.warehouse import HELD_COLUMN, KEY_COLUMN
 
 # Fragments of the diff's SQL, each pass in both of its forms. The plan: the streaming
 # diff's counting pass joins the model's keys with the snapshot in full, as does the
-# statement that writes a plan table (cio_retl.plan). The upsert scan: the streaming diff
+# statement that writes a plan table (cio_retl.plan), or a rerun's moved keys before it
+# (the narrow join). The upsert scan: the streaming diff
 # joins the model's rows with the snapshot from the left; a planned run reads the plan's
 # rows to send, in order.
 PLAN = (
     "FULL OUTER JOIN snap ON snap.key = src.k",
     f"FULL OUTER JOIN snap ON snap.key = src.{KEY_COLUMN}",
+    NARROW_JOIN,
 )
 UPSERT_SCAN = (f"LEFT JOIN snap ON snap.key = src.{KEY_COLUMN}", f"p.{HELD_COLUMN} = 0 ORDER BY")
 PASSES: Mapping[str, tuple[str, ...]] = {"plans": PLAN, "upsert scans": UPSERT_SCAN}

@@ -101,6 +101,9 @@ PLAN_PREFIX = "cio_plan_"
 _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
 # A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
 # connection that builds the plan.
+# The full join of a rerun's narrow plan: the model's keys and fingerprint numbers with the
+# snapshot's (cio_retl.passes counts the plans by it).
+NARROW_JOIN = f"FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}"
 MOVED_TABLE = "temp.main.__cio_moved"  # qualified: never a table of the same name in main
 # The attributes text a built item carries: an update's changed ones, else the snapshot's.
 ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
@@ -638,7 +641,7 @@ class PlanDiff(PushDownDiff):
             SELECT DISTINCT f.{KEY_COLUMN} AS __cio_mk, f.{fpn} IS NOT NULL AS __cio_mr,
                    COALESCE(dup.n, 1) AS __cio_mn, sn.key AS __cio_sk
             FROM fps AS f
-            FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}
+            {NARROW_JOIN}
             LEFT JOIN dup ON dup.{KEY_COLUMN} = f.{KEY_COLUMN}
             WHERE f.{fpn} IS NULL OR sn.key IS NULL OR sn.{fpn} IS DISTINCT FROM f.{fpn}
                OR dup.n > 1
