@@ -98,21 +98,29 @@ class Dialect(abc.ABC):
         another connection, so not a temporary one."""
         return f"CREATE TABLE {table} AS {query}"
 
-    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
+    def plan_sequence(
+        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
+    ) -> str:
         """The sequence number of a plan row as the plan is written: dense from 1, unique
-        (or NULL where :meth:`plan_built` numbers the rows after). Where the dialect needs
-        one, ``order`` (expressions over the planned row) orders it; here no order is
-        asked for, the rows are numbered as they are written. ``columns``: the names of
-        the model's columns the plan carries."""
+        (or NULL where :meth:`plan_built` numbers the rows after, unless ``as_written``).
+        Where the dialect needs one, ``order`` (expressions over the planned row) orders
+        it; here no order is asked for, the rows are numbered as they are written.
+        ``columns``: the names of the model's columns the plan carries."""
         return "ROW_NUMBER() OVER ()"
 
     def plan_built(
-        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+        self,
+        table: str,
+        by: Sequence[str],
+        seq: str,
+        columns: Sequence[str],
+        *,
+        as_written: bool = False,
     ) -> list[str]:
         """Statements run once a plan ``table`` is written, in its transaction, before
         anything reads it by ranges of its sequence number ``seq`` (each acknowledgment
-        reads one), after the columns ``by`` (a shared plan's bucket). ``columns`` as
-        :meth:`plan_sequence`'s."""
+        reads one), after the columns ``by`` (a shared plan's bucket). ``columns`` and
+        ``as_written`` as :meth:`plan_sequence`'s."""
         return []
 
     def result_type(self, column: Sequence[Any]) -> str:
@@ -348,7 +356,9 @@ class DuckDBDialect(Dialect):
     plan_session = ("SET preserve_insertion_order = false",)
     plan_session_reset = ("RESET preserve_insertion_order",)
 
-    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
+    def plan_sequence(
+        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
+    ) -> str:
         """None yet: :meth:`plan_built` numbers the written rows. ``ROW_NUMBER() OVER ()``
         in the statement that builds the payloads "limits the pipeline it is in to be
         single-threaded" (duckdb/duckdb#21971, whose push-down into table scans needs a
@@ -356,17 +366,28 @@ class DuckDBDialect(Dialect):
         and all, before one is written: measured (bench/README.md, "Plans numbered after
         they are written"), a 1M-row initial plan 4.1 s with it, 2.0 s plus 0.17 s
         numbering without. A model column named ``rowid`` hides the row ids that
-        numbering reads, so such a model's plan keeps the window."""
-        return "ROW_NUMBER() OVER ()" if _hides_rowid(columns) else "CAST(NULL AS BIGINT)"
+        numbering reads, so such a model's plan keeps the window; so does a plan built
+        ``as_written``, the fallback of one that ran out of memory: the threads that write
+        a plan at once hold more of it than the single pipeline of the window, which
+        spills (measured: a 2M-row initial plan over the 128MB limit once in four)."""
+        if as_written or _hides_rowid(columns):
+            return "ROW_NUMBER() OVER ()"
+        return "CAST(NULL AS BIGINT)"
 
     def plan_built(
-        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+        self,
+        table: str,
+        by: Sequence[str],
+        seq: str,
+        columns: Sequence[str],
+        *,
+        as_written: bool = False,
     ) -> list[str]:
         """Number the plan's rows, dense from 1, over their row ids alone (a window over
         one integer column). Not ``rowid + 1``: within the transaction that creates a table
         its row ids are the transaction's own (they start near 2^55), and a deletion would
         leave gaps."""
-        if _hides_rowid(columns):
+        if as_written or _hides_rowid(columns):
             return []
         return [
             f"UPDATE {table} AS t SET {seq} = s.n FROM"
@@ -578,7 +599,13 @@ class PostgresDialect(Dialect):
     subquery_fence = " OFFSET 0"
 
     def plan_built(
-        self, table: str, by: Sequence[str], seq: str, columns: Sequence[str]
+        self,
+        table: str,
+        by: Sequence[str],
+        seq: str,
+        columns: Sequence[str],
+        *,
+        as_written: bool = False,
     ) -> list[str]:
         """A B-tree on the sequence number (after the bucket, in a shared plan), and the
         table's statistics. Without the index each
@@ -742,7 +769,9 @@ class SnowflakeDialect(Dialect):
         by = ", ".join(f"q.{c}" for c in order)
         return f"CREATE TRANSIENT TABLE {table} AS (SELECT * FROM ({query}) AS q ORDER BY {by})"
 
-    def plan_sequence(self, order: Sequence[str], columns: Sequence[str]) -> str:
+    def plan_sequence(
+        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
+    ) -> str:
         """ROW_NUMBER ordered by ``order``. Snowflake's syntax of a ranking function's
         window has ORDER BY as required (Snowflake docs, ROW_NUMBER and "Window function
         syntax and usage"), and Snowflake refuses ``OVER ()`` ("Window function type

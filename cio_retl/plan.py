@@ -519,7 +519,8 @@ class PlanDiff(PushDownDiff):
         if self.bucket is None:
             name = self.plan_name(model)
             sql, staged = self._plan_sql(model, columns, None)
-            if not self._create(model, name, sql, (), staged):
+            fallback = self._as_written(model, columns, None, sql)
+            if not self._create(model, name, sql, (), staged, fallback):
                 return None
             self.owned[model.name] = name
             self.plans[model.name] = self.state.qualified(name)
@@ -537,7 +538,8 @@ class PlanDiff(PushDownDiff):
             if claimed is None:
                 shared.begin_build()
                 name = shared.name(digest, self.token)
-                if not self._create(model, name, sql, (BUCKET_COLUMN,)):
+                fallback = self._as_written(model, columns, count, sql)
+                if not self._create(model, name, sql, (BUCKET_COLUMN,), None, fallback):
                     return None
                 table = self.state.qualified(name)
                 with self.state.engine.connect() as conn:
@@ -571,8 +573,21 @@ class PlanDiff(PushDownDiff):
             rows = conn.execute(sa.text(sql), self.state.scope(model.name)).all()
         return {int(b): int(n) for b, n in rows}
 
+    def _as_written(
+        self, model: Model, columns: list[Column] | None, shared: int | None, sql: str
+    ) -> str | None:
+        """The plan ``sql`` with its rows numbered as they are written, where the dialect
+        numbers them after (the fallback of a plan over the memory limit); else None."""
+        single, _ = self._plan_sql(model, columns, shared, as_written=True)
+        return None if single == sql else single
+
     def _plan_sql(
-        self, model: Model, columns: list[Column] | None, shared: int | None
+        self,
+        model: Model,
+        columns: list[Column] | None,
+        shared: int | None,
+        *,
+        as_written: bool = False,
     ) -> tuple[str, str | None]:
         """The query a plan table is created as: of the run's bucket, or (``shared``, a
         bucket count) of every key with each row's bucket in BUCKET_COLUMN; and the query
@@ -686,7 +701,9 @@ class PlanDiff(PushDownDiff):
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
-        seq = d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER], w.column_names(model))
+        seq = d.plan_sequence(
+            [f"p.{c}" for c in _PLAN_ORDER], w.column_names(model), as_written=as_written
+        )
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
             return (
@@ -748,37 +765,57 @@ class PlanDiff(PushDownDiff):
         return sql, staged
 
     def _create(
-        self, model: Model, name: str, sql: str, by: Sequence[str], staged: str | None = None
+        self,
+        model: Model,
+        name: str,
+        sql: str,
+        by: Sequence[str],
+        staged: str | None = None,
+        as_written: str | None = None,
     ) -> bool:
         """CREATE the plan table ``name`` AS ``sql``; False (and no table) when that does
-        not fit the database's memory limit. ``by``: the columns its reads filter by before
-        the sequence number. ``staged``: the query written first as the temporary
+        not fit the database's memory limit, nor ``as_written`` (the same plan numbered as
+        it is written) where given. ``by``: the columns its reads filter by before the
+        sequence number. ``staged``: the query written first as the temporary
         MOVED_TABLE, which ``sql`` reads (dropped after)."""
         d, table, order = self.warehouse.dialect, self.state.qualified(name), (*by, SEQ_COLUMN)
+        names = self.warehouse.column_names(model)
+        attempts = [(sql, False)] + ([(as_written, True)] if as_written is not None else [])
+        built = False
         with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
-                if staged is not None:
-                    conn.execute(
-                        sa.text(f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE} AS {staged}")
+                for query, single in attempts:
+                    try:
+                        if staged is not None:
+                            conn.execute(
+                                sa.text(
+                                    f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE} AS {staged}"
+                                )
+                            )
+                        conn.execute(sa.text(d.create_plan(table, query, order)))
+                        for statement in d.plan_built(
+                            table, by, SEQ_COLUMN, names, as_written=single
+                        ):
+                            conn.execute(sa.text(statement))
+                        conn.commit()
+                        built = True
+                        break
+                    except sa.exc.DBAPIError as exc:
+                        if not d.out_of_memory(exc):
+                            raise
+                        conn.rollback()  # a failed CREATE TABLE AS leaves no table
+                        _log.info("%s: its plan did not fit the memory limit as built", model.name)
+                if not built:
+                    # A plan holds every changed row's payload at once; past the memory
+                    # limit the streaming diff, which holds a chunk at a time, still serves.
+                    self.streamed.add(model.name)
+                    _log.warning(
+                        "%s: its plan does not fit the database's memory limit; diffing it as"
+                        " a stream (slower; a higher memory_limit in the warehouse URL avoids it)",
+                        model.name,
                     )
-                conn.execute(sa.text(d.create_plan(table, sql, order)))
-                names = self.warehouse.column_names(model)
-                for statement in d.plan_built(table, by, SEQ_COLUMN, names):
-                    conn.execute(sa.text(statement))
-                conn.commit()
-            except sa.exc.DBAPIError as exc:
-                if not d.out_of_memory(exc):
-                    raise
-                # A plan holds every changed row's payload at once; past the memory limit
-                # the streaming diff, which holds a chunk at a time, still serves the model.
-                self.streamed.add(model.name)
-                _log.warning(
-                    "%s: its plan does not fit the database's memory limit; diffing it as a"
-                    " stream (slower; a higher memory_limit in the warehouse URL avoids it)",
-                    model.name,
-                )
             finally:
                 if d.plan_session_reset or staged is not None:
                     conn.rollback()  # nothing after the commit; a failed build's transaction
@@ -787,7 +824,7 @@ class PlanDiff(PushDownDiff):
                     if staged is not None:  # the pooled connection keeps its temporary tables
                         conn.execute(sa.text(f"DROP TABLE IF EXISTS {MOVED_TABLE}"))
                     conn.commit()
-        if model.name in self.streamed:
+        if not built:
             self.state.drop_tables([name])  # a failed CREATE TABLE AS leaves none
             return False
         return True

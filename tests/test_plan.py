@@ -558,6 +558,43 @@ def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
     assert again.outcome is Outcome.SYNCED and again.models[0].created == 0
 
 
+def test_a_plan_numbered_after_its_write_is_built_again_numbered_as_written(
+    settings: Settings,
+    demo_engine: Engine,
+    emulator: Emulator,
+    statements: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A DuckDB plan whose parallel write runs out of memory is built again with its rows
+    numbered as written (the single pipeline of the window, which spills), not diffed as a
+    stream. The first write is made to fail as the memory limit fails it."""
+    from cio_retl.dialects import DuckDBDialect
+
+    create_plan = DuckDBDialect.create_plan
+
+    def failing(self: DuckDBDialect, table: str, query: str, order: Any) -> str:
+        if "CAST(NULL AS BIGINT)" in query:
+            return f"CREATE TABLE {table} AS SELECT * FROM no_memory_left"
+        return create_plan(self, table, query, order)
+
+    monkeypatch.setattr(DuckDBDialect, "create_plan", failing)
+    monkeypatch.setattr(
+        DuckDBDialect, "out_of_memory", lambda _self, error: "no_memory_left" in str(error)
+    )
+    with caplog.at_level("INFO", logger="cio_retl.plan"):
+        report = sync(settings)
+
+    assert report.outcome is Outcome.SYNCED, report.error
+    assert "did not fit the memory limit as built" in caplog.text
+    assert "does not fit" not in caplog.text  # not streamed
+    builds = [s for s in statements if f"CREATE TABLE cio_retl.{PLAN_PREFIX}" in s]
+    assert any("no_memory_left" in s for s in builds)
+    assert any("ROW_NUMBER() OVER ()" in s for s in builds)
+    assert actual_workspace(emulator) == expected_workspace(demo_engine)
+    assert plan_tables(demo_engine) == []
+
+
 THINGS_MODELS = {
     "companies": "-- kind: object\n-- object_type_id: 1\n-- key: id\n"
     "select id, name, n from app.things\n",
