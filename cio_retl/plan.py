@@ -806,7 +806,11 @@ class PlanDiff(PushDownDiff):
                         if not d.out_of_memory(exc):
                             raise
                         conn.rollback()  # a failed CREATE TABLE AS leaves no table
-                        _log.info("%s: its plan did not fit the memory limit as built", model.name)
+                        _log.warning(
+                            "%s: its plan did not fit the memory limit as built; building it"
+                            " again, its rows numbered as written (slower)",
+                            model.name,
+                        )
                 if not built:
                     # A plan holds every changed row's payload at once; past the memory
                     # limit the streaming diff, which holds a chunk at a time, still serves.

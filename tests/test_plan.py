@@ -582,7 +582,7 @@ def test_a_plan_numbered_after_its_write_is_built_again_numbered_as_written(
     monkeypatch.setattr(
         DuckDBDialect, "out_of_memory", lambda _self, error: "no_memory_left" in str(error)
     )
-    with caplog.at_level("INFO", logger="cio_retl.plan"):
+    with caplog.at_level("WARNING", logger="cio_retl.plan"):
         report = sync(settings)
 
     assert report.outcome is Outcome.SYNCED, report.error
