@@ -117,13 +117,18 @@ def source_rows_sql(
     return f"SELECT * FROM ({rows}) AS b WHERE TRUE{in_bucket(d, f'b.{KEY_COLUMN}', bucket)}"
 
 
-def source_columns_sql(warehouse: Warehouse, model: Model, alias: str) -> str:
+def source_columns_sql(
+    warehouse: Warehouse, model: Model, alias: str, *, present: str | None = None
+) -> str:
     """The select list of a model row ``alias`` as the diff reads it: its key text, its
-    fingerprint and its columns."""
+    fingerprint and its columns; the fingerprint NULL unless ``present`` holds (an outer
+    join's missing row, whose columns are all NULL)."""
+    fingerprint = warehouse.fingerprint(model, alias)
+    if present is not None:
+        fingerprint = f"CASE WHEN {present} THEN {fingerprint} END"
     return (
         f"{warehouse.dialect.key_expression(model, alias)} AS {KEY_COLUMN},"
-        f" {warehouse.fingerprint(model, alias)} AS {FINGERPRINT_COLUMN},"
-        f" {warehouse.select_list(model, alias)}"
+        f" {fingerprint} AS {FINGERPRINT_COLUMN}, {warehouse.select_list(model, alias)}"
     )
 
 

@@ -104,7 +104,7 @@ _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
 # The full join of a rerun's narrow plan: the model's keys and fingerprint numbers with the
 # snapshot's (cio_retl.passes counts the plans by it).
 NARROW_JOIN = f"FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}"
-MOVED_TABLE = "temp.main.__cio_moved"  # qualified: never a table of the same name in main
+MOVED_TABLE = "__cio_moved"
 # The attributes text a built item carries: an update's changed ones, else the snapshot's.
 ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
 # A plan row the upserts read and reject for its key: a model row, not held by a suppression.
@@ -626,27 +626,24 @@ class PlanDiff(PushDownDiff):
             ),
         """
         staged = None
-        numbers = w.fingerprint_numbers(model, "m", "s.fingerprint")
         narrow = shared is None and acted_on and d.narrow_diff_join
-        if narrow and numbers is not None and self._has_snapshot(model):
-            # A rerun: the full join with the snapshot carries only keys and the numbers
-            # inside the fingerprints, and the model rows it keeps (few, as a rule) are
-            # joined back by key, their fingerprints and normalized columns computed after
-            # that join: the join no longer moves every unchanged row's columns, nor a
-            # fingerprint text per row, and the join back no longer computes them for
-            # every model row, only its key (measured in
-            # bench/README.md, "Shared bucket plans" and "Rerun joins on numbers"). Every
-            # row of a key that ``moved`` keeps is kept (a shared key's rows all are; the
-            # rows of a NULL key are all new), so DISTINCT makes one ``moved`` row per key
-            # and the join back takes each model row once; a removed row (no model row)
-            # joins nothing.
+        if narrow and self._has_snapshot(model):
+            # A rerun: the full join with the snapshot carries only keys and fingerprints
+            # (on DuckDB the numbers inside them), and the model rows it keeps (few, as a
+            # rule) are joined back by key, their fingerprints and normalized columns
+            # computed after that join: the join no longer moves every unchanged row's
+            # columns, and the join back computes only the key of every model row
+            # (measured in bench/README.md, "Shared bucket plans" and "Plans numbered
+            # after they are written"). Every row of a key that ``moved`` keeps is kept (a
+            # shared key's rows all are), so DISTINCT makes one ``moved`` row per key and
+            # the join back takes each model row once.
             #
             # The moved keys are written first, as a temporary table: of a CTE, DuckDB's
             # optimizer cannot know they are few, and built the next joins' hash tables
             # of the model's 2M snapshots (their attributes too) instead of the moved
             # rows (measured: 1.9-2.2 s against 0.57 + 0.05 s).
-            row_number, snapshot_number = numbers
-            fpn, moved = FINGERPRINT_NUMBER_COLUMN, MOVED_TABLE
+            row_number, snapshot_number = w.fingerprint_numbers(model, "m", "s.fingerprint")
+            fpn, moved = FINGERPRINT_NUMBER_COLUMN, d.temporary(MOVED_TABLE)
             staged = f"""{head}
             fps AS ({source_rows_sql(w, model, bucket, row_number)}),
             snapn AS (
@@ -661,19 +658,26 @@ class PlanDiff(PushDownDiff):
             WHERE f.{fpn} IS NULL OR sn.key IS NULL OR sn.{fpn} IS DISTINCT FROM f.{fpn}
                OR dup.n > 1
             """
+            key_of = d.key_expression(model, "m")
+            carried = ", ".join(f"src.{d.quote(c)}" for c in w.column_names(model))
+            # Back to the model: a moved key's rows by key (a hash join, ``=``); the rows of
+            # a NULL key, all of them new, apart; a removed key (no model row) joins none,
+            # and its fingerprint stays NULL (DuckDB hashes a NULL row to a number).
             joined = f"""{head}
             kept AS (
-                SELECT {source_columns_sql(w, model, "m")}, moved.__cio_mn, moved.__cio_sk
+                SELECT {source_columns_sql(w, model, "m", present="moved.__cio_mr")},
+                       moved.__cio_mn, moved.__cio_sk
                 FROM {moved} AS moved
-                JOIN ({model_sql(model)}) AS m
-                  ON {d.key_expression(model, "m")} IS NOT DISTINCT FROM moved.__cio_mk
-                WHERE moved.__cio_mr
-                UNION ALL BY NAME
-                SELECT moved.__cio_mn, moved.__cio_sk FROM {moved} AS moved
-                WHERE NOT moved.__cio_mr
+                LEFT JOIN ({model_sql(model)}) AS m
+                  ON moved.__cio_mr AND {key_of} = moved.__cio_mk
+                WHERE moved.__cio_mk IS NOT NULL OR NOT moved.__cio_mr
+                UNION ALL
+                SELECT {source_columns_sql(w, model, "m")}, 1, NULL
+                FROM ({model_sql(model)}) AS m WHERE {key_of} IS NULL
             ),
             j AS (
-                SELECT src.* EXCLUDE (__cio_mn, __cio_sk), src.__cio_mn AS {DUPLICATES_COLUMN},
+                SELECT src.{KEY_COLUMN}, src.{FINGERPRINT_COLUMN}, {carried},
+                       src.__cio_mn AS {DUPLICATES_COLUMN},
                        src.__cio_sk AS {SNAPSHOT_KEY_COLUMN},
                        snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
                        {held} AS {HELD_COLUMN}
@@ -789,11 +793,8 @@ class PlanDiff(PushDownDiff):
                 for query, single in attempts:
                     try:
                         if staged is not None:
-                            conn.execute(
-                                sa.text(
-                                    f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE} AS {staged}"
-                                )
-                            )
+                            for statement in d.temporary_table(MOVED_TABLE, staged):
+                                conn.execute(sa.text(statement))
                         conn.execute(sa.text(d.create_plan(table, query, order)))
                         for statement in d.plan_built(
                             table, by, SEQ_COLUMN, names, as_written=single
@@ -826,7 +827,7 @@ class PlanDiff(PushDownDiff):
                     for setting in d.plan_session_reset:
                         conn.execute(sa.text(setting))
                     if staged is not None:  # the pooled connection keeps its temporary tables
-                        conn.execute(sa.text(f"DROP TABLE IF EXISTS {MOVED_TABLE}"))
+                        conn.execute(sa.text(d.drop_temporary(MOVED_TABLE)))
                     conn.commit()
         if not built:
             self.state.drop_tables([name])  # a failed CREATE TABLE AS leaves none

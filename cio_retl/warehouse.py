@@ -235,9 +235,7 @@ class Warehouse:
             self.columns(model)
         return self.dialect.row_fingerprint(alias, self._signatures[model.name])
 
-    def fingerprint_numbers(
-        self, model: Model, alias: str, fingerprint: str
-    ) -> tuple[str, str] | None:
+    def fingerprint_numbers(self, model: Model, alias: str, fingerprint: str) -> tuple[str, str]:
         """The dialect's :meth:`~cio_retl.dialects.Dialect.fingerprint_numbers` of the
         model's rows ``alias`` and the fingerprint texts ``fingerprint``."""
         if model.name not in self._signatures:

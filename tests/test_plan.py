@@ -35,17 +35,20 @@ from tests.test_sync_duckdb import actual_workspace, batch_items, expected_works
 
 def model_reads(statements: list[str], settings: Settings, name: str) -> int:
     """Statements that read the model's rows (its column check, ``LIMIT 0``, reads none).
-    A rerun's moved keys, written just before its plan in the plan's transaction (DuckDB's
-    narrow join), are part of that one read: the next statement must be the plan's."""
+    A rerun's moved keys, written just before its plan in the plan's transaction (the
+    narrow join), are part of that one read: the plan's statement follows (after the
+    temporary table's ANALYZE on PostgreSQL)."""
     (model,) = load_models(settings.models_dir, [name])
     reads = [i for i, s in enumerate(statements) if model.sql in s and "LIMIT 0" not in s]
     staged = [
         i
         for i in reads
-        if statements[i].startswith(f"CREATE OR REPLACE TEMPORARY TABLE {MOVED_TABLE}")
+        if f"TEMPORARY TABLE {MOVED_TABLE}" in statements[i].split(" AS ")[0]
+        or f"TEMPORARY TABLE temp.main.{MOVED_TABLE}" in statements[i].split(" AS ")[0]
     ]
     for i in staged:
-        assert statements[i + 1].startswith(f"CREATE TABLE cio_retl.{PLAN_PREFIX}")
+        following = [s for s in statements[i + 1 : i + 3] if not s.startswith("ANALYZE")]
+        assert following[0].startswith("CREATE TABLE ") and PLAN_PREFIX in following[0]
     return len(reads) - len(staged)
 
 
@@ -934,6 +937,67 @@ def test_postgres_updates_from_the_plan_send_what_the_python_path_sends(
         engine.dispose()
 
 
+@dataclass(frozen=True)
+class Side:
+    """One run's databases: its engine, settings (models and state) and warehouse schema."""
+
+    engine: Engine
+    settings: Settings
+    warehouse: str = "app"
+    state: str = "cio_retl"
+
+
+def rerun_every_kind_of_row(
+    sides: tuple[Side, Side], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sync the plan side and the Python path's side, edit both warehouses alike (rows
+    unchanged, changed, new, removed in mirror mode, two alike of one key, two unlike of
+    one key, two alike without a key) and sync again: reports, items, snapshots and
+    rejections agree."""
+    results = []
+    for side, path in zip(sides, ("plan", "python"), strict=True):
+        run, schema = side.settings, side.warehouse
+        text = (run.models_dir / "people.sql").read_text()
+        (run.models_dir / "people.sql").write_text(
+            text.replace("-- key:", "-- mode: mirror\n-- key:")
+        )
+        row_id = "ctid" if side.engine.dialect.name == "postgresql" else "rowid"
+        with monkeypatch.context() as patch:
+            if path == "python":
+                _python_path_only(patch)
+            first = sync(run)
+            assert first.outcome in (Outcome.SYNCED, Outcome.REJECTED), first
+            with side.engine.begin() as conn:
+                for edit in (
+                    "UPDATE {s}.people SET vip = NOT COALESCE(vip, FALSE) WHERE email IN ('person10@example.com', 'person11@example.com')",
+                    "DELETE FROM {s}.people WHERE email = 'person3@example.com'",
+                    "INSERT INTO {s}.people SELECT * FROM {s}.people WHERE email IN ('person4@example.com', 'person6@example.com')",
+                    "UPDATE {s}.people SET name = 'other' WHERE email = 'person6@example.com' AND {r} = (SELECT max({r}) FROM {s}.people WHERE email = 'person6@example.com')",
+                    "INSERT INTO {s}.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM {s}.people WHERE email = 'person7@example.com'",
+                    "INSERT INTO {s}.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM {s}.people WHERE email = 'person7@example.com'",
+                    "INSERT INTO {s}.people SELECT 'new' || email, name, vip, visits, score, balance, seen_at, born_on FROM {s}.people WHERE email = 'person8@example.com'",
+                ):
+                    conn.execute(sa.text(edit.format(s=schema, r=row_id)))
+            before = len(emulator.requests)
+            second = sync(run, force=True)
+        results.append(
+            (
+                second.outcome,
+                second.models[0].counts(),
+                sorted_items(emulator, before),
+                {k: v[:3] for k, v in stored(side.engine, side.state).items()},
+                [r[:4] for r in rejected(side.engine, side.state)],
+            )
+        )
+    plan, python = results
+    assert plan[0] == python[0] == Outcome.REJECTED  # the shared keys and the missing one
+    assert plan[1]["deleted"] == 1 and plan[1]["updated"] >= 2
+    assert plan[2:] == python[2:]
+    assert {k: v for k, v in plan[1].items() if k not in ("requests", "bytes_sent")} == {
+        k: v for k, v in python[1].items() if k not in ("requests", "bytes_sent")
+    }
+
+
 @pytest.mark.parametrize("narrow", [True, False])
 def test_a_rerun_joins_keys_then_rows_as_the_full_join_does(
     settings: Settings,
@@ -942,76 +1006,46 @@ def test_a_rerun_joins_keys_then_rows_as_the_full_join_does(
     narrow: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DuckDB's rerun plan joins keys and fingerprints with the snapshot, then the rows it
-    keeps back with their columns: against the Python path's reports, items, snapshots and
-    rejections, over a rerun with every kind of row: unchanged, changed, new, removed (in
-    mirror mode), two rows alike of one key, two rows unlike of one key, two rows alike
-    without a key."""
+    """A DuckDB rerun's plan joins keys and fingerprint numbers with the snapshot, then the
+    keys it keeps back to the model's rows: against the Python path, over a rerun with
+    every kind of row (and the one full join, for comparison)."""
     monkeypatch.setattr("cio_retl.dialects.DuckDBDialect.narrow_diff_join", narrow)
-    rows = people_rows(30)
-    results = []
+    sides = []
     for path in ("plan", "python"):
         url = f"duckdb:///{tmp_path / f'{path}.duckdb'}"
         engine = create_engine(url)
-        people_warehouse(engine, rows)
-        run = people_settings(settings, tmp_path, url)
-        text = (run.models_dir / "people.sql").read_text()
-        (run.models_dir / "people.sql").write_text(
-            text.replace("-- key:", "-- mode: mirror\n-- key:")
-        )
-        with monkeypatch.context() as patch:
-            if path == "python":
-                _python_path_only(patch)
-            first = sync(run)
-            assert first.outcome in (Outcome.SYNCED, Outcome.REJECTED), first
-            with engine.begin() as conn:
-                conn.execute(
-                    sa.text(
-                        "UPDATE app.people SET vip = NOT COALESCE(vip, FALSE) WHERE email IN ('person10@example.com', 'person11@example.com')"
-                    )
-                )
-                conn.execute(sa.text("DELETE FROM app.people WHERE email = 'person3@example.com'"))
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO app.people SELECT * FROM app.people WHERE email IN ('person4@example.com', 'person6@example.com')"
-                    )
-                )
-                conn.execute(
-                    sa.text(
-                        "UPDATE app.people SET name = 'other' WHERE email = 'person6@example.com' AND rowid = (SELECT max(rowid) FROM app.people WHERE email = 'person6@example.com')"
-                    )
-                )
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO app.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person7@example.com'"
-                    )
-                )
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO app.people SELECT NULL, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person7@example.com'"
-                    )
-                )
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO app.people SELECT 'new' || email, name, vip, visits, score, balance, seen_at, born_on FROM app.people WHERE email = 'person8@example.com'"
-                    )
-                )
-            before = len(emulator.requests)
-            second = sync(run, force=True)
-        results.append(
-            (
-                second.outcome,
-                second.models[0].counts(),
-                sorted_items(emulator, before),
-                {k: v[:3] for k, v in stored(engine).items()},
-                [r[:4] for r in rejected(engine)],
-            )
-        )
+        people_warehouse(engine, people_rows(30))
+        sides.append(Side(engine, people_settings(settings, tmp_path, url)))
+    try:
+        rerun_every_kind_of_row((sides[0], sides[1]), emulator, monkeypatch)
+    finally:
+        for side in sides:
+            side.engine.dispose()
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_a_postgres_rerun_joins_keys_then_rows_as_the_full_join_does(
+    settings: Settings,
+    pg_schemas: PgSchemas,
+    tmp_path: Path,
+    emulator: Emulator,
+    narrow: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same on PostgreSQL: fingerprints compared as texts, the moved keys a
+    temporary table of the session, joined back by ``=`` with the NULL keys' rows apart."""
+    monkeypatch.setattr("cio_retl.dialects.PostgresDialect.narrow_diff_join", narrow)
+    engine = create_engine(pg_schemas.url)
+    python = (f"{pg_schemas.warehouse}_py", f"{pg_schemas.state}_py")
+    try:
+        sides = []
+        for warehouse, state in ((pg_schemas.warehouse, pg_schemas.state), python):
+            people_warehouse(engine, people_rows(30), warehouse)
+            run = people_settings(settings, tmp_path, pg_schemas.url, warehouse)
+            sides.append(Side(engine, replace(run, state_schema=state), warehouse, state))
+        rerun_every_kind_of_row((sides[0], sides[1]), emulator, monkeypatch)
+    finally:
+        with engine.begin() as conn:
+            for schema in python:
+                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         engine.dispose()
-    plan, python = results
-    assert plan[0] == python[0] == Outcome.REJECTED  # the shared keys and the missing one
-    assert plan[1]["deleted"] == 1 and plan[1]["updated"] >= 2
-    assert plan[2:] == python[2:]
-    assert {k: v for k, v in plan[1].items() if k not in ("requests", "bytes_sent")} == {
-        k: v for k, v in python[1].items() if k not in ("requests", "bytes_sent")
-    }
