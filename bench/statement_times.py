@@ -8,6 +8,8 @@ SQLAlchemy listener sees every statement; the run's wall time has no interpreter
 against the emulator's fast path in its own process, and prints the statements' execution
 time summed by their first 60 characters (numbers folded), most expensive first. A
 statement's time is its ``execute``: rows it streams afterwards are fetched outside it.
+The send's reads of the plan go through the driver's own cursor (``PlanTable.chunks``), so
+the listener does not see them: they are the rest of the run's time with the HTTP requests.
 """
 
 from __future__ import annotations
