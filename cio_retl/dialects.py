@@ -98,29 +98,28 @@ class Dialect(abc.ABC):
         another connection, so not a temporary one."""
         return f"CREATE TABLE {table} AS {query}"
 
-    def plan_sequence(
-        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
-    ) -> str:
-        """The sequence number of a plan row as the plan is written: dense from 1, unique
-        (or NULL where :meth:`plan_built` numbers the rows after, unless ``as_written``).
+    def plan_sequence(self, order: Sequence[str]) -> str:
+        """The sequence number of a plan row as the plan is written: dense from 1, unique.
         Where the dialect needs one, ``order`` (expressions over the planned row) orders
-        it; here no order is asked for, the rows are numbered as they are written.
-        ``columns``: the names of the model's columns the plan carries."""
+        it; here no order is asked for, the rows are numbered as they are written."""
         return "ROW_NUMBER() OVER ()"
 
-    def plan_built(
-        self,
-        table: str,
-        by: Sequence[str],
-        seq: str,
-        columns: Sequence[str],
-        *,
-        as_written: bool = False,
-    ) -> list[str]:
-        """Statements run once a plan ``table`` is written, in its transaction, before
-        anything reads it by ranges of its sequence number ``seq`` (each acknowledgment
-        reads one), after the columns ``by`` (a shared plan's bucket). ``columns`` and
-        ``as_written`` as :meth:`plan_sequence`'s."""
+    def numbers_plan_after(self, columns: Sequence[str]) -> bool:
+        """Whether the plan of a model of these columns is written with no sequence number
+        and numbered after by :meth:`plan_numbering`, in the same transaction; here not:
+        :meth:`plan_sequence` numbers it as it is written."""
+        return False
+
+    def plan_numbering(self, table: str, seq: str) -> str:
+        """The statement giving the rows of a plan ``table`` written unnumbered their
+        sequence number ``seq``, dense from 1, unique (see :meth:`numbers_plan_after`)."""
+        raise NotImplementedError(f"{self.name} numbers a plan as it writes it")
+
+    def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
+        """Statements run once a plan ``table`` is written and numbered, in its
+        transaction, before anything reads it by ranges of its sequence number ``seq``
+        (each acknowledgment reads one), after the columns ``by`` (a shared plan's
+        bucket)."""
         return []
 
     def result_type(self, column: Sequence[Any]) -> str:
@@ -187,10 +186,7 @@ class Dialect(abc.ABC):
     def temporary_table(self, name: str, query: str) -> list[str]:
         """The statements writing the temporary table ``name`` as ``query``, replacing one
         a failed earlier build of the same pooled connection left."""
-        return [
-            f"DROP TABLE IF EXISTS {self.temporary(name)}",
-            f"CREATE TEMPORARY TABLE {name} AS {query}",
-        ]
+        return [self.drop_temporary(name), f"CREATE TEMPORARY TABLE {name} AS {query}"]
 
     def drop_temporary(self, name: str) -> str:
         return f"DROP TABLE IF EXISTS {self.temporary(name)}"
@@ -369,33 +365,17 @@ class DuckDBDialect(Dialect):
     plan_session = ("SET preserve_insertion_order = false",)
     plan_session_reset = ("RESET preserve_insertion_order",)
 
-    def plan_sequence(
-        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
-    ) -> str:
-        """None yet: :meth:`plan_built` numbers the written rows. ``ROW_NUMBER() OVER ()``
-        in the statement that builds the payloads "limits the pipeline it is in to be
-        single-threaded" (duckdb/duckdb#21971, whose push-down into table scans needs a
-        scan without filters or joins), and its window holds every planned row, payloads
-        and all, before one is written: measured (bench/README.md, "Plans numbered after
-        they are written"), a 1M-row initial plan 4.1 s with it, 2.0 s plus 0.02 s
-        numbering without. A model column named ``rowid`` hides the row ids that
-        numbering reads, so such a model's plan keeps the window; so does a plan built
-        ``as_written``, the fallback of one whose write ran out of memory (the threads that
-        write a plan at once hold more of it than the window's single pipeline, which
-        spills)."""
-        if as_written or _hides_rowid(columns):
-            return "ROW_NUMBER() OVER ()"
-        return "CAST(NULL AS BIGINT)"
+    def numbers_plan_after(self, columns: Sequence[str]) -> bool:
+        """Yes. ``ROW_NUMBER() OVER ()`` in the statement that builds the payloads "limits
+        the pipeline it is in to be single-threaded" (duckdb/duckdb#21971, whose push-down
+        into table scans needs a scan without filters or joins), and its window holds
+        every planned row, payloads and all, before one is written: measured
+        (bench/README.md, "Plans numbered after they are written"), a 1M-row initial plan
+        4.1 s with it, 2.0 s plus 0.02 s numbering without. But not for a model with a
+        column named ``rowid``: it hides the row ids that :meth:`plan_numbering` reads."""
+        return not _hides_rowid(columns)
 
-    def plan_built(
-        self,
-        table: str,
-        by: Sequence[str],
-        seq: str,
-        columns: Sequence[str],
-        *,
-        as_written: bool = False,
-    ) -> list[str]:
+    def plan_numbering(self, table: str, seq: str) -> str:
         """Number the plan's rows from 1 by their row ids: unique, as row ids are, and
         dense, as the row ids a transaction gives the rows it appends are (measured on
         parallel writes of 1M, 2M and 10M rows). Relative to the smallest: within the
@@ -403,9 +383,7 @@ class DuckDBDialect(Dialect):
         near 2^55). Arithmetic, not a window over the row ids joined back: that UPDATE
         held the 10M rows' ids, sorted and hashed, and ran out of the 128MB limit (0.89
         s for 2M rows against 0.04 s)."""
-        if as_written or _hides_rowid(columns):
-            return []
-        return [f"UPDATE {table} SET {seq} = rowid - (SELECT MIN(rowid) FROM {table}) + 1"]
+        return f"UPDATE {table} SET {seq} = rowid - (SELECT MIN(rowid) FROM {table}) + 1"
 
     def temporary(self, name: str) -> str:
         # Qualified: unqualified, ``main.name`` and ``name`` find the temporary table
@@ -628,15 +606,7 @@ class PostgresDialect(Dialect):
         joins that read the moved keys are planned from their statistics."""
         return [*super().temporary_table(name, query), f"ANALYZE {self.temporary(name)}"]
 
-    def plan_built(
-        self,
-        table: str,
-        by: Sequence[str],
-        seq: str,
-        columns: Sequence[str],
-        *,
-        as_written: bool = False,
-    ) -> list[str]:
+    def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
         """A B-tree on the sequence number (after the bucket, in a shared plan), and the
         table's statistics. Without the index each
         acknowledgment (a range of sequence numbers) scans the whole plan: measured, a 2M-row
@@ -799,9 +769,7 @@ class SnowflakeDialect(Dialect):
         by = ", ".join(f"q.{c}" for c in order)
         return f"CREATE TRANSIENT TABLE {table} AS (SELECT * FROM ({query}) AS q ORDER BY {by})"
 
-    def plan_sequence(
-        self, order: Sequence[str], columns: Sequence[str], *, as_written: bool = False
-    ) -> str:
+    def plan_sequence(self, order: Sequence[str]) -> str:
         """ROW_NUMBER ordered by ``order``. Snowflake's syntax of a ranking function's
         window has ORDER BY as required (Snowflake docs, ROW_NUMBER and "Window function
         syntax and usage"), and Snowflake refuses ``OVER ()`` ("Window function type

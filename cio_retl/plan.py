@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -99,11 +99,13 @@ _log = logging.getLogger(__name__)
 PLAN_PREFIX = "cio_plan_"
 # What orders the plan's sequence numbers where the dialect needs an order (Snowflake).
 _PLAN_ORDER = (KEY_COLUMN, SNAPSHOT_KEY_COLUMN, FINGERPRINT_COLUMN)
-# A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
-# connection that builds the plan.
+# The sequence number of a plan written unnumbered (Dialect.numbers_plan_after).
+_UNNUMBERED = "CAST(NULL AS BIGINT)"
 # The full join of a rerun's narrow plan: the model's keys and fingerprint numbers with the
 # snapshot's (cio_retl.passes counts the plans by it).
 NARROW_JOIN = f"FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}"
+# A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
+# connection that builds the plan.
 MOVED_TABLE = "__cio_moved"
 # The attributes text a built item carries: an update's changed ones, else the snapshot's.
 ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
@@ -516,17 +518,18 @@ class PlanDiff(PushDownDiff):
         there is none it may claim."""
         self._drop_leftovers(model)
         columns = self._payloads(model)
+        after = self.warehouse.dialect.numbers_plan_after(self.warehouse.column_names(model))
         if self.bucket is None:
             name = self.plan_name(model)
-            sql, staged = self._plan_sql(model, columns, None)
-            fallback = self._as_written(model, columns, None, sql)
+            sql, staged = self._plan_sql(model, columns, None, numbered_after=after)
+            fallback = self._as_written(model, columns, None) if after else None
             if not self._create(model, name, sql, (), staged, fallback):
                 return None
             self.owned[model.name] = name
             self.plans[model.name] = self.state.qualified(name)
             return self.plans[model.name]
         count = self.bucket.count
-        sql, staged = self._plan_sql(model, columns, count)
+        sql, staged = self._plan_sql(model, columns, count, numbered_after=after)
         assert staged is None  # the narrow join is a whole-model rerun's
         shared = SharedPlans(
             self.state, model.name, plan_prefix(model.name, None), count, self.run_id
@@ -538,7 +541,7 @@ class PlanDiff(PushDownDiff):
             if claimed is None:
                 shared.begin_build()
                 name = shared.name(digest, self.token)
-                fallback = self._as_written(model, columns, count, sql)
+                fallback = self._as_written(model, columns, count) if after else None
                 if not self._create(model, name, sql, (BUCKET_COLUMN,), None, fallback):
                     return None
                 table = self.state.qualified(name)
@@ -574,12 +577,11 @@ class PlanDiff(PushDownDiff):
         return {int(b): int(n) for b, n in rows}
 
     def _as_written(
-        self, model: Model, columns: list[Column] | None, shared: int | None, sql: str
-    ) -> str | None:
-        """The plan ``sql`` with its rows numbered as they are written, where the dialect
-        numbers them after (the fallback of a plan over the memory limit); else None."""
-        single, _ = self._plan_sql(model, columns, shared, as_written=True)
-        return None if single == sql else single
+        self, model: Model, columns: list[Column] | None, shared: int | None
+    ) -> Callable[[], str]:
+        """What builds the plan's query again with its rows numbered as written: the
+        fallback of a plan written unnumbered that did not fit the memory limit."""
+        return lambda: self._plan_sql(model, columns, shared, numbered_after=False)[0]
 
     def _plan_sql(
         self,
@@ -587,11 +589,12 @@ class PlanDiff(PushDownDiff):
         columns: list[Column] | None,
         shared: int | None,
         *,
-        as_written: bool = False,
+        numbered_after: bool,
     ) -> tuple[str, str | None]:
         """The query a plan table is created as: of the run's bucket, or (``shared``, a
-        bucket count) of every key with each row's bucket in BUCKET_COLUMN; and the query
-        of a rerun's moved keys it reads as MOVED_TABLE, written first (or None)."""
+        bucket count) of every key with each row's bucket in BUCKET_COLUMN, its sequence
+        numbers NULL when ``numbered_after``; and the query of a rerun's moved keys it
+        reads as MOVED_TABLE, written first (or None)."""
         w, d = self.warehouse, self.warehouse.dialect
         bucket = None if shared is not None else self.bucket
         scope = self.state.scope(model.name)
@@ -705,9 +708,7 @@ class PlanDiff(PushDownDiff):
         snapshot_of = (
             f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
         )
-        seq = d.plan_sequence(
-            [f"p.{c}" for c in _PLAN_ORDER], w.column_names(model), as_written=as_written
-        )
+        seq = _UNNUMBERED if numbered_after else d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER])
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
             return (
@@ -775,43 +776,47 @@ class PlanDiff(PushDownDiff):
         sql: str,
         by: Sequence[str],
         staged: str | None = None,
-        as_written: str | None = None,
+        as_written: Callable[[], str] | None = None,
     ) -> bool:
         """CREATE the plan table ``name`` AS ``sql``; False (and no table) when that does
-        not fit the database's memory limit, nor ``as_written`` (the same plan numbered as
-        it is written) where given. ``by``: the columns its reads filter by before the
-        sequence number. ``staged``: the query written first as the temporary
-        MOVED_TABLE, which ``sql`` reads (dropped after)."""
+        not fit the database's memory limit. ``by``: the columns its reads filter by before
+        the sequence number. ``staged``: the query written first as the temporary
+        MOVED_TABLE, which ``sql`` reads (dropped after). ``as_written``: given where
+        ``sql`` writes the rows unnumbered (the dialect numbers them after), what builds
+        the same plan numbered as written, tried when ``sql`` does not fit."""
         d, table, order = self.warehouse.dialect, self.state.qualified(name), (*by, SEQ_COLUMN)
-        names = self.warehouse.column_names(model)
-        attempts = [(sql, False)] + ([(as_written, True)] if as_written is not None else [])
+        query, numbered_after = sql, as_written is not None
         built = False
         with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
                 conn.execute(sa.text(setting))
             try:
-                for query, single in attempts:
+                while not built:
                     try:
                         if staged is not None:
                             for statement in d.temporary_table(MOVED_TABLE, staged):
                                 conn.execute(sa.text(statement))
                         conn.execute(sa.text(d.create_plan(table, query, order)))
-                        for statement in d.plan_built(
-                            table, by, SEQ_COLUMN, names, as_written=single
-                        ):
+                        if numbered_after:
+                            conn.execute(sa.text(d.plan_numbering(table, SEQ_COLUMN)))
+                        for statement in d.plan_built(table, by, SEQ_COLUMN):
                             conn.execute(sa.text(statement))
                         conn.commit()
                         built = True
-                        break
                     except sa.exc.DBAPIError as exc:
                         if not d.out_of_memory(exc):
                             raise
                         conn.rollback()  # a failed CREATE TABLE AS leaves no table
+                        if not numbered_after or as_written is None:
+                            break
+                        # The threads that write a plan at once hold more of it than the
+                        # window's single pipeline, which spills.
                         _log.warning(
                             "%s: its plan did not fit the memory limit as built; building it"
                             " again, its rows numbered as written (slower)",
                             model.name,
                         )
+                        query, numbered_after = as_written(), False
                 if not built:
                     # A plan holds every changed row's payload at once; past the memory
                     # limit the streaming diff, which holds a chunk at a time, still serves.
