@@ -229,33 +229,34 @@ class Warehouse:
         self._signatures: dict[str, str] = {}
         self._types: dict[str, list[tuple[str, str]]] = {}  # model -> (column, driver type)
 
+    def _described(self, model: Model) -> list[tuple[str, str]]:
+        """The model's (column, driver type), read once (:meth:`columns`, which also
+        records its signature)."""
+        if model.name not in self._types:
+            self.columns(model)
+        return self._types[model.name]
+
     def fingerprint(self, model: Model, alias: str) -> str:
         """The SQL of a row's fingerprint; covers the model's column names and types too."""
-        if model.name not in self._signatures:
-            self.columns(model)
+        self._described(model)
         return self.dialect.row_fingerprint(alias, self._signatures[model.name])
 
     def fingerprint_numbers(self, model: Model, alias: str, fingerprint: str) -> tuple[str, str]:
         """The dialect's :meth:`~cio_retl.dialects.Dialect.fingerprint_numbers` of the
         model's rows ``alias`` and the fingerprint texts ``fingerprint``."""
-        if model.name not in self._signatures:
-            self.columns(model)
+        self._described(model)
         return self.dialect.fingerprint_numbers(alias, fingerprint, self._signatures[model.name])
 
     def column_names(self, model: Model) -> list[str]:
         """The names of the model's result columns."""
-        if model.name not in self._types:
-            self.columns(model)
-        return [name for name, _ in self._types[model.name]]
+        return [name for name, _ in self._described(model)]
 
     def select_list(self, model: Model, alias: str) -> str:
         """The model's columns of ``alias``, under their own names, those the dialect can
         normalize in SQL already normalized (the columns the header names stay as they are:
         an event's timestamp keeps its milliseconds for the event's id)."""
-        if model.name not in self._types:
-            self.columns(model)
         parts, converted = [], False
-        for name, type_name in self._types[model.name]:
+        for name, type_name in self._described(model):
             column = f"{alias}.{self.dialect.quote(name)}"
             sql = (
                 None
