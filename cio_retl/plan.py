@@ -212,12 +212,20 @@ class PlanTable:
             cursor = conn.connection.cursor()
             try:
                 for low in range(int(first), int(last) + 1, step):
-                    cursor.execute(
+                    statement = (
                         f"SELECT p.{SEQ_COLUMN}, {self.item}, {update} FROM {self.name} AS p"
                         f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
                         f" ORDER BY p.{SEQ_COLUMN}"
                     )
-                    read = cursor.fetchall()
+                    try:
+                        cursor.execute(statement)
+                        read = cursor.fetchall()
+                    except conn.dialect.loaded_dbapi.Error as exc:
+                        # The driver's own error, as SQLAlchemy would have raised it (a lost
+                        # connection an OperationalError), so the run tells it apart.
+                        raise sa.exc.DBAPIError.instance(
+                            statement, None, exc, conn.dialect.loaded_dbapi.Error
+                        ) from exc
                     yield read, [text.encode() for _, text, _ in read]
             finally:
                 cursor.close()

@@ -10,8 +10,11 @@ people, devices, relationship adds and deletes, events, suppressions, deletes); 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
+
+import sqlalchemy as sa
 
 from cio_retl.config import Settings
 from cio_retl.diff import ChangeCounts
@@ -25,9 +28,12 @@ from cio_retl.plan import PlanDiff
 from cio_retl.report import ModelReport, Outcome, RunReport
 from cio_retl.send import Sender
 from cio_retl.session import Session, open_session
+from cio_retl.warehouse import database_lost
 
 # Callers import these from here: the run's entry point and what it takes and returns.
 __all__ = ["ModelReport", "Outcome", "Progress", "RunReport", "SyncOptions", "run_sync"]
+
+_log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
 
@@ -132,6 +138,14 @@ class _Run:
             report.error = str(exc)
             exc.report = report
             raise
+        except sa.exc.DBAPIError as exc:
+            lost = self._lost(exc)
+            if lost is None:  # a statement the database refused: a bug, not the database
+                report.error = f"the run ended early: {type(exc).__name__}"
+                raise
+            report.error = str(lost)
+            lost.report = report
+            raise lost from exc
         except BaseException as exc:  # an interrupt, a bug, an approval's own error: not a success
             report.error = f"the run ended early: {type(exc).__name__}"
             raise
@@ -140,9 +154,29 @@ class _Run:
             for model in self.models:
                 self.reports[model.name].conclude(elapsed, report.error)
                 self._finish(model, self.reports[model.name])
-            for model in locked:
-                self.state.release_lock(model.name, self.run_id, self.bucket)
+            self._release(locked, failing=report.error is not None)
         return report
+
+    def _lost(self, exc: sa.exc.DBAPIError) -> CioRetlError | None:
+        """A database that failed under the run (its connection lost, say): a transient
+        error naming it; None for any other database error."""
+        return database_lost(exc, (self.warehouse.engine, self.state.engine))
+
+    def _release(self, locked: Sequence[Model], *, failing: bool) -> None:
+        """Release the run's locks. When the run is already failing, a database that cannot
+        release them does not hide why: a lock whose process is gone (on this host) or
+        silent for long enough is taken over by the next run."""
+        for model in locked:
+            try:
+                self.state.release_lock(model.name, self.run_id, self.bucket)
+            except sa.exc.DBAPIError as exc:
+                if not failing:
+                    lost = self._lost(exc)
+                    if lost is None:
+                        raise
+                    raise lost from exc
+                first_line = str(exc.orig or exc).strip().splitlines()[0]
+                _log.warning("the lock of model %s was not released: %s", model.name, first_line)
 
     def expected_items(self, model: Model) -> int:
         """At most how many items ``model`` sends this run: what the counts found to create,

@@ -19,7 +19,13 @@ from sqlalchemy.engine import Connection, Engine
 from cio_retl.dialects import KEY_SEPARATOR as KEY_SEPARATOR  # re-exported
 from cio_retl.dialects import Dialect as Dialect  # re-exported
 from cio_retl.dialects import dialect_for, dialect_named
-from cio_retl.errors import CioRetlError, ConfigError, ModelError, UnreachableError
+from cio_retl.errors import (
+    CioRetlError,
+    ConfigError,
+    ModelError,
+    TransientError,
+    UnreachableError,
+)
 from cio_retl.models import Kind, Model, did_you_mean
 
 # Columns the diff adds to a model's rows; a model may not use these names.
@@ -176,6 +182,45 @@ def database_error(engine: Engine, exc: sa.exc.DBAPIError) -> CioRetlError:
             "(nothing was sent; try again when it is back)"
         )
     return ConfigError(f"cannot connect to the {name} database at {where}: {message}")
+
+
+def database_lost(exc: sa.exc.DBAPIError, engines: Sequence[Engine]) -> TransientError | None:
+    """The engine's error for a database that failed while a run was under way (its
+    connection terminated, the server shut down or restarted, a local file's I/O failed):
+    transient, since what was acknowledged is kept and the next run resends the rest.
+
+    Only the driver's operational and interface errors are (PEP 249: "errors that are
+    related to the database's operation and not necessarily under the control of the
+    programmer, e.g. an unexpected disconnect"); others, a statement the database refused
+    among them, are not a database that could not be reached, and stay as they are (None).
+    Names the databases of ``engines`` whose driver raised it, by host or file, never a
+    password.
+    """
+    if not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return None
+    failed = [
+        engine
+        for engine in dict.fromkeys(engines)
+        if exc.orig is None or isinstance(exc.orig, engine.dialect.loaded_dbapi.Error)
+    ] or list(dict.fromkeys(engines))
+    where = " or ".join(dict.fromkeys(_where(engine.url) for engine in failed))
+    message = _db_message(exc)
+    for engine in failed:
+        if engine.url.password:
+            message = message.replace(str(engine.url.password), "***")
+    return UnreachableError(
+        f"lost the {where} during the run: {message} (what Customer.io acknowledged is"
+        " kept; the rest goes on the next run)"
+    )
+
+
+def _where(url: sa.URL) -> str:
+    """A database as an error names it: ``postgresql database at host:port``, or a file."""
+    name = url.get_backend_name()
+    if not url.host and url.database:  # a local file (DuckDB), or a server's local socket
+        return f"{name} database {url.database}"
+    host = url.host or "localhost"
+    return f"{name} database at {host}:{url.port}" if url.port else f"{name} database at {host}"
 
 
 # Server answers that mean "try again later" (PostgreSQL docs, Appendix A: 57P03

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.config import Secret, Settings
 from cio_retl.demo import create_demo_warehouse, edit_demo_warehouse
 from cio_retl.emulator import Emulator
-from cio_retl.state import StateStore
+from cio_retl.state import StateStore, Workspace
 from cio_retl.sync import Outcome
 from cio_retl.warehouse import create_engine
 from tests.conftest import API_KEY, SITE_ID, PgSchemas, demo_models, sync
@@ -245,3 +245,115 @@ def test_diff_planner_settings_hold_for_the_diff_only(postgres_url: str) -> None
             assert show(conn) == ("0.1", "on")
     finally:
         engine.dispose()
+
+
+LOST_PEOPLE = 6_000
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        # Only the connection reading the plan's built items (PlanTable.chunks, the driver's
+        # own cursor): its error is the driver's, mapped as SQLAlchemy maps it.
+        "query LIKE 'SELECT p.__cio_seq%'",
+        # Every connection of the run: the state writer's, the locks', the reads'.
+        "true",
+    ],
+    ids=["plan-reads", "every-connection"],
+)
+def test_a_database_lost_mid_run_is_transient_and_the_next_run_resends_the_rest(
+    pg_schemas: PgSchemas,
+    pg_engine: Engine,
+    emulator: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: str,
+) -> None:
+    """The server terminates the run's connections while it sends: the run stops as a
+    transient failure (exit 4) naming the database, never as a rejection (exit 1) or a
+    traceback; what was acknowledged is kept and the next run sends exactly the rest."""
+    import threading
+    import time
+    import uuid
+
+    from cio_retl.cli import EXIT_TRANSIENT, exit_status
+    from cio_retl.emulator.rules import FaultPlan
+    from cio_retl.errors import TransientError
+    from cio_retl.plan import PlanTable
+    from cio_retl.sync import SyncOptions, run_sync
+    from tests.conftest import duplicate_snapshot_keys
+
+    schema = pg_schemas.warehouse
+    with pg_engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {schema}.many AS SELECT 'u' || i || '@x.io' AS email,"
+                f" i AS n FROM generate_series(1, {LOST_PEOPLE}) AS i"
+            )
+        )
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "many.sql").write_text(
+        f"-- kind: person\n-- identifier: email\n-- key: email\nselect * from {schema}.many\n"
+    )
+    tag = f"cio-lost-{uuid.uuid4().hex[:8]}"  # the run's connections, and only them
+    settings = Settings(
+        warehouse_url=f"{pg_schemas.url}?application_name={tag}",
+        state_url=f"{pg_schemas.url}?application_name={tag}",
+        models_dir=models,
+        track_api_url=emulator.url,
+        site_id=SITE_ID,
+        api_key=Secret(API_KEY),
+        state_schema=pg_schemas.state,
+    )
+    monkeypatch.setattr(PlanTable, "MAX_READ_ROWS", 100)  # a read between batches
+    emulator.faults = FaultPlan(delay_seconds=0.02)
+    terminated: list[int] = []
+
+    def terminate() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not terminated:
+            if len(emulator.requests) >= 10:
+                with pg_engine.begin() as conn:
+                    ended = conn.execute(
+                        sa.text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            f" WHERE application_name = :tag AND {lost}"
+                        ),
+                        {"tag": tag},
+                    ).scalar_one()
+                if ended:
+                    terminated.append(ended)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        with pytest.raises(TransientError) as raised:
+            run_sync(settings, options=SyncOptions(batch_items=100))
+    finally:
+        killer.join()
+    assert terminated, "no connection of the run was terminated"
+    error = raised.value
+    assert exit_status(error) == EXIT_TRANSIENT
+    assert "lost the postgresql database at 127.0.0.1:5432 during the run" in str(error)
+    # psycopg's words: the terminated statement's, or those of the next use of its connection.
+    assert any(
+        why in str(error)
+        for why in ("terminating connection due to administrator command", "connection is lost")
+    ), error
+    assert error.report is not None and error.report.error == str(error)
+    state = StateStore(pg_engine, pg_schemas.state).bound(Workspace(SITE_ID))
+    kept = len(state.snapshot("many"))
+    sent = len(emulator.workspace.people)
+    assert 0 < sent < LOST_PEOPLE and kept <= sent  # cut short; nothing kept unacknowledged
+
+    emulator.faults = FaultPlan()
+    again = run_sync(settings)
+    assert again.outcome is Outcome.SYNCED, again
+    (many,) = again.models
+    assert many.created == LOST_PEOPLE - kept  # exactly what was not acknowledged
+    assert len(emulator.workspace.people) == LOST_PEOPLE
+    assert len(state.snapshot("many")) == LOST_PEOPLE
+    assert duplicate_snapshot_keys(pg_engine, pg_schemas.state) == []
