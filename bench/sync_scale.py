@@ -149,10 +149,10 @@ def seed_snapshot(url: str, models_dir: Path, state_schema: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                f"INSERT INTO {state.snapshots} (workspace, model, key, fingerprint, attrs_hash,"
+                f"INSERT INTO {state.snapshots} (workspace, model, key, fingerprint,"
                 " identifiers, attributes, run_id, synced_at)"
                 f" SELECT :workspace, :model, {d.key_expression(model, 'm')},"
-                f" {warehouse.fingerprint(model, 'm')}, 'h', '{{}}', '{{}}', 'seed', :now"
+                f" {warehouse.fingerprint(model, 'm')}, '{{}}', '{{}}', 'seed', :now"
                 f" FROM ({model_sql(model)}) AS m"
             ),
             {"workspace": SITE_ID, "model": model.name, "now": dt.datetime.now(dt.UTC)},

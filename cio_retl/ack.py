@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from cio_retl.client import SendResult
 from cio_retl.models import Kind, Model
-from cio_retl.normalize import canonical_json, digest
+from cio_retl.normalize import canonical_json
 from cio_retl.operations import Operation, redact
 from cio_retl.plan import PlanTable, retire_shared_plans
 from cio_retl.records import Change, Rejection, RejectionCode
@@ -235,15 +235,14 @@ class Acknowledger:
 
 
 def snapshot_row(op: Operation) -> SnapshotRow:
-    """What the snapshot keeps of an acknowledged row; the attributes are serialized once
-    and the hash is taken of exactly those bytes."""
+    """What the snapshot keeps of an acknowledged row: the attributes as they were encoded
+    for the item (serialized once)."""
     record = op.change.record
     assert record is not None
     attributes = op.attributes or canonical_json(record.attributes)
     return SnapshotRow(
         key=op.key,
         fingerprint=op.change.fingerprint or "",
-        attrs_hash=digest(attributes),
         identifiers=canonical_json(record.identifiers).decode(),
         attributes=attributes.decode(),
         new=op.change.change is Change.CREATE,

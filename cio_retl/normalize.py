@@ -10,7 +10,6 @@ now but was present in the snapshot is the API's "remove" case.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import math
 import uuid
 from collections.abc import Container, Mapping, Sequence
@@ -187,16 +186,6 @@ def normalize_attributes(row: Mapping[str, Any], skip: Container[str] = ()) -> A
 def canonical_json(value: Any) -> bytes:
     """Compact JSON with sorted keys: the form that is hashed and stored."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
-
-def attributes_hash(attributes: Attributes) -> str:
-    """A 128-bit digest of the canonical JSON; stable across runs, platforms and versions."""
-    return digest(canonical_json(attributes))
-
-
-def digest(canonical: bytes) -> str:
-    """The hash of already-serialized canonical JSON (see :func:`attributes_hash`)."""
-    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 
 # -- rows to records ----------------------------------------------------------------------

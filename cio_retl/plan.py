@@ -323,9 +323,7 @@ class PlanTable:
 
         The attributes are the plan's text (an update's too: the snapshot keeps the whole
         record, not what its item sent) and the identifiers are built from the key, byte
-        for byte what the Python path stores; ``attrs_hash`` is the database's md5 of that
-        text (the Python path's is a blake2b of the same bytes: a 128-bit digest either way,
-        compared with nothing).
+        for byte what the Python path stores.
         """
         if not ranges:
             return
@@ -336,7 +334,6 @@ class PlanTable:
         source = (
             "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
             f" p.{KEY_COLUMN} AS key, p.{FINGERPRINT_COLUMN} AS fingerprint,"
-            f" md5(p.{BUILT_SNAPSHOT_COLUMN}) AS attrs_hash,"
             f" {self.identifiers} AS identifiers, p.{BUILT_SNAPSHOT_COLUMN} AS attributes,"
             f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at"
             f" FROM {self.name} AS p WHERE {rows}"

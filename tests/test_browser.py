@@ -441,7 +441,7 @@ def snapshot_rows(stack: Stack) -> list[tuple[Any, ...]]:
     return [
         tuple(row)
         for row in stack.query(
-            "select model, key, attrs_hash, attributes, run_id from cio_retl.snapshots"
+            "select model, key, fingerprint, attributes, run_id from cio_retl.snapshots"
             " order by model, key"
         )
     ]

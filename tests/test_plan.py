@@ -4,9 +4,10 @@ plan, and no plan outlives its run, a killed one included."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import uuid
-from dataclasses import dataclass, replace
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import GuardrailError
 from cio_retl.limits import MAX_BATCH_BYTES
 from cio_retl.models import load_models
-from cio_retl.normalize import canonical_json, digest
-from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, plan_prefix
+from cio_retl.normalize import canonical_json
+from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, PlanTable, plan_prefix
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import create_engine
@@ -316,12 +317,11 @@ def people_settings(settings: Settings, tmp_path: Path, url: str, schema: str = 
 def stored(
     engine: Engine, schema: str = "cio_retl", model: str = "people"
 ) -> dict[str, tuple[str, ...]]:
-    """The model's snapshot rows: key -> (fingerprint, identifiers, attributes, attrs_hash,
-    run_id)."""
+    """The model's snapshot rows: key -> (fingerprint, identifiers, attributes, run_id)."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT key, fingerprint, identifiers, attributes, attrs_hash, run_id"
+                "SELECT key, fingerprint, identifiers, attributes, run_id"
                 f" FROM {schema}.snapshots WHERE model = :model"
             ),
             {"model": model},
@@ -356,6 +356,24 @@ def _python_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("cio_retl.session.plans_supported", lambda _warehouse: False)
 
 
+def watch_built(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """The keys of the items the database built, by model, as the send reads them from the
+    plan (``PlanTable.chunks``, watched and called through): the rows the SQL did not leave
+    to Python. An item's key is its object id, else its one identifier's value."""
+    built: dict[str, set[str]] = defaultdict(set)
+    chunks = PlanTable.chunks
+
+    def watched(plan: PlanTable) -> Iterator[Any]:
+        for rows, items in chunks(plan):
+            for item in items:
+                ids = orjson.loads(item)["identifiers"]
+                built[plan.model].add(ids.get("object_id") or next(iter(ids.values())))
+            yield rows, items
+
+    monkeypatch.setattr(PlanTable, "chunks", watched)
+    return built
+
+
 def test_snapshots_from_the_plan_are_the_python_paths_bytes(
     settings: Settings,
     tmp_path: Path,
@@ -369,6 +387,7 @@ def test_snapshots_from_the_plan_are_the_python_paths_bytes(
         engine = create_engine(url)
         people_warehouse(engine, rows)
         engine.dispose()
+    built = watch_built(monkeypatch)
     planned = sync(people_settings(settings, tmp_path, urls[0]))
     # The row the database rejected was recorded from the plan, in one statement.
     assert any(
@@ -404,14 +423,10 @@ def test_snapshots_from_the_plan_are_the_python_paths_bytes(
     # left to Python (an invalid email); the same records either way.
     assert rejected_by_plan == rejected_by_python
     assert {r[1] for r in rejected_by_plan} == {"too_long", "invalid_identifier"}
-    # Byte for byte: fingerprint, identifiers and attributes text; only the hash differs
-    # where the database wrote the row (md5 of the same text, against blake2b).
+    # Byte for byte: fingerprint, identifiers and attributes text, whoever wrote the row.
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
-    by_database = [
-        k for k, v in from_plan.items() if v[3] == hashlib.md5(v[2].encode()).hexdigest()
-    ]
-    assert len(by_database) >= 30  # the rows the SQL did not leave to Python
-    assert all(from_python[k][3] == digest(from_python[k][2].encode()) for k in from_python)
+    assert len(built["people"]) >= 30  # the rows the SQL did not leave to Python
+    assert built["people"] <= set(from_plan)
 
 
 def test_a_built_item_customerio_refuses_is_rejected_alone(
@@ -494,6 +509,7 @@ def test_postgres_snapshots_from_the_plan_are_the_python_paths_bytes(
     try:
         people_warehouse(engine, rows, pg_schemas.warehouse)
         base = people_settings(settings, tmp_path, pg_schemas.url, pg_schemas.warehouse)
+        built = watch_built(monkeypatch)
         planned = sync(replace(base, state_schema=pg_schemas.state))
         with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
             _python_path_only(monkeypatch)
@@ -512,10 +528,8 @@ def test_postgres_snapshots_from_the_plan_are_the_python_paths_bytes(
     assert emulator.workspace.people_by("email") == python_people
     assert len(from_plan) == 58
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
-    by_database = [
-        k for k, v in from_plan.items() if v[3] == hashlib.md5(v[2].encode()).hexdigest()
-    ]
-    assert len(by_database) >= 20
+    assert len(built["people"]) >= 20  # the rows the SQL did not leave to Python
+    assert built["people"] <= set(from_plan)
 
 
 def test_a_plan_over_the_memory_limit_falls_back_to_the_streaming_diff(
@@ -646,6 +660,7 @@ def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
         things_warehouse(url, 50)
     runs = [replace(settings, warehouse_url=u, state_url=u, models_dir=folder) for u in urls]
 
+    built = watch_built(monkeypatch)
     planned = sync(runs[0])
     with Emulator(site_id=SITE_ID, api_key=API_KEY) as other:
         _python_path_only(monkeypatch)
@@ -673,13 +688,9 @@ def test_objects_and_id_keyed_people_from_the_plan_equal_the_python_path(
         for engine in engines:
             engine.dispose()
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
-    # The database wrote the object and id-keyed snapshots (md5); Python the timestamp-keyed.
-    by_database = {
-        model
-        for (model, _), v in from_plan.items()
-        if v[3] == hashlib.md5(v[2].encode()).hexdigest()
-    }
-    assert by_database == {"companies", "members"}
+    # The database built the object and id-keyed items; Python the timestamp-keyed.
+    assert {model: len(keys) for model, keys in built.items()} == {"companies": 50, "members": 50}
+    assert {(m, k) for m, keys in built.items() for k in keys} <= set(from_plan)
     assert from_plan[("companies", "7")][1] == '{"object_id":"7","object_type_id":"1"}'
 
 
@@ -713,11 +724,16 @@ class Twins:
     emulator: Emulator
     other: Emulator
     monkeypatch: pytest.MonkeyPatch
+    # The keys of the items the database built in the latest run from the plan.
+    built: set[str] = field(default_factory=set)
 
     def sync(self, **options: Any) -> tuple[ModelReport, ModelReport, list[Any], list[Any]]:
         """Both runs' reports and the items each emulator received (canonical JSON, sorted)."""
         seen = len(self.emulator.requests), len(self.other.requests)
-        planned = sync(self.plan, **options)
+        with self.monkeypatch.context() as patch:
+            built = watch_built(patch)
+            planned = sync(self.plan, **options)
+        self.built = built["people"]
         with self.monkeypatch.context() as patch:
             _python_path_only(patch)
             python = sync(replace(self.python, track_api_url=self.other.url), **options)
@@ -726,11 +742,6 @@ class Twins:
             for emulator, since in zip((self.emulator, self.other), seen, strict=True)
         )
         return planned.models[0], python.models[0], *items
-
-
-def md5(text: str) -> str:
-    """The hash the database gives a snapshot it writes (the Python path's is a blake2b)."""
-    return hashlib.md5(text.encode()).hexdigest()
 
 
 def planned_run_id(twins: Twins) -> str:
@@ -776,9 +787,8 @@ def check_updates(twins: Twins, stored_of: Any, execute: Any, *, full_resync: bo
         assert set(attributes) == {f"person{i}@example.com" for i in (2, 3, 4, 5, 6)}
     from_plan, from_python = stored_of()
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
-    by_database = {k for k, v in from_plan.items() if v[3] == md5(v[2])}
-    assert {"person3@example.com", "person4@example.com"} <= by_database
-    assert "person6@example.com" not in by_database  # left to Python: its snapshot's blake2b
+    assert {"person3@example.com", "person4@example.com"} <= twins.built
+    assert "person6@example.com" not in twins.built  # left to Python
 
     again, _, resent, _ = twins.sync()
     assert resent == [] and again.planned == 1  # the row rejected every run
@@ -801,10 +811,10 @@ def check_updates(twins: Twins, stored_of: Any, execute: Any, *, full_resync: bo
     assert set(map(str, by_email(sent).values())) == {"{'born_on': ''}"}
     from_plan, from_python = stored_of()
     assert {k: v[:3] for k, v in from_plan.items()} == {k: v[:3] for k, v in from_python.items()}
-    written = {k for k, v in from_plan.items() if v[4] == planned_run_id(twins)}
+    written = {k for k, v in from_plan.items() if v[3] == planned_run_id(twins)}
     assert len(written) == 43
-    by_database = {k for k in written if from_plan[k][3] == md5(from_plan[k][2])}
-    assert len(by_database) >= 20  # the rows the SQL did not leave to Python
+    assert len(twins.built) >= 20  # the rows the SQL did not leave to Python
+    assert twins.built <= written
 
 
 @pytest.mark.parametrize("full_resync", [False, True], ids=["update", "full-resync"])
@@ -876,7 +886,7 @@ def test_a_refused_update_keeps_its_old_snapshot(
         after = stored(engine)
         assert after[bad] == before[bad]  # fingerprint and attributes as acknowledged
         assert after["person4@example.com"][2] != before["person4@example.com"][2]
-        assert after["person4@example.com"][3] == md5(after["person4@example.com"][2])
+        assert after["person4@example.com"][3] != before["person4@example.com"][3]  # run id
         [row] = [r for r in StateStore(engine).rejections("people") if r["key"] == bad]
         assert row["status"] == 207 and "<str>" in (row["payload"] or "")
         replaced = [

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from cio_retl.client import TrackClient
 from cio_retl.config import DEFAULT_RATE_LIMIT, Settings
 from cio_retl.emulator import Emulator, FaultPlan, Rules, most_in_window
-from cio_retl.normalize import canonical_json, digest
+from cio_retl.normalize import canonical_json
 from cio_retl.ratelimit import RateBudget, RateSpec, workspace_limiter
 from cio_retl.state import StateStore
 from cio_retl.state.budget import Gcra, SharedRateBudget
@@ -97,13 +97,12 @@ def as_written_before(state: StateStore) -> None:
             old_attributes = canonical_json(old(orjson.loads(attributes)))
             conn.execute(
                 sa.text(
-                    f"UPDATE {state.snapshots} SET identifiers = :i, attributes = :a,"
-                    " attrs_hash = :h WHERE model = :m AND key = :k"
+                    f"UPDATE {state.snapshots} SET identifiers = :i, attributes = :a"
+                    " WHERE model = :m AND key = :k"
                 ),
                 {
                     "i": canonical_json(old(orjson.loads(identifiers))).decode(),
                     "a": old_attributes.decode(),
-                    "h": digest(old_attributes),
                     "m": model,
                     "k": key,
                 },

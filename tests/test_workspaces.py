@@ -278,10 +278,12 @@ def rewrite_as_old_state(engine: Engine, schema: str, *, keyed: bool) -> dict[st
             conn.execute(sa.text(f"ALTER TABLE {schema}.{table} RENAME TO {table}_new"))
             conn.execute(sa.text(ddl.format(s=schema, pk=pk)))
             columns = OLD_COLUMNS[table]
+            # The old version's attrs_hash (a digest of the attributes, retired since).
+            values = columns.replace("attrs_hash", "md5(attributes)")
             conn.execute(
                 sa.text(
                     f"INSERT INTO {schema}.{table} ({columns})"
-                    f" SELECT {columns} FROM {schema}.{table}_new"
+                    f" SELECT {values} FROM {schema}.{table}_new"
                 )
             )
             conn.execute(sa.text(f"DROP TABLE {schema}.{table}_new"))
@@ -329,6 +331,9 @@ def _upgrade_round(settings: Settings, engine: Engine, schema: str, emulator: Em
     assert (report.adoption.site_id, report.adoption.run_id) == (SITE_ID, report.run_id)
     assert (report.adoption.snapshots, report.adoption.rejections) == (old["snapshots"], rejected)
     assert workspace_rows(engine, schema) == {SITE_ID: old["snapshots"] + rejected}
+    with engine.connect() as conn:  # the column the old version kept and nothing reads
+        columns = set(conn.execute(sa.text(f"SELECT * FROM {schema}.snapshots WHERE 1 = 0")).keys())
+    assert "attrs_hash" not in columns and {"fingerprint", "attributes"} <= columns
 
     again = sync(settings)
     assert sent(again) == 0 and again.adoption is None
@@ -540,7 +545,7 @@ def test_runs_entering_a_workspace_at_once_take_old_state_over_once(
             conn.execute(sa.text(f"ALTER TABLE {schema}.snapshots DROP COLUMN workspace"))
             conn.execute(
                 sa.text(
-                    f"INSERT INTO {schema}.snapshots SELECT 'm', 'k' || i, 'f', 'h', '{{}}', '{{}}',"
+                    f"INSERT INTO {schema}.snapshots SELECT 'm', 'k' || i, 'f', '{{}}', '{{}}',"
                     f" 'old', now() FROM generate_series(1, 50) AS t(i)"
                 )
             )

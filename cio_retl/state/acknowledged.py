@@ -37,7 +37,6 @@ class SnapshotRow:
 
     key: str
     fingerprint: str
-    attrs_hash: str
     identifiers: str
     attributes: str
     # The run's diff found no snapshot of this key (a create): the write may skip looking
@@ -62,7 +61,7 @@ class Snapshots(StoreBase):
             unique = {k: replace(r, new=False) for k, r in unique.items()}
         source = (
             "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
-            " u.key, u.fingerprint, u.attrs_hash, u.identifiers, u.attributes,"
+            " u.key, u.fingerprint, u.identifiers, u.attributes,"
             f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at FROM {ROWS} AS u"
         )
         params = {**self.scope(model), "run_id": run_id, "now": utcnow()}
@@ -79,8 +78,8 @@ class Snapshots(StoreBase):
                     source,
                     absent=new,
                 ),
-                ("key", "fingerprint", "attrs_hash", "identifiers", "attributes"),
-                [(r.key, r.fingerprint, r.attrs_hash, r.identifiers, r.attributes) for r in group],
+                ("key", "fingerprint", "identifiers", "attributes"),
+                [(r.key, r.fingerprint, r.identifiers, r.attributes) for r in group],
                 params,
             )
 

@@ -37,7 +37,6 @@ snapshots = sa.Table(
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("key", sa.String, primary_key=True),
     sa.Column("fingerprint", sa.String, nullable=False),
-    sa.Column("attrs_hash", sa.String, nullable=False),
     sa.Column("identifiers", sa.String, nullable=False),  # JSON of the item's identifiers
     sa.Column("attributes", sa.String, nullable=False),  # JSON of acknowledged attributes
     sa.Column("run_id", sa.String, nullable=False),
@@ -200,12 +199,16 @@ _UNKEYED = {
     for table in (snapshots, rejections, sent_events)
 }
 
+# Columns older versions kept that nothing reads any more, dropped by the upgrade.
+# ``snapshots.attrs_hash``: a digest of the attributes text, compared with nothing; computing
+# and storing 32 hex characters per row was a measured part of every snapshot write.
+RETIRED_COLUMNS: dict[sa.Table, tuple[str, ...]] = {snapshots: ("attrs_hash",)}
+
 SNAPSHOT_COLUMNS = (
     "workspace",
     "model",
     "key",
     "fingerprint",
-    "attrs_hash",
     "identifiers",
     "attributes",
     "run_id",
@@ -363,6 +366,7 @@ class Schema(StoreBase):
                             if self._drop_primary_key(conn, table, migrating):
                                 upgraded.add(table)
                     self._add_workspace_columns(conn, upgraded)
+                    self._drop_retired_columns(conn)
                 return
             except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 # Two processes creating the schema at once: DuckDB's optimistic concurrency
@@ -452,6 +456,20 @@ class Schema(StoreBase):
                 ),
                 {"site": LEGACY_WORKSPACE, "now": now},
             )
+
+    def _drop_retired_columns(self, conn: Connection) -> None:
+        """Drop the columns an older cio-retl kept and this one neither reads nor writes
+        (:data:`RETIRED_COLUMNS`), so that its inserts, which leave them out, do not break
+        on their NOT NULL. Once per database and column, in the caller's transaction."""
+        for table, names in RETIRED_COLUMNS.items():
+            present = self._columns(conn, table)
+            for name in names:
+                if name in present:
+                    conn.execute(
+                        sa.text(
+                            f"ALTER TABLE {self.table(table)} DROP COLUMN {self.dialect.quote(name)}"
+                        )
+                    )
 
     def _drop_primary_key(self, conn: Connection, table: sa.Table, interim: sa.Table) -> bool:
         """Rebuild ``table`` when an older cio-retl created it with its primary key (before
