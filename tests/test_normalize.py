@@ -17,7 +17,7 @@ from cio_retl.diff import REMOVED, changed_attributes, same_value
 from cio_retl.models import parse_model
 from cio_retl.normalize import (
     UnsupportedValue,
-    attributes_hash,
+    canonical_json,
     normalize_attributes,
     normalize_value,
     text_identifiers,
@@ -77,13 +77,14 @@ def test_nulls_are_dropped_and_named_on_error() -> None:
         normalize_attributes({"blob": b"x"})
 
 
-def test_hash_is_stable_and_order_free() -> None:
-    a = attributes_hash({"x": 1, "y": {"b": 2, "a": [1, "é"]}})
-    b = attributes_hash({"y": {"a": [1, "é"], "b": 2}, "x": 1})
-    # Pinned: a hash that changed between versions would resend every row of every user once.
-    assert a == b == "1299bf4e7e1897ba7ae58f06ee9d3f0a"
-    assert attributes_hash({}) == "2afb9b83f9314e5d029766197f539792"
-    assert attributes_hash({"n": 1}) != attributes_hash({"n": True}) != attributes_hash({"n": "1"})
+def test_canonical_json_is_stable_and_order_free() -> None:
+    a = canonical_json({"x": 1, "y": {"b": 2, "a": [1, "é"]}})
+    b = canonical_json({"y": {"a": [1, "é"], "b": 2}, "x": 1})
+    # Pinned: the snapshot keeps these bytes, and the database's payload SQL writes the same
+    # (tests/test_payload_sql.py), keys sorted at every depth, UTF-8 unescaped.
+    assert a == b == '{"x":1,"y":{"a":[1,"é"],"b":2}}'.encode()
+    assert canonical_json({}) == b"{}"
+    assert len({canonical_json({"n": value}) for value in (1, True, "1")}) == 3
 
 
 PERSON = parse_model(
@@ -238,5 +239,5 @@ def test_applying_the_change_reaches_the_current_state(
             merged.pop(name, None)
         else:
             merged[name] = value
-    assert attributes_hash(merged) == attributes_hash(current)
+    assert canonical_json(merged) == canonical_json(current)
     assert all(same_value(previous[k], v) for k, v in current.items() if k not in send)
