@@ -166,8 +166,8 @@ class Dialect(abc.ABC):
         """A digest of every column of a model row, stable between runs of one database.
 
         Only ever compared with fingerprints from the same database, so each dialect may
-        use its own form; what must agree across dialects is the attributes hash, computed
-        in Python after normalization. ``signature`` digests the result's column names and
+        use its own form; what must agree across dialects is the normalized attributes
+        (the snapshot's canonical JSON). ``signature`` digests the result's column names and
         types, for forms that do not see them.
         """
 
@@ -314,6 +314,16 @@ class Dialect(abc.ABC):
     def local_file(cls, url: sa.URL) -> Path | None:
         """The file a URL's database lives in, for databases that are a local file."""
         return None
+
+    # The driver's exceptions, by class name, that mean the server did not answer in time,
+    # beside PEP 249's OperationalError and InterfaceError (cio_retl.warehouse.database_lost).
+    unanswered_errors: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def failure_hint(cls, message: str) -> str:
+        """What to do about a database failure a run met, from the driver's ``message``; ""
+        where the message says it all."""
+        return ""
 
     @classmethod
     def local_error(cls, url: sa.URL, message: str) -> CioRetlError | None:
@@ -509,6 +519,16 @@ class DuckDBDialect(Dialect):
             sa.event.listen(engine, "connect", _limit_duckdb_memory)
         if not {"checkpoint_threshold", "wal_autocheckpoint"} & given:  # DuckDB's two names
             sa.event.listen(engine, "connect", _space_duckdb_checkpoints)
+
+    @classmethod
+    def failure_hint(cls, message: str) -> str:
+        # DuckDB's "Out of Memory Error: ... (used X, limit Y)": the limit is ours by default.
+        if "Out of Memory" in message:
+            return (
+                f"; DuckDB's memory_limit is {DUCKDB_MEMORY_LIMIT} unless the URL sets one,"
+                " e.g. ?memory_limit=1GB"
+            )
+        return ""
 
     @classmethod
     def local_file(cls, url: sa.URL) -> Path | None:
@@ -719,6 +739,25 @@ class SnowflakeDialect(Dialect):
 
     # Declared (documentation and tools read it) though Snowflake does not enforce it.
     state_primary_keys = True
+
+    # The connector's HTTP failures once its own retries ran out: they derive from its Error,
+    # not OperationalError, so SQLAlchemy wraps them as a plain DBAPIError
+    # (snowflake.connector.errors: HttpError, InternalServerError, ServiceUnavailableError,
+    # GatewayTimeoutError, BadGatewayError, RequestTimeoutError, TooManyRequests,
+    # OtherHTTPRetryableError, RequestExceedMaxRetryError).
+    unanswered_errors = frozenset(
+        {
+            "HttpError",
+            "InternalServerError",
+            "ServiceUnavailableError",
+            "GatewayTimeoutError",
+            "BadGatewayError",
+            "RequestTimeoutError",
+            "TooManyRequests",
+            "OtherHTTPRetryableError",
+            "RequestExceedMaxRetryError",
+        }
+    )
 
     # Snowflake recommends statements under 1 MB, parameters included (the connector binds
     # client-side, into the text); keep each batch's JSON well below that.

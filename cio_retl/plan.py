@@ -222,9 +222,19 @@ class PlanTable:
                         read = cursor.fetchall()
                     except conn.dialect.loaded_dbapi.Error as exc:
                         # The driver's own error, as SQLAlchemy would have raised it (a lost
-                        # connection an OperationalError), so the run tells it apart.
+                        # connection an OperationalError), so the run tells it apart. A lost
+                        # connection is invalidated first: closing it must not roll back
+                        # over it, which would raise "the connection is lost" in its place.
+                        lost = conn.dialect.is_disconnect(exc, conn.connection, cursor)
+                        if lost:
+                            conn.invalidate(exc)
                         raise sa.exc.DBAPIError.instance(
-                            statement, None, exc, conn.dialect.loaded_dbapi.Error
+                            statement,
+                            None,
+                            exc,
+                            conn.dialect.loaded_dbapi.Error,
+                            connection_invalidated=lost,
+                            dialect=conn.dialect,
                         ) from exc
                     yield read, [text.encode() for _, text, _ in read]
             finally:

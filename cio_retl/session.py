@@ -13,6 +13,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import sqlalchemy as sa
+
 from cio_retl.client import AccountRegion, TrackClient
 from cio_retl.config import Settings
 from cio_retl.diff import Differ, differ_for
@@ -27,6 +29,7 @@ from cio_retl.warehouse import (
     Warehouse,
     check_reachable,
     create_engine,
+    database_lost,
     duckdb_file_exists,
     require_duckdb_file,
 )
@@ -122,6 +125,11 @@ def open_session(
                 read_only=read_only,
             )
         yield Session(warehouse, state, client, differ, run_id, adoption, notices)
+    except sa.exc.DBAPIError as exc:  # a database that failed after it answered the first time
+        lost = database_lost(exc, (engine, state_engine))
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         if client is not None:
             client.close()

@@ -28,6 +28,7 @@ from cio_retl.plan import PlanDiff
 from cio_retl.report import ModelReport, Outcome, RunReport
 from cio_retl.send import Sender
 from cio_retl.session import Session, open_session
+from cio_retl.state.locking import STALE_LOCK_AFTER
 from cio_retl.warehouse import database_lost
 
 # Callers import these from here: the run's entry point and what it takes and returns.
@@ -36,6 +37,7 @@ __all__ = ["ModelReport", "Outcome", "Progress", "RunReport", "SyncOptions", "ru
 _log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
+STALE_LOCK_MINUTES = int(STALE_LOCK_AFTER.total_seconds() // 60)
 
 
 def run_sync(
@@ -154,7 +156,7 @@ class _Run:
             for model in self.models:
                 self.reports[model.name].conclude(elapsed, report.error)
                 self._finish(model, self.reports[model.name])
-            self._release(locked, failing=report.error is not None)
+            self._release(locked, report)
         return report
 
     def _lost(self, exc: sa.exc.DBAPIError) -> CioRetlError | None:
@@ -162,21 +164,24 @@ class _Run:
         error naming it; None for any other database error."""
         return database_lost(exc, (self.warehouse.engine, self.state.engine))
 
-    def _release(self, locked: Sequence[Model], *, failing: bool) -> None:
-        """Release the run's locks. When the run is already failing, a database that cannot
-        release them does not hide why: a lock whose process is gone (on this host) or
-        silent for long enough is taken over by the next run."""
+    def _release(self, locked: Sequence[Model], report: RunReport) -> None:
+        """Release the run's locks. A database that fails to neither hides the run's own error
+        nor turns what it sent into a failure: the lock of a process that is gone (on this
+        host) or silent for STALE_LOCK_AFTER is taken over by the next run, as the report's
+        notice says."""
         for model in locked:
             try:
                 self.state.release_lock(model.name, self.run_id, self.bucket)
             except sa.exc.DBAPIError as exc:
-                if not failing:
-                    lost = self._lost(exc)
-                    if lost is None:
-                        raise
-                    raise lost from exc
-                first_line = str(exc.orig or exc).strip().splitlines()[0]
-                _log.warning("the lock of model %s was not released: %s", model.name, first_line)
+                lost = self._lost(exc)
+                why = str(lost) if lost is not None else type(exc).__name__
+                notice = (
+                    f"the lock of model {model.name} was not released ({why}): the next run"
+                    " takes it over once this process has ended (on another host, after"
+                    f" {STALE_LOCK_MINUTES} minutes without a heartbeat)"
+                )
+                _log.warning(notice)
+                report.notices.append(notice)
 
     def expected_items(self, model: Model) -> int:
         """At most how many items ``model`` sends this run: what the counts found to create,

@@ -191,26 +191,31 @@ def database_lost(exc: sa.exc.DBAPIError, engines: Sequence[Engine]) -> Transien
 
     Only the driver's operational and interface errors are (PEP 249: "errors that are
     related to the database's operation and not necessarily under the control of the
-    programmer, e.g. an unexpected disconnect"); others, a statement the database refused
-    among them, are not a database that could not be reached, and stay as they are (None).
-    Names the databases of ``engines`` whose driver raised it, by host or file, never a
-    password.
+    programmer, e.g. an unexpected disconnect"), and those a dialect names as a server that
+    did not answer (``Dialect.unanswered_errors``); others, a statement the database refused
+    among them, are not a database failing, and stay as they are (None). Names the
+    databases of ``engines`` whose driver raised it, by host or file, never a password.
     """
-    if not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-        return None
+    unique = list(dict.fromkeys(engines))
     failed = [
         engine
-        for engine in dict.fromkeys(engines)
+        for engine in unique
         if exc.orig is None or isinstance(exc.orig, engine.dialect.loaded_dbapi.Error)
-    ] or list(dict.fromkeys(engines))
+    ] or unique
+    dialects = [d for d in (dialect_named(e.dialect.name) for e in failed) if d is not None]
+    raised = {cls.__name__ for cls in type(exc.orig).__mro__} if exc.orig is not None else set()
+    operational = isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    if not operational and not any(raised & d.unanswered_errors for d in dialects):
+        return None
     where = " or ".join(dict.fromkeys(_where(engine.url) for engine in failed))
     message = _db_message(exc)
     for engine in failed:
         if engine.url.password:
             message = message.replace(str(engine.url.password), "***")
+    hint = "".join(dict.fromkeys(d.failure_hint(message) for d in dialects))
     return UnreachableError(
-        f"lost the {where} during the run: {message} (what Customer.io acknowledged is"
-        " kept; the rest goes on the next run)"
+        f"the {where} failed during the run: {message}{hint} (what Customer.io"
+        " acknowledged is kept; the rest goes on the next run)"
     )
 
 

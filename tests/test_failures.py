@@ -397,3 +397,81 @@ def test_a_rejections_table_from_before_codes_gets_the_column(
     sync(replace(settings, models_dir=models_dir, state_url=url, state_schema=schema))
     assert state.rejection_counts_by_code() == {"invalid_identifier": 2}
     state_engine.dispose()
+
+
+# -- a database failing once the run is under way --------------------------------------------
+
+
+def _wrapped(engine: Engine, orig: Exception) -> sa.exc.DBAPIError:
+    """``orig`` (a driver's exception) as SQLAlchemy raises it for ``engine``'s driver."""
+    return sa.exc.DBAPIError.instance("SELECT 1", None, orig, engine.dialect.loaded_dbapi.Error)
+
+
+def test_a_failing_database_is_transient_only_when_it_did_not_answer(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PEP 249's OperationalError and InterfaceError, and the Snowflake connector's HTTP
+    failures (not OperationalErrors: its own Error's subclasses), are a database that failed
+    under the run; a statement it refused is not. Each names the database, never a
+    password, and DuckDB's memory limit says how to raise it."""
+    import duckdb
+    import psycopg
+    from snowflake.connector import errors as snowflake_errors
+
+    from cio_retl.warehouse import database_lost
+
+    local = create_engine(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    server = sa.create_engine(postgres_url.replace("postgres@", f"postgres:{PASSWORD}@"))
+    snowflake = sa.create_engine(f"snowflake://me:{PASSWORD}@acme-xy12345/db")
+    try:
+        gone = database_lost(
+            _wrapped(server, psycopg.OperationalError(f"server closed ({PASSWORD})")),
+            [local, server],
+        )
+        assert isinstance(gone, TransientError) and exit_status(gone) == 4
+        assert str(gone).startswith("the postgresql database at 127.0.0.1:5432 failed")
+        assert PASSWORD not in str(gone) and "server closed (***)" in str(gone)
+
+        oom = database_lost(
+            _wrapped(local, duckdb.OutOfMemoryException("Out of Memory Error: failed")),
+            [local, server],
+        )
+        assert oom is not None and f"duckdb database {tmp_path / 'w.duckdb'} failed" in str(oom)
+        assert "memory_limit is 128MB unless the URL sets one" in str(oom)
+
+        unanswered = database_lost(
+            _wrapped(snowflake, snowflake_errors.ServiceUnavailableError(msg="503")),
+            [snowflake],
+        )
+        assert unanswered is not None and "snowflake database at acme-xy12345" in str(unanswered)
+        assert PASSWORD not in str(unanswered)
+
+        refused = _wrapped(local, duckdb.CatalogException("Table with name nope does not exist"))
+        assert isinstance(refused, sa.exc.ProgrammingError)
+        assert database_lost(refused, [local]) is None
+        denied = _wrapped(snowflake, snowflake_errors.ProgrammingError(msg="denied"))
+        assert database_lost(denied, [snowflake]) is None
+    finally:
+        for engine in (local, server, snowflake):
+            engine.dispose()
+
+
+def test_a_lock_the_state_store_fails_to_release_is_a_notice_not_a_failure(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything was sent and acknowledged when the state store failed to release the
+    lock: the run is still a success, and its report says what happens to the lock."""
+    import duckdb
+
+    def release_fails(*_args: object, **_kwargs: object) -> None:
+        raise sa.exc.OperationalError(
+            "DELETE FROM cio_retl.locks", None, duckdb.IOException("IO Error: disk detached")
+        )
+
+    monkeypatch.setattr(StateStore, "release_lock", release_fails)
+    report = sync(settings)
+    assert report.outcome is Outcome.SYNCED and report.error is None
+    assert len(emulator.workspace.people) == 490
+    notices = [n for n in report.notices if "was not released" in n]
+    assert len(notices) == len(report.models)
+    assert "disk detached" in notices[0] and "the next run takes it over" in notices[0]

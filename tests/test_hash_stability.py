@@ -141,7 +141,7 @@ def typed_record(request: pytest.FixtureRequest, tmp_path: Path) -> Record:
         engine.dispose()
 
 
-def test_same_attributes_and_hash_on_every_warehouse(typed_record: Record) -> None:
+def test_same_attributes_and_bytes_on_every_warehouse(typed_record: Record) -> None:
     assert typed_record.key == "k1"
     assert typed_record.attributes == EXPECTED
     # The same canonical bytes (what the snapshot keeps) as the expected values, written

@@ -633,7 +633,7 @@ def test_saving_snapshots_keeps_one_row_per_key(demo_engine: Engine) -> None:
     state.ensure_schema()
 
     def rows(keys: range, fp: str, *, new: bool) -> list[SnapshotRow]:
-        return [SnapshotRow(f"k{i}", fp, "h", "{}", "{}", new=new) for i in keys]
+        return [SnapshotRow(f"k{i}", fp, "{}", "{}", new=new) for i in keys]
 
     with demo_engine.begin() as conn:
         state.save_snapshots(conn, "m", "r1", rows(range(100), "a", new=True))

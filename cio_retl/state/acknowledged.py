@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,8 +40,9 @@ class SnapshotRow:
     identifiers: str
     attributes: str
     # The run's diff found no snapshot of this key (a create): the write may skip looking
-    # for an existing row. False is always safe.
-    new: bool = False
+    # for an existing row. False is always safe. Keyword-only: a positional value would
+    # land here when the text fields before it change.
+    new: bool = field(default=False, kw_only=True)
 
 
 class Snapshots(StoreBase):
