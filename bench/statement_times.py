@@ -1,6 +1,7 @@
 """Where an initial sync's database time goes: every SQL statement timed, by kind.
 
     uv run python bench/statement_times.py --rows 1000000 [--warehouse postgres] [--ack-rows 5000]
+        [--rerun]
 
 Builds ``bench_people`` in a DuckDB file (or a fresh schema of the PostgreSQL of
 ``sync_scale.py``), runs one initial sync *in this process* (so a
@@ -10,6 +11,9 @@ time summed by their first 60 characters (numbers folded), most expensive first.
 statement's time is its ``execute``: rows it streams afterwards are fetched outside it.
 The send's reads of the plan go through the driver's own cursor (``PlanTable.chunks``), so
 the listener does not see them: they are the rest of the run's time with the HTTP requests.
+``--rerun`` times a no-change rerun instead: every row's snapshot is written in SQL first, as
+an acknowledged sync would have left it (``sync_scale.seed_snapshot``), so the run plans and
+sends nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emulator_process, load_average, machine, sync_env
-from sync_scale import MODEL, POSTGRES_URL, create_table
+from sync_scale import MODEL, POSTGRES_URL, create_table, seed_snapshot
 
 
 def main() -> None:
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=50)
     parser.add_argument("--ack-rows", type=int, help="Sender.ACK_ROWS for this run")
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--rerun", action="store_true", help="a no-change rerun, not the initial")
     args = parser.parse_args()
 
     from cio_retl.config import Settings
@@ -76,6 +81,8 @@ def main() -> None:
         models.mkdir()
         (models / "bench_people.sql").write_text(MODEL.format(schema=schema))
         try:
+            if args.rerun:
+                seed_snapshot(url, models, state_schema)
             with emulator_process(check_every=args.check_every) as base:
                 env = {**sync_env(url, models, base), "CIO_RETL_STATE_SCHEMA": state_schema}
                 settings = Settings.from_env(env)
@@ -93,9 +100,11 @@ def main() -> None:
                         conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {dropped} CASCADE"))
             engine.dispose()
     (model,) = report.models
+    run = "no-change rerun" if args.rerun else "initial sync"
     print(
-        f"{args.warehouse} initial sync of {args.rows:,} rows: {wall:.2f} s in process, {model.created:,} created,"
-        f" {model.requests:,} requests; load average {load_average()}"
+        f"{args.warehouse} {run} of {args.rows:,} rows: {wall:.2f} s in process,"
+        f" {model.created:,} created, {model.items_sent:,} items sent, {model.requests:,}"
+        f" requests; load average {load_average()}"
     )
     for kind, (count, seconds) in sorted(spent.items(), key=lambda kv: -kv[1][1])[: args.top]:
         print(f"  {seconds:7.2f} s  {int(count):5d}x  {kind}")
