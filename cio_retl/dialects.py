@@ -614,6 +614,14 @@ class PostgresDialect(Dialect):
     # is_simple_subquery). Measured on a 1M-row initial plan: 29.9 -> 12.7 s.
     subquery_fence = " OFFSET 0"
     narrow_diff_join = True
+    # A rerun's plan is two statements (the moved keys, then the plan that joins them back
+    # to the model). Under READ COMMITTED "two successive SELECT commands can see different
+    # data, even though they are within a single transaction"; REPEATABLE READ "only sees
+    # data committed before the transaction began" (PostgreSQL docs, Transaction Isolation),
+    # so both read the model as of one moment. SET TRANSACTION must come before the
+    # transaction's first query; the diff's SET LOCALs are not queries. It ends with the
+    # transaction: nothing to reset.
+    plan_session = ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",)
 
     def temporary(self, name: str) -> str:
         # "pg_temp ... an alias for the current session's temporary-table schema" (PostgreSQL

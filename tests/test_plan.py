@@ -1064,3 +1064,61 @@ def test_a_postgres_rerun_joins_keys_then_rows_as_the_full_join_does(
             for schema in python:
                 conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgres_plan_reads_the_model_as_of_one_moment(
+    settings: Settings, pg_schemas: PgSchemas, tmp_path: Path, emulator: Emulator
+) -> None:
+    """The moved keys and the plan are two statements of one REPEATABLE READ transaction
+    on PostgreSQL, so they read the model as of one moment: a changed row another session
+    deletes between them is still sent as changed (READ COMMITTED planned the delete from
+    the second statement's view), and the next run deletes it."""
+    schema = pg_schemas.warehouse
+    engine = create_engine(pg_schemas.url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+            conn.execute(
+                sa.text(
+                    f"CREATE TABLE {schema}.moment AS SELECT 'm' || i || '@x.io' AS email,"
+                    " i AS n FROM generate_series(1, 50) AS i"
+                )
+            )
+        folder = tmp_path / "moment_models"
+        folder.mkdir()
+        (folder / "moment.sql").write_text(
+            "-- kind: person\n-- identifier: email\n-- key: email\n-- mode: mirror\n"
+            f"select * from {schema}.moment\n"
+        )
+        run = replace(
+            settings,
+            warehouse_url=pg_schemas.url,
+            state_url=pg_schemas.url,
+            state_schema=pg_schemas.state,
+            models_dir=folder,
+        )
+        assert sync(run).models[0].created == 50
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {schema}.moment SET n = -n WHERE n = 7"))
+        deleted: list[int] = []
+
+        def between(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().startswith(f"CREATE TEMPORARY TABLE {MOVED_TABLE}"):
+                with engine.begin() as other:
+                    gone = other.execute(sa.text(f"DELETE FROM {schema}.moment WHERE n = -7"))
+                    deleted.append(gone.rowcount)
+
+        sa.event.listen(sa.Engine, "after_cursor_execute", between)
+        try:
+            (changed,) = sync(run).models
+        finally:
+            sa.event.remove(sa.Engine, "after_cursor_execute", between)
+        assert deleted == [1]  # gone before the plan statement ran
+        assert (changed.updated, changed.deleted) == (1, 0)
+        assert emulator.workspace.people_by("email")["m7@x.io"]["n"] == -7
+        (removed,) = sync(run).models
+        assert (removed.updated, removed.deleted) == (0, 1)
+        assert "m7@x.io" not in emulator.workspace.people_by("email")
+    finally:
+        engine.dispose()
