@@ -11,9 +11,9 @@ time summed by their first 60 characters (numbers folded), most expensive first.
 statement's time is its ``execute``: rows it streams afterwards are fetched outside it.
 The send's reads of the plan go through the driver's own cursor (``PlanTable.chunks``), so
 the listener does not see them: they are the rest of the run's time with the HTTP requests.
-``--rerun`` times a no-change rerun instead: every row's snapshot is written in SQL first, as
-an acknowledged sync would have left it (``sync_scale.seed_snapshot``), so the run plans and
-sends nothing.
+``--rerun`` times a no-change rerun instead: every row's snapshot is written in SQL first
+with its real fingerprint (``sync_scale.seed_snapshot``; identifiers and attributes ``{}``,
+so the snapshot table is smaller than a real one), so the run plans and sends nothing.
 """
 
 from __future__ import annotations

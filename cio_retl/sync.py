@@ -29,7 +29,7 @@ from cio_retl.report import ModelReport, Outcome, RunReport
 from cio_retl.send import Sender
 from cio_retl.session import Session, open_session
 from cio_retl.state.locking import STALE_LOCK_AFTER
-from cio_retl.warehouse import database_lost
+from cio_retl.warehouse import database_lost, driver_message
 
 # Callers import these from here: the run's entry point and what it takes and returns.
 __all__ = ["ModelReport", "Outcome", "Progress", "RunReport", "SyncOptions", "run_sync"]
@@ -173,8 +173,7 @@ class _Run:
             try:
                 self.state.release_lock(model.name, self.run_id, self.bucket)
             except sa.exc.DBAPIError as exc:
-                lost = self._lost(exc)
-                why = str(lost) if lost is not None else type(exc).__name__
+                why = driver_message(exc, (self.state.engine,))
                 notice = (
                     f"the lock of model {model.name} was not released ({why}): the next run"
                     " takes it over once this process has ended (on another host, after"

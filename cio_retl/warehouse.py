@@ -208,15 +208,22 @@ def database_lost(exc: sa.exc.DBAPIError, engines: Sequence[Engine]) -> Transien
     if not operational and not any(raised & d.unanswered_errors for d in dialects):
         return None
     where = " or ".join(dict.fromkeys(_where(engine.url) for engine in failed))
-    message = _db_message(exc)
-    for engine in failed:
-        if engine.url.password:
-            message = message.replace(str(engine.url.password), "***")
+    message = driver_message(exc, failed)
     hint = "".join(dict.fromkeys(d.failure_hint(message) for d in dialects))
     return UnreachableError(
         f"the {where} failed during the run: {message}{hint} (what Customer.io"
         " acknowledged is kept; the rest goes on the next run)"
     )
+
+
+def driver_message(exc: sa.exc.DBAPIError, engines: Sequence[Engine] = ()) -> str:
+    """The driver's own message, first line only (no SQL echo, no parameters), with the
+    password of any of ``engines`` masked."""
+    message = _db_message(exc)
+    for engine in engines:
+        if engine.url.password:
+            message = message.replace(str(engine.url.password), "***")
+    return message
 
 
 def _where(url: sa.URL) -> str:

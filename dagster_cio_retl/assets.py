@@ -500,6 +500,8 @@ def sync_models(
         yield from checked  # what was checked before the failure
         raise _failure(exc) from None
     yield from checked
+    for notice in report.notices:  # worth a look, not an error (in each model's metadata too)
+        context.log.warning(notice)
 
     if config.dry_run:
         # Nothing was sent, so nothing is materialized: the plan is an observation of the
@@ -740,6 +742,8 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
             round(model.rows / model.duration_s, 1) if model.duration_s > 0 else 0.0
         ),
     }
+    if report.notices:
+        metadata["notices"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in report.notices))
     if model.skipped:  # people a suppression model holds: never identified
         metadata["skipped_suppressed"] = dg.MetadataValue.int(model.skipped)
     if model.kind == Kind.EVENT.value:

@@ -6,6 +6,7 @@ values, never the developer's env.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -710,3 +711,36 @@ def test_metadata_names_the_workspace_and_each_workspace_keeps_its_own_state(
     assert plan.success
     planned = observed(plan, USERS)
     assert planned["workspace"] == SITE_ID and planned["planned"] == 0
+
+
+def test_the_reports_notices_reach_the_log_and_the_metadata(
+    env: Env, assets: list[dg.AssetsDefinition], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notice of the run (here: a lock the state store failed to release after the
+    sync) is a warning in the run's log and an entry of every materialization's metadata;
+    the materialization still succeeds."""
+    import duckdb
+    import sqlalchemy as sa
+
+    from cio_retl.state import StateStore
+
+    def release_fails(*_args: object, **_kwargs: object) -> None:
+        raise sa.exc.OperationalError("DELETE", None, duckdb.IOException("IO Error: disk detached"))
+
+    monkeypatch.setattr(StateStore, "release_lock", release_fails)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        assets,
+        resources=env.resources(),
+        run_config=dg.RunConfig(ops={OP_NAME: SyncConfig()}),
+        instance=instance,
+    )
+    assert result.success
+    warnings = [
+        entry.user_message
+        for entry in instance.all_logs(result.run_id)
+        if entry.level == logging.WARNING and "was not released" in entry.user_message
+    ]
+    assert warnings and "disk detached" in warnings[0]
+    notices = metadata(result, USERS)["notices"]
+    assert "the lock of model users was not released" in notices
