@@ -115,6 +115,21 @@ def materialize(
     )
 
 
+def materialize_logged(
+    assets: Sequence[dg.AssetsDefinition], resources: Mapping[str, Any]
+) -> tuple[dg.ExecuteInProcessResult, list[Any]]:
+    """A materialization of ``assets`` (default config) on an instance of its own, and the
+    run's log entries."""
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        assets,
+        resources=resources,
+        run_config=dg.RunConfig(ops={OP_NAME: SyncConfig()}),
+        instance=instance,
+    )
+    return result, list(instance.all_logs(result.run_id))
+
+
 def metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, Any]:
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
     return {name: value.value for name, value in event.materialization.metadata.items()}
@@ -428,15 +443,9 @@ def test_a_sync_logs_its_progress(
     """The CLI's plain progress lines, in the run's log (every PROGRESS_EVERY seconds; 0
     here, so each acknowledged batch writes one)."""
     monkeypatch.setattr(assets_module, "PROGRESS_EVERY", 0.0)
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        assets,
-        resources=env.resources(),
-        run_config=dg.RunConfig(ops={OP_NAME: SyncConfig()}),
-        instance=instance,
-    )
+    result, logs = materialize_logged(assets, env.resources())
     assert result.success
-    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    messages = [entry.user_message for entry in logs]
     (count,) = env.query("select count(*) as n from demo.users where deleted_at is null")
     progress = [m for m in messages if m.startswith(f"users: {count.n:,} of {count.n:,} items")]
     assert progress and "items/s" in progress[-1]
@@ -728,17 +737,11 @@ def test_the_reports_notices_reach_the_log_and_the_metadata(
         raise sa.exc.OperationalError("DELETE", None, duckdb.IOException("IO Error: disk detached"))
 
     monkeypatch.setattr(StateStore, "release_lock", release_fails)
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        assets,
-        resources=env.resources(),
-        run_config=dg.RunConfig(ops={OP_NAME: SyncConfig()}),
-        instance=instance,
-    )
+    result, logs = materialize_logged(assets, env.resources())
     assert result.success
     warnings = [
         entry.user_message
-        for entry in instance.all_logs(result.run_id)
+        for entry in logs
         if entry.level == logging.WARNING and "was not released" in entry.user_message
     ]
     assert warnings and "disk detached" in warnings[0]
