@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except CioRetlError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # A run that stopped under way says what else is worth a look (an unreleased lock).
+        for notice in exc.report.notices if isinstance(exc.report, RunReport) else ():
+            err.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
         return exit_status(exc)
     except KeyboardInterrupt:
         err.print("interrupted: unacknowledged rows are resent by the next run")

@@ -10,7 +10,6 @@ people, devices, relationship adds and deletes, events, suppressions, deletes); 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Sequence
 
@@ -33,8 +32,6 @@ from cio_retl.warehouse import database_lost, driver_message
 
 # Callers import these from here: the run's entry point and what it takes and returns.
 __all__ = ["ModelReport", "Outcome", "Progress", "RunReport", "SyncOptions", "run_sync"]
-
-_log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 30.0  # seconds; far below state.STALE_LOCK_AFTER
 STALE_LOCK_MINUTES = int(STALE_LOCK_AFTER.total_seconds() // 60)
@@ -179,8 +176,7 @@ class _Run:
                     " takes it over once this process has ended (on another host, after"
                     f" {STALE_LOCK_MINUTES} minutes without a heartbeat)"
                 )
-                _log.warning(notice)
-                report.notices.append(notice)
+                report.notices.append(notice)  # printed and logged with the report
 
     def expected_items(self, model: Model) -> int:
         """At most how many items ``model`` sends this run: what the counts found to create,

@@ -476,3 +476,29 @@ def test_a_lock_the_state_store_fails_to_release_is_a_notice_not_a_failure(
     assert len(notices) == len(report.models)
     assert "(IO Error: disk detached): the next run takes it over" in notices[0]
     assert "the rest goes on the next run" not in notices[0]  # nothing was left to send
+
+
+def test_a_run_stopped_under_way_prints_its_notices_after_the_error(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report an engine error carries (set when the run had started) brings its notices
+    to the command line too, after the error: a lock left unreleased is worth knowing when
+    the next run waits for it."""
+    from cio_retl.errors import UnreachableError
+    from cio_retl.sync import RunReport
+
+    error = UnreachableError("the duckdb database w.duckdb failed during the run: IO Error")
+    error.report = RunReport(
+        "run-1", False, [], notices=["the lock of model users was not released (IO Error)"]
+    )
+
+    def stopped(*_args: object, **_kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr("cio_retl.cli.run_sync", stopped)
+    assert main(["sync"]) == 4
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "error: the duckdb database w.duckdb failed during the run: IO Error" in printed
+    assert printed.index("error:") < printed.index(
+        "note: the lock of model users was not released (IO Error)"
+    )
