@@ -693,6 +693,9 @@ def _failure(exc: CioRetlError) -> dg.Failure:
         "error_type": dg.MetadataValue.text(type(exc).__name__),
         "transient": dg.MetadataValue.bool(transient),
     }
+    notices = exc.report.notices if isinstance(exc.report, RunReport) else []
+    if notices:  # a run that stopped under way: what else is worth a look (an unreleased lock)
+        metadata["notices"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in notices))
     return dg.Failure(description=str(exc), metadata=metadata, allow_retries=transient)
 
 

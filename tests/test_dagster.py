@@ -747,3 +747,19 @@ def test_the_reports_notices_reach_the_log_and_the_metadata(
     assert warnings and "disk detached" in warnings[0]
     notices = metadata(result, USERS)["notices"]
     assert "the lock of model users was not released" in notices
+
+
+def test_a_run_stopped_under_way_fails_with_its_notices() -> None:
+    """The step failure of a run that had started carries its report's notices (an
+    unreleased lock), and a transient one stays retriable."""
+    from cio_retl.errors import UnreachableError
+    from cio_retl.sync import RunReport
+
+    error = UnreachableError("the duckdb database w.duckdb failed during the run: IO Error")
+    error.report = RunReport(
+        "run-1", False, [], notices=["the lock of model users was not released"]
+    )
+    failure = assets_module._failure(error)
+    assert failure.allow_retries
+    assert failure.metadata["notices"].value == "- the lock of model users was not released"
+    assert "notices" not in assets_module._failure(UnreachableError("before the run")).metadata
