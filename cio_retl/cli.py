@@ -70,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except CioRetlError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        # A run that stopped under way says what else is worth a look (an unreleased lock).
-        for notice in exc.report.notices if isinstance(exc.report, RunReport) else ():
-            err.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
+        if isinstance(exc.report, RunReport):
+            # A run that stopped under way: what else is worth a look (an unreleased lock).
+            print_notices(err, exc.report)
         return exit_status(exc)
     except KeyboardInterrupt:
         err.print("interrupted: unacknowledged rows are resent by the next run")
@@ -289,6 +289,12 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_STATUS[report.outcome]
 
 
+def print_notices(console: Console, report: RunReport) -> None:
+    """The run's notices, a line each (their text is the engine's, not markup)."""
+    for notice in report.notices:
+        console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
+
+
 def print_report(report: RunReport, console: Console = out) -> None:
     title = f"run {report.run_id}" + (f", bucket {report.bucket}" if report.bucket else "")
     title += f", workspace {workspace_label(report.workspace)}"
@@ -310,8 +316,7 @@ def print_report(report: RunReport, console: Console = out) -> None:
     console.print(table)
     if report.adoption is not None:
         console.print(f"[bold]upgraded:[/] {report.adoption}", highlight=False)
-    for notice in report.notices:
-        console.print(f"[yellow]note:[/] {notice}", highlight=False)
+    print_notices(console, report)
     for m in report.models:
         if m.skipped:
             console.print(

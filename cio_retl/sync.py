@@ -138,7 +138,7 @@ class _Run:
             exc.report = report
             raise
         except sa.exc.DBAPIError as exc:
-            lost = self._lost(exc)
+            lost = database_lost(exc, (self.warehouse.engine, self.state.engine))
             if lost is None:  # a statement the database refused: a bug, not the database
                 report.error = f"the run ended early: {type(exc).__name__}"
                 raise
@@ -155,11 +155,6 @@ class _Run:
                 self._finish(model, self.reports[model.name])
             self._release(locked, report)
         return report
-
-    def _lost(self, exc: sa.exc.DBAPIError) -> CioRetlError | None:
-        """A database that failed under the run (its connection lost, say): a transient
-        error naming it; None for any other database error."""
-        return database_lost(exc, (self.warehouse.engine, self.state.engine))
 
     def _release(self, locked: Sequence[Model], report: RunReport) -> None:
         """Release the run's locks. A database that fails to neither hides the run's own error

@@ -164,24 +164,24 @@ def database_error(engine: Engine, exc: sa.exc.DBAPIError) -> CioRetlError:
     host, never the password.
     """
     url = engine.url
-    message = _db_message(exc)
-    if url.password:
-        message = message.replace(str(url.password), "***")
+    message = driver_message(exc, (engine,))
     name = engine.dialect.name
     dialect = dialect_named(name)
     local = None if dialect is None else dialect.local_error(url, message)
     if local is not None:
         return local
-    host = url.host or "localhost"
-    where = f"{host}:{url.port}" if url.port else host
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not _refused(
-        exc, message
-    ):
+    where = _host(url)
+    if isinstance(exc, _OPERATIONAL) and not _refused(exc, message):
         return UnreachableError(
             f"cannot reach the {name} database at {where}: {message} "
             "(nothing was sent; try again when it is back)"
         )
     return ConfigError(f"cannot connect to the {name} database at {where}: {message}")
+
+
+# PEP 249's operational and interface errors: the database's operation, not the statement
+# (see database_lost).
+_OPERATIONAL = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
 def database_lost(exc: sa.exc.DBAPIError, engines: Sequence[Engine]) -> TransientError | None:
@@ -204,7 +204,7 @@ def database_lost(exc: sa.exc.DBAPIError, engines: Sequence[Engine]) -> Transien
     ] or unique
     dialects = [d for d in (dialect_named(e.dialect.name) for e in failed) if d is not None]
     raised = {cls.__name__ for cls in type(exc.orig).__mro__} if exc.orig is not None else set()
-    operational = isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    operational = isinstance(exc, _OPERATIONAL)
     if not operational and not any(raised & d.unanswered_errors for d in dialects):
         return None
     where = " or ".join(dict.fromkeys(_where(engine.url) for engine in failed))
@@ -231,8 +231,13 @@ def _where(url: sa.URL) -> str:
     name = url.get_backend_name()
     if not url.host and url.database:  # a local file (DuckDB), or a server's local socket
         return f"{name} database {url.database}"
+    return f"{name} database at {_host(url)}"
+
+
+def _host(url: sa.URL) -> str:
+    """A server as errors name it: ``host:port``, or the host alone."""
     host = url.host or "localhost"
-    return f"{name} database at {host}:{url.port}" if url.port else f"{name} database at {host}"
+    return f"{host}:{url.port}" if url.port else host
 
 
 # Server answers that mean "try again later" (PostgreSQL docs, Appendix A: 57P03

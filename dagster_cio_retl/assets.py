@@ -681,6 +681,11 @@ def _lookback_check(model: Model, key: dg.AssetKey, report: ModelReport) -> dg.A
     )
 
 
+def _notices(report: RunReport) -> dg.MetadataValue:
+    """The run's notices as a Markdown list."""
+    return dg.MetadataValue.md("\n".join(f"- {n}" for n in report.notices))
+
+
 def _failure(exc: CioRetlError) -> dg.Failure:
     """The engine's message (it names the problem, never a secret) as a step failure.
 
@@ -693,9 +698,9 @@ def _failure(exc: CioRetlError) -> dg.Failure:
         "error_type": dg.MetadataValue.text(type(exc).__name__),
         "transient": dg.MetadataValue.bool(transient),
     }
-    notices = exc.report.notices if isinstance(exc.report, RunReport) else []
-    if notices:  # a run that stopped under way: what else is worth a look (an unreleased lock)
-        metadata["notices"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in notices))
+    if isinstance(exc.report, RunReport) and exc.report.notices:
+        # A run that stopped under way: what else is worth a look (an unreleased lock).
+        metadata["notices"] = _notices(exc.report)
     return dg.Failure(description=str(exc), metadata=metadata, allow_retries=transient)
 
 
@@ -746,7 +751,7 @@ def report_metadata(report: RunReport, model: ModelReport) -> dict[str, dg.Metad
         ),
     }
     if report.notices:
-        metadata["notices"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in report.notices))
+        metadata["notices"] = _notices(report)
     if model.skipped:  # people a suppression model holds: never identified
         metadata["skipped_suppressed"] = dg.MetadataValue.int(model.skipped)
     if model.kind == Kind.EVENT.value:

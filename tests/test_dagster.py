@@ -728,15 +728,9 @@ def test_the_reports_notices_reach_the_log_and_the_metadata(
     """A notice of the run (here: a lock the state store failed to release after the
     sync) is a warning in the run's log and an entry of every materialization's metadata;
     the materialization still succeeds."""
-    import duckdb
-    import sqlalchemy as sa
+    from tests.test_failures import fail_lock_releases
 
-    from cio_retl.state import StateStore
-
-    def release_fails(*_args: object, **_kwargs: object) -> None:
-        raise sa.exc.OperationalError("DELETE", None, duckdb.IOException("IO Error: disk detached"))
-
-    monkeypatch.setattr(StateStore, "release_lock", release_fails)
+    fail_lock_releases(monkeypatch)
     result, logs = materialize_logged(assets, env.resources())
     assert result.success
     warnings = [

@@ -456,11 +456,8 @@ def test_a_failing_database_is_transient_only_when_it_did_not_answer(
             engine.dispose()
 
 
-def test_a_lock_the_state_store_fails_to_release_is_a_notice_not_a_failure(
-    settings: Settings, demo_engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Everything was sent and acknowledged when the state store failed to release the
-    lock: the run is still a success, and its report says what happens to the lock."""
+def fail_lock_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lock release of the state store fails as a DuckDB file's I/O would."""
     import duckdb
 
     def release_fails(*_args: object, **_kwargs: object) -> None:
@@ -469,6 +466,14 @@ def test_a_lock_the_state_store_fails_to_release_is_a_notice_not_a_failure(
         )
 
     monkeypatch.setattr(StateStore, "release_lock", release_fails)
+
+
+def test_a_lock_the_state_store_fails_to_release_is_a_notice_not_a_failure(
+    settings: Settings, demo_engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything was sent and acknowledged when the state store failed to release the
+    lock: the run is still a success, and its report says what happens to the lock."""
+    fail_lock_releases(monkeypatch)
     report = sync(settings)
     assert report.outcome is Outcome.SYNCED and report.error is None
     assert len(emulator.workspace.people) == 490
