@@ -88,6 +88,10 @@ class Dialect(abc.ABC):
     # temporary table, and joins them back to the model's rows by key (cio_retl.plan).
     # Measured on DuckDB and PostgreSQL; Snowflake keeps the one full join.
     narrow_diff_join = False
+    # The pseudo-column naming a state table's row, stable within a transaction, where the
+    # database finds rows by it: a narrow join's moved keys then carry their snapshot row's,
+    # and the plan fetches those rows' texts by it instead of by key (None: by key).
+    row_id: str | None = None
     # Microseconds since the epoch on the database's clock, as an integer (a shared plan's
     # claims compare times taken by runs on different hosts).
     now_micros = "epoch_us(now())"
@@ -353,6 +357,12 @@ class DuckDBDialect(Dialect):
 
     name = "duckdb"
     narrow_diff_join = True
+    # A join on ``rowid`` fetches the build side's rows from the scan by row id (DuckDB's
+    # plan shows a TABLE_SCAN emitting only them): a 1,000-change rerun of a 2M-row model
+    # then reads 1,000 snapshot attributes, not 2M (bench/README.md, "Reruns fetch ...").
+    # Row ids change only when a checkpoint rewrites a table, never while a transaction
+    # that reads it is open; the moved keys and the plan share one.
+    row_id = "rowid"
 
     # Not on DuckDB: its ART index lives in memory and cannot spill to disk, so under a
     # memory_limit inserts fail once the index outgrows it (measured: "Out of Memory" near

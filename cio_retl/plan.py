@@ -113,6 +113,15 @@ ITEM_ATTRIBUTES = f"COALESCE(p.{BUILT_SEND_COLUMN}, p.{BUILT_SNAPSHOT_COLUMN})"
 _REJECTED_FOR_KEY = f"p.{FINGERPRINT_COLUMN} IS NOT NULL AND p.{HELD_COLUMN} = 0"
 
 
+def previous(row: str, snapshot: str) -> str:
+    """A planned row's previous attributes and identifiers, from its snapshot row (a removed
+    row needs only the identifiers)."""
+    return (
+        f"CASE WHEN {row}.{FINGERPRINT_COLUMN} IS NOT NULL THEN {snapshot}.attributes END"
+        f" AS {PREVIOUS_COLUMN}, {snapshot}.identifiers AS {IDENTIFIERS_COLUMN}"
+    )
+
+
 def _plan_counts(relation: str, by: str | None = None) -> str:
     """The counts a run reads of its plan (of each ``by`` value, when given): planned model
     rows, snapshot keys, new, changed and removed rows, rows of a NULL key, rows sharing a
@@ -662,14 +671,23 @@ class PlanDiff(PushDownDiff):
             # rows (measured: 1.9-2.2 s against 0.57 + 0.05 s).
             row_number, snapshot_number = w.fingerprint_numbers(model, "m", "s.fingerprint")
             fpn, moved = FINGERPRINT_NUMBER_COLUMN, d.temporary(MOVED_TABLE)
+            # The snapshot's row of a moved key, where the dialect finds rows by their id
+            # (Dialect.row_id): the plan fetches its texts by it.
+            row_id = self.state.dialect.row_id
+            snap_row, moved_row = (
+                (f", s.{row_id} AS __cio_srow", ", sn.__cio_srow AS __cio_sr")
+                if row_id
+                else ("", "")
+            )
             staged = f"""{head}
             fps AS ({source_rows_sql(w, model, bucket, row_number)}),
             snapn AS (
-                SELECT s.key, {snapshot_number} AS {fpn} FROM {self.state.snapshots} AS s
+                SELECT s.key, {snapshot_number} AS {fpn}{snap_row}
+                FROM {self.state.snapshots} AS s
                 WHERE {where}{in_bucket(self.state.dialect, "s.key", bucket)}
             )
             SELECT DISTINCT f.{KEY_COLUMN} AS __cio_mk, f.{fpn} IS NOT NULL AS __cio_mr,
-                   COALESCE(dup.n, 1) AS __cio_mn, sn.key AS __cio_sk
+                   COALESCE(dup.n, 1) AS __cio_mn, sn.key AS __cio_sk{moved_row}
             FROM fps AS f
             {NARROW_JOIN}
             LEFT JOIN dup ON dup.{KEY_COLUMN} = f.{KEY_COLUMN}
@@ -678,30 +696,36 @@ class PlanDiff(PushDownDiff):
             """
             key_of = d.key_expression(model, "m")
             carried = ", ".join(f"src.{d.quote(c)}" for c in w.column_names(model))
+            # The moved keys' snapshot rows, once: by row id, else by key.
+            snapshot_row = (
+                f"s.{row_id} = src.__cio_sr" if row_id else f"{where} AND s.key = src.__cio_sk"
+            )
             # Back to the model: a moved key's rows by key (a hash join, ``=``); the rows of
             # a NULL key, all of them new, apart; a removed key (no model row) joins none,
             # and its fingerprint stays NULL (DuckDB hashes a NULL row to a number).
             joined = f"""{head}
             kept AS (
                 SELECT {source_columns_sql(w, model, "m", present="moved.__cio_mr")},
-                       moved.__cio_mn, moved.__cio_sk
+                       moved.__cio_mn, moved.__cio_sk{", moved.__cio_sr" if row_id else ""}
                 FROM {moved} AS moved
                 LEFT JOIN ({model_sql(model)}) AS m
                   ON moved.__cio_mr AND {key_of} = moved.__cio_mk
                 WHERE moved.__cio_mk IS NOT NULL OR NOT moved.__cio_mr
                 UNION ALL
-                SELECT {source_columns_sql(w, model, "m")}, 1, NULL
+                SELECT {source_columns_sql(w, model, "m")}, 1, NULL{", NULL" if row_id else ""}
                 FROM ({model_sql(model)}) AS m WHERE {key_of} IS NULL
             ),
             j AS (
                 SELECT src.{KEY_COLUMN}, src.{FINGERPRINT_COLUMN}, {carried},
                        src.__cio_mn AS {DUPLICATES_COLUMN},
                        src.__cio_sk AS {SNAPSHOT_KEY_COLUMN},
-                       snap.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
-                       {held} AS {HELD_COLUMN}
-                FROM kept AS src LEFT JOIN snap ON snap.key = src.__cio_sk
+                       s.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
+                       {held} AS {HELD_COLUMN},
+                       {previous("src", "s")}
+                FROM kept AS src LEFT JOIN {self.state.snapshots} AS s ON {snapshot_row}
             )
             """
+            snapshot_of = ""
         else:
             joined = f"""{head}
             j AS (
@@ -715,26 +739,24 @@ class PlanDiff(PushDownDiff):
                 {acted_on}
             )
             """
-        # A model row's previous attributes (a removed row needs only its identifiers).
-        previous = (
-            f"CASE WHEN p.{FINGERPRINT_COLUMN} IS NOT NULL THEN s.attributes END"
-            f" AS {PREVIOUS_COLUMN}, s.identifiers AS {IDENTIFIERS_COLUMN}"
-        )
-        snapshot_of = (
-            f"LEFT JOIN {self.state.snapshots} AS s ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
-        )
+            snapshot_of = (
+                f"LEFT JOIN {self.state.snapshots} AS s"
+                f" ON {where} AND s.key = p.{SNAPSHOT_KEY_COLUMN}"
+            )
+        # The snapshot's texts: ``j`` holds them where it joined the snapshot rows already.
+        previous_of = f", {previous('p', 's')}" if snapshot_of else ""
         seq = _UNNUMBERED if numbered_after else d.plan_sequence([f"p.{c}" for c in _PLAN_ORDER])
         if columns is None:
             nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in BUILT_COLUMNS)
             return (
-                f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*, {previous}, {nulls},"
+                f"{joined} SELECT {seq} AS {SEQ_COLUMN}, p.*{previous_of}, {nulls},"
                 f" CAST(NULL AS INTEGER) AS {CHANGED_COLUMN} FROM j AS p {snapshot_of}"
             ), staged
         built = payloads(
             d.name,
             model,
             columns,
-            f"SELECT p.*, {previous} FROM j AS p {snapshot_of}",
+            f"SELECT p.*{previous_of} FROM j AS p {snapshot_of}",
             key=f"m.{KEY_COLUMN}",
             previous=PREVIOUS_COLUMN,
             full_resync=self.full_resync,

@@ -962,6 +962,32 @@ class Side:
     state: str = "cio_retl"
 
 
+def reorder_snapshots(side: Side) -> None:
+    """Write the snapshot table again in reverse key order, after another model's rows, and
+    checkpoint: a snapshot row's position (DuckDB's ``rowid``, PostgreSQL's ``ctid``) then
+    follows neither the first sync's order nor the keys', so a plan that fetched texts by
+    the wrong row sends what the Python path does not."""
+    table = f"{side.state}.snapshots"
+    with side.engine.begin() as conn:
+        rows = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY key DESC")).mappings().all()
+        assert rows
+        conn.execute(sa.text(f"DELETE FROM {table}"))
+        columns = list(rows[0].keys())
+        names = ", ".join(columns)
+        insert = sa.text(
+            f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + n for n in columns)})"
+        )
+        conn.execute(insert, [{**row, "model": "other_model"} for row in rows])
+        conn.execute(insert, [dict(row) for row in rows])
+    with side.engine.begin() as conn:
+        conn.execute(
+            sa.text(f"DELETE FROM {table} WHERE model = 'other_model' AND key > 'person2'")
+        )
+    if side.engine.dialect.name == "duckdb":
+        with side.engine.connect() as conn:
+            conn.execute(sa.text("CHECKPOINT"))
+
+
 def rerun_every_kind_of_row(
     sides: tuple[Side, Side], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -982,6 +1008,7 @@ def rerun_every_kind_of_row(
                 _python_path_only(patch)
             first = sync(run)
             assert first.outcome in (Outcome.SYNCED, Outcome.REJECTED), first
+            reorder_snapshots(side)
             with side.engine.begin() as conn:
                 for edit in (
                     "UPDATE {s}.people SET vip = NOT COALESCE(vip, FALSE) WHERE email IN ('person10@example.com', 'person11@example.com')",
