@@ -42,6 +42,8 @@ def counted_passes(
     counts = dict.fromkeys(fragments, 0)
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().startswith("DESCRIBE"):
+            return  # a plan's query described (its columns' types): bound, no row read
         for name, forms in fragments.items():
             if any(form in statement for form in forms):
                 counts[name] += 1

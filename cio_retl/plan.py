@@ -833,7 +833,14 @@ class PlanDiff(PushDownDiff):
                         if staged is not None:
                             for statement in d.temporary_table(MOVED_TABLE, staged):
                                 conn.execute(sa.text(statement))
-                        conn.execute(sa.text(d.create_plan(table, query, order)))
+                        describe = d.describe(query)
+                        described = (
+                            [(str(r[0]), str(r[1])) for r in conn.execute(sa.text(describe))]
+                            if describe
+                            else []
+                        )
+                        for statement in d.create_plan(table, query, order, described):
+                            conn.execute(sa.text(statement))
                         if numbered_after:
                             conn.execute(sa.text(d.plan_numbering(table, SEQ_COLUMN)))
                         for statement in d.plan_built(table, by, SEQ_COLUMN):
