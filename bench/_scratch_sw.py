@@ -66,13 +66,15 @@ def write(path: Path, rows: int, variant: str) -> str:
     conn.execute(f"SET checkpoint_threshold = '{DUCKDB_CHECKPOINT_THRESHOLD}'")
     if os.environ.get("ZSTD"):
         z = " USING COMPRESSION zstd"
-        conn.execute(f"CREATE TABLE snapshots (workspace VARCHAR, model VARCHAR, key VARCHAR, fingerprint VARCHAR{z if os.environ.get('ZFP') else ''}, identifiers VARCHAR{z}, attributes VARCHAR{z}, run_id VARCHAR, synced_at TIMESTAMP WITH TIME ZONE)")
+        conn.execute(
+            f"CREATE TABLE snapshots (workspace VARCHAR, model VARCHAR, key VARCHAR, fingerprint VARCHAR{z if os.environ.get('ZFP') else ''}, identifiers VARCHAR{z}, attributes VARCHAR{z}, run_id VARCHAR, synced_at TIMESTAMP WITH TIME ZONE)"
+        )
     else:
-      conn.execute(
-        f"CREATE TABLE snapshots AS SELECT 'ws' AS workspace, 'people' AS model, p.key,"
-        f" p.fp AS fingerprint, {VARIANTS[variant]} p.snap AS attributes,"
-        " 'run-00000000' AS run_id, now() AS synced_at FROM plan AS p WHERE false"
-    )
+        conn.execute(
+            f"CREATE TABLE snapshots AS SELECT 'ws' AS workspace, 'people' AS model, p.key,"
+            f" p.fp AS fingerprint, {VARIANTS[variant]} p.snap AS attributes,"
+            " 'run-00000000' AS run_id, now() AS synced_at FROM plan AS p WHERE false"
+        )
     inserts = commits = 0.0
     step = Sender.ACK_ROWS
     for first in range(1, rows + 1, step):
