@@ -33,6 +33,8 @@ from typing import Any, ClassVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateColumn
 
 from cio_retl.buckets import bucket_sql
 from cio_retl.errors import CioRetlError, ConfigError, LockedError
@@ -44,6 +46,11 @@ KEY_SEPARATOR = "\x1f"
 
 # The placeholder a statement template uses for the relation built from a Python batch.
 ROWS = "{rows}"
+
+# ``sa.Column(info=...)`` key of a state column holding JSON text of one shape per model (a
+# snapshot's attributes and identifiers): DuckDB declares it USING COMPRESSION zstd
+# (see _duckdb_column).
+JSON_TEXT = "cio_retl_json_text"
 
 # Unix seconds of datetime.max (9999-12-31 23:59:59.999999, floored), datetime.min and
 # date.min (0001-01-01), and date.max (9999-12-31): what DuckDB's infinities become in Python.
@@ -358,6 +365,20 @@ class Dialect(abc.ABC):
 
 def _install(extra: str) -> str:
     return f"pip install 'cio-retl[{extra}]' (or: uv sync --extra {extra})"
+
+
+@compiles(CreateColumn, "duckdb")
+def _duckdb_column(element: CreateColumn, compiler: Any, **kw: Any) -> str:
+    """A state column of JSON text, declared USING COMPRESSION zstd (the reasons and
+    figures at DuckDBDialect.create_plan: DuckDB leaves such text to DICT_FSST). Its rows
+    go to the table's WAL as they are acknowledged and are compressed at the checkpoint:
+    measured on 1M snapshot rows (bench/README.md, "zstd"), that checkpoint took 0.74-0.80
+    s against 1.12-1.13 s, the file 110 MB against 137 MB. Tables created before keep the
+    compression they were created with (DuckDB has no ALTER for it)."""
+    text = str(compiler.visit_create_column(element, **kw))
+    if element.element.info.get(JSON_TEXT):
+        text += " USING COMPRESSION zstd"
+    return text
 
 
 class DuckDBDialect(Dialect):

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from cio_retl.config import STATE_SCHEMA
-from cio_retl.dialects import ROWS, dialect_for
+from cio_retl.dialects import JSON_TEXT, ROWS, dialect_for
 
 metadata = sa.MetaData(schema=STATE_SCHEMA)
 
@@ -37,8 +37,9 @@ snapshots = sa.Table(
     sa.Column("model", sa.String, primary_key=True),
     sa.Column("key", sa.String, primary_key=True),
     sa.Column("fingerprint", sa.String, nullable=False),
-    sa.Column("identifiers", sa.String, nullable=False),  # JSON of the item's identifiers
-    sa.Column("attributes", sa.String, nullable=False),  # JSON of acknowledged attributes
+    # JSON of the item's identifiers, and of the acknowledged attributes
+    sa.Column("identifiers", sa.String, nullable=False, info={JSON_TEXT: True}),
+    sa.Column("attributes", sa.String, nullable=False, info={JSON_TEXT: True}),
     sa.Column("run_id", sa.String, nullable=False),
     sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
 )
@@ -184,7 +185,7 @@ def _without_primary_key(table: sa.Table, name: str) -> sa.Table:
     return sa.Table(
         name,
         sa.MetaData(schema=table.schema),
-        *(sa.Column(c.name, c.type, nullable=c.nullable) for c in table.columns),
+        *(sa.Column(c.name, c.type, nullable=c.nullable, info=c.info) for c in table.columns),
     )
 
 
