@@ -115,8 +115,12 @@ def store_child(path: str) -> None:
     conn = duckdb.connect(path)
     conn.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     items = item_sql(conn, "bench_people")
+    conn.execute(  # the JSON texts compressed by zstd, as cio-retl's snapshot table has them
+        "CREATE TABLE floor_snapshots (key VARCHAR, fingerprint VARCHAR,"
+        " identifiers VARCHAR USING COMPRESSION zstd, attributes VARCHAR USING COMPRESSION zstd)"
+    )
     conn.execute(
-        "CREATE TABLE floor_snapshots AS SELECT i->>'$.identifiers.id' AS key,"
+        "INSERT INTO floor_snapshots SELECT i->>'$.identifiers.id' AS key,"
         " CAST(hash(i) AS VARCHAR) AS fingerprint,"
         " CAST(i->'$.identifiers' AS VARCHAR) AS identifiers,"
         f" CAST(i->'$.attributes' AS VARCHAR) AS attributes FROM ({items}) AS q(i)"
