@@ -117,6 +117,11 @@ class Dialect(abc.ABC):
         running it, where create_plan declares them (else None)."""
         return None
 
+    def utf8_bytes(self, text: str) -> str | None:
+        """SQL of ``text``'s UTF-8 bytes, where the driver returns them as Python ``bytes``
+        (else None: the caller encodes the ``str`` it reads)."""
+        return None
+
     def plan_sequence(self, order: Sequence[str]) -> str:
         """The sequence number of a plan row as the plan is written: dense from 1, unique.
         Where the dialect needs one, ``order`` (expressions over the planned row) orders
@@ -416,6 +421,13 @@ class DuckDBDialect(Dialect):
 
     def describe(self, query: str) -> str | None:
         return f"DESCRIBE {query}"
+
+    def utf8_bytes(self, text: str) -> str | None:
+        """``encode``: "Converts the string to BLOB. Converts UTF-8 characters into literal
+        encoding" (DuckDB docs, Blob Functions), and the Python client returns a BLOB as
+        ``bytes``: no ``str`` made of each item only to be encoded again (1M items read:
+        0.65 s against 0.79-1.00 s)."""
+        return f"encode({text})"
 
     def create_plan(
         self, table: str, query: str, order: Sequence[str], columns: Sequence[tuple[str, str]]

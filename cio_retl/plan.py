@@ -189,7 +189,7 @@ class PlanTable:
     READ_BYTES = 8 * 2**20
     MAX_READ_ROWS = 50_000
 
-    def chunks(self) -> Iterator[tuple[Sequence[tuple[int, str, int]], list[bytes]]]:
+    def chunks(self) -> Iterator[tuple[Sequence[tuple[int, str | bytes, int]], list[bytes]]]:
         """The rows whose item the database built, in sequence order, a read at a time: the
         rows as (sequence number, item text, 1 for an update or 0), and their items' bytes.
         The item text is built here, from the key and the attributes text (an update's
@@ -204,6 +204,7 @@ class PlanTable:
         stay the driver's tuples, with no SQLAlchemy row object made per item.
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
+        as_bytes = self.state.dialect.utf8_bytes(self.item)
         update = f"CASE WHEN p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 0 ELSE 1 END"
         with self.state.engine.connect() as conn:
             first, last, rows, size = conn.execute(
@@ -222,7 +223,8 @@ class PlanTable:
             try:
                 for low in range(int(first), int(last) + 1, step):
                     statement = (
-                        f"SELECT p.{SEQ_COLUMN}, {self.item}, {update} FROM {self.name} AS p"
+                        f"SELECT p.{SEQ_COLUMN}, {as_bytes or self.item}, {update}"
+                        f" FROM {self.name} AS p"
                         f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
                         f" ORDER BY p.{SEQ_COLUMN}"
                     )
@@ -245,7 +247,14 @@ class PlanTable:
                             connection_invalidated=lost,
                             dialect=conn.dialect,
                         ) from exc
-                    yield read, [text.encode() for _, text, _ in read]
+                    yield (
+                        read,
+                        (
+                            [item for _, item, _ in read]
+                            if as_bytes
+                            else [text.encode() for _, text, _ in read]
+                        ),
+                    )
             finally:
                 cursor.close()
 

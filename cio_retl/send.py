@@ -140,7 +140,7 @@ class Sender:
 
     def _built(
         self, planned: PlanTable
-    ) -> Iterator[tuple[Sequence[tuple[int, str, int]], list[bytes]]]:
+    ) -> Iterator[tuple[Sequence[tuple[int, str | bytes, int]], list[bytes]]]:
         """The plan's built items, a read at a time (:meth:`PlanTable.chunks`); samples
         taken, acknowledgments kept due meanwhile."""
         samples, sample_size = self.report.samples, self.run.options.sample_size
