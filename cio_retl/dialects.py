@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -112,10 +113,15 @@ class Dialect(abc.ABC):
         writer reads it from another connection, so not a temporary one."""
         return [f"CREATE TABLE {table} AS {query}"]
 
-    def describe(self, query: str) -> str | None:
-        """The statement reading ``query``'s result columns as (name, type) rows, without
-        running it, where create_plan declares them (else None)."""
-        return None
+    def plan_columns(self, conn: Connection, query: str) -> list[tuple[str, str]]:
+        """``query``'s result columns as (name, type), read without running it, where
+        create_plan declares them (else none)."""
+        return []
+
+    def compresses_json_text(self, engine: Engine) -> bool:
+        """Whether the state tables of ``engine`` declare their JSON text columns
+        compressed (JSON_TEXT); not by default."""
+        return False
 
     def utf8_bytes(self, text: str) -> str | None:
         """SQL of ``text``'s UTF-8 bytes, where the driver returns them as Python ``bytes``
@@ -372,10 +378,33 @@ def _install(extra: str) -> str:
     return f"pip install 'cio-retl[{extra}]' (or: uv sync --extra {extra})"
 
 
+# Engine -> whether its DuckDB declares JSON text USING COMPRESSION zstd (compresses_json_text).
+_ZSTD_TEXT: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def _zstd_available(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        (version,) = conn.execute(sa.text("SELECT version()")).one()
+        major = re.match(r"v?(\d+)", str(version))
+        if major is None or int(major.group(1)) < 2:
+            return False
+        try:
+            conn.execute(
+                sa.text("CREATE TABLE __cio_zstd_probe (t VARCHAR USING COMPRESSION zstd)")
+            )
+        except sa.exc.DBAPIError:
+            return False
+        finally:
+            conn.rollback()
+    return True
+
+
 @compiles(CreateColumn, "duckdb")
 def _duckdb_column(element: CreateColumn, compiler: Any, **kw: Any) -> str:
     """A state column of JSON text, declared USING COMPRESSION zstd (the reasons and
-    figures at DuckDBDialect.create_plan: DuckDB leaves such text to DICT_FSST). Its rows
+    figures at DuckDBDialect.create_plan: DuckDB leaves such text to DICT_FSST), where
+    DuckDBDialect.compresses_json_text says the file takes it (the state store marks the
+    columns only then). Its rows
     go to the table's WAL as they are acknowledged and are compressed at the checkpoint:
     measured on 1M snapshot rows (bench/README.md, "zstd"), that checkpoint took 0.74-0.80
     s against 1.12-1.13 s, the file 110 MB against 137 MB. Tables created before keep the
@@ -419,8 +448,22 @@ class DuckDBDialect(Dialect):
     plan_session = ("SET preserve_insertion_order = false",)
     plan_session_reset = ("RESET preserve_insertion_order",)
 
-    def describe(self, query: str) -> str | None:
-        return f"DESCRIBE {query}"
+    def plan_columns(self, conn: Connection, query: str) -> list[tuple[str, str]]:
+        if not self.compresses_json_text(conn.engine):
+            return []
+        return [(str(r[0]), str(r[1])) for r in conn.execute(sa.text(f"DESCRIBE {query}"))]
+
+    def compresses_json_text(self, engine: Engine) -> bool:
+        """Where DuckDB is 2.0 or later and the database file's storage has zstd: DuckDB 1.1
+        refuses the clause, 1.2-1.4 accept it and store such a column uncompressed (3-4x
+        its size under their own choice), and a file written by DuckDB 1.x refuses it
+        ("Can't compress using user-provided compression type 'ZSTD', that type is not
+        available yet"). So one CREATE TABLE is tried in the file and rolled back, once
+        per engine."""
+        known = _ZSTD_TEXT.get(engine)
+        if known is None:
+            known = _ZSTD_TEXT[engine] = _zstd_available(engine)
+        return known
 
     def utf8_bytes(self, text: str) -> str | None:
         """``encode``: "Converts the string to BLOB. Converts UTF-8 characters into literal

@@ -191,7 +191,8 @@ class PlanTable:
 
     def chunks(self) -> Iterator[tuple[Sequence[tuple[int, str | bytes, int]], list[bytes]]]:
         """The rows whose item the database built, in sequence order, a read at a time: the
-        rows as (sequence number, item text, 1 for an update or 0), and their items' bytes.
+        rows as (sequence number, item text or, where the dialect reads them so, its bytes,
+        1 for an update or 0), and their items' bytes.
         The item text is built here, from the key and the attributes text (an update's
         changed ones, else the snapshot's), so the plan holds each payload once.
 
@@ -824,7 +825,8 @@ class PlanDiff(PushDownDiff):
         staged: str | None = None,
         as_written: Callable[[], str] | None = None,
     ) -> bool:
-        """CREATE the plan table ``name`` AS ``sql``; False (and no table) when that does
+        """Write the plan table ``name`` from ``sql`` (Dialect.create_plan: CREATE TABLE AS,
+        or DuckDB's declared table and INSERT); False (and no table) when that does
         not fit the database's memory limit. ``by``: the columns its reads filter by before
         the sequence number. ``staged``: the query written first as the temporary
         MOVED_TABLE, which ``sql`` reads (dropped after). ``as_written``: given where
@@ -842,13 +844,8 @@ class PlanDiff(PushDownDiff):
                         if staged is not None:
                             for statement in d.temporary_table(MOVED_TABLE, staged):
                                 conn.execute(sa.text(statement))
-                        describe = d.describe(query)
-                        described = (
-                            [(str(r[0]), str(r[1])) for r in conn.execute(sa.text(describe))]
-                            if describe
-                            else []
-                        )
-                        for statement in d.create_plan(table, query, order, described):
+                        columns = d.plan_columns(conn, query)
+                        for statement in d.create_plan(table, query, order, columns):
                             conn.execute(sa.text(statement))
                         if numbered_after:
                             conn.execute(sa.text(d.plan_numbering(table, SEQ_COLUMN)))
@@ -859,7 +856,7 @@ class PlanDiff(PushDownDiff):
                     except sa.exc.DBAPIError as exc:
                         if not d.out_of_memory(exc):
                             raise
-                        conn.rollback()  # a failed CREATE TABLE AS leaves no table
+                        conn.rollback()  # takes back the failed write's table
                         if not numbered_after or as_written is None:
                             break
                         # The threads that write a plan at once hold more of it than the
@@ -888,7 +885,7 @@ class PlanDiff(PushDownDiff):
                         conn.execute(sa.text(d.drop_temporary(MOVED_TABLE)))
                     conn.commit()
         if not built:
-            self.state.drop_tables([name])  # a failed CREATE TABLE AS leaves none
+            self.state.drop_tables([name])  # rolled back already: none is left, as a rule
             return False
         return True
 

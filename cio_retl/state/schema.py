@@ -180,24 +180,32 @@ session_staged_keys = sa.Table(
 )
 
 
-def _without_primary_key(table: sa.Table, name: str) -> sa.Table:
-    """``table``'s columns (NOT NULL kept) as a table ``name`` of its own, with no key."""
+def _without_primary_key(table: sa.Table, name: str, json_text: bool) -> sa.Table:
+    """``table``'s columns (NOT NULL kept) as a table ``name`` of its own, with no key; its
+    JSON text columns marked as such (JSON_TEXT) only with ``json_text``."""
     return sa.Table(
         name,
         sa.MetaData(schema=table.schema),
-        *(sa.Column(c.name, c.type, nullable=c.nullable, info=c.info) for c in table.columns),
+        *(
+            sa.Column(c.name, c.type, nullable=c.nullable, info=c.info if json_text else {})
+            for c in table.columns
+        ),
     )
 
 
 # The tables that grow with a model, and so have no key index where the dialect keeps none
 # (DuckDB, see Dialect.state_primary_keys): each as created then, and the name an older,
-# keyed one is copied through.
+# keyed one is copied through; by whether the dialect compresses JSON text there
+# (Dialect.compresses_json_text).
 _UNKEYED = {
-    table: (
-        _without_primary_key(table, table.name),
-        _without_primary_key(table, f"{table.name}_unkeyed"),
-    )
-    for table in (snapshots, rejections, sent_events)
+    json_text: {
+        table: (
+            _without_primary_key(table, table.name, json_text),
+            _without_primary_key(table, f"{table.name}_unkeyed", json_text),
+        )
+        for table in (snapshots, rejections, sent_events)
+    }
+    for json_text in (False, True)
 }
 
 # Columns older versions kept that nothing reads any more, dropped by the upgrade.
@@ -360,9 +368,10 @@ class Schema(StoreBase):
                     if self.dialect.state_primary_keys:
                         metadata.create_all(conn)
                     else:
-                        keyed = [t for t in metadata.sorted_tables if t not in _UNKEYED]
+                        grown = _UNKEYED[self.dialect.compresses_json_text(self.engine)]
+                        keyed = [t for t in metadata.sorted_tables if t not in grown]
                         metadata.create_all(conn, tables=keyed)
-                        for table, (unkeyed, migrating) in _UNKEYED.items():
+                        for table, (unkeyed, migrating) in grown.items():
                             unkeyed.create(conn, checkfirst=True)
                             if self._drop_primary_key(conn, table, migrating):
                                 upgraded.add(table)
