@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,36 @@ def join_bodies(cursor: Any, started: float) -> str:
     """Join the first column of ``cursor``'s rows into 1000-item batch bodies, as the sync
     does; "items bodies bytes seconds" for :func:`main` to read."""
     bodies = n_bytes = items = 0
-    while rows := cursor.fetchmany(BATCH_ITEMS):
-        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
+    for n, body in batch_bodies(cursor):
         bodies += 1
-        items += len(rows)
+        items += n
         n_bytes += len(body)
     return f"{items} {bodies} {n_bytes} {time.perf_counter() - started:.3f}"
+
+
+def batch_bodies(cursor: Any) -> Iterator[tuple[int, bytes]]:
+    """(items, body) of each 1000-item ``{"batch": [...]}`` body joined from the first
+    column of ``cursor``'s rows."""
+    while rows := cursor.fetchmany(BATCH_ITEMS):
+        yield len(rows), ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
+
+
+# The store floors' snapshot table: its JSON texts compressed by zstd, as cio-retl's own
+# snapshot table declares them (the cheapest way measured, bench/README.md, "zstd").
+SNAPSHOT_COLUMNS = (
+    "key VARCHAR, fingerprint VARCHAR, identifiers VARCHAR USING COMPRESSION zstd,"
+    " attributes VARCHAR USING COMPRESSION zstd"
+)
+
+
+def snapshot_texts(items: str) -> str:
+    """A SELECT of every item's snapshot (key, fingerprint, identifiers and attributes text)
+    from the query ``items`` of item JSON."""
+    return (
+        "SELECT i->>'$.identifiers.id' AS key, CAST(hash(i) AS VARCHAR) AS fingerprint,"
+        " CAST(i->'$.identifiers' AS VARCHAR) AS identifiers,"
+        f" CAST(i->'$.attributes' AS VARCHAR) AS attributes FROM ({items}) AS q(i)"
+    )
 
 
 def floor_child(path: str) -> None:
@@ -115,16 +140,8 @@ def store_child(path: str) -> None:
     conn = duckdb.connect(path)
     conn.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     items = item_sql(conn, "bench_people")
-    conn.execute(  # the JSON texts compressed by zstd, as cio-retl's snapshot table has them
-        "CREATE TABLE floor_snapshots (key VARCHAR, fingerprint VARCHAR,"
-        " identifiers VARCHAR USING COMPRESSION zstd, attributes VARCHAR USING COMPRESSION zstd)"
-    )
-    conn.execute(
-        "INSERT INTO floor_snapshots SELECT i->>'$.identifiers.id' AS key,"
-        " CAST(hash(i) AS VARCHAR) AS fingerprint,"
-        " CAST(i->'$.identifiers' AS VARCHAR) AS identifiers,"
-        f" CAST(i->'$.attributes' AS VARCHAR) AS attributes FROM ({items}) AS q(i)"
-    )
+    conn.execute(f"CREATE TABLE floor_snapshots ({SNAPSHOT_COLUMNS})")
+    conn.execute(f"INSERT INTO floor_snapshots {snapshot_texts(items)}")
     conn.execute("CHECKPOINT")
     rows = conn.execute("SELECT count(*) FROM floor_snapshots").fetchone()
     conn.close()

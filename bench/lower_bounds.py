@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,18 +69,13 @@ from _common import (
     sync_env,
     timed_run,
 )
-from floor import BATCH_ITEMS, item_sql
+from floor import SNAPSHOT_COLUMNS, batch_bodies, item_sql, snapshot_texts
+from vs_sdk import sdk_rate, sdk_sample
 
 from cio_retl.dialects import DUCKDB_MEMORY_LIMIT
 from cio_retl.options import SyncOptions
 
 IMPORTS = "import duckdb, duckdb_engine, sqlalchemy, httpx, orjson"
-# The store's table: its JSON texts compressed by zstd, the cheapest way we measured
-# (bench/README.md, "zstd"), as cio-retl's own snapshot table declares them.
-SNAPSHOT_COLUMNS = (
-    "key VARCHAR, fingerprint VARCHAR, identifiers VARCHAR USING COMPRESSION zstd,"
-    " attributes VARCHAR USING COMPRESSION zstd"
-)
 SYNC = [sys.executable, "-m", "cio_retl", "sync"]
 CHANGES = 1_000
 
@@ -116,11 +110,7 @@ def payloads_child(path: str) -> None:
     conn = duckdb.connect(path, read_only=True)
     wall, cpu = time.perf_counter(), time.process_time()
     cursor = conn.execute(item_sql(conn, "bench_people"))
-    items = 0
-    while rows := cursor.fetchmany(BATCH_ITEMS):
-        body = ('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode()
-        items += len(rows) if body else 0
-    _work(wall, cpu, items)
+    _work(wall, cpu, sum(n for n, _ in batch_bodies(cursor)))
 
 
 def store_child(path: str) -> None:
@@ -129,12 +119,7 @@ def store_child(path: str) -> None:
     conn = duckdb.connect(path)
     conn.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     items = item_sql(conn, "bench_people")
-    conn.execute(  # the untimed setup: the snapshot texts, built
-        "CREATE TABLE built AS SELECT i->>'$.identifiers.id' AS key,"
-        " CAST(hash(i) AS VARCHAR) AS fingerprint,"
-        " CAST(i->'$.identifiers' AS VARCHAR) AS identifiers,"
-        f" CAST(i->'$.attributes' AS VARCHAR) AS attributes FROM ({items}) AS q(i)"
-    )
+    conn.execute(f"CREATE TABLE built AS {snapshot_texts(items)}")  # untimed: the texts
     conn.execute("CHECKPOINT")
     wall, cpu = time.perf_counter(), time.process_time()
     conn.execute(f"CREATE TABLE snapshots ({SNAPSHOT_COLUMNS})")
@@ -149,9 +134,7 @@ def http_child(path: str, base: str) -> None:
 
     conn = duckdb.connect(path, read_only=True)
     cursor = conn.execute(item_sql(conn, "bench_people"))
-    bodies = []  # the untimed setup: every body, built
-    while rows := cursor.fetchmany(BATCH_ITEMS):
-        bodies.append(('{"batch":[' + ",".join(row[0] for row in rows) + "]}").encode())
+    bodies = [body for _, body in batch_bodies(cursor)]  # the untimed setup: every body
     conn.close()
     senders = SyncOptions().max_in_flight
     clients = [
@@ -229,24 +212,8 @@ def bound(imports: Part, parts: list[Part], cores: int) -> tuple[float, float]:
 
 
 def sdk_seconds_per_person(base: str, path: Path, people: int) -> float:
-    from customerio import CustomerIO
-
-    engine = sa.create_engine(f"duckdb:///{path}")
-    with engine.connect() as conn:
-        sample = [
-            {k: (float(v) if isinstance(v, Decimal) else v) for k, v in row._mapping.items()}
-            for row in conn.execute(sa.text(f"SELECT * FROM main.bench_people LIMIT {people}"))
-        ]
-    engine.dispose()
-    for person in sample:
-        person["a6"] = int(person["a6"].timestamp())
-    cio = CustomerIO(site_id=SITE_ID, api_key=API_KEY)
-    cio.base_url = f"{base}/api/v1"
-    started = time.perf_counter()
-    for person in sample:
-        attributes = dict(person)
-        cio.identify(id=attributes.pop("user_id"), **attributes)
-    return (time.perf_counter() - started) / len(sample)
+    """The official SDK's seconds per ``identify`` (vs_sdk.py's way) on ``people`` rows."""
+    return 1 / sdk_rate(base, sdk_sample(f"duckdb:///{path}", people))
 
 
 def verdict(name: str, target: float, floor: float, measured: float) -> str:

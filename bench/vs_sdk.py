@@ -43,6 +43,20 @@ from _common import (
 )
 
 
+def sdk_sample(url: str, people: int) -> list[dict[str, object]]:
+    """The first ``people`` rows of ``bench_people`` at ``url``, as the SDK is given them."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        sample = [
+            {k: (float(v) if isinstance(v, Decimal) else v) for k, v in row._mapping.items()}
+            for row in conn.execute(sa.text(f"SELECT * FROM main.bench_people LIMIT {people}"))
+        ]
+    engine.dispose()
+    for person in sample:  # the SDK JSON-encodes datetimes itself? send Unix seconds as we do
+        person["a6"] = int(person["a6"].timestamp())  # type: ignore[attr-defined]
+    return sample
+
+
 def sdk_rate(base: str, people: list[dict[str, object]]) -> float:
     cio = CustomerIO(site_id=SITE_ID, api_key=API_KEY)
     cio.base_url = f"{base}/api/v1"  # the SDK builds https URLs; point it at the emulator
@@ -66,16 +80,8 @@ def main() -> None:
     url = f"duckdb:///{workdir / 'bench.duckdb'}"
     engine = sa.create_engine(url)
     people_table(engine, args.rows)
-    with engine.connect() as conn:
-        sample = [
-            {k: (float(v) if isinstance(v, Decimal) else v) for k, v in row._mapping.items()}
-            for row in conn.execute(
-                sa.text(f"SELECT * FROM main.bench_people LIMIT {args.sdk_people}")
-            )
-        ]
     engine.dispose()
-    for person in sample:  # the SDK JSON-encodes datetimes itself? send Unix seconds as we do
-        person["a6"] = int(person["a6"].timestamp())  # type: ignore[union-attr]
+    sample = sdk_sample(url, args.sdk_people)
     models = person_model(workdir / "sql")
 
     with emulator_process(check_every=args.check_every) as base:
