@@ -118,8 +118,8 @@ class Dialect(abc.ABC):
         create_plan declares them (else none)."""
         return []
 
-    def compresses_json_text(self, engine: Engine) -> bool:
-        """Whether the state tables of ``engine`` declare their JSON text columns
+    def compresses_json_text(self, conn: Connection) -> bool:
+        """Whether the state tables of ``conn``'s database declare their JSON text columns
         compressed (JSON_TEXT); not by default."""
         return False
 
@@ -382,21 +382,21 @@ def _install(extra: str) -> str:
 _ZSTD_TEXT: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
-def _zstd_available(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        (version,) = conn.execute(sa.text("SELECT version()")).one()
-        major = re.match(r"v?(\d+)", str(version))
-        if major is None or int(major.group(1)) < 2:
-            return False
-        try:
-            conn.execute(
-                sa.text("CREATE TABLE __cio_zstd_probe (t VARCHAR USING COMPRESSION zstd)")
-            )
-        except sa.exc.DBAPIError:
-            return False
-        finally:
-            conn.rollback()
-    return True
+def _zstd_available(conn: Connection) -> bool:
+    version, storage = conn.execute(
+        sa.text(
+            "SELECT version(), tags['storage_version'] FROM duckdb_databases()"
+            " WHERE database_name = current_database()"
+        )
+    ).one()
+    return all(_major(v) >= 2 for v in (version, storage))
+
+
+def _major(version: object) -> int:
+    """The major number of a DuckDB version ('v2.0.0', a storage version 'v2.0.0+'); 0 if
+    there is none."""
+    found = re.search(r"(\d+)\.", str(version))
+    return int(found.group(1)) if found else 0
 
 
 @compiles(CreateColumn, "duckdb")
@@ -449,20 +449,21 @@ class DuckDBDialect(Dialect):
     plan_session_reset = ("RESET preserve_insertion_order",)
 
     def plan_columns(self, conn: Connection, query: str) -> list[tuple[str, str]]:
-        if not self.compresses_json_text(conn.engine):
+        if not self.compresses_json_text(conn):
             return []
         return [(str(r[0]), str(r[1])) for r in conn.execute(sa.text(f"DESCRIBE {query}"))]
 
-    def compresses_json_text(self, engine: Engine) -> bool:
-        """Where DuckDB is 2.0 or later and the database file's storage has zstd: DuckDB 1.1
-        refuses the clause, 1.2-1.4 accept it and store such a column uncompressed (3-4x
-        its size under their own choice), and a file written by DuckDB 1.x refuses it
-        ("Can't compress using user-provided compression type 'ZSTD', that type is not
-        available yet"). So one CREATE TABLE is tried in the file and rolled back, once
-        per engine."""
+    def compresses_json_text(self, conn: Connection) -> bool:
+        """Where DuckDB is 2.0 or later and so is the storage version of the database file
+        (``duckdb_databases()``'s tag): DuckDB 1.1 refuses the clause, 1.2-1.4 accept it
+        and store such a column uncompressed (3-4x its size under their own choice), and a
+        file of an older storage version refuses it ("Can't compress using user-provided
+        compression type 'ZSTD', that type is not available yet"). Read once per engine,
+        on the caller's connection."""
+        engine = conn.engine
         known = _ZSTD_TEXT.get(engine)
         if known is None:
-            known = _ZSTD_TEXT[engine] = _zstd_available(engine)
+            known = _ZSTD_TEXT[engine] = _zstd_available(conn)
         return known
 
     def utf8_bytes(self, text: str) -> str | None:

@@ -368,7 +368,7 @@ class Schema(StoreBase):
                     if self.dialect.state_primary_keys:
                         metadata.create_all(conn)
                     else:
-                        grown = _UNKEYED[self.dialect.compresses_json_text(self.engine)]
+                        grown = _UNKEYED[self.dialect.compresses_json_text(conn)]
                         keyed = [t for t in metadata.sorted_tables if t not in grown]
                         metadata.create_all(conn, tables=keyed)
                         for table, (unkeyed, migrating) in grown.items():
