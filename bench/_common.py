@@ -236,6 +236,16 @@ def people_table(engine: sa.Engine, rows: int, attributes: int = 8, schema: str 
         )
 
 
+def people_database(folder: Path, rows: int) -> tuple[Path, Path]:
+    """A DuckDB file ``pristine.duckdb`` of ``bench_people`` (``rows`` rows) in ``folder``,
+    and the folder of its person model beside it."""
+    pristine = folder / "pristine.duckdb"
+    engine = sa.create_engine(f"duckdb:///{pristine}")
+    people_table(engine, rows)
+    engine.dispose()
+    return pristine, person_model(folder / "models")
+
+
 def person_model(folder: Path, schema: str = "main") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench_people.sql").write_text(

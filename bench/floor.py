@@ -51,6 +51,7 @@ from _common import (
     emulator_stats,
     load_average,
     machine,
+    people_database,
     people_table,
     person_model,
     sync_env,
@@ -249,11 +250,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="cio-floor-") as tmp:
         folder = Path(tmp)
-        pristine = folder / "pristine.duckdb"
-        engine = sa.create_engine(f"duckdb:///{pristine}")
-        people_table(engine, args.rows)
-        engine.dispose()
-        models = person_model(folder / "models")
+        pristine, models = people_database(folder, args.rows)
         for repeat in range(args.repeats):
             floor = timed_run(
                 [sys.executable, str(Path(__file__)), "--floor-child", str(pristine)], os.environ

@@ -64,8 +64,7 @@ from _common import (
     emulator_process,
     load_average,
     machine,
-    people_table,
-    person_model,
+    people_database,
     sync_env,
     timed_run,
 )
@@ -244,11 +243,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load_average()}; {args.rows:,} rows")
     with tempfile.TemporaryDirectory(prefix="cio-bounds-") as tmp:
         folder = Path(tmp)
-        pristine = folder / "pristine.duckdb"
-        engine = sa.create_engine(f"duckdb:///{pristine}")
-        people_table(engine, args.rows)
-        engine.dispose()
-        models = person_model(folder / "models")
+        pristine, models = people_database(folder, args.rows)
         with emulator_process(check_every=args.check_every) as base:
             imports = imports_part()
             parts = [run_child("payloads", str(pristine))]
