@@ -109,7 +109,7 @@ class Dialect(abc.ABC):
     ) -> list[str]:
         """The statements writing a plan ``table`` from ``query``; ``order``: the columns its
         reads filter by (as plan_built's); ``columns``: the query's (name, type), read by
-        :meth:`describe` where the dialect has it (else empty). A plain table: the state
+        :meth:`plan_columns` where the dialect declares them (else empty). A plain table: the state
         writer reads it from another connection, so not a temporary one."""
         return [f"CREATE TABLE {table} AS {query}"]
 
@@ -404,11 +404,11 @@ def _duckdb_column(element: CreateColumn, compiler: Any, **kw: Any) -> str:
     """A state column of JSON text, declared USING COMPRESSION zstd (the reasons and
     figures at DuckDBDialect.create_plan: DuckDB leaves such text to DICT_FSST), where
     DuckDBDialect.compresses_json_text says the file takes it (the state store marks the
-    columns only then). Its rows
-    go to the table's WAL as they are acknowledged and are compressed at the checkpoint:
-    measured on 1M snapshot rows (bench/README.md, "zstd for JSON texts"), that checkpoint took 0.74-0.80
-    s against 1.12-1.13 s, the file 110 MB against 137 MB. Tables created before keep the
-    compression they were created with (DuckDB has no ALTER for it)."""
+    columns only then). Its rows go to the table's WAL as they are acknowledged and are
+    compressed at the checkpoint: measured on 1M snapshot rows (bench/README.md, "zstd for
+    JSON texts"), that checkpoint took 0.74-0.80 s against 1.12-1.13 s, the file 110 MB
+    against 137 MB. Tables created before keep the compression they were created with
+    (DuckDB has no ALTER for it)."""
     text = str(compiler.visit_create_column(element, **kw))
     if element.element.info.get(JSON_TEXT):
         text += " USING COMPRESSION zstd"
@@ -422,7 +422,8 @@ class DuckDBDialect(Dialect):
     narrow_diff_join = True
     # A join on ``rowid`` fetches the build side's rows from the scan by row id (DuckDB's
     # plan shows a TABLE_SCAN emitting only them): a 1,000-change rerun of a 2M-row model
-    # then reads 1,000 snapshot attributes, not 2M (bench/README.md, "zstd for JSON texts, BLOB reads, reruns by rowid").
+    # then reads 1,000 snapshot attributes, not 2M (bench/README.md, "zstd for JSON texts,
+    # BLOB reads, reruns by rowid").
     # Row ids change only when a checkpoint rewrites a table, never while a transaction
     # that reads it is open; the moved keys and the plan share one.
     row_id = "rowid"
@@ -476,15 +477,16 @@ class DuckDBDialect(Dialect):
     def create_plan(
         self, table: str, query: str, order: Sequence[str], columns: Sequence[tuple[str, str]]
     ) -> list[str]:
-        """The table declared with its text columns compressed by zstd, then written by one
-        INSERT in the same transaction (as CREATE TABLE AS, it writes the new table's row
+        """Where :meth:`plan_columns` gave the columns (compresses_json_text), the table
+        declared with its text columns compressed by zstd, then written by one INSERT in the
+        same transaction (as CREATE TABLE AS, it writes the new table's row
         groups as they fill, on every thread). A plan's texts are JSON of one shape per
         model; DuckDB's own choice for them is DICT_FSST, as its zstd estimate assumes 2:1
         and asks zstd to beat the others by 1.3x (``StringFinalAnalyze``, duckdb's
         src/storage/compression/zstd.cpp), while zstd packs these 6:1. Measured on a 1M-row
-        initial plan (bench/README.md, "zstd for JSON texts"): written in 1.72-1.78 s against 2.29-2.31 s,
-        its texts 32 MB against 73 MB, read back as fast. zstd compresses each vector of
-        2048 values apart, so a row fetched by row id decompresses its vector only."""
+        initial plan (bench/README.md, "zstd for JSON texts"): written in 1.72-1.78 s against
+        2.29-2.31 s, its texts 32 MB against 73 MB, read back as fast. zstd compresses each
+        vector of 2048 values apart, so a row fetched by row id decompresses its vector only."""
         if not columns:
             return super().create_plan(table, query, order, columns)
         declared = ", ".join(
