@@ -33,6 +33,12 @@ UPSERT_SCAN = (f"LEFT JOIN snap ON snap.key = src.{KEY_COLUMN}", f"p.{HELD_COLUM
 PASSES: Mapping[str, tuple[str, ...]] = {"plans": PLAN, "upsert scans": UPSERT_SCAN}
 
 
+def describes(statement: str) -> bool:
+    """Whether ``statement`` only describes a query (DuckDB's DESCRIBE of a plan's query,
+    for its columns' types): the query is bound, no row is read."""
+    return statement.lstrip().startswith("DESCRIBE")
+
+
 @contextmanager
 def counted_passes(
     fragments: Mapping[str, tuple[str, ...]] = PASSES,
@@ -42,8 +48,8 @@ def counted_passes(
     counts = dict.fromkeys(fragments, 0)
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().startswith("DESCRIBE"):
-            return  # a plan's query described (its columns' types): bound, no row read
+        if describes(statement):
+            return
         for name, forms in fragments.items():
             if any(form in statement for form in forms):
                 counts[name] += 1

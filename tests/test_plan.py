@@ -24,6 +24,7 @@ from cio_retl.errors import GuardrailError
 from cio_retl.limits import MAX_BATCH_BYTES
 from cio_retl.models import load_models
 from cio_retl.normalize import canonical_json
+from cio_retl.passes import describes
 from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, PlanTable, plan_prefix
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
@@ -40,7 +41,7 @@ def model_reads(statements: list[str], settings: Settings, name: str) -> int:
     its plan in the plan's transaction (the narrow join), are part of that one read: the
     plan's statements follow (after the temporary table's ANALYZE on PostgreSQL)."""
     (model,) = load_models(settings.models_dir, [name])
-    statements = [s for s in statements if not s.startswith("DESCRIBE ")]
+    statements = [s for s in statements if not describes(s)]
     reads = [i for i, s in enumerate(statements) if model.sql in s and "LIMIT 0" not in s]
     staged = [
         i
