@@ -22,6 +22,7 @@ from cio_retl.operations import Operation, redact
 from cio_retl.plan import PlanTable, retire_shared_plans
 from cio_retl.records import Change, Rejection, RejectionCode
 from cio_retl.report import EXAMPLES_PER_CODE, MAX_REPORTED_REJECTIONS, ModelReport
+from cio_retl.snapshot_merge import Pending, acknowledged_runs
 from cio_retl.state import RejectionRow, SnapshotRow, StateStore
 
 
@@ -68,6 +69,9 @@ class Acknowledger:
         self.report = report
         self.lock = threading.Lock()
         self._rejections: list[RejectionRow] = []
+        # Acknowledged built rows waiting for a row group's worth (PlanTable.ranges).
+        self._pending = Pending()
+        self._planned: PlanTable | None = None
         # Clearing acknowledged keys from the rejections table is only needed if it has any.
         self._had_rejections = not dry_run and run.state.has_rejections(model.name)
 
@@ -218,15 +222,46 @@ class Acknowledger:
         keys = plan.keys(conn, [seq for seq, _, _ in refused])
         for seq, rejection, item in refused:
             self.reject(keys.get(seq), rejection, item)
-        plan.save_acknowledged(
-            conn,
-            self.run.run_id,
-            ranges,
-            unacknowledged,
-            clear_rejections=self._had_rejections,
-            updates=updated > 0,
-        )
+        if plan.ranges is None:
+            plan.save_acknowledged(
+                conn,
+                self.run.run_id,
+                ranges,
+                unacknowledged,
+                clear_rejections=self._had_rejections,
+                updates=updated > 0,
+            )
+            return created, updated
+        self._planned = plan
+        runs = [run for b, r in batches for run in acknowledged_runs(b.seqs, r.acked)]
+        self._pending.add(runs, updated > 0)
+        if not self._merge_pending(conn, plan, final=False):
+            plan.ranges.record(conn, self.run.run_id, [(run[0], run[-1]) for run in runs])
         return created, updated
+
+    def _merge_pending(self, conn: sa.Connection, plan: PlanTable, *, final: bool) -> bool:
+        """Write the pending rows whose turn it is into the snapshot (a multiple of the
+        dialect's unit, or with ``final`` all), and record what stays pending in their
+        place; False when none was due."""
+        assert plan.ranges is not None
+        updates = self._pending.updates
+        taken = self._pending.take(self.run.state.dialect.snapshot_merge_rows, final=final)
+        if not taken:
+            return False
+        plan.save_acknowledged(
+            conn, self.run.run_id, taken, clear_rejections=self._had_rejections, updates=updates
+        )
+        plan.ranges.replace(conn, self.run.run_id, self._pending.ranges())
+        return True
+
+    def settle_planned(self) -> None:
+        """On the state writer, when the phase's sending is over: every acknowledged built
+        row still pending goes into the snapshot."""
+        plan = self._planned
+        if plan is None or not self._pending.rows:
+            return
+        with self.run.state.engine.begin() as conn:
+            self._merge_pending(conn, plan, final=True)
 
     def take_rejections(self) -> list[RejectionRow]:
         with self.lock:

@@ -70,6 +70,13 @@ class Dialect(abc.ABC):
     # (model, key) primary key (see DuckDBDialect for the one that does not).
     state_primary_keys = True
 
+    # Acknowledged rows of a run's own plan go into the snapshot this many at a time (a
+    # multiple of it per transaction; the last of a phase whatever is left), their ranges
+    # recorded within a second meanwhile (state.acknowledged_ranges). 0: each
+    # acknowledgment's rows at once, in its own transaction (see DuckDBDialect for why one
+    # waits).
+    snapshot_merge_rows = 0
+
     # How a CTE that a statement reads twice is kept from being materialized, where the
     # database would otherwise hold it whole (see DuckDBDialect). PostgreSQL spills a
     # materialized CTE on its own server, and Snowflake has no such syntax: both keep theirs.
@@ -435,6 +442,15 @@ class DuckDBDialect(Dialect):
     # StateStore.record_rejections) and on one writer per model (the lock; a DuckDB file
     # also admits one process).
     state_primary_keys = False
+
+    # DuckDB's row group (122,880 rows, its default ``ROW_GROUP_SIZE``). A transaction's
+    # appended rows that fill whole row groups are written straight to the database file at
+    # commit; what is left of a row group goes through the WAL, and a later checkpoint
+    # writes it again (duckdb's ``OptimisticDataWriter``: "Write all row groups except the
+    # last to disk"). Appends that leave a partial row group each time also leave the table
+    # fragmented, which the checkpoint then rewrites: whole row groups take about half the
+    # time (bench/README.md, "Snapshots in whole row groups").
+    snapshot_merge_rows = 122_880
 
     # DuckDB materializes a CTE read twice whole (every column of every model row) before
     # the rest of the query runs; inlined, the model is scanned twice and nothing is held.

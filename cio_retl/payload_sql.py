@@ -530,6 +530,12 @@ def column_kind(dialect: str, type_name: str) -> ColumnKind | None:
     return None if kind_of is None else kind_of(type_name)
 
 
+def identifiers_text(dialect: str, head: str, tail: str, key: str) -> str:
+    """SQL of the identifiers' JSON text: ``head``, the JSON string of the text ``key``,
+    ``tail`` (:attr:`Payloads.identifier_parts`), in ``dialect`` (SQLAlchemy's name)."""
+    return _text(sql_literal(head), _DIALECTS[dialect].json_string(key), sql_literal(tail))
+
+
 def _text(*parts: str) -> str:
     return " || ".join(parts)
 
@@ -585,13 +591,15 @@ class Payloads:
 
     def identifiers(self, key: str) -> str:
         """The identifiers' JSON text as the snapshot keeps them (keys sorted)."""
-        d, model = _DIALECTS[self._dialect], self._model
+        return identifiers_text(self._dialect, *self.identifier_parts, key)
+
+    @property
+    def identifier_parts(self) -> tuple[str, str]:
+        """The snapshot's identifiers text before and after the key's JSON string."""
+        model = self._model
         if model.kind is Kind.PERSON:
-            head, tail = _identifier_parts(model)  # one member: sorted already
-        else:
-            head = '{"object_id":'
-            tail = ',"object_type_id":' + orjson_key(str(model.object_type_id)) + "}"
-        return _text(sql_literal(head), d.json_string(key), sql_literal(tail))
+            return _identifier_parts(model)  # one member: sorted already
+        return '{"object_id":', ',"object_type_id":' + orjson_key(str(model.object_type_id)) + "}"
 
     def reason(self, alias: str) -> str:
         """A rejected row's reason, over ``alias`` (the relation); NULL for a valid row."""

@@ -68,8 +68,9 @@ from cio_retl.payload_sql import SEND as PAY_SEND
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
 from cio_retl.plan_slices import SharedPlans, Slice, plan_digest, retire_unclaimed
 from cio_retl.records import RowChange
+from cio_retl.snapshot_merge import RangeLog, settle_leftover, write_snapshots
 from cio_retl.state import StateStore, rejections
-from cio_retl.state.schema import SNAPSHOT_COLUMNS, utcnow
+from cio_retl.state.schema import utcnow
 from cio_retl.warehouse import (
     BUCKET_COLUMN,
     BUILT_COLUMNS,
@@ -182,6 +183,9 @@ class PlanTable:
     state: StateStore
     item: str  # the item's text over the plan's row ``p``
     identifiers: str  # the snapshot's identifiers over ``p``
+    # Where acknowledged rows wait for a row group's worth (Dialect.snapshot_merge_rows,
+    # a run's own plan): their ranges' record; None: each acknowledgment written at once.
+    ranges: RangeLog | None = None
 
     # Bytes of snapshot text per read of :meth:`chunks` (a range of sequence numbers sized
     # from the plan's average): one read sorts and holds about this much, whatever the
@@ -341,55 +345,26 @@ class PlanTable:
         conn: sa.Connection,
         run_id: str,
         ranges: Sequence[tuple[int, int]],
-        unacknowledged: Sequence[int],
+        unacknowledged: Sequence[int] = (),
         *,
         clear_rejections: bool,
         updates: bool,
     ) -> None:
         """Write the snapshots of the built rows in ``ranges`` (first and last sequence
-        number of each acknowledged batch) but ``unacknowledged``, straight from the plan:
-        new rows inserted, and (where the batches hold ``updates``) updated rows' replaced.
-
-        The attributes are the plan's text (an update's too: the snapshot keeps the whole
-        record, not what its item sent) and the identifiers are built from the key, byte
-        for byte what the Python path stores.
-        """
-        if not ranges:
-            return
-        chosen = " OR ".join(f"p.{SEQ_COLUMN} BETWEEN {int(a)} AND {int(b)}" for a, b in ranges)
-        rows = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL AND ({chosen})"
-        if unacknowledged:
-            rows += f" AND p.{SEQ_COLUMN} NOT IN ({', '.join(str(int(s)) for s in unacknowledged)})"
-        source = (
-            "SELECT CAST(:workspace AS VARCHAR) AS workspace, CAST(:model AS VARCHAR) AS model,"
-            f" p.{KEY_COLUMN} AS key, p.{FINGERPRINT_COLUMN} AS fingerprint,"
-            f" {self.identifiers} AS identifiers, p.{BUILT_SNAPSHOT_COLUMN} AS attributes,"
-            f" CAST(:run_id AS VARCHAR) AS run_id, :now AS synced_at"
-            f" FROM {self.name} AS p WHERE {rows}"
+        number of acknowledged items) but ``unacknowledged``, straight from the plan
+        (:func:`cio_retl.snapshot_merge.write_snapshots`)."""
+        write_snapshots(
+            conn,
+            self.state,
+            self.name,
+            self.identifiers,
+            self.state.scope(self.model),
+            run_id,
+            ranges,
+            unacknowledged,
+            clear_rejections=clear_rejections,
+            updates=updates,
         )
-        params = {**self.state.scope(self.model), "run_id": run_id, "now": utcnow()}
-        if clear_rejections:
-            conn.execute(
-                sa.text(
-                    f"DELETE FROM {self.state.table(rejections)} WHERE workspace = :workspace"
-                    f" AND model = :model AND key IN"
-                    f" (SELECT p.{KEY_COLUMN} FROM {self.name} AS p WHERE {rows})"
-                ),
-                self.state.scope(self.model),
-            )
-        # absent: the plan found no snapshot for the new rows' keys and the model's lock
-        # keeps other writers out. Updated rows replace theirs (without ``updates`` that
-        # statement is not run: on DuckDB its DELETE scans the model's snapshot).
-        for had_snapshot in (False, True) if updates else (False,):
-            which = "NOT NULL" if had_snapshot else "NULL"
-            for statement in self.state.dialect.upsert(
-                self.state.snapshots,
-                ("workspace", "model", "key"),
-                SNAPSHOT_COLUMNS,
-                f"{source} AND p.{SNAPSHOT_KEY_COLUMN} IS {which}",
-                absent=not had_snapshot,
-            ):
-                conn.execute(sa.text(statement), params)
 
 
 class PlanDiff(PushDownDiff):
@@ -517,8 +492,19 @@ class PlanDiff(PushDownDiff):
         if table is None or built is None:
             return None
         key = f"p.{KEY_COLUMN}"
+        own = self.owned.get(model.name)
+        ranges = (
+            RangeLog(self.state, own, model.name, built.identifier_parts)
+            if own is not None and self.state.dialect.snapshot_merge_rows
+            else None
+        )
         return PlanTable(
-            table, model.name, self.state, built.item(key, ITEM_ATTRIBUTES), built.identifiers(key)
+            table,
+            model.name,
+            self.state,
+            built.item(key, ITEM_ATTRIBUTES),
+            built.identifiers(key),
+            ranges,
         )
 
     def removals(self, model: Model, *, delete: bool) -> Generator[RowChange]:
@@ -538,7 +524,18 @@ class PlanDiff(PushDownDiff):
         owned, self.owned, self.plans = self.owned, {}, {}
         slices, self.slices = self.slices, {}
         try:
-            self.state.drop_tables(owned.values())
+            # What a failed send acknowledged but did not write yet goes into the snapshot
+            # first; where that fails too, the plan stays for the model's next run to do so.
+            kept = set()
+            for name in owned.values():
+                try:
+                    settle_leftover(self.state, [name])
+                except sa.exc.SQLAlchemyError:
+                    _log.warning(
+                        "a plan's acknowledged rows are left for the next run", exc_info=True
+                    )
+                    kept.add(name)
+            self.state.drop_tables(n for n in owned.values() if n not in kept)
         finally:
             for shared, claimed in slices.values():
                 shared.release(claimed)
@@ -919,5 +916,9 @@ class PlanDiff(PushDownDiff):
         return columns
 
     def _drop_leftovers(self, model: Model) -> None:
-        """Drop the plans of this model (and bucket) that killed runs left behind."""
-        self.state.drop_tables(self.state.tables_starting(plan_prefix(model.name, self.bucket)))
+        """Drop the plans of this model (and bucket) that killed runs left behind, once what
+        they recorded as acknowledged is in the snapshot."""
+        prefix = plan_prefix(model.name, self.bucket)
+        leftover = self.state.tables_starting(prefix)
+        settle_leftover(self.state, leftover, prefix)
+        self.state.drop_tables(leftover)

@@ -116,6 +116,7 @@ class Sender:
         finally:
             try:
                 self._write_acknowledged()  # what Customer.io accepted is saved, whatever happened
+                self._write(self.ack.settle_planned)
             finally:
                 self._drain()
                 self._writer.shutdown()

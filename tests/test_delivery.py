@@ -212,6 +212,20 @@ def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
         proc.wait()
     # Under 5,000 (the old buffer), and at least one batch beyond the trigger was in flight.
     assert 2_500 <= acknowledged < 5_000
+    # DuckDB writes the plan's rows into the snapshot a row group (122,880) at a time: what
+    # the killed run had acknowledged is in its plan's recorded ranges, not yet a snapshot.
+    state_engine = create_engine(url)
+    with state_engine.connect() as conn:
+        snapshot_rows = conn.execute(sa.text("SELECT COUNT(*) FROM cio_retl.snapshots")).scalar()
+        recorded = conn.execute(
+            sa.text("SELECT SUM(last_seq - first_seq + 1) FROM cio_retl.acknowledged_ranges")
+        ).scalar()
+        (plan,) = conn.execute(
+            sa.text("SELECT DISTINCT plan FROM cio_retl.acknowledged_ranges")
+        ).scalars()
+    assert snapshot_rows == 0 and acknowledged - batch <= recorded <= acknowledged
+    assert plan in sa.inspect(state_engine).get_table_names(schema="cio_retl")
+    state_engine.dispose()
     emulator.faults = FaultPlan()
     before = len(emulator.requests)
     settings = Settings(
@@ -225,7 +239,24 @@ def test_kill_after_a_second_of_waiting_resends_only_the_unacknowledged(
     assert patient_sync(settings).outcome is Outcome.SYNCED  # type: ignore[attr-defined]
     resent = len(batch_items(emulator, before))
     assert total - acknowledged <= resent <= total - acknowledged + batch
+    assert resent == total - recorded  # the rerun wrote the recorded rows, sent the rest
     assert len(emulator.workspace.people) == total
+    state_engine = create_engine(url)
+    with state_engine.connect() as conn:
+        assert (
+            conn.execute(sa.text("SELECT COUNT(*) FROM cio_retl.acknowledged_ranges")).scalar() == 0
+        )
+        assert (
+            conn.execute(sa.text("SELECT COUNT(DISTINCT key) FROM cio_retl.snapshots")).scalar()
+            == total
+        )
+    assert not [
+        t
+        for t in sa.inspect(state_engine).get_table_names(schema="cio_retl")
+        if t.startswith("cio_plan_")
+    ]
+    assert duplicate_snapshot_keys(state_engine) == []
+    state_engine.dispose()
 
 
 @pytest.mark.parametrize("seed", [1, 2])

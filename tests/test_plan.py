@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
+from cio_retl.dialects import DuckDBDialect
 from cio_retl.emulator import Emulator, FaultPlan
 from cio_retl.errors import GuardrailError
 from cio_retl.limits import MAX_BATCH_BYTES
@@ -28,7 +29,7 @@ from cio_retl.passes import describes
 from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, PlanTable, plan_prefix
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
-from cio_retl.warehouse import create_engine
+from cio_retl.warehouse import BUILT_SNAPSHOT_COLUMN, SEQ_COLUMN, create_engine
 from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, sync
 from tests.test_postgres import expected_workspace as expected_on_postgres
 from tests.test_postgres import pg_engine, pg_settings, sorted_items  # noqa: F401  (fixtures)
@@ -828,6 +829,47 @@ def check_updates(twins: Twins, stored_of: Any, execute: Any, *, full_resync: bo
     assert twins.built <= written
 
 
+def merge_in_groups_of(monkeypatch: pytest.MonkeyPatch, unit: int | None) -> None:
+    """DuckDB writes a plan's acknowledged rows ``unit`` at a time (None: its row group, so
+    at these sizes all at the end of the phase): the split of batches, the ranges left
+    pending and the writes of a multiple of the unit all happen in a small run."""
+    if unit is not None:
+        monkeypatch.setattr(DuckDBDialect, "snapshot_merge_rows", unit)
+
+
+def watch_snapshot_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The rows of each write of snapshots from a plan, by plan (in order): counted by a
+    query of the test's own over the ranges each write is given, in its transaction."""
+    writes: dict[str, list[int]] = defaultdict(list)
+    save = PlanTable.save_acknowledged
+
+    def counted(
+        plan: PlanTable, conn: sa.Connection, run_id: str, ranges: Any, *a: Any, **k: Any
+    ) -> None:
+        seq = f"p.{SEQ_COLUMN}"
+        between = " OR ".join(f"{seq} BETWEEN {x} AND {y}" for x, y in ranges)
+        skipped = f" AND {seq} NOT IN ({', '.join(map(str, a[0]))})" if a and a[0] else ""
+        n = conn.execute(
+            sa.text(
+                f"SELECT COUNT(*) FROM {plan.name} AS p WHERE p.{BUILT_SNAPSHOT_COLUMN}"
+                f" IS NOT NULL AND ({between}){skipped}"
+            )
+        ).scalar_one()
+        writes[plan.name].append(int(n))
+        save(plan, conn, run_id, ranges, *a, **k)
+
+    monkeypatch.setattr(PlanTable, "save_acknowledged", counted)
+    return writes
+
+
+def pending_ranges(engine: Engine, schema: str = "cio_retl") -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [
+            tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {schema}.acknowledged_ranges"))
+        ]
+
+
+@pytest.mark.parametrize("unit", [None, 4], ids=["row-group", "groups-of-4"])
 @pytest.mark.parametrize("full_resync", [False, True], ids=["update", "full-resync"])
 def test_updates_from_the_plan_send_what_the_python_path_sends(
     settings: Settings,
@@ -835,7 +877,10 @@ def test_updates_from_the_plan_send_what_the_python_path_sends(
     emulator: Emulator,
     monkeypatch: pytest.MonkeyPatch,
     full_resync: bool,
+    unit: int | None,
 ) -> None:
+    merge_in_groups_of(monkeypatch, unit)
+    writes = watch_snapshot_writes(monkeypatch)
     urls = [f"duckdb:///{tmp_path / name}.duckdb" for name in ("plan", "python")]
     for url in urls:
         engine = create_engine(url)
@@ -870,18 +915,30 @@ def test_updates_from_the_plan_send_what_the_python_path_sends(
         check_updates(twins, stored_of, execute, full_resync=full_resync)
         assert emulator.workspace.people_by("email") == other.workspace.people_by("email")
         assert "vip" not in emulator.workspace.people_by("email")["person4@example.com"]
+        engine = create_engine(urls[0])
+        try:
+            assert pending_ranges(engine) == [] and plan_tables(engine) == []
+            if unit is not None:  # each phase's writes but its last held a multiple of 4
+                assert all(n % 4 == 0 for ns in writes.values() for n in ns[:-1]), writes
+                assert any(len(ns) > 1 for ns in writes.values())
+        finally:
+            engine.dispose()
 
 
+@pytest.mark.parametrize("unit", [None, 2], ids=["row-group", "groups-of-2"])
 def test_a_refused_update_keeps_its_old_snapshot(
     settings: Settings,
     tmp_path: Path,
     emulator: Emulator,
     statements: list[str],
     monkeypatch: pytest.MonkeyPatch,
+    unit: int | None,
 ) -> None:
     """A 207 for a built update: the row is rejected alone and keeps the snapshot of what
     Customer.io last accepted, so the next run sends the same change again; the other
-    updates' snapshots are replaced from the plan, set-based."""
+    updates' snapshots are replaced from the plan, set-based (with ``unit``, the refused
+    row splits its batch's range, and the rows on either side wait in pairs)."""
+    merge_in_groups_of(monkeypatch, unit)
     url = f"duckdb:///{tmp_path / 'people'}.duckdb"
     engine = create_engine(url)
     people_warehouse(engine, people_rows(40))

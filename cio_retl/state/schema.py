@@ -157,6 +157,30 @@ rate_budget = sa.Table(
 )
 
 
+# Built rows Customer.io acknowledged whose snapshot rows are not written yet: ranges of
+# sequence numbers of a run's plan table (``plan``, its unquoted name), each range's built
+# rows all acknowledged. Where the dialect writes snapshots in whole row groups
+# (Dialect.snapshot_merge_rows), an acknowledgment is recorded here within a second and the
+# snapshot rows follow once a row group's worth is due, or when the phase ends; a run killed
+# in between leaves both this and its plan, and the next run of the model writes them before
+# it plans (cio_retl.plan). ``identifiers_head`` and ``identifiers_tail`` are the identifiers'
+# JSON text around the key's JSON string, as the plan's model had them. No key: a few rows a
+# plan, rewritten as a whole when a merge takes some of them.
+acknowledged_ranges = sa.Table(
+    "acknowledged_ranges",
+    metadata,
+    sa.Column("plan", sa.String, nullable=False),
+    sa.Column("workspace", sa.String, nullable=False),
+    sa.Column("model", sa.String, nullable=False),
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("first_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("identifiers_head", sa.String, nullable=False),
+    sa.Column("identifiers_tail", sa.String, nullable=False),
+    sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 # The keys and fingerprints a run read from a warehouse that is not the state database: the
 # cross-database diff counts and finds removed keys here, in SQL, instead of in memory.
 staged_keys = sa.Table(
