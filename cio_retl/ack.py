@@ -233,10 +233,11 @@ class Acknowledger:
             )
             return created, updated
         self._planned = plan
-        runs = [run for b, r in batches for run in acknowledged_runs(b.seqs, r.acked)]
-        self._pending.add(runs, updated > 0)
+        added = self._pending.add(
+            (run for b, r in batches for run in acknowledged_runs(b.seqs, r.acked)), updated > 0
+        )
         if not self._merge_pending(conn, plan, final=False):
-            plan.ranges.record(conn, self.run.run_id, [(run[0], run[-1]) for run in runs])
+            plan.ranges.record(conn, self.run.run_id, added)
         return created, updated
 
     def _merge_pending(self, conn: sa.Connection, plan: PlanTable, *, final: bool) -> bool:

@@ -124,11 +124,23 @@ class Pending:
     rows: int = 0
     updates: bool = False  # whether any of them is an update (the upsert's DELETE is needed)
 
-    def add(self, runs: Iterable[array[int]], updates: bool) -> None:
+    def add(self, runs: Iterable[array[int]], updates: bool) -> list[Range]:
+        """Add acknowledged runs; returns their ranges to record, a run that continues the
+        one before it (its first number right after that one's last) joined to it, so the
+        ranges of consecutive batches are one."""
+        added: list[Range] = []
         for run in runs:
-            self.runs.append(run)
+            if self.runs and self.runs[-1][-1] + 1 == run[0]:
+                self.runs[-1].extend(run)
+            else:
+                self.runs.append(run)
+            if added and added[-1][1] + 1 == run[0]:
+                added[-1] = (added[-1][0], run[-1])
+            else:
+                added.append((run[0], run[-1]))
             self.rows += len(run)
         self.updates = self.updates or updates
+        return added
 
     def take(self, unit: int, *, final: bool) -> list[Range]:
         """The ranges of the rows to write now, the lowest sequence numbers first: every
@@ -148,7 +160,7 @@ class Pending:
                 self.runs.pop(0)
             else:
                 taken.append((run[0], run[left - 1]))
-                self.runs[0] = run[left:]
+                del run[:left]
                 left = 0
         self.rows -= wanted
         if not self.rows:

@@ -83,3 +83,13 @@ def test_a_run_cut_in_two_leaves_its_rest_pending() -> None:
 def test_a_batch_with_nothing_acknowledged_has_no_run() -> None:
     assert acknowledged_runs([5, 6, 7], []) == []
     assert [list(r) for r in acknowledged_runs([5, 6, 7, 9], [3, 0, 1])] == [[5, 6], [9]]
+
+
+def test_consecutive_batches_are_recorded_as_one_range() -> None:
+    pending = Pending()
+    runs = [*acknowledged_runs([1, 2, 3], [0, 1, 2]), *acknowledged_runs([4, 5], [0, 1])]
+    assert pending.add(runs, updates=False) == [(1, 5)]
+    assert pending.add(acknowledged_runs([6, 8], [0, 1]), updates=False) == [(6, 8)]
+    assert pending.ranges() == [(1, 8)] and pending.rows == 7
+    assert pending.add(acknowledged_runs([10, 11], [1]), updates=False) == [(11, 11)]
+    assert pending.ranges() == [(1, 8), (11, 11)]
