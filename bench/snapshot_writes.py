@@ -1,6 +1,7 @@
 """What the state writer's snapshot inserts cost by what a snapshot row holds, alone.
 
     uv run python bench/snapshot_writes.py --rows 1000000 [--repeats 3]
+        [--transaction-rows 25000 122880 130000]
 
 A DuckDB file holds ``bench_people`` and a plan-like table of its rows (key, fingerprint,
 the attributes text, as an initial sync's plan holds them); each variant copies the file,
@@ -13,6 +14,9 @@ prints the inserts', the commits' and the final checkpoint's time, and the file'
   identifiers, attributes, run id, time);
 - ``attrs_hash``: plus the md5 of the attributes, as snapshot rows had before it was retired;
 - ``no_identifiers``: without the identifiers (not done: removals read them).
+
+``--transaction-rows`` runs ``current`` alone in transactions of each size given instead:
+what DuckDB's row groups (122,880 rows) make of the state writer's unit.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def build(path: Path, rows: int) -> None:
     conn.close()
 
 
-def write(path: Path, rows: int, variant: str) -> str:
+def write(path: Path, rows: int, variant: str, step: int = Sender.ACK_ROWS) -> str:
     import duckdb
 
     conn = duckdb.connect(str(path))
@@ -70,7 +74,6 @@ def write(path: Path, rows: int, variant: str) -> str:
         " 'run-00000000' AS run_id, now() AS synced_at FROM plan AS p WHERE false"
     )
     inserts = commits = 0.0
-    step = Sender.ACK_ROWS
     for first in range(1, rows + 1, step):
         last = min(first + step - 1, rows)
         ranges = " OR ".join(
@@ -93,7 +96,7 @@ def write(path: Path, rows: int, variant: str) -> str:
     conn.close()
     total = inserts + commits + checkpoint
     return (
-        f"{variant:15s} inserts {inserts:5.2f} s, commits {commits:5.2f} s, final checkpoint"
+        f"{variant:15s} {step:>9,}-row transactions: inserts {inserts:5.2f} s, commits {commits:5.2f} s, final checkpoint"
         f" {checkpoint:5.2f} s: {total:5.2f} s; file {os.path.getsize(path) / 1e6:,.0f} MB"
     )
 
@@ -102,20 +105,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--transaction-rows",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="the current columns only, in transactions of each N rows instead (DuckDB's row"
+        " group is 122,880: a multiple of it is written to the file once, see"
+        " Dialect.snapshot_merge_rows)",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {load_average()}")
     print(
-        f"{args.rows:,} snapshot rows in transactions of {Sender.ACK_ROWS:,}; DuckDB memory_limit"
+        f"{args.rows:,} snapshot rows; DuckDB memory_limit"
         f" {DUCKDB_MEMORY_LIMIT}, checkpoint_threshold {DUCKDB_CHECKPOINT_THRESHOLD}"
     )
     with tempfile.TemporaryDirectory(prefix="cio-snapshot-writes-") as tmp:
         pristine = Path(tmp) / "pristine.duckdb"
         build(pristine, args.rows)
+        runs = (
+            [("current", n) for n in args.transaction_rows]
+            if args.transaction_rows
+            else [(variant, Sender.ACK_ROWS) for variant in VARIANTS]
+        )
         for repeat in range(args.repeats):
-            for variant in VARIANTS:
+            for variant, step in runs:
                 copy = Path(tmp) / f"{variant}.duckdb"
                 shutil.copy(pristine, copy)
-                print(f"[{repeat + 1}] {write(copy, args.rows, variant)}", flush=True)
+                print(f"[{repeat + 1}] {write(copy, args.rows, variant, step)}", flush=True)
                 copy.unlink()
 
 
