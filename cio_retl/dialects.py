@@ -152,6 +152,12 @@ class Dialect(abc.ABC):
         sequence number ``seq``, dense from 1, unique (see :meth:`numbers_plan_after`)."""
         raise NotImplementedError(f"{self.name} numbers a plan as it writes it")
 
+    def plan_rows(self, table: str, seq: str) -> str | None:
+        """A relation reading a plan ``table`` written unnumbered (a run's own, see
+        :meth:`numbers_plan_after`) with its sequence number ``seq`` taken from where its rows
+        lie, so no statement numbers them after; None: :meth:`plan_numbering` numbers them."""
+        return None
+
     def plan_built(self, table: str, by: Sequence[str], seq: str) -> list[str]:
         """Statements run once a plan ``table`` is written and numbered, in its
         transaction, before anything reads it by ranges of its sequence number ``seq``
@@ -531,6 +537,20 @@ class DuckDBDialect(Dialect):
         held the 10M rows' ids, sorted and hashed, and ran out of the 128MB limit (0.89
         s for 2M rows against 0.04 s)."""
         return f"UPDATE {table} SET {seq} = rowid - (SELECT MIN(rowid) FROM {table}) + 1"
+
+    def plan_rows(self, table: str, seq: str) -> str | None:
+        """The row ids as the sequence number, dense from 0: a table written by one
+        transaction's INSERT has row ids 0..n-1 once committed (measured on parallel writes
+        of 6.7M rows), and they change only where a checkpoint compacts row groups that lost
+        rows ("When a checkpoint vacuums (compacts) row groups, the row IDs of the moved rows
+        change", DuckDB docs, VACUUM), which a plan, never updated or deleted from, has none
+        of. A filter on ``seq`` becomes a range of row ids the scan skips to (DuckDB's plan
+        shows ``rowid >= a AND rowid <= b`` among the scan's filters), as zone maps served the
+        stored column. What it saves is the numbering UPDATE: its commit logs every row's new
+        number to the WAL, and a checkpoint writes the column again (at 10M rows, 6.4 of the
+        plan's 11.5 s; bench/README.md, "Plans numbered by their row ids"). Not ``rowid + 1``:
+        through the subquery DuckDB keeps that as an expression, and every read scans it all."""
+        return f"(SELECT * REPLACE (g.rowid AS {seq}) FROM {table} AS g)"
 
     def temporary(self, name: str) -> str:
         # Qualified: unqualified, ``main.name`` and ``name`` find the temporary table

@@ -554,11 +554,12 @@ class PlanDiff(PushDownDiff):
             name = self.plan_name(model)
             sql, staged = self._plan_sql(model, columns, None, numbered_after=after)
             fallback = self._as_written(model, columns, None) if after else None
-            if not self._create(model, name, sql, (), staged, fallback):
+            relation = self._create(model, name, sql, (), staged, fallback)
+            if relation is None:
                 return None
             self.owned[model.name] = name
-            self.plans[model.name] = self.state.qualified(name)
-            return self.plans[model.name]
+            self.plans[model.name] = relation
+            return relation
         count = self.bucket.count
         sql, staged = self._plan_sql(model, columns, count, numbered_after=after)
         assert staged is None  # the narrow join is a whole-model rerun's
@@ -573,7 +574,7 @@ class PlanDiff(PushDownDiff):
                 shared.begin_build()
                 name = shared.name(digest, self.token)
                 fallback = self._as_written(model, columns, count) if after else None
-                if not self._create(model, name, sql, (BUCKET_COLUMN,), None, fallback):
+                if self._create(model, name, sql, (BUCKET_COLUMN,), None, fallback) is None:
                     return None
                 table = self.state.qualified(name)
                 with self.state.engine.connect() as conn:
@@ -821,16 +822,19 @@ class PlanDiff(PushDownDiff):
         by: Sequence[str],
         staged: str | None = None,
         as_written: Callable[[], str] | None = None,
-    ) -> bool:
+    ) -> str | None:
         """Write the plan table ``name`` from ``sql`` (Dialect.create_plan: CREATE TABLE AS,
-        or DuckDB's declared table and INSERT); False (and no table) when that does
-        not fit the database's memory limit. ``by``: the columns its reads filter by before
-        the sequence number. ``staged``: the query written first as the temporary
-        MOVED_TABLE, which ``sql`` reads (dropped after). ``as_written``: given where
-        ``sql`` writes the rows unnumbered (the dialect numbers them after), what builds
-        the same plan numbered as written, tried when ``sql`` does not fit."""
+        or DuckDB's declared table and INSERT); the relation to read it from, or None (and no
+        table) when that does not fit the database's memory limit. ``by``: the columns its
+        reads filter by before the sequence number (a shared plan's: its rows are numbered
+        in the table, which the runs of every bucket read). ``staged``: the query written
+        first as the temporary MOVED_TABLE, which ``sql`` reads (dropped after).
+        ``as_written``: given where ``sql`` writes the rows unnumbered (the dialect numbers
+        them after, or reads their numbers from where they lie: Dialect.plan_rows), what
+        builds the same plan numbered as written, tried when ``sql`` does not fit."""
         d, table, order = self.warehouse.dialect, self.state.qualified(name), (*by, SEQ_COLUMN)
         query, numbered_after = sql, as_written is not None
+        relation = table
         built = False
         with diff_connection(self.warehouse, self.bucket) as conn:
             for setting in d.plan_session:
@@ -844,7 +848,10 @@ class PlanDiff(PushDownDiff):
                         columns = d.plan_columns(conn, query)
                         for statement in d.create_plan(table, query, order, columns):
                             conn.execute(sa.text(statement))
-                        if numbered_after:
+                        rows = d.plan_rows(table, SEQ_COLUMN) if numbered_after and not by else None
+                        if rows is not None:
+                            relation = rows
+                        elif numbered_after:
                             conn.execute(sa.text(d.plan_numbering(table, SEQ_COLUMN)))
                         for statement in d.plan_built(table, by, SEQ_COLUMN):
                             conn.execute(sa.text(statement))
@@ -883,8 +890,8 @@ class PlanDiff(PushDownDiff):
                     conn.commit()
         if not built:
             self.state.drop_tables([name])  # rolled back already: none is left, as a rule
-            return False
-        return True
+            return None
+        return relation
 
     def _payloads(self, model: Model) -> list[Column] | None:
         """The model's columns with their kinds where SQL builds its new rows' payloads: a

@@ -259,7 +259,7 @@ def settle_leftover(state: StateStore, plans: Sequence[str], prefix: str | None 
             write_snapshots(
                 conn,
                 state,
-                state.qualified(plan),
+                _plan_relation(conn, state, plan),
                 identifiers_text(state.dialect.name, head, tail, f"p.{KEY_COLUMN}"),
                 {"workspace": workspace, "model": model},
                 run_id,
@@ -268,3 +268,14 @@ def settle_leftover(state: StateStore, plans: Sequence[str], prefix: str | None 
                 updates=True,
             )
         forget(conn, state, plans)
+
+
+def _plan_relation(conn: sa.Connection, state: StateStore, plan: str) -> str:
+    """The relation a plan (unquoted name) is read from: by its row ids where it was written
+    unnumbered (its stored sequence numbers all NULL, Dialect.plan_rows), else the table."""
+    table = state.qualified(plan)
+    rows = state.dialect.plan_rows(table, SEQ_COLUMN)
+    if rows is None:
+        return table
+    numbered = conn.execute(sa.text(f"SELECT COUNT({SEQ_COLUMN}) FROM {table}")).scalar_one()
+    return table if numbered else rows

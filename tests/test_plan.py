@@ -136,13 +136,27 @@ def test_duckdb_builds_a_plan_without_insertion_order_and_restores_it(
         assert next(s for s in after if "preserve_insertion_order" in s).startswith("RESET")
 
 
-def test_duckdb_numbers_a_plan_after_writing_it_dense_from_one(
-    settings: Settings, demo_engine: Engine, emulator: Emulator, statements: list[str]
+def test_duckdb_numbers_a_plan_by_its_row_ids_dense_from_zero(
+    settings: Settings,
+    demo_engine: Engine,
+    emulator: Emulator,
+    statements: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The statement that builds a DuckDB plan has no ``ROW_NUMBER() OVER ()`` (it would
-    make that statement single-threaded and hold every payload in its window); the rows are
-    numbered after, in the same transaction, and the send reads them numbered 1..n."""
-    seen: list[tuple[int, int, int, int]] = []
+    make that statement single-threaded and hold every payload in its window), and no
+    statement numbers the rows after: the send reads the row ids as the sequence numbers,
+    0..n-1, unique, as the stored column would have held them."""
+    seen: list[tuple[int, int, int, int, int]] = []
+    read: list[int] = []
+    chunks = PlanTable.chunks
+
+    def watched(plan: PlanTable) -> Iterator[Any]:
+        for rows, items in chunks(plan):
+            read.extend(seq for seq, _, _ in rows)
+            yield rows, items
+
+    monkeypatch.setattr(PlanTable, "chunks", watched)
 
     def progress(model: str, _done: int, _total: int) -> None:
         if model == "users" and not seen:
@@ -154,8 +168,8 @@ def test_duckdb_numbers_a_plan_after_writing_it_dense_from_one(
                     tuple(
                         conn.execute(
                             sa.text(
-                                "SELECT COUNT(*), COUNT(DISTINCT __cio_seq), MIN(__cio_seq),"
-                                f" MAX(__cio_seq) FROM cio_retl.{name}"
+                                "SELECT COUNT(*), COUNT(DISTINCT rowid), MIN(rowid),"
+                                f" MAX(rowid), COUNT(__cio_seq) FROM cio_retl.{name}"
                             )
                         ).one()
                     )
@@ -164,12 +178,13 @@ def test_duckdb_numbers_a_plan_after_writing_it_dense_from_one(
     report = run_sync(settings, None, SyncOptions(retry=FAST_RETRY), progress=progress)
 
     assert report.outcome is Outcome.SYNCED
-    ((rows, distinct, first, last),) = seen
-    assert rows > 1 and distinct == rows and (first, last) == (1, rows)
+    ((rows, distinct, first, last, stored_numbers),) = seen
+    assert rows > 1 and distinct == rows and (first, last) == (0, rows - 1)
+    assert stored_numbers == 0  # the column is there, unwritten
+    assert read and len(set(read)) == len(read) and min(read) >= 0 and max(read) < rows
     builds = [s for s in statements if writes_plan(s)]
     assert builds and not any("OVER ()" in s for s in builds)
-    numbered = [s for s in statements if s.startswith(f"UPDATE cio_retl.{PLAN_PREFIX}")]
-    assert len(numbered) == len(builds)
+    assert not [s for s in statements if s.startswith(f"UPDATE cio_retl.{PLAN_PREFIX}")]
     assert actual_workspace(emulator) == expected_workspace(demo_engine)
 
 
