@@ -7,9 +7,10 @@ state that resends at most what was in flight.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -163,7 +164,7 @@ class Acknowledger:
             if op.change.event is not None
         ]
         state = self.run.state
-        with state.engine.begin() as conn:
+        with self._pending_kept(), state.engine.begin() as conn:
             created, updated = self._acknowledge_planned(conn, planned)
             state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             state.delete_snapshots(conn, self.model.name, deleted)
@@ -261,8 +262,20 @@ class Acknowledger:
         plan = self._planned
         if plan is None or not self._pending.rows:
             return
-        with self.run.state.engine.begin() as conn:
+        with self._pending_kept(), self.run.state.engine.begin() as conn:
             self._merge_pending(conn, plan, final=True)
+
+    @contextlib.contextmanager
+    def _pending_kept(self) -> Iterator[None]:
+        """The pending rows as they were before a state transaction that fails: the
+        database took its writes back, so the recorded ranges still say what they said,
+        and what the writer holds must too (else a later merge forgets their ranges)."""
+        kept = self._pending.copy()
+        try:
+            yield
+        except BaseException:
+            self._pending = kept
+            raise
 
     def take_rejections(self) -> list[RejectionRow]:
         with self.lock:

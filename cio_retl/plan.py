@@ -68,7 +68,7 @@ from cio_retl.payload_sql import SEND as PAY_SEND
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
 from cio_retl.plan_slices import SharedPlans, Slice, plan_digest, retire_unclaimed
 from cio_retl.records import RowChange
-from cio_retl.snapshot_merge import RangeLog, settle_leftover, write_snapshots
+from cio_retl.snapshot_merge import RangeLog, settle_leftover, unsettled, write_snapshots
 from cio_retl.state import StateStore, rejections
 from cio_retl.state.schema import utcnow
 from cio_retl.warehouse import (
@@ -524,17 +524,10 @@ class PlanDiff(PushDownDiff):
         owned, self.owned, self.plans = self.owned, {}, {}
         slices, self.slices = self.slices, {}
         try:
-            # What a failed send acknowledged but did not write yet goes into the snapshot
-            # first; where that fails too, the plan stays for the model's next run to do so.
-            kept = set()
-            for name in owned.values():
-                try:
-                    settle_leftover(self.state, [name])
-                except sa.exc.SQLAlchemyError:
-                    _log.warning(
-                        "a plan's acknowledged rows are left for the next run", exc_info=True
-                    )
-                    kept.add(name)
+            # A plan whose acknowledged rows a failed send could not write stays for the
+            # model's next run, which writes them holding the model's lock (the run's own is
+            # given back by now: writing them here could race that next run).
+            kept = set(unsettled(self.state, list(owned.values())))
             self.state.drop_tables(n for n in owned.values() if n not in kept)
         finally:
             for shared, claimed in slices.values():
@@ -927,5 +920,10 @@ class PlanDiff(PushDownDiff):
         they recorded as acknowledged is in the snapshot."""
         prefix = plan_prefix(model.name, self.bucket)
         leftover = self.state.tables_starting(prefix)
-        settle_leftover(self.state, leftover, prefix)
+        # A killed whole-model run's acknowledged rows go into the snapshot before any run
+        # of the model plans, a bucket run's too (its leftovers have another prefix): the
+        # model's locks exclude each other, and planning without them would send the rows
+        # again and let the killed run's older rows be written over newer ones later.
+        whole = plan_prefix(model.name, None)
+        settle_leftover(self.state, self.state.tables_starting(whole), whole)
         self.state.drop_tables(leftover)

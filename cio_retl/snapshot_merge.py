@@ -11,7 +11,14 @@ written again by a checkpoint. Meanwhile their ranges are recorded in
 the snapshot as a run reads it is the snapshot table plus those ranges of their plans: a
 run killed in between leaves both, and the next run of the model writes them before it
 plans (:func:`settle_leftover`), so it resends only what a killed run had in flight or
-acknowledged in its last second, as before.
+acknowledged in its last second, as before. Every run of the model settles them first, a
+bucket run's included: the model's locks exclude each other.
+
+What reads the snapshot table alone sees it without the recorded rows until then: a dry
+run or ``plan`` after a killed run counts them as still to send (at most a row group's
+worth a model), and a suppression model's run, which forgets the people it suppresses, can
+see a person's snapshot row written back by a people run's later merge (that window was
+the second between an acknowledgment and its write before).
 """
 
 from __future__ import annotations
@@ -170,6 +177,11 @@ class Pending:
     def ranges(self) -> list[Range]:
         return [(run[0], run[-1]) for run in self.runs]
 
+    def copy(self) -> Pending:
+        """A copy whose runs are its own (:meth:`add` and :meth:`take` change them in
+        place): what to go back to when the transaction that changed this one fails."""
+        return Pending([array("q", run) for run in self.runs], self.rows, self.updates)
+
 
 @dataclass(frozen=True, slots=True)
 class RangeLog:
@@ -268,6 +280,17 @@ def settle_leftover(state: StateStore, plans: Sequence[str], prefix: str | None 
                 updates=True,
             )
         forget(conn, state, plans)
+
+
+def unsettled(state: StateStore, plans: Sequence[str]) -> list[str]:
+    """Those of the plans ``plans`` (unquoted names) with acknowledged rows not yet written
+    into the snapshot."""
+    if not plans or not state.dialect.snapshot_merge_rows:
+        return []
+    table = acknowledged_ranges
+    with state.engine.connect() as conn:
+        query = sa.select(table.c.plan).distinct().where(table.c.plan.in_(list(plans)))
+        return [plan for (plan,) in conn.execute(query)]
 
 
 def _plan_relation(conn: sa.Connection, state: StateStore, plan: str) -> str:

@@ -3,6 +3,7 @@ plan, and no plan outlives its run, a killed one included."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections import defaultdict
@@ -17,6 +18,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cio_retl.ack import Acknowledger
+from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
 from cio_retl.demo import edit_demo_warehouse
 from cio_retl.dialects import DuckDBDialect
@@ -29,8 +32,8 @@ from cio_retl.passes import describes
 from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, PlanTable, plan_prefix
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
-from cio_retl.warehouse import BUILT_SNAPSHOT_COLUMN, SEQ_COLUMN, create_engine
-from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, sync
+from cio_retl.warehouse import BUILT_SNAPSHOT_COLUMN, KEY_COLUMN, SEQ_COLUMN, create_engine
+from tests.conftest import API_KEY, FAST_RETRY, SITE_ID, PgSchemas, duplicate_snapshot_keys, sync
 from tests.test_postgres import expected_workspace as expected_on_postgres
 from tests.test_postgres import pg_engine, pg_settings, sorted_items  # noqa: F401  (fixtures)
 from tests.test_sync_duckdb import actual_workspace, batch_items, expected_workspace
@@ -1283,5 +1286,107 @@ def test_duckdb_compresses_json_text_by_zstd_where_the_file_has_it(
             assert any(s.startswith("CREATE TABLE cio_retl.cio_plan") for s in declared)
             assert kinds == {"ZSTD"}, kinds
         assert len(stored(engine)) == 28
+    finally:
+        engine.dispose()
+
+
+def held_keys(conn: sa.Connection) -> set[str]:
+    """The people keys the state holds as acknowledged: snapshot rows, and the keys of the
+    plan rows in recorded ranges (read from their plan, which a run keeps while any are)."""
+    held = {
+        key
+        for (key,) in conn.execute(
+            sa.text("SELECT key FROM cio_retl.snapshots WHERE model = 'people'")
+        )
+    }
+    recorded = conn.execute(
+        sa.text("SELECT plan, first_seq, last_seq FROM cio_retl.acknowledged_ranges")
+    ).all()
+    for plan, first, last in recorded:
+        rows = f"(SELECT * REPLACE (g.rowid AS {SEQ_COLUMN}) FROM cio_retl.{plan} AS g)"
+        held |= {
+            key
+            for (key,) in conn.execute(
+                sa.text(
+                    f"SELECT p.{KEY_COLUMN} FROM {rows} AS p WHERE p.{BUILT_SNAPSHOT_COLUMN}"
+                    f" IS NOT NULL AND p.{SEQ_COLUMN} BETWEEN {first} AND {last}"
+                )
+            )
+        }
+    return held
+
+
+def test_a_failed_merge_keeps_what_earlier_acknowledgments_recorded(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state transaction that writes a row group's worth fails (the database taken
+    back its writes): the rows earlier transactions recorded as acknowledged stay recorded
+    (the writer's pending rows go back to what they were), the rest of the run's rows are
+    still recorded or written, and the next run sends only what neither holds."""
+    merge_in_groups_of(monkeypatch, 50)
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(200))
+    people = people_settings(settings, tmp_path, url)
+    save, failed = PlanTable.save_acknowledged, []
+
+    def fails_once(plan: PlanTable, conn: sa.Connection, *args: Any, **kwargs: Any) -> None:
+        # A merge while earlier transactions hold rows (as this one sees them) fails.
+        if not failed and (held := held_keys(conn)):
+            failed.append(held)
+            raise sa.exc.OperationalError("INSERT INTO snapshots", {}, Exception("injected"))
+        save(plan, conn, *args, **kwargs)
+
+    monkeypatch.setattr(PlanTable, "save_acknowledged", fails_once)
+    try:
+        with contextlib.suppress(Exception):
+            report = sync(people, batch_items=10)
+            assert report.outcome is not Outcome.SYNCED
+        assert failed
+        with engine.connect() as conn:
+            held = held_keys(conn)
+        assert failed[0] <= held  # nothing an earlier transaction recorded was forgotten
+        assert len(held) > len(failed[0])  # and the later acknowledgments were recorded
+        monkeypatch.setattr(PlanTable, "save_acknowledged", save)
+        seen = len(emulator.requests)
+        again = sync(people)
+        assert again.outcome is Outcome.REJECTED  # the two rows rejected every run
+        assert len(batch_items(emulator, seen)) == 198 - len(held)
+        assert len(stored(engine)) == 198 and pending_ranges(engine) == []
+        assert duplicate_snapshot_keys(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_bucket_runs_write_what_a_whole_model_run_left_recorded(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-model run ends with its acknowledged rows only recorded (its final write
+    skipped, as when it is killed): it keeps its plan, and the bucket runs that come next
+    write those rows before they plan, so they send none of them again; the snapshot ends
+    with each key once."""
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(60))
+    people = people_settings(settings, tmp_path, url)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(Acknowledger, "settle_planned", lambda self: None)
+            assert sync(people).models[0].created == 58
+        assert len(stored(engine)) < 58  # the built rows are recorded only
+        with engine.connect() as conn:
+            # every row but the two rejected ones (person1's email is "not an email")
+            assert held_keys(conn) == {f"person{i}@example.com" for i in range(60) if i > 2} | {
+                "person0@example.com"
+            }
+        assert len(plan_tables(engine)) == 1 and pending_ranges(engine)
+        seen = len(emulator.requests)
+        for index in range(2):
+            assert sync(people, bucket=Bucket(index, 2)).outcome is Outcome.REJECTED
+        assert batch_items(emulator, seen) == []
+        assert len(stored(engine)) == 58 and pending_ranges(engine) == []
+        assert sync(people).outcome is Outcome.REJECTED
+        assert batch_items(emulator, seen) == [] and plan_tables(engine) == []
+        assert duplicate_snapshot_keys(engine) == []
     finally:
         engine.dispose()
