@@ -66,7 +66,7 @@ from cio_retl.payload_sql import CODE as PAY_CODE
 from cio_retl.payload_sql import PYTHON_ONLY as PAY_PYTHON_ONLY
 from cio_retl.payload_sql import SEND as PAY_SEND
 from cio_retl.payload_sql import Column, ColumnKind, Payloads, column_kind, payloads, sql_literal
-from cio_retl.plan_slices import SharedPlans, Slice, plan_digest, retire_unclaimed
+from cio_retl.plan_slices import SharedPlans, Slice, plan_digest, retire_unclaimed, shared_root
 from cio_retl.records import RowChange
 from cio_retl.snapshot_merge import RangeLog, settle_leftover, unsettled, write_snapshots
 from cio_retl.state import StateStore, rejections
@@ -178,7 +178,7 @@ class Rejected:
 class PlanTable:
     """One model's plan as the send and the acknowledgment read it."""
 
-    name: str  # quoted, schema-qualified
+    name: str  # the relation it is read from: the quoted table, or a query over it
     model: str
     state: StateStore
     item: str  # the item's text over the plan's row ``p``
@@ -841,6 +841,8 @@ class PlanDiff(PushDownDiff):
                         columns = d.plan_columns(conn, query)
                         for statement in d.create_plan(table, query, order, columns):
                             conn.execute(sa.text(statement))
+                        # This attempt's: a retry written numbered as written stores them.
+                        relation = table
                         rows = d.plan_rows(table, SEQ_COLUMN) if numbered_after and not by else None
                         if rows is not None:
                             relation = rows
@@ -924,6 +926,10 @@ class PlanDiff(PushDownDiff):
         # of the model plans, a bucket run's too (its leftovers have another prefix): the
         # model's locks exclude each other, and planning without them would send the rows
         # again and let the killed run's older rows be written over newer ones later.
-        whole = plan_prefix(model.name, None)
-        settle_leftover(self.state, self.state.tables_starting(whole), whole)
+        if self.state.dialect.snapshot_merge_rows:
+            whole = plan_prefix(model.name, None)
+            plans = self.state.tables_starting(whole)
+            settle_leftover(self.state, plans, whole)
+            if self.bucket is not None:  # and drops them: no bucket run reads them
+                leftover += [p for p in plans if not p.startswith(shared_root(whole))]
         self.state.drop_tables(leftover)

@@ -59,7 +59,7 @@ SLICES_SUFFIX = "_s"
 
 def shared_prefix(model_prefix: str, count: int) -> str:
     """The name prefix of the shared plans of one model (its plan prefix) and count."""
-    return f"{_shared_root(model_prefix)}{int(count)}_"
+    return f"{shared_root(model_prefix)}{int(count)}_"
 
 
 def plan_digest(sql: str) -> str:
@@ -290,7 +290,7 @@ class SharedPlans:
     # -- internals -----------------------------------------------------------------------
     def _names(self) -> list[str]:
         """The tables of the model's shared plans (of every count)."""
-        return self.state.tables_starting(_shared_root(self.model_prefix))
+        return self.state.tables_starting(shared_root(self.model_prefix))
 
     def _read(self, names: Iterable[str]) -> dict[str, dict[int, _Row]]:
         """Each shared plan with its slices' rows, by the plan's name."""
@@ -329,7 +329,7 @@ def retire_unclaimed(conn: sa.Connection, state: StateStore, model_prefix: str) 
     """Retire every unclaimed slice of the shared plans of a model (its plan prefix), in
     ``conn``'s transaction: another model's run has written its snapshots (a suppression
     run forgets the people it suppresses), so no slice planned before may be sent."""
-    for name in state.tables_starting(_shared_root(model_prefix), conn):
+    for name in state.tables_starting(shared_root(model_prefix), conn):
         if name.endswith(SLICES_SUFFIX):
             _retire(conn, state, name)
 
@@ -345,7 +345,7 @@ def _retire(conn: sa.Connection, state: StateStore, slices: str) -> None:
     )
 
 
-def _shared_root(model_prefix: str) -> str:
+def shared_root(model_prefix: str) -> str:
     """The name prefix of a model's shared plans of every count."""
     return f"{model_prefix}n"
 
