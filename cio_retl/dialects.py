@@ -547,8 +547,8 @@ class DuckDBDialect(Dialect):
         of. A filter on ``seq`` becomes a range of row ids the scan skips to (DuckDB's plan
         shows ``rowid >= a AND rowid <= b`` among the scan's filters), as zone maps served the
         stored column. What it saves is the numbering UPDATE: its commit logs every row's new
-        number to the WAL, and a checkpoint writes the column again (at 10M rows, 6.4 of the
-        plan's 11.5 s; bench/README.md, "Plans numbered by their row ids"). Not ``rowid + 1``:
+        number to the WAL, and a checkpoint writes the column again, a cost that grows faster
+        than the rows (bench/README.md, "Plans numbered by their row ids"). Not ``rowid + 1``:
         through the subquery DuckDB keeps that as an expression, and every read scans it all."""
         return f"(SELECT * REPLACE (g.rowid AS {seq}) FROM {table} AS g)"
 

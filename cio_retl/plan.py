@@ -928,7 +928,7 @@ class PlanDiff(PushDownDiff):
         # again and let the killed run's older rows be written over newer ones later.
         if self.state.dialect.snapshot_merge_rows:
             whole = plan_prefix(model.name, None)
-            plans = self.state.tables_starting(whole)
+            plans = leftover if self.bucket is None else self.state.tables_starting(whole)
             settle_leftover(self.state, plans, whole)
             if self.bucket is not None:  # and drops them: no bucket run reads them
                 leftover += [p for p in plans if not p.startswith(shared_root(whole))]

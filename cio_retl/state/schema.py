@@ -163,9 +163,9 @@ rate_budget = sa.Table(
 # (Dialect.snapshot_merge_rows), an acknowledgment is recorded here within a second and the
 # snapshot rows follow once a row group's worth is due, or when the phase ends; a run killed
 # in between leaves both this and its plan, and the next run of the model writes them before
-# it plans (cio_retl.snapshot_merge). ``identifiers_head`` and ``identifiers_tail`` are the identifiers'
-# JSON text around the key's JSON string, as the plan's model had them. No key: a few rows a
-# plan, rewritten as a whole when a merge takes some of them.
+# it plans (cio_retl.snapshot_merge). ``identifiers_head`` and ``identifiers_tail`` are the
+# identifiers' JSON text around the key's JSON string, as the plan's model had them. No key:
+# a few rows a plan, rewritten as a whole when a merge takes some of them.
 acknowledged_ranges = sa.Table(
     "acknowledged_ranges",
     metadata,
