@@ -928,8 +928,16 @@ class PlanDiff(PushDownDiff):
         # again and let the killed run's older rows be written over newer ones later.
         if self.state.dialect.snapshot_merge_rows:
             whole = plan_prefix(model.name, None)
-            plans = leftover if self.bucket is None else self.state.tables_starting(whole)
-            settle_leftover(self.state, plans, whole)
-            if self.bucket is not None:  # and drops them: no bucket run reads them
-                leftover += [p for p in plans if not p.startswith(shared_root(whole))]
+            if self.bucket is None:
+                settle_leftover(self.state, leftover, whole)
+            else:
+                # The bucket runs of one count run at once, and two settling the same plan
+                # would write the same rows in two transactions: DuckDB fails one of them
+                # with a write-write conflict. Under the count's planning lock one settles
+                # and drops, and the next finds nothing left.
+                with self.state.planning(model.name, self.bucket.count, self.run_id):
+                    plans = self.state.tables_starting(whole)
+                    settle_leftover(self.state, plans, whole)
+                    # and drops them (no bucket run reads a whole-model plan)
+                    self.state.drop_tables(p for p in plans if not p.startswith(shared_root(whole)))
         self.state.drop_tables(leftover)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cio_retl import plan as plan_module
+from cio_retl import snapshot_merge
 from cio_retl.ack import Acknowledger
 from cio_retl.buckets import Bucket
 from cio_retl.config import Settings
@@ -1389,6 +1393,65 @@ def test_bucket_runs_write_what_a_whole_model_run_left_recorded(
         assert len(stored(engine)) == 58 and pending_ranges(engine) == []
         assert sync(people).outcome is Outcome.REJECTED
         assert batch_items(emulator, seen) == [] and plan_tables(engine) == []
+        assert duplicate_snapshot_keys(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_bucket_runs_at_once_settle_a_whole_model_leftover_once(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both bucket runs of a count start together after a whole-model run left its
+    acknowledged rows recorded only. Settling them twice at once would make DuckDB fail one
+    run (a write-write conflict on the same rows); one settles under the count's planning
+    lock, the other finds nothing left, and both runs end well with nothing resent."""
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(60))
+    people = people_settings(settings, tmp_path, url)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(Acknowledger, "settle_planned", lambda self: None)
+            assert sync(people).models[0].created == 58
+        (kept,) = plan_tables(engine)
+        assert pending_ranges(engine)
+        settle, write = plan_module.settle_leftover, snapshot_merge.write_snapshots
+        settling: list[list[str]] = []
+
+        def listed_settle(state: StateStore, plans: Any, prefix: str | None = None) -> None:
+            settling.append(list(plans))
+            settle(state, plans, prefix)
+
+        def slow_write(*args: Any, **kwargs: Any) -> None:
+            time.sleep(0.5)  # inside the settle's transaction: the other run's overlaps it
+            write(*args, **kwargs)
+
+        monkeypatch.setattr(plan_module, "settle_leftover", listed_settle)
+        monkeypatch.setattr(snapshot_merge, "write_snapshots", slow_write)
+        seen = len(emulator.requests)
+        start = threading.Barrier(2)
+        outcomes: dict[int, object] = {}
+
+        def bucket_run(index: int) -> None:
+            start.wait()
+            try:
+                outcomes[index] = sync(people, bucket=Bucket(index, 2)).outcome
+            except Exception as exc:  # the failure is the finding
+                outcomes[index] = exc
+
+        threads = [threading.Thread(target=bucket_run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert outcomes == {0: Outcome.REJECTED, 1: Outcome.REJECTED}
+        # One run found the plan; the other, waiting for the lock, found none left.
+        # One run settled the kept plan; the other, waiting for the lock, no longer saw it
+        # (only the shared plan the first one built).
+        assert sorted(kept in plans for plans in settling) == [False, True]
+        assert batch_items(emulator, seen) == []
+        assert len(stored(engine)) == 58 and pending_ranges(engine) == []
+        assert kept not in plan_tables(engine)
         assert duplicate_snapshot_keys(engine) == []
     finally:
         engine.dispose()
