@@ -405,15 +405,17 @@ def test_shared_budget_holds_across_threads_and_clients(pg_schemas: PgSchemas) -
     assert len(grants) >= 3 * 0.9 * 196 / 1.05 * 0.95  # the sustained pace, 5% for the last
 
 
-LIMIT = (40, 1.0)  # requests per second: small, so four processes hit it within seconds
-# The processes are told 34/1 s: the shared budget grants at most 33 in any 1.05 s (its 2%
-# headroom and its 50 ms arrival margin), so 41 arrivals in one second need requests that
-# reach the emulator a quarter of a second or more later than others granted around them.
-# CI runs on this 2-core machine (four processes, the emulator and PostgreSQL on 2 cores:
-# the spread is the scheduler's) once put 43 arrivals into one second under a 38/1 budget
-# without the margin, and once 42 under 36/1 with it. The bound asserted stays the
-# emulator's limit.
-BUDGET = "34/1"
+LIMIT = (80, 2.0)  # 40 requests per second: small, so four processes hit it within seconds
+# The processes are told 68/2 s: the shared budget grants at most 66 in any 2.05 s (its 2%
+# headroom and its 50 ms arrival margin) at a sustained 29 a second, so 81 arrivals in one
+# window need requests that reach the emulator half a second or more later than others
+# granted around them. The skew is the scheduler's (four processes, the emulator and
+# PostgreSQL on 2 cores), and it is time, not a share of the requests: at 40/1 s with a
+# 34/1 budget (slack for a quarter of a second) a CI run whose tests took 2.6 times their
+# usual time saw 41 arrivals in one second. Customer.io's limit, like the emulator's, counts
+# arrivals, so the bound asserted stays the emulator's limit; a two-second window doubles
+# the skew the same pace tolerates.
+BUDGET = "68/2"
 
 
 def _bucket_processes(
@@ -479,7 +481,7 @@ def test_four_processes_share_one_rate_budget_and_equal_one_run(
         busiest = emulator.max_requests_in(LIMIT[1])
         print(f"{requests} requests; busiest {LIMIT[1]:g} s window: {busiest}")
         assert busiest <= LIMIT[0]
-        assert busiest >= 28  # and paced near the budget (33 per 1.05 s), not merely slow
+        assert busiest >= 56  # and paced near the budget (66 per 2.05 s), not merely slow
         assert emulator.rate_limited == 0
         assert emulator.invalid_items == []
 
