@@ -7,6 +7,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Protocol
 
 import orjson
@@ -54,6 +55,12 @@ class Sender:
     # 5,000: a fifth of the commits, measured in bench/README.md, "One-pass plan".)
     ACK_ROWS = 25_000
     ACK_SECONDS = 1.0
+    # Built items whose plan writes their snapshots later, in whole row groups
+    # (PlanTable.ranges): their acknowledgment only records sequence ranges, a few rows
+    # whatever the batches hold, so it waits for ACK_SECONDS or this many rows rather than
+    # going whenever the writer is idle: each commit has a fixed cost, and writing sooner
+    # saves no later work.
+    RECORDED_ACK_ROWS = 100_000
     # Rows read from the diff between two checks of the ACK_SECONDS deadline: a slow diff
     # (a warehouse streaming its result) must not hold acknowledgments back.
     TICK_ROWS = 256
@@ -71,6 +78,7 @@ class Sender:
         self._acked: list[tuple[Batch, SendResult]] = []  # not yet handed to the writer
         self._acked_rows = 0
         self._acked_since = 0.0  # time.monotonic() of the oldest batch in ``_acked``
+        self._acked_recorded = True  # every batch in ``_acked`` is one RECORDED_ACK_ROWS serves
         self._in_flight: deque[tuple[Batch, Future[SendResult]]] = deque()
 
     def send(self, changes: Iterator[RowChange], planned: PlanTable | None = None) -> None:
@@ -181,7 +189,7 @@ class Sender:
             # is idle. A busy writer would only queue one more small transaction behind its
             # own (a commit has a fixed cost): the rows wait for the next one, but not past
             # ACK_SECONDS, however long this batch takes (its retries' backoff included).
-            if not self._writer_busy():
+            if not self._writer_busy() and not self._acked_recorded:
                 self._write_acknowledged()
             else:
                 due = self._acked_since + self.ACK_SECONDS - time.monotonic()
@@ -195,12 +203,16 @@ class Sender:
                 self.report.requests += exc.attempts
                 self.report.bytes_sent += exc.bytes_sent
             raise
+        if isinstance(operations, PlannedBatch) and not result.rejected:
+            # Only a refused item's bytes are read again: held batches keep none.
+            operations = replace(operations, items=[])
         if not self._acked:
             self._acked_since = time.monotonic()
         self._acked.append((operations, result))
         self._acked_rows += len(operations)
+        self._acked_recorded = self._acked_recorded and _recorded(operations)
         if (
-            self._acked_rows >= self.ACK_ROWS
+            self._acked_rows >= (self.RECORDED_ACK_ROWS if self._acked_recorded else self.ACK_ROWS)
             or time.monotonic() - self._acked_since >= self.ACK_SECONDS
         ):
             self._write_acknowledged()
@@ -209,6 +221,7 @@ class Sender:
     def _write_acknowledged(self) -> None:
         """Hand the settled batches to the state writer, as one snapshot write."""
         batches, self._acked, self._acked_rows = self._acked, [], 0
+        self._acked_recorded = True
         if batches:
             self._write(lambda: self.ack.acknowledge(batches))
 
@@ -282,3 +295,8 @@ class Sender:
             write()
         else:
             self._write(write)
+
+
+def _recorded(batch: Batch) -> bool:
+    """Whether acknowledging ``batch`` only records its ranges (Sender.RECORDED_ACK_ROWS)."""
+    return isinstance(batch, PlannedBatch) and batch.plan.ranges is not None

@@ -34,6 +34,7 @@ from cio_retl.models import load_models
 from cio_retl.normalize import canonical_json
 from cio_retl.passes import describes
 from cio_retl.plan import MOVED_TABLE, PLAN_PREFIX, PlanTable, plan_prefix
+from cio_retl.send import Sender
 from cio_retl.state import StateStore
 from cio_retl.sync import ModelReport, Outcome, SyncOptions, run_sync
 from cio_retl.warehouse import BUILT_SNAPSHOT_COLUMN, KEY_COLUMN, SEQ_COLUMN, create_engine
@@ -1320,6 +1321,40 @@ def held_keys(conn: sa.Connection) -> set[str]:
     return held
 
 
+def test_recorded_acknowledgments_wait_for_their_row_threshold(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledging built items of a plan that writes snapshots in whole row groups only
+    records sequence ranges, so the sender does not hand each batch to an idle writer (a
+    commit per batch): it holds them until RECORDED_ACK_ROWS rows (or ACK_SECONDS, set out
+    of reach here), and the run still ends with every row written once."""
+    monkeypatch.setattr(Sender, "RECORDED_ACK_ROWS", 50)
+    monkeypatch.setattr(Sender, "ACK_SECONDS", 3600.0)
+    acknowledge, calls = Acknowledger.acknowledge, []
+
+    def counted(ack: Acknowledger, batches: Any) -> None:
+        calls.append(sum(len(operations) for operations, _ in batches))
+        acknowledge(ack, batches)
+
+    monkeypatch.setattr(Acknowledger, "acknowledge", counted)
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    try:
+        rows = people_rows(203)[3:]  # no row Python rejects
+        for i, row in enumerate(rows):  # and none whose values the SQL leaves to Python
+            row.update(name=f"é{i}", score=float(i))
+        people_warehouse(engine, rows)
+        report = sync(people_settings(settings, tmp_path, url), batch_items=10)
+        assert report.outcome is Outcome.SYNCED
+        # 200 built items in batches of 10, handed on whenever 50 are held, the last at the
+        # end (a batch of the Python path's would make its call wait for ACK_ROWS).
+        assert calls == [50, 50, 50, 50], calls
+        assert len(stored(engine)) == 200 and pending_ranges(engine) == []
+        assert duplicate_snapshot_keys(engine) == []
+    finally:
+        engine.dispose()
+
+
 def test_a_failed_merge_keeps_what_earlier_acknowledgments_recorded(
     settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1328,6 +1363,9 @@ def test_a_failed_merge_keeps_what_earlier_acknowledgments_recorded(
     (the writer's pending rows go back to what they were), the rest of the run's rows are
     still recorded or written, and the next run sends only what neither holds."""
     merge_in_groups_of(monkeypatch, 50)
+    # Recorded acknowledgments wait for Sender.RECORDED_ACK_ROWS: here each batch of 10 is
+    # its own transaction, so some are recorded before the failing one and some after.
+    monkeypatch.setattr(Sender, "RECORDED_ACK_ROWS", 10)
     url = f"duckdb:///{tmp_path / 'people'}.duckdb"
     engine = create_engine(url)
     people_warehouse(engine, people_rows(200))
