@@ -685,6 +685,16 @@ class DuckDBDialect(Dialect):
                 f"; DuckDB's memory_limit is {DUCKDB_MEMORY_LIMIT} unless the URL sets one,"
                 " e.g. ?memory_limit=1GB"
             )
+        # "TransactionContext Error: Conflict on tuple deletion!" (or "on update"): DuckDB's
+        # optimistic concurrency control fails the second of two transactions that edit the
+        # same row at once (DuckDB docs, "Concurrency"). Not the file failing; and only one
+        # process writes a DuckDB file, so the other transaction is this process's.
+        if "Conflict on" in message or "write-write conflict" in message:
+            return (
+                "; another transaction of this process (a run beside this one) edited the"
+                " same state rows at the same time, and DuckDB fails the second of two such"
+                " edits"
+            )
         return ""
 
     @classmethod

@@ -413,7 +413,8 @@ def test_a_failing_database_is_transient_only_when_it_did_not_answer(
     """PEP 249's OperationalError and InterfaceError, and the Snowflake connector's HTTP
     failures (not OperationalErrors: its own Error's subclasses), are a database that failed
     under the run; a statement it refused is not. Each names the database, never a
-    password, and DuckDB's memory limit says how to raise it."""
+    password, DuckDB's memory limit says how to raise it, and DuckDB's write-write conflict
+    says what it is."""
     import duckdb
     import psycopg
     from snowflake.connector import errors as snowflake_errors
@@ -438,6 +439,21 @@ def test_a_failing_database_is_transient_only_when_it_did_not_answer(
         )
         assert oom is not None and f"duckdb database {tmp_path / 'w.duckdb'} failed" in str(oom)
         assert "memory_limit is 128MB unless the URL sets one" in str(oom)
+
+        # DuckDB's own error for two transactions that edit one row at once, taken from it.
+        shared = duckdb.connect()
+        shared.execute("CREATE TABLE t (a INTEGER); INSERT INTO t VALUES (1)")
+        first, second = shared.cursor(), shared.cursor()
+        first.execute("BEGIN; DELETE FROM t")
+        second.execute("BEGIN")
+        with pytest.raises(duckdb.TransactionException) as raised:
+            second.execute("DELETE FROM t")
+        shared.close()
+        conflict = database_lost(_wrapped(local, raised.value), [local, server])
+        assert isinstance(conflict, TransientError) and exit_status(conflict) == 4
+        assert "Conflict on tuple deletion" in str(conflict)
+        assert "another transaction of this process (a run beside this one)" in str(conflict)
+        assert "memory_limit" not in str(conflict)
 
         unanswered = database_lost(
             _wrapped(snowflake, snowflake_errors.ServiceUnavailableError(msg="503")),
