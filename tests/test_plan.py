@@ -1400,13 +1400,11 @@ def test_a_failed_merge_keeps_what_earlier_acknowledgments_recorded(
         engine.dispose()
 
 
-def test_bucket_runs_write_what_a_whole_model_run_left_recorded(
-    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A whole-model run ends with its acknowledged rows only recorded (its final write
-    skipped, as when it is killed): it keeps its plan, and the bucket runs that come next
-    write those rows before they plan, so they send none of them again; the snapshot ends
-    with each key once."""
+def left_recorded(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Engine, Settings]:
+    """A whole-model run of 60 people (58 valid) that ends with its acknowledged rows only
+    recorded: its final write skipped, as when it is killed."""
     url = f"duckdb:///{tmp_path / 'people'}.duckdb"
     engine = create_engine(url)
     people_warehouse(engine, people_rows(60))
@@ -1415,6 +1413,21 @@ def test_bucket_runs_write_what_a_whole_model_run_left_recorded(
         with monkeypatch.context() as patch:
             patch.setattr(Acknowledger, "settle_planned", lambda self: None)
             assert sync(people).models[0].created == 58
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, people
+
+
+def test_bucket_runs_write_what_a_whole_model_run_left_recorded(
+    settings: Settings, tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-model run ends with its acknowledged rows only recorded (its final write
+    skipped, as when it is killed): it keeps its plan, and the bucket runs that come next
+    write those rows before they plan, so they send none of them again; the snapshot ends
+    with each key once."""
+    engine, people = left_recorded(settings, tmp_path, monkeypatch)
+    try:
         assert len(stored(engine)) < 58  # the built rows are recorded only
         with engine.connect() as conn:
             # every row but the two rejected ones (person1's email is "not an email")
@@ -1443,14 +1456,8 @@ def test_bucket_runs_at_once_settle_a_whole_model_leftover_once(
     acknowledged rows recorded only. Settling them twice at once would make DuckDB fail one
     run (a write-write conflict on the same rows); one settles under the count's planning
     lock, the other finds nothing left, and both runs end well with nothing resent."""
-    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
-    engine = create_engine(url)
-    people_warehouse(engine, people_rows(60))
-    people = people_settings(settings, tmp_path, url)
+    engine, people = left_recorded(settings, tmp_path, monkeypatch)
     try:
-        with monkeypatch.context() as patch:
-            patch.setattr(Acknowledger, "settle_planned", lambda self: None)
-            assert sync(people).models[0].created == 58
         (kept,) = plan_tables(engine)
         assert pending_ranges(engine)
         settle, write = plan_module.settle_leftover, snapshot_merge.write_snapshots
