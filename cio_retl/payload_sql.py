@@ -164,9 +164,9 @@ class _Sql:
         """True where a row's attributes JSON (``attributes``) is not orjson's text: DuckDB
         escapes a few control characters in capitals (``\\u000B``), orjson in small
         letters. One substring search of the built text finds the rows with any ``\\u00``
-        escape at all (few have one), and only those meet the regular expression: a regular
-        expression per text column costs more than the rest of the row's checks together.
-        A text that holds a backslash and ``u00`` itself also matches and is left to Python,
+        escape at all (few have one), and only those meet the regular expression; one per
+        text column took about a third of the checks' time (bench/README.md, "Texts checked
+        once per row"). A text that holds a backslash and ``u00`` itself also matches and is left to Python,
         whose bytes are right for every row. None where :meth:`inexact_text` checks each
         text."""
         escaped = self.matches(attributes, "\\\\u00[01][A-F]")
