@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -164,7 +164,11 @@ class Acknowledger:
             if op.change.event is not None
         ]
         state = self.run.state
-        with self._pending_kept(), state.engine.begin() as conn:
+        with (
+            self._pending_kept(),
+            self.recording() as record_rejections,
+            state.engine.begin() as conn,
+        ):
             created, updated = self._acknowledge_planned(conn, planned)
             state.save_snapshots(conn, self.model.name, self.run.run_id, upserted)
             state.delete_snapshots(conn, self.model.name, deleted)
@@ -180,7 +184,7 @@ class Acknowledger:
                     retire_shared_plans(conn, state, people.name)
             if self._had_rejections:
                 state.clear_rejections(conn, self.model.name, [op.key for op in acked])
-            state.record_rejections(conn, self.model.name, self.run.run_id, self.take_rejections())
+            record_rejections(conn)
         with self.lock:
             for operations, result in batches:
                 self.report.requests += result.requests
@@ -281,6 +285,26 @@ class Acknowledger:
         with self.lock:
             taken, self._rejections = self._rejections, []
         return taken
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Callable[[sa.Connection], None]]:
+        """What records the buffered rejections in a state transaction, given back to the
+        buffer when that transaction fails (its commit included): a later write, or the
+        phase's last attempt (Sender), still records them. Enter it before the transaction,
+        so that it sees the commit's failure too."""
+        taken: list[RejectionRow] = []
+
+        def record(conn: sa.Connection) -> None:
+            taken.extend(self.take_rejections())
+            self.run.state.record_rejections(conn, self.model.name, self.run.run_id, taken)
+
+        try:
+            yield record
+        except BaseException:
+            if taken:
+                with self.lock:
+                    self._rejections[:0] = taken
+            raise
 
 
 def snapshot_row(op: Operation) -> SnapshotRow:

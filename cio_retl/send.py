@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from array import array
 from collections import deque
@@ -22,6 +23,8 @@ from cio_retl.options import Progress, SyncOptions
 from cio_retl.plan import PlanTable
 from cio_retl.records import Change, Rejection, RowChange
 from cio_retl.report import ModelReport
+
+_log = logging.getLogger(__name__)
 
 
 class SendContext(AckContext, Protocol):
@@ -126,11 +129,33 @@ class Sender:
                 self._write_acknowledged()  # what Customer.io accepted is saved, whatever happened
                 self._write(self.ack.settle_planned)
             finally:
-                self._drain()
-                self._writer.shutdown()
-                self._writer = None
+                try:
+                    self._drain()
+                finally:
+                    self._writer.shutdown()
+                    self._writer = None
+                    self._record_rejections_left()
         if failure is not None:
             raise failure
+
+    def _record_rejections_left(self) -> None:
+        """The rejections no state write recorded (its transaction failed, or the phase
+        stopped before the last flush), recorded once more, if the state store takes them:
+        the run's own error is what it reports, never this one's."""
+        left = self.ack.pending_rejections
+        if not left:
+            return
+        try:
+            with self.ack.recording() as record_rejections, self.run.state.engine.begin() as conn:
+                record_rejections(conn)
+        except Exception as exc:
+            _log.warning(
+                "%s: %d rejection(s) of this run could not be recorded (%s); the next run"
+                " rejects those rows again",
+                self.model.name,
+                left,
+                type(exc).__name__,
+            )
 
     def _batches(
         self, changes: Iterator[RowChange], planned: PlanTable | None
@@ -283,13 +308,13 @@ class Sender:
             return
         if not (refresh or forget or self.ack.pending_rejections):
             return
-        state, name, run_id = self.run.state, self.model.name, self.run.run_id
+        state, name = self.run.state, self.model.name
 
         def write() -> None:
-            with state.engine.begin() as conn:
+            with self.ack.recording() as record_rejections, state.engine.begin() as conn:
                 state.update_fingerprints(conn, name, refresh)
                 state.delete_snapshots(conn, name, forget)
-                state.record_rejections(conn, name, run_id, self.ack.take_rejections())
+                record_rejections(conn)
 
         if self._writer is None:  # after the send: write here
             write()

@@ -504,6 +504,65 @@ def test_a_built_item_customerio_refuses_is_rejected_alone(
         engine.dispose()
 
 
+def latest_run_id(engine: Engine) -> str:
+    with engine.connect() as conn:
+        run_id: str = conn.execute(
+            sa.text("SELECT run_id FROM cio_retl.runs ORDER BY started_at DESC LIMIT 1")
+        ).scalar_one()
+    return run_id
+
+
+@pytest.mark.parametrize("path", ["planned", "python"])
+def test_rejections_a_failed_state_write_took_are_recorded_before_the_run_stops(
+    settings: Settings,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """The state transaction that records rejections fails (the database takes its writes
+    back): the rejections it took go back to the buffer, and the phase records them once
+    more before the run's error stops it; the rejections table says what the report says.
+
+    planned: an item Customer.io refused (a 207), recorded with its batch's acknowledgment.
+    python: the rows Python rejects in a rerun with nothing else to send, recorded by the
+    phase's last flush of its buffers."""
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(40))
+    people = people_settings(settings, tmp_path, url)
+    refused = "person3@example.com"  # a row whose item the database builds
+    if path == "planned":
+        emulator.faults = FaultPlan(reject_identifiers=frozenset({refused}))
+        expected = {refused, "not an email"}  # and the row the SQL leaves to Python
+    else:
+        _python_path_only(monkeypatch)
+        assert sync(people).models[0].created == 38
+        expected = {"not an email", "person2@example.com"}
+    record, failed = StateStore.record_rejections, []
+
+    def fails_once(state: StateStore, conn: sa.Connection, *args: Any) -> None:
+        record(state, conn, *args)
+        if not failed and args[-1]:
+            failed.append([r.key for r in args[-1]])
+            raise sa.exc.OperationalError("INSERT INTO rejections", {}, Exception("injected"))
+
+    monkeypatch.setattr(StateStore, "record_rejections", fails_once)
+    try:
+        with pytest.raises(Exception, match="injected"):
+            sync(people)
+        assert failed and set(failed[0]) == expected  # the write that failed held them
+        run_id = latest_run_id(engine)
+        rows = {r["key"]: r for r in StateStore(engine).rejections("people")}
+        assert expected <= set(rows)
+        assert {rows[key]["run_id"] for key in expected} == {run_id}  # the failed run's
+        if path == "planned":
+            assert rows[refused]["status"] == 207
+            assert refused not in stored(engine)  # never acknowledged into the snapshot
+    finally:
+        engine.dispose()
+
+
 def test_built_items_respect_the_batch_limits(
     settings: Settings, tmp_path: Path, emulator: Emulator
 ) -> None:
