@@ -539,7 +539,7 @@ def test_rejections_a_failed_state_write_took_are_recorded_before_the_run_stops(
         _python_path_only(monkeypatch)
         assert sync(people).models[0].created == 38
         expected = {"not an email", "person2@example.com"}
-    record, failed = StateStore.record_rejections, []
+    record, failed = StateStore.record_rejections, list[list[str]]()
 
     def fails_once(state: StateStore, conn: sa.Connection, *args: Any) -> None:
         record(state, conn, *args)
