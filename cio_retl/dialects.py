@@ -107,6 +107,9 @@ class Dialect(abc.ABC):
     # database finds rows by it: a narrow join's moved keys then carry their snapshot row's,
     # and the plan fetches those rows' texts by it instead of by key (None: by key).
     row_id: str | None = None
+    # Whether a read of a range of a plan's rows asks the database to sort them by sequence
+    # number (ORDER BY); where not, PlanTable.chunks sorts what arrives.
+    sorts_plan_reads = True
     # Microseconds since the epoch on the database's clock, as an integer (a shared plan's
     # claims compare times taken by runs on different hosts).
     now_micros = "epoch_us(now())"
@@ -447,6 +450,12 @@ class DuckDBDialect(Dialect):
     # Row ids change only when a checkpoint rewrites a table, never while a transaction
     # that reads it is open; the moved keys and the plan share one.
     row_id = "rowid"
+    # DuckDB's sort of a read's rows (35,000 of them with their built items) cost more than
+    # the rest of the read: 1M rows read in 1.04 s with ORDER BY, 0.64 s without
+    # (bench/README.md, "Plan reads sorted in Python"). A scan of one table keeps the rows'
+    # insertion order (DuckDB docs, "preserve_insertion_order", which the send's connections
+    # keep on), so Python's sort finds a numbered-after plan's rows sorted and makes one pass.
+    sorts_plan_reads = False
 
     # Not on DuckDB: its ART index lives in memory and cannot spill to disk, so under a
     # memory_limit inserts fail once the index outgrows it (measured: "Out of Memory" near

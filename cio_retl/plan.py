@@ -42,6 +42,7 @@ import logging
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import sqlalchemy as sa
 
@@ -193,7 +194,7 @@ class PlanTable:
     ranges: RangeLog | None = None
 
     # Bytes of snapshot text per read of :meth:`chunks` (a range of sequence numbers sized
-    # from the plan's average): one read sorts and holds about this much, whatever the
+    # from the plan's average): one read holds (and sorts) about this much, whatever the
     # width of the model's rows.
     READ_BYTES = 8 * 2**20
     MAX_READ_ROWS = 50_000
@@ -214,6 +215,8 @@ class PlanTable:
         stay the driver's tuples, with no SQLAlchemy row object made per item.
         """
         built = f"p.{BUILT_SNAPSHOT_COLUMN} IS NOT NULL"
+        sorted_by_database = self.state.dialect.sorts_plan_reads
+        order = f" ORDER BY p.{SEQ_COLUMN}" if sorted_by_database else ""
         as_bytes = self.state.dialect.utf8_bytes(self.item)
         update = f"CASE WHEN p.{SNAPSHOT_KEY_COLUMN} IS NULL THEN 0 ELSE 1 END"
         with self.state.engine.connect() as conn:
@@ -236,11 +239,13 @@ class PlanTable:
                         f"SELECT p.{SEQ_COLUMN}, {as_bytes or self.item}, {update}"
                         f" FROM {self.name} AS p"
                         f" WHERE {built} AND p.{SEQ_COLUMN} BETWEEN {low} AND {low + step - 1}"
-                        f" ORDER BY p.{SEQ_COLUMN}"
+                        f"{order}"
                     )
                     try:
                         cursor.execute(statement)
                         read = cursor.fetchall()
+                        if not sorted_by_database:  # one pass where they came sorted
+                            read = sorted(read, key=itemgetter(0))
                     except conn.dialect.loaded_dbapi.Error as exc:
                         # The driver's own error, as SQLAlchemy would have raised it (a lost
                         # connection an OperationalError), so the run tells it apart. A lost

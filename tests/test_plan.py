@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import random
 import threading
 import time
 import uuid
@@ -567,6 +568,52 @@ def test_rejections_a_failed_state_write_took_are_recorded_before_the_run_stops(
             assert refused not in stored(engine)  # never acknowledged into the snapshot
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("step", [1, 7, 1000])
+def test_a_plan_written_out_of_order_is_read_in_sequence_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    """DuckDB reads a plan's ranges without ORDER BY (DuckDBDialect.sorts_plan_reads) and
+    the rows come as they lie in the table; a plan whose rows lie out of sequence order (as
+    one numbered as written by parallel threads may) still reads in order, every built row
+    once, its item beside its own sequence number."""
+    engine = create_engine(f"duckdb:///{tmp_path / 'plan'}.duckdb")
+    assert not DuckDBDialect.sorts_plan_reads
+    seqs = list(range(200))
+    random.Random(18).shuffle(seqs)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA cio_retl"))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE cio_retl.plan (__cio_seq BIGINT, __cio_key VARCHAR,"
+                " __cio_snapshot VARCHAR, __cio_send VARCHAR, __cio_snap VARCHAR)"
+            )
+        )
+        for seq in seqs:  # one row per statement: the table holds them in this order
+            conn.execute(
+                sa.text("INSERT INTO cio_retl.plan VALUES (:seq, :key, :snapshot, NULL, NULL)"),
+                {"seq": seq, "key": f"k{seq}", "snapshot": None if seq % 10 == 3 else "{}"},
+            )
+    monkeypatch.setattr(PlanTable, "MAX_READ_ROWS", step)
+    plan = PlanTable(
+        "cio_retl.plan",
+        "people",
+        StateStore(engine),
+        "'{\"id\":' || to_json(p.__cio_key) || '}'",
+        "NULL",
+    )
+    try:
+        read = [
+            (row[0], item)
+            for rows, items in plan.chunks()
+            for row, item in zip(rows, items, strict=True)
+        ]
+    finally:
+        engine.dispose()
+    built = [seq for seq in range(200) if seq % 10 != 3]
+    assert [seq for seq, _ in read] == built
+    assert all(item == b'{"id":"k%d"}' % seq for seq, item in read)
 
 
 def test_built_items_respect_the_batch_limits(
