@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import re
 import weakref
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,19 +115,12 @@ class Dialect(abc.ABC):
     now_micros = "epoch_us(now())"
 
     def create_plan(
-        self,
-        table: str,
-        query: str,
-        order: Sequence[str],
-        columns: Sequence[tuple[str, str]],
-        *,
-        json_texts: Collection[str] = (),
+        self, table: str, query: str, order: Sequence[str], columns: Sequence[tuple[str, str]]
     ) -> list[str]:
         """The statements writing a plan ``table`` from ``query``; ``order``: the columns its
         reads filter by (as plan_built's); ``columns``: the query's (name, type), read by
-        :meth:`plan_columns` where the dialect declares them (else empty); ``json_texts``:
-        the names of its columns of JSON text. A plain table: the state writer reads it from
-        another connection, so not a temporary one."""
+        :meth:`plan_columns` where the dialect declares them (else empty). A plain table: the state
+        writer reads it from another connection, so not a temporary one."""
         return [f"CREATE TABLE {table} AS {query}"]
 
     def plan_columns(self, conn: Connection, query: str) -> list[tuple[str, str]]:
@@ -513,16 +506,10 @@ class DuckDBDialect(Dialect):
         return f"encode({text})"
 
     def create_plan(
-        self,
-        table: str,
-        query: str,
-        order: Sequence[str],
-        columns: Sequence[tuple[str, str]],
-        *,
-        json_texts: Collection[str] = (),
+        self, table: str, query: str, order: Sequence[str], columns: Sequence[tuple[str, str]]
     ) -> list[str]:
         """Where :meth:`plan_columns` gave the columns (compresses_json_text), the table
-        declared with its JSON texts compressed by zstd, then written by one INSERT in the
+        declared with its text columns compressed by zstd, then written by one INSERT in the
         same transaction (as CREATE TABLE AS, it writes the new table's row
         groups as they fill, on every thread). A plan's texts are JSON of one shape per
         model; DuckDB's own choice for them is DICT_FSST, as its zstd estimate assumes 2:1
@@ -531,23 +518,14 @@ class DuckDBDialect(Dialect):
         initial plan (bench/README.md, "zstd for JSON texts"): written in 1.72-1.78 s against
         2.29-2.31 s, its texts 32 MB against 73 MB, read back as fast. zstd compresses each
         vector of 2048 values apart, so a row fetched by row id decompresses its vector only.
-
-        Its other texts (keys, fingerprints, the model's columns kept for Python) are stored
-        uncompressed: a plan lives for one run, and choosing a compression for them (DuckDB
-        analyzes each method on each row group: DICT_FSST, for these) costs more than their
-        bytes. Measured on the 1M-row initial plan (bench/README.md, "Plan keys stored
-        plain"): its INSERT takes about 0.1 s less; reads of it are no slower."""
+        Its keys and fingerprints too: uncompressed they are written about 0.06-0.1 s per 1M
+        rows sooner but hold a quarter more of the file (bench/README.md, "Plan keys stored
+        plain"), and a file does not shrink when the plan is dropped."""
         if not columns:
             return super().create_plan(table, query, order, columns)
         declared = ", ".join(
             f"{self.quote(name)} {type_}"
-            + (
-                ""
-                if type_ != "VARCHAR"
-                else " USING COMPRESSION zstd"
-                if name in json_texts
-                else " USING COMPRESSION uncompressed"
-            )
+            + (" USING COMPRESSION zstd" if type_ == "VARCHAR" else "")
             for name, type_ in columns
         )
         return [f"CREATE TABLE {table} ({declared})", f"INSERT INTO {table} {query}"]
@@ -1000,13 +978,7 @@ class SnowflakeDialect(Dialect):
     )
 
     def create_plan(
-        self,
-        table: str,
-        query: str,
-        order: Sequence[str],
-        columns: Sequence[tuple[str, str]],
-        *,
-        json_texts: Collection[str] = (),
+        self, table: str, query: str, order: Sequence[str], columns: Sequence[tuple[str, str]]
     ) -> list[str]:
         """A TRANSIENT table: it is visible to every session (the state writer reads it from
         another connection; a temporary table "only exist[s] within the session in which

@@ -106,11 +106,6 @@ _UNNUMBERED = "CAST(NULL AS BIGINT)"
 # The full join of a rerun's narrow plan: the model's keys and fingerprint numbers with the
 # snapshot's (cio_retl.passes counts the plans by it).
 NARROW_JOIN = f"FULL OUTER JOIN snapn AS sn ON sn.key = f.{KEY_COLUMN}"
-# A plan's columns of JSON text (its other texts are keys, fingerprints, codes and the
-# model's own columns): Dialect.create_plan.
-PLAN_JSON_TEXTS = frozenset(
-    {BUILT_SNAPSHOT_COLUMN, BUILT_SEND_COLUMN, PREVIOUS_COLUMN, IDENTIFIERS_COLUMN}
-)
 # A rerun's moved keys, written before its plan (the narrow join): a temporary table of the
 # connection that builds the plan.
 MOVED_TABLE = "__cio_moved"
@@ -868,9 +863,7 @@ class PlanDiff(PushDownDiff):
                             for statement in d.temporary_table(MOVED_TABLE, staged):
                                 conn.execute(sa.text(statement))
                         columns = d.plan_columns(conn, query)
-                        for statement in d.create_plan(
-                            table, query, order, columns, json_texts=PLAN_JSON_TEXTS
-                        ):
+                        for statement in d.create_plan(table, query, order, columns):
                             conn.execute(sa.text(statement))
                         # This attempt's: a retry written numbered as written stores them.
                         relation = table
