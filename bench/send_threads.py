@@ -115,6 +115,8 @@ class ThreadSampler:
 
 
 def latency(times: list[tuple[float, float]]) -> str:
+    if not times:
+        return "no requests"
     spans = sorted(end - start for start, end in times)
     first, last = min(s for s, _ in times), max(e for _, e in times)
     return (

@@ -2,7 +2,8 @@
 
 A snapshot row (or a sent event) is written only after its item was acknowledged, in one
 transaction with the rejections of the same batches, so a run killed at any moment leaves a
-state that resends at most what was in flight.
+state that resends at most what was in flight. Rejections a failed transaction took go back
+to the buffer, for a later write or the phase's last attempt (Sender) to record.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Protocol
 
 import orjson
+import sqlalchemy as sa
 
 from cio_retl.ack import AckContext, Acknowledger, Batch, PlannedBatch
 from cio_retl.batching import pack, pack_chunks
@@ -23,6 +24,7 @@ from cio_retl.options import Progress, SyncOptions
 from cio_retl.plan import PlanTable
 from cio_retl.records import Change, Rejection, RowChange
 from cio_retl.report import ModelReport
+from cio_retl.warehouse import driver_message
 
 _log = logging.getLogger(__name__)
 
@@ -149,12 +151,17 @@ class Sender:
             with self.ack.recording() as record_rejections, self.run.state.engine.begin() as conn:
                 record_rejections(conn)
         except Exception as exc:
+            cause = (
+                driver_message(exc, (self.run.state.engine,))
+                if isinstance(exc, sa.exc.DBAPIError)
+                else type(exc).__name__
+            )
             _log.warning(
                 "%s: %d rejection(s) of this run could not be recorded (%s); the next run"
                 " rejects those rows again",
                 self.model.name,
                 left,
-                type(exc).__name__,
+                cause,
             )
 
     def _batches(

@@ -527,12 +527,12 @@ def test_rejections_a_failed_state_write_took_are_recorded_before_the_run_stops(
     path: str,
 ) -> None:
     """The state transaction that records rejections fails (the database takes its writes
-    back): the rejections it took go back to the buffer, and the phase records them once
-    more before the run's error stops it; the rejections table says what the report says.
+    back): the rejections it took go back to the buffer, and a later write of the phase, or
+    its last attempt, records them before the run's error stops it.
 
-    planned: an item Customer.io refused (a 207), recorded with its batch's acknowledgment.
-    python: the rows Python rejects in a rerun with nothing else to send, recorded by the
-    phase's last flush of its buffers."""
+    planned: an item Customer.io refused (a 207) and a row Python rejects, recorded with
+    their batches' acknowledgments. python: the rows Python rejects in a rerun with nothing
+    else to send, recorded by the phase's last flush of its buffers, then its last attempt."""
     url = f"duckdb:///{tmp_path / 'people'}.duckdb"
     engine = create_engine(url)
     people_warehouse(engine, people_rows(40))
@@ -565,6 +565,43 @@ def test_rejections_a_failed_state_write_took_are_recorded_before_the_run_stops(
         if path == "planned":
             assert rows[refused]["status"] == 207
             assert refused not in stored(engine)  # never acknowledged into the snapshot
+    finally:
+        engine.dispose()
+
+
+def test_rejections_no_write_can_record_leave_the_run_its_own_error(
+    settings: Settings,
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every write of rejections fails, the phase's last attempt too: the run stops with a
+    write's error, never the last attempt's, and a warning says how many were not recorded
+    (the driver's message, never the statement or its rows)."""
+    url = f"duckdb:///{tmp_path / 'people'}.duckdb"
+    engine = create_engine(url)
+    people_warehouse(engine, people_rows(40))
+    people = people_settings(settings, tmp_path, url)
+    calls = list[int]()
+
+    def always_fails(state: StateStore, conn: sa.Connection, model: str, *args: Any) -> None:
+        if args[-1]:
+            calls.append(len(args[-1]))
+            raise sa.exc.OperationalError(
+                "INSERT INTO rejections", {"key": "person1"}, Exception(f"injected{len(calls)}")
+            )
+
+    monkeypatch.setattr(StateStore, "record_rejections", always_fails)
+    try:
+        with caplog.at_level("WARNING", logger="cio_retl.send"), pytest.raises(Exception) as error:
+            sync(people)
+        assert len(calls) >= 2, calls  # the failed write(s), then the last attempt
+        assert f"injected{len(calls)}" not in str(error.value), (calls, error.value)
+        assert (
+            f"{calls[-1]} rejection(s) of this run could not be recorded (injected" in caplog.text
+        )
+        assert "INSERT INTO" not in caplog.text and "person1" not in caplog.text
     finally:
         engine.dispose()
 
