@@ -578,12 +578,15 @@ class PlanDiff(PushDownDiff):
             self.plans[model.name] = relation
             return relation
         count = self.bucket.count
+        # A shared plan is named by its full join's query, whichever join builds it: both
+        # give the same changeset, and the bucket runs of a round, some of which find a
+        # snapshot (the narrow join) where the first found none, share one plan.
+        full, _ = self._plan_sql(model, columns, count, numbered_after=after, narrow=False)
         sql, staged = self._plan_sql(model, columns, count, numbered_after=after)
-        assert staged is None  # the narrow join is a whole-model rerun's
         shared = SharedPlans(
             self.state, model.name, plan_prefix(model.name, None), count, self.run_id
         )
-        digest = plan_digest(sql)
+        digest = plan_digest(full)
         with self.state.planning(model.name, count, self.run_id):
             shared.survey()
             claimed = shared.claim(self.bucket.index, digest)
@@ -591,7 +594,7 @@ class PlanDiff(PushDownDiff):
                 shared.begin_build()
                 name = shared.name(digest, self.token)
                 fallback = self._as_written(model, columns, count) if after else None
-                if self._create(model, name, sql, (BUCKET_COLUMN,), None, fallback) is None:
+                if self._create(model, name, sql, (BUCKET_COLUMN,), staged, fallback) is None:
                     return None
                 table = self.state.qualified(name)
                 with self.state.engine.connect() as conn:
@@ -639,11 +642,12 @@ class PlanDiff(PushDownDiff):
         shared: int | None,
         *,
         numbered_after: bool,
+        narrow: bool = True,
     ) -> tuple[str, str | None]:
         """The query a plan table is created as: of the run's bucket, or (``shared``, a
         bucket count) of every key with each row's bucket in BUCKET_COLUMN, its sequence
         numbers NULL when ``numbered_after``; and the query of a rerun's moved keys it
-        reads as MOVED_TABLE, written first (or None)."""
+        reads as MOVED_TABLE, written first (or None: always, without ``narrow``)."""
         w, d = self.warehouse, self.warehouse.dialect
         bucket = None if shared is not None else self.bucket
         scope = self.state.scope(model.name)
@@ -678,7 +682,7 @@ class PlanDiff(PushDownDiff):
             ),
         """
         staged = None
-        narrow = shared is None and acted_on and d.narrow_diff_join
+        narrow = narrow and bool(acted_on) and d.narrow_diff_join
         if narrow and self._has_snapshot(model):
             # A rerun: the full join with the snapshot carries only keys and fingerprints
             # (on DuckDB the numbers inside them), and the model rows it keeps (few, as a
@@ -720,6 +724,13 @@ class PlanDiff(PushDownDiff):
                OR dup.n > 1
             """
             key_of = d.key_expression(model, "m")
+            # A shared plan's row bucket, of its key or (a removed row) its snapshot's.
+            narrow_bucket_of = (
+                f", {d.bucket(f'COALESCE(src.{KEY_COLUMN}, src.__cio_sk)', shared)}"
+                f" AS {BUCKET_COLUMN}"
+                if shared is not None
+                else ""
+            )
             carried = ", ".join(f"src.{d.quote(c)}" for c in w.column_names(model))
             # The moved keys' snapshot rows, once: by row id, else by key.
             snapshot_row = (
@@ -746,7 +757,7 @@ class PlanDiff(PushDownDiff):
                        src.__cio_sk AS {SNAPSHOT_KEY_COLUMN},
                        s.fingerprint AS {SNAPSHOT_FINGERPRINT_COLUMN},
                        {held} AS {HELD_COLUMN},
-                       {previous("src", "s")}
+                       {previous("src", "s")}{narrow_bucket_of}
                 FROM kept AS src LEFT JOIN {self.state.snapshots} AS s ON {snapshot_row}
             )
             """
