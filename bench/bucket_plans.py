@@ -57,8 +57,12 @@ class StatementTimer:
 
     @staticmethod
     def kind(statement: str) -> str:
+        """A plan's build: its CREATE TABLE (AS), the INSERT of a table DuckDB declared
+        first, and a rerun's moved keys (the narrow join's temporary table)."""
         head = statement.lstrip().upper()
-        if head.startswith("CREATE TABLE"):
+        if head.startswith(("CREATE TABLE", "CREATE OR REPLACE TEMPORARY TABLE")) or (
+            head.startswith("INSERT INTO") and ".CIO_PLAN_" in head.split(None, 3)[2]
+        ):
             return "build"
         if head.startswith("SELECT") and "COUNT(" in head:
             return "counts"
