@@ -49,7 +49,13 @@ EMULATOR_CHECK_EVERY: dict[str, int | None] = {}  # base URL -> its fast path (N
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
+    return stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def stat_cpu_seconds(stat_path: str) -> float:
+    """User + system CPU seconds in a /proc ``stat`` file: a process's, or one thread's
+    (``/proc/self/task/TID/stat``)."""
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -41,21 +41,15 @@ from _common import (
     EMULATOR_PIDS,
     SITE_ID,
     capacity_batch,
+    cpu_seconds,
     emulator_process,
     load_average,
     machine,
     people_table,
     person_model,
+    stat_cpu_seconds,
     sync_env,
 )
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu(stat_path: str) -> float:
-    with open(stat_path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class ThreadSampler:
@@ -78,14 +72,14 @@ class ThreadSampler:
                     self._names[t.native_id] = t.name.rstrip("0123456789_")
             for tid in os.listdir("/proc/self/task"):
                 try:
-                    cpu = _cpu(f"/proc/self/task/{tid}/stat")
+                    cpu = stat_cpu_seconds(f"/proc/self/task/{tid}/stat")
                 except OSError:  # the thread ended meanwhile
                     continue
                 self._last[int(tid)] = (self._names.get(int(tid), "duckdb"), cpu)
             groups: defaultdict[str, float] = defaultdict(float)
             for name, cpu in self._last.values():
                 groups[name] += cpu
-            groups["emulator"] = _cpu(f"/proc/{self.emulator_pid}/stat")
+            groups["emulator"] = cpu_seconds(self.emulator_pid)
             self.series.append((time.perf_counter(), dict(groups)))
             self._stop.wait(0.05)
 

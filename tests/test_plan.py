@@ -510,12 +510,14 @@ def test_a_built_item_customerio_refuses_is_rejected_alone(
         engine.dispose()
 
 
-def latest_run_id(engine: Engine) -> str:
+def latest_run_id(engine: Engine, schema: str = "cio_retl") -> str:
+    """The run id of the latest run the state schema ``schema`` holds."""
     with engine.connect() as conn:
-        run_id: str = conn.execute(
-            sa.text("SELECT run_id FROM cio_retl.runs ORDER BY started_at DESC LIMIT 1")
-        ).scalar_one()
-    return run_id
+        return str(
+            conn.execute(
+                sa.text(f"SELECT run_id FROM {schema}.runs ORDER BY started_at DESC LIMIT 1")
+            ).scalar_one()
+        )
 
 
 @pytest.mark.parametrize("path", ["planned", "python"])
@@ -931,15 +933,7 @@ def planned_run_id(twins: Twins) -> str:
     """The run id of the latest run from the plan."""
     engine = create_engine(twins.plan.state_url)
     try:
-        with engine.connect() as conn:
-            return str(
-                conn.execute(
-                    sa.text(
-                        f"SELECT run_id FROM {twins.plan.state_schema}.runs"
-                        " ORDER BY started_at DESC LIMIT 1"
-                    )
-                ).scalar_one()
-            )
+        return latest_run_id(engine, twins.plan.state_schema)
     finally:
         engine.dispose()
 
